@@ -1,0 +1,57 @@
+"""One error hierarchy, so callers can catch `BoxliteError` and the CLI can print one line.
+
+Every message names the object it is about and, where there is one, the fix: a user reading
+only the last line of a failed command should know what to do next.
+"""
+
+from __future__ import annotations
+
+
+class BoxliteError(Exception):
+    """Base of every error boxlite raises on purpose."""
+
+    #: exit code the CLI uses for this class of error
+    exit_code: int = 1
+
+
+class ConfigError(BoxliteError, ValueError):
+    """Bad options or environment: fix the input and retry."""
+
+    exit_code = 2
+
+
+class ToolMissingError(ConfigError):
+    """An external program boxlite needs is not installed."""
+
+    def __init__(self, tool: str, package: str | None = None, why: str = "") -> None:
+        self.tool = tool
+        self.package = package
+        hint = f"install it: apt-get install {package}" if package else "install it"
+        reason = f" (needed to {why})" if why else ""
+        super().__init__(f"{tool} not found on PATH{reason}; {hint}")
+
+
+class ImageError(BoxliteError):
+    """An image could not be imported, read or unpacked."""
+
+
+class EngineError(BoxliteError):
+    """The VMM or a host-side program failed."""
+
+
+class GuestError(BoxliteError):
+    """The guest agent failed, or the VM died while we talked to it."""
+
+
+class NotFoundError(BoxliteError, LookupError):
+    """A box, image or plugin that was asked for does not exist."""
+
+    exit_code = 3
+
+
+class StateError(BoxliteError):
+    """The operation does not fit the box's current state (e.g. exec on a stopped box)."""
+
+
+class PluginError(BoxliteError):
+    """A plugin broke the contract (bad registration, unknown hook)."""
