@@ -1,0 +1,1 @@
+"""The box lifecycle: records, the init pipeline, cleanup, the sync and asyncio APIs."""

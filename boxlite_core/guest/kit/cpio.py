@@ -4,9 +4,9 @@ Why our own: the kernel only needs newc (magic 070701), and writing it in Python
 initramfs build free of a host `cpio` binary and makes the archive reproducible (fixed mtimes,
 inode numbers assigned in order, entries in the order we add them).
 
-The archive is written uncompressed by default: under TCG the guest CPU is emulated, so
-decompressing even a few MiB in the guest costs more than QEMU copying the bigger file into
-guest memory (see notes/kit.md for the numbers).
+The archive is written uncompressed: measured under TCG (median of 5, launch → marker),
+gzip -1 (2.3 MiB) 2.02 s vs uncompressed (6.2 MiB) 2.04 s — no difference, so we skip the
+compression step and keep the archive inspectable with any cpio.
 """
 
 from __future__ import annotations

@@ -1,0 +1,244 @@
+"""gRPC servicers: thin translations between agent.proto and the agent's modules."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grpc
+
+from ..proto import agent_pb2 as pb
+from ..proto import agent_pb2_grpc as rpc
+from . import VERSION, container, files, procs
+from .pid1 import STARTED, Reaper, log, power_off
+
+MERGE_LIMIT = 1024 * 1024  # bytes per OutputChunk when coalescing
+
+
+class Agent:
+    """Shared state of one agent process."""
+
+    def __init__(self, state_dir: str, reaper: Reaper, zygote: procs.Zygote | None = None) -> None:
+        self.state_dir = state_dir
+        self.reaper = reaper
+        self.procs = procs.ProcessTable(reaper, zygote)
+        self.root: str | None = None
+        self.init_lock = threading.Lock()
+        self.server: grpc.Server | None = None
+
+    def require_root(self, context) -> str:
+        if self.root is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "the box is not initialised: the host must call Init first")
+        return self.root
+
+    def shutdown(self, reason: str) -> None:
+        """Kill every exec, sync, unmount, power off (exit when not PID 1)."""
+        for proc in list(self.procs._procs.values()):
+            proc.kill(9)
+        os.sync()
+        container.unmount_all(self.state_dir)
+        power_off(reason)
+
+
+def _abort_for(context, exc: Exception) -> None:
+    if isinstance(exc, KeyError):
+        context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0] if exc.args else exc))
+    if isinstance(exc, (procs.ExecError, files.TransferError, ValueError, LookupError)):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, OSError):
+        context.abort(grpc.StatusCode.INTERNAL, str(exc))
+    raise exc
+
+
+class GuestService(rpc.GuestServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def Ping(self, request, context):
+        try:
+            with open("/proc/uptime") as fh:
+                uptime = float(fh.read().split()[0])
+        except OSError:
+            uptime = 0.0
+        return pb.PingReply(version=VERSION, uptime=uptime,
+                            agent_uptime=time.monotonic() - STARTED,
+                            initialized=self.agent.root is not None)
+
+    def Init(self, request, context):
+        with self.agent.init_lock:
+            if self.agent.root is not None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"the box is already initialised (root {self.agent.root})")
+            try:
+                root = container.init_container(self.agent.state_dir, request)
+            except Exception as exc:
+                log(f"Init failed: {exc}")
+                container.unmount_all(self.agent.state_dir)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"Init failed: {exc}")
+            self.agent.root = root
+        return pb.InitReply(container_root=root)
+
+    def Shutdown(self, request, context):
+        # Reply first; the power-off happens once the reply had a moment to leave.
+        def later() -> None:
+            time.sleep(0.2)
+            self.agent.shutdown("Shutdown requested by the host")
+
+        threading.Thread(target=later, daemon=True).start()
+        return pb.ShutdownReply()
+
+    def Probe(self, request, context):
+        reply = pb.ProbeReply(cpu_count=os.cpu_count() or 0,
+                              kernel_release=os.uname().release,
+                              hostname=os.uname().nodename,
+                              container_root=self.agent.root or "")
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 4:
+                    src, tgt, fstype, opts = (p.replace("\\040", " ") for p in parts[:4])
+                    reply.mounts.add(source=src, target=tgt, fstype=fstype, options=opts)
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    reply.mem_total_kb = int(line.split()[1])
+        root = self.agent.root or "/"
+        for path in request.paths:
+            entry = reply.stats.add(path=path)
+            try:
+                st = os.stat(container.safe_join(root, path))
+            except (OSError, ValueError):
+                continue
+            entry.exists = True
+            entry.uid, entry.gid, entry.mode = st.st_uid, st.st_gid, st.st_mode
+        return reply
+
+
+class ExecutionService(rpc.ExecutionServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def Exec(self, request, context):
+        root = self.agent.require_root(context)
+        if request.tty:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "tty exec is not supported yet")
+        try:
+            proc = self.agent.procs.start(
+                root, list(request.args), dict(request.env), request.cwd, request.user,
+                request.timeout, request.stdin,
+            )
+        except Exception as exc:
+            _abort_for(context, exc)
+        return pb.ExecReply(exec_id=proc.exec_id, pid=proc.init_pid)
+
+    def _get(self, context, exec_id: str) -> procs.Process:
+        try:
+            return self.agent.procs.get(exec_id)
+        except KeyError as exc:
+            _abort_for(context, exc)
+            raise
+
+    def Output(self, request, context):
+        proc = self._get(context, request.exec_id)
+        while context.is_active():
+            items = proc.output.take(0.5)
+            if items is None:
+                return
+            # Coalesce consecutive chunks of one stream: fewer, larger messages.
+            merged: list[tuple[int, bytearray]] = []
+            for stream, data in items:
+                if merged and merged[-1][0] == stream and len(merged[-1][1]) < MERGE_LIMIT:
+                    merged[-1][1].extend(data)
+                else:
+                    merged.append((stream, bytearray(data)))
+            for stream, data in merged:
+                yield pb.OutputChunk(stream=stream, data=bytes(data))
+
+    def Stdin(self, request_iterator, context):
+        proc = None
+        try:
+            for chunk in request_iterator:
+                if proc is None:
+                    proc = self._get(context, chunk.exec_id)
+                proc.write_stdin(chunk.data, chunk.close)
+        except (procs.ExecError, OSError) as exc:
+            _abort_for(context, exc)
+        return pb.StdinReply()
+
+    def Wait(self, request, context):
+        proc = self._get(context, request.exec_id)
+        if not proc.done.wait(request.timeout if request.timeout > 0 else None):
+            return pb.WaitReply(running=True)
+        return pb.WaitReply(
+            has_exit_code=proc.exit_code is not None,
+            exit_code=proc.exit_code or 0,
+            signal=proc.signal or 0,
+            timed_out=proc.timed_out,
+        )
+
+    def Kill(self, request, context):
+        proc = self._get(context, request.exec_id)
+        proc.kill(request.signal or 15)
+        return pb.KillReply()
+
+
+class FilesService(rpc.FilesServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def Upload(self, request_iterator, context):
+        root = self.agent.require_root(context)
+        first = next(request_iterator, None)
+        if first is None or not first.target_dir:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "Upload: the first message must carry target_dir")
+
+        def chunks():
+            yield first.data
+            for msg in request_iterator:
+                yield msg.data
+
+        try:
+            count = files.upload(self.agent.reaper, root, first.target_dir, chunks())
+        except Exception as exc:
+            _abort_for(context, exc)
+        return pb.UploadReply(entries=count)
+
+    def Download(self, request, context):
+        root = self.agent.require_root(context)
+        try:
+            stream = files.download(self.agent.reaper, root, request.path)
+            for chunk in stream:
+                yield pb.DownloadChunk(data=chunk)
+        except Exception as exc:
+            _abort_for(context, exc)
+
+
+def start_server(agent: Agent, socket_path: str) -> grpc.Server:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    rpc.add_GuestServicer_to_server(GuestService(agent), server)
+    rpc.add_ExecutionServicer_to_server(ExecutionService(agent), server)
+    rpc.add_FilesServicer_to_server(FilesService(agent), server)
+    try:
+        os.unlink(socket_path)
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix:{socket_path}")
+        server.start()
+    finally:
+        os.umask(old)
+    agent.server = server
+    return server

@@ -1,0 +1,391 @@
+"""Host-side client of the guest agent: the only way the runtime talks to a box's guest.
+
+Every failure surfaces as GuestError. A dead VM must never hang a caller: unary calls carry
+deadlines, Wait is polled in short server-side slices with an is_alive() check between them,
+and a dropped connection is reported as "the box's VM stopped during <what>" when the VM is
+indeed gone.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import grpc
+from google.protobuf import json_format
+
+from ..errors import GuestError
+from . import transport as _transport
+from .proto import agent_pb2 as pb
+from .proto import agent_pb2_grpc as rpc
+
+CHUNK = 1024 * 1024  # bytes per stdin / upload message
+WAIT_SLICE = 5.0  # seconds per server-side Wait before re-checking is_alive()
+_CONNECTION_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+}
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # One connection per channel: the serial bridge carries exactly one HTTP/2 session.
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+@attrs.frozen
+class ExitStatus:
+    """How a process ended: exit_code for a normal exit, signal when killed by one.
+
+    timed_out is set when the exec's own timeout fired (signal then tells how it died).
+    """
+
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class ExecSession:
+    """A started process. Output is pulled in the background from the start, so wait() never
+    deadlocks on a full pipe even if events() is never iterated."""
+
+    def __init__(self, client: AgentClient, exec_id: str, stdin: bool) -> None:
+        self.exec_id = exec_id
+        self._client = client
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._stdin_q: queue.Queue[pb.StdinChunk | None] | None = None
+        self._stdin_future: Any = None
+        self._stdin_wanted = stdin
+        self._output_error: GuestError | None = None
+        self._reader = threading.Thread(
+            target=self._pull_output, daemon=True, name=f"exec-out-{exec_id}"
+        )
+        self._reader.start()
+
+    # -- output -------------------------------------------------------------------
+    _END = object()
+
+    def _pull_output(self) -> None:
+        names = {pb.OutputChunk.STDOUT: "stdout", pb.OutputChunk.STDERR: "stderr"}
+        try:
+            for chunk in self._client._execution.Output(pb.OutputRequest(exec_id=self.exec_id)):
+                self._events.put((names.get(chunk.stream, "stdout"), chunk.data))
+        except grpc.RpcError as exc:
+            self._events.put(self._client._error(exc, "exec"))
+        finally:
+            self._events.put(self._END)
+
+    def events(self) -> Iterator[tuple[str, bytes]]:
+        """("stdout" | "stderr", data) in arrival order; ends when the process's pipes close."""
+        while True:
+            item = self._events.get()
+            if item is self._END:
+                self._events.put(self._END)  # a later call also ends at once
+                return
+            if isinstance(item, GuestError):
+                self._events.put(self._END)
+                raise item
+            yield item
+
+    # -- stdin ----------------------------------------------------------------------
+    def _stdin_stream(self, q: queue.Queue) -> Iterator[pb.StdinChunk]:
+        while (msg := q.get()) is not None:
+            yield msg
+
+    def write_stdin(self, data: bytes) -> None:
+        if not self._stdin_wanted:
+            raise GuestError(f"exec {self.exec_id}: started without stdin=True")
+        if self._stdin_q is None:
+            self._stdin_q = queue.Queue(maxsize=8)  # back-pressure: at most ~8 MiB in flight
+            self._stdin_future = self._client._execution.Stdin.future(
+                self._stdin_stream(self._stdin_q)
+            )
+        view = memoryview(data)
+        for i in range(0, len(view), CHUNK):
+            self._stdin_q.put(pb.StdinChunk(exec_id=self.exec_id, data=bytes(view[i : i + CHUNK])))
+
+    def close_stdin(self) -> None:
+        if not self._stdin_wanted:
+            return
+        if self._stdin_q is None:
+            self.write_stdin(b"")
+        assert self._stdin_q is not None
+        self._stdin_q.put(pb.StdinChunk(exec_id=self.exec_id, close=True))
+        self._stdin_q.put(None)
+        try:
+            self._stdin_future.result(timeout=60)
+        except grpc.RpcError as exc:
+            raise self._client._error(exc, "exec (stdin)") from None
+        except grpc.FutureTimeoutError:
+            raise GuestError(f"exec {self.exec_id}: closing stdin timed out") from None
+
+    # -- status -------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> ExitStatus:
+        """Block until the process exits; TimeoutError if it is still running after timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            slice_ = WAIT_SLICE
+            if deadline is not None:
+                slice_ = max(0.0, min(slice_, deadline - time.monotonic()))
+            reply = self._client._unary(
+                self._client._execution.Wait,
+                pb.WaitRequest(exec_id=self.exec_id, timeout=slice_ or 0.001),
+                "exec",
+                timeout=slice_ + 30,
+            )
+            if not reply.running:
+                return ExitStatus(
+                    exit_code=reply.exit_code if reply.has_exit_code else None,
+                    signal=reply.signal or None,
+                    timed_out=reply.timed_out,
+                )
+            if not self._client._alive():
+                raise self._client._dead("exec", "the process was still running")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"exec {self.exec_id} still running after {timeout}s")
+
+    def kill(self, signal: int = 15) -> None:
+        self._client._unary(
+            self._client._execution.Kill,
+            pb.KillRequest(exec_id=self.exec_id, signal=signal),
+            "exec (kill)",
+            timeout=15,
+        )
+
+
+class AgentClient:
+    """gRPC client of one box's guest agent (see agent.proto for the semantics)."""
+
+    def __init__(
+        self,
+        transport: _transport.Transport,
+        *,
+        is_alive: Callable[[], bool],
+        console_tail: Callable[[], str],
+    ) -> None:
+        self._transport = transport
+        self._is_alive = is_alive
+        self._console_tail = console_tail
+        self._channel = grpc.insecure_channel(transport.target, options=_CHANNEL_OPTIONS)
+        self._guest = rpc.GuestStub(self._channel)
+        self._execution = rpc.ExecutionStub(self._channel)
+        self._files = rpc.FilesStub(self._channel)
+
+    @classmethod
+    def connect(
+        cls,
+        box_dir: Path,
+        *,
+        kind: str = "virtio-serial",
+        socket_path: Path | None = None,
+        timeout: float = 60.0,
+        is_alive: Callable[[], bool] = lambda: True,
+        console_tail: Callable[[], str] = lambda: "",
+    ) -> AgentClient:
+        """Wait for the agent (racing VM death and timeout), then check it answers a Ping."""
+        deadline = time.monotonic() + timeout
+        t = _transport.connect(
+            Path(box_dir), kind=kind, socket_path=socket_path, timeout=timeout,
+            is_alive=is_alive, console_tail=console_tail,
+        )
+        client = cls(t, is_alive=is_alive, console_tail=console_tail)
+        try:
+            # For "stream" channels the first Ping is the readiness check, so retry it.
+            while True:
+                try:
+                    client._guest.Ping(
+                        pb.PingRequest(), timeout=max(1.0, min(5.0, deadline - time.monotonic())),
+                        wait_for_ready=True,
+                    )
+                    return client
+                except grpc.RpcError as exc:
+                    if not client._alive():
+                        raise _transport._dead_error(
+                            "before its guest agent answered", console_tail
+                        ) from None
+                    if time.monotonic() >= deadline:
+                        raise GuestError(
+                            f"the guest agent of {box_dir} did not answer a Ping within "
+                            f"{timeout}s: {exc.details() if hasattr(exc, 'details') else exc}"
+                        ) from None
+                    time.sleep(0.1)
+        except BaseException:
+            client.close()
+            raise
+
+    # -- error handling ---------------------------------------------------------------
+    def _alive(self) -> bool:
+        try:
+            return bool(self._is_alive())
+        except Exception:
+            return False
+
+    def _dead(self, what: str, details: str) -> GuestError:
+        err = _transport._dead_error(f"during {what}: {details}", self._console_tail)
+        return err
+
+    def _error(self, exc: grpc.RpcError, what: str) -> GuestError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = (exc.details() if hasattr(exc, "details") else None) or str(code)
+        if code in _CONNECTION_CODES:
+            # The VM may take a moment to be reaped after its socket closed.
+            for _ in range(10):
+                if not self._alive():
+                    return self._dead(what, details)
+                time.sleep(0.1)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                return GuestError(
+                    f"lost the connection to the box's guest agent during {what} "
+                    f"(the VM is still running): {details}"
+                )
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return GuestError(f"the guest agent did not answer {what} in time: {details}")
+        return GuestError(f"{what} failed in the guest: {details}")
+
+    def _unary(self, method, request, what: str, *, timeout: float):
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._error(exc, what) from None
+        except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!"
+            raise GuestError(f"{what}: this agent client is closed ({exc})") from None
+
+    # -- API -------------------------------------------------------------------------------
+    def ping(self) -> dict:
+        reply = self._unary(self._guest.Ping, pb.PingRequest(), "ping", timeout=10)
+        return {
+            "version": reply.version,
+            "uptime": reply.uptime,
+            "agent_uptime": reply.agent_uptime,
+            "initialized": reply.initialized,
+        }
+
+    def init(self, config: dict) -> None:
+        """Mount the container rootfs and volumes. `config` mirrors InitRequest:
+
+        {"disk": {"serial": "rootfs", "fstype": "ext4", "read_only": False}}   # one of
+        {"share": {"tag": "rootfs", "fstype": "9p" | "virtiofs" | "bind", "options": ""}}
+        {"layers": {"layers": [{"tag": "l0", "fstype": "virtiofs"}, ...],     # bottom first
+                    "upper_serial": "upper", "upper_fstype": "ext4"}}
+        + "volumes": [{"tag", "fstype", "guest_path", "read_only", "options"}], "hostname": str
+        """
+        try:
+            request = json_format.ParseDict(config, pb.InitRequest())
+        except json_format.ParseError as exc:
+            raise GuestError(f"bad guest init config: {exc}") from None
+        self._unary(self._guest.Init, request, "init", timeout=180)
+
+    def exec(
+        self,
+        args: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> ExecSession:
+        request = pb.ExecRequest(
+            args=list(args), env=dict(env or {}), cwd=cwd or "", user=user or "",
+            timeout=float(timeout or 0), stdin=stdin,
+        )
+        reply = self._unary(self._execution.Exec, request, "exec", timeout=60)
+        return ExecSession(self, reply.exec_id, stdin)
+
+    def run(
+        self, args: list[str], *, input: bytes | None = None, **kw: Any
+    ) -> tuple[int | None, int | None, bool, bytes, bytes]:
+        """Exec, feed input, collect output: (exit_code, signal, timed_out, stdout, stderr)."""
+        session = self.exec(args, stdin=input is not None, **kw)
+        if input is not None:
+            writer_error: list[BaseException] = []
+
+            def feed() -> None:
+                try:
+                    session.write_stdin(input)
+                    session.close_stdin()
+                except BaseException as exc:
+                    writer_error.append(exc)
+
+            writer = threading.Thread(target=feed, daemon=True)
+            writer.start()
+        out, err = bytearray(), bytearray()
+        for stream, data in session.events():
+            (out if stream == "stdout" else err).extend(data)
+        status = session.wait()
+        if input is not None:
+            writer.join(timeout=30)
+        return status.exit_code, status.signal, status.timed_out, bytes(out), bytes(err)
+
+    def upload_tar(self, dest_dir: str, chunks: Iterable[bytes]) -> None:
+        def messages() -> Iterator[pb.UploadChunk]:
+            yield pb.UploadChunk(target_dir=dest_dir)
+            for chunk in chunks:
+                view = memoryview(chunk)
+                for i in range(0, len(view), CHUNK):
+                    yield pb.UploadChunk(data=bytes(view[i : i + CHUNK]))
+
+        try:
+            self._files.Upload(messages())
+        except grpc.RpcError as exc:
+            raise self._error(exc, f"upload to {dest_dir}") from None
+
+    def download_tar(self, path: str) -> Iterator[bytes]:
+        try:
+            for chunk in self._files.Download(pb.DownloadRequest(path=path)):
+                yield chunk.data
+        except grpc.RpcError as exc:
+            raise self._error(exc, f"download of {path}") from None
+
+    def probe(self, paths: Iterable[str] = ()) -> dict:
+        reply = self._unary(self._guest.Probe, pb.ProbeRequest(paths=list(paths)), "probe",
+                            timeout=30)
+        return {
+            "mounts": [
+                {"source": m.source, "target": m.target, "fstype": m.fstype, "options": m.options}
+                for m in reply.mounts
+            ],
+            "cpu_count": reply.cpu_count,
+            "mem_total_kb": reply.mem_total_kb,
+            "kernel_release": reply.kernel_release,
+            "hostname": reply.hostname,
+            "container_root": reply.container_root,
+            "stats": {
+                s.path: {"exists": s.exists, "uid": s.uid, "gid": s.gid, "mode": s.mode}
+                for s in reply.stats
+            },
+        }
+
+    def shutdown(self) -> None:
+        """Ask the guest to sync, unmount and power off; a VM vanishing mid-call is fine."""
+        try:
+            self._guest.Shutdown(pb.ShutdownRequest(), timeout=10)
+        except (grpc.RpcError, ValueError):  # ValueError: this client was already closed
+            pass
+
+    def close(self) -> None:
+        try:
+            self._channel.close()
+        finally:
+            self._transport.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

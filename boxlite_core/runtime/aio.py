@@ -1,0 +1,217 @@
+"""asyncio API: AsyncRuntime / AsyncBox over the synchronous core.
+
+Honest note: this is not a native asyncio implementation. Every call runs the synchronous
+core in a worker thread (``asyncio.to_thread``), and exec output is pumped from a thread into
+an ``asyncio.Queue``. That is enough for what the API is for — one program driving many boxes
+concurrently (each boot mostly waits on QEMU and the agent, not on Python) — but each
+in-flight call holds a thread, so thousands of concurrent calls want a larger default
+executor (``loop.set_default_executor``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from ..models import BoxOptions, BoxStatus, ExecResult, ExitStatus
+from .box import Box, Execution
+from .records import BoxRecord
+from .runtime import Runtime
+
+_DONE = object()
+
+
+class AsyncExecution:
+    """A running command; ``async for stream, data in execution`` yields its output."""
+
+    def __init__(self, execution: Execution) -> None:
+        self._ex = execution
+        self._queue: asyncio.Queue[Any] | None = None
+        self._thread: threading.Thread | None = None
+
+    def _start_pump(self) -> asyncio.Queue[Any]:
+        if self._queue is not None:
+            return self._queue
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+        self._queue = queue
+
+        def put(item: Any) -> None:
+            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+
+        def pump() -> None:
+            try:
+                for event in self._ex.events():
+                    put(event)
+            except BaseException as exc:  # delivered to the consumer, raised there
+                put(exc)
+            else:
+                put(_DONE)
+
+        self._thread = threading.Thread(target=pump, daemon=True, name="boxlite-aio-events")
+        self._thread.start()
+        return queue
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[tuple[str, bytes]]:
+        queue = self._start_pump()
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def write_stdin(self, data: bytes) -> None:
+        await asyncio.to_thread(self._ex.write_stdin, data)
+
+    async def close_stdin(self) -> None:
+        await asyncio.to_thread(self._ex.close_stdin)
+
+    async def wait(self, timeout: float | None = None) -> ExitStatus:
+        return await asyncio.to_thread(self._ex.wait, timeout)
+
+    async def kill(self, sig: int = 15) -> None:
+        await asyncio.to_thread(self._ex.kill, sig)
+
+
+class AsyncBox:
+    def __init__(self, box: Box) -> None:
+        self.sync = box
+        self.id = box.id
+        self.name = box.name
+
+    def __repr__(self) -> str:
+        return f"<AsyncBox {self.name} {self.id}>"
+
+    async def status(self) -> BoxStatus:
+        return await asyncio.to_thread(lambda: self.sync.status)
+
+    async def info(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.sync.info)
+
+    async def start(self, progress: Any = None) -> AsyncBox:
+        await asyncio.to_thread(self.sync.start, progress)
+        return self
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        await asyncio.to_thread(self.sync.stop, timeout)
+
+    async def kill(self) -> None:
+        await asyncio.to_thread(self.sync.kill)
+
+    async def remove(self, force: bool = False) -> None:
+        await asyncio.to_thread(self.sync.remove, force)
+
+    async def exec(
+        self,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        input: bytes | None = None,
+    ) -> ExecResult:
+        return await asyncio.to_thread(
+            lambda: self.sync.exec(args, env=env, cwd=cwd, user=user, timeout=timeout,
+                                   input=input)
+        )
+
+    async def exec_stream(
+        self,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> AsyncExecution:
+        ex = await asyncio.to_thread(
+            lambda: self.sync.exec_stream(args, env=env, cwd=cwd, user=user, timeout=timeout,
+                                          stdin=stdin)
+        )
+        return AsyncExecution(ex)
+
+    async def copy_in(self, host_path: str | os.PathLike[str], guest_path: str) -> None:
+        await asyncio.to_thread(self.sync.copy_in, host_path, guest_path)
+
+    async def copy_out(self, guest_path: str, host_path: str | os.PathLike[str]) -> Any:
+        return await asyncio.to_thread(self.sync.copy_out, guest_path, host_path)
+
+    async def logs(self) -> str:
+        return await asyncio.to_thread(self.sync.logs)
+
+    async def metrics(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.sync.metrics)
+
+    async def __aenter__(self) -> AsyncBox:
+        await asyncio.to_thread(self.sync.__enter__)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.sync.__exit__, exc_type, exc, tb)
+
+
+class AsyncRuntime:
+    """``async with AsyncRuntime() as rt: box = await rt.create(image="busybox")``."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, **kw: Any) -> None:
+        self._init = (home, kw)
+        self.sync: Runtime | None = None
+
+    async def open(self) -> AsyncRuntime:
+        if self.sync is None:
+            home, kw = self._init
+            self.sync = await asyncio.to_thread(lambda: Runtime(home, **kw))
+        return self
+
+    def _rt(self) -> Runtime:
+        if self.sync is None:
+            raise RuntimeError("AsyncRuntime: use `async with` or `await rt.open()` first")
+        return self.sync
+
+    async def __aenter__(self) -> AsyncRuntime:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self.sync is not None:
+            await asyncio.to_thread(self.sync.close)
+            self.sync = None
+
+    async def create(self, options: BoxOptions | None = None, **kw: Any) -> AsyncBox:
+        rt = self._rt()
+        return AsyncBox(await asyncio.to_thread(lambda: rt.create(options, **kw)))
+
+    async def get(self, id_or_name: str) -> AsyncBox:
+        return AsyncBox(await asyncio.to_thread(self._rt().get, id_or_name))
+
+    async def list(self) -> list[BoxRecord]:
+        return await asyncio.to_thread(self._rt().list)
+
+    async def remove(self, id_or_name: str, force: bool = False) -> None:
+        await asyncio.to_thread(self._rt().remove, id_or_name, force)
+
+    async def metrics(self) -> dict[str, int]:
+        return await asyncio.to_thread(self._rt().metrics)

@@ -1,0 +1,372 @@
+"""The init pipeline: named, timed stages that take a Configured box to a Running one.
+
+Why a list of stages rather than one long function: every stage is timed into the box's
+metrics (so "where do the 3 seconds go" has an answer per box), and a failure names the stage
+it happened in, which the CleanupGuard records on the Failed box.
+
+Stages (see ARCHITECTURE.md): filesystem_setup; container_rootfs_prep ‖ guest_kit_prep (two
+threads: image → rootfs and the guest kit are independent and each can take seconds);
+volumes; vmm_spawn; guest_connect; guest_init.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ..errors import ConfigError, GuestError
+from ..models import (
+    AgentEndpoint,
+    Capability,
+    DiskSpec,
+    HostShare,
+    ResolvedVolume,
+    ShareSpec,
+    VmSpec,
+)
+from ..rootfs.base import RootfsArtifact, RootfsContext
+from ..volumes.resolve import resolve_user_volumes
+
+if TYPE_CHECKING:
+    from ..vmm.base import LaunchPlan, VmHandle, VmmBackend
+    from ..volumes.base import VolumeSharer
+    from .records import BoxRecord
+    from .runtime import Runtime
+
+ProgressFn = Callable[[str, "float | None"], None]
+
+#: Default seconds to wait for the guest agent; generous because TCG boots are slow.
+DEFAULT_BOOT_TIMEOUT = 120.0
+ROOT_SERIAL = "bxguest"  # matches boxlite_core.guest.kit.ROOT_SERIAL (the initramfs looks for it)
+#: preferred volume sharers, in order, when the user names none
+SHARER_PREFERENCE = ("virtiofs", "9p")
+
+CONSOLE_LOG = "console.log"
+PLAN_FILE = "plan.json"
+AGENT_PORT = "agent.port"
+AGENT_STREAM = "agent.sock"
+
+
+def boot_timeout() -> float:
+    raw = os.environ.get("BOXLITE_BOOT_TIMEOUT", "")
+    try:
+        return float(raw) if raw else DEFAULT_BOOT_TIMEOUT
+    except ValueError as exc:
+        raise ConfigError(f"BOXLITE_BOOT_TIMEOUT={raw!r}: must be a number of seconds") from exc
+
+
+def console_tail(box_dir: Path, lines: int = 25, max_bytes: int = 64 * 1024) -> str:
+    """The last lines of the box's serial console: the first thing to read when a boot fails."""
+    path = Path(box_dir) / CONSOLE_LOG
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return ""
+    text = data.decode(errors="replace").replace("\r", "")
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+@attrs.define
+class StartContext:
+    """Everything the stages produce for each other, and what cleanup must undo."""
+
+    runtime: Runtime
+    record: BoxRecord
+    box_dir: Path
+    backend: VmmBackend
+    progress: ProgressFn | None = None
+    stage: str | None = None
+    timings: dict[str, float] = attrs.field(factory=dict)
+    image: Any = None
+    artifact: RootfsArtifact | None = None
+    kit: Any = None
+    volumes: tuple[ResolvedVolume, ...] = ()
+    sharer: VolumeSharer | None = None
+    sharer_name: str | None = None
+    shares: tuple[ShareSpec, ...] = ()
+    spec: VmSpec | None = None
+    plan: LaunchPlan | None = None
+    handle: VmHandle | None = None
+    client: Any = None
+    init_reply: Any = None
+
+    def report(self, message: str, fraction: float | None = None) -> None:
+        if self.progress is not None:
+            try:
+                self.progress(message, fraction)
+            except Exception:  # a broken progress display must not fail a boot
+                pass
+
+
+StageFn = Callable[[StartContext], None]
+
+
+@attrs.frozen
+class Stage:
+    """One named step, or several run concurrently (``parallel``)."""
+
+    name: str
+    fn: StageFn | None = None
+    parallel: tuple[Stage, ...] = ()
+
+
+# -- stages ---------------------------------------------------------------------------------
+
+
+def filesystem_setup(ctx: StartContext) -> None:
+    ctx.box_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(ctx.box_dir, 0o700)  # sockets and the VM's disks live here
+
+
+def container_rootfs_prep(ctx: StartContext) -> None:
+    rt = ctx.runtime
+    options = ctx.record.options
+    ctx.report(f"image {options.image}")
+    ctx.image = rt.images.get(options.image)
+    strategy = rt.plugins.rootfs_strategy(options.rootfs)
+    rctx = RootfsContext(
+        home=rt.home,
+        image_store=rt.images,
+        disk_size_mib=options.disk_size_mib,
+        progress=ctx.progress,
+    )
+    ctx.artifact = strategy.prepare(ctx.image, ctx.box_dir, rctx)
+
+
+def guest_kit_prep(ctx: StartContext) -> None:
+    ctx.kit = ctx.runtime.kit_provider(ctx.runtime.home, ctx.progress)
+
+
+def pick_sharer(ctx: StartContext, caps: frozenset[Capability]) -> tuple[str, VolumeSharer]:
+    """The user's sharer, checked against the backend; else the first preferred one that
+    this backend can attach and this host can serve."""
+    rt = ctx.runtime
+    backend_name = ctx.record.backend
+    named = ctx.record.options.volume_sharer
+    if named:
+        sharer = rt.plugins.volume_sharer(named)
+        if sharer.capability not in caps:
+            have = ", ".join(sorted(c.value for c in caps)) or "none"
+            raise ConfigError(
+                f"volume sharer {named!r} needs the {sharer.capability.value!r} capability, "
+                f"which backend {backend_name!r} does not declare (it has: {have}); "
+                f"pick another --sharer or --backend"
+            )
+        sharer.check()
+        return named, sharer
+    names = [n for n in SHARER_PREFERENCE if n in rt.plugins.sharer_names()]
+    names += [n for n in rt.plugins.sharer_names() if n not in names]
+    reasons = []
+    for name in names:
+        sharer = rt.plugins.volume_sharer(name)
+        if sharer.capability not in caps:
+            reasons.append(f"{name}: backend {backend_name!r} lacks {sharer.capability.value!r}")
+            continue
+        try:
+            sharer.check()
+        except ConfigError as exc:
+            reasons.append(f"{name}: {exc}")
+            continue
+        return name, sharer
+    raise ConfigError(
+        f"no volume sharer works with backend {backend_name!r} here ({'; '.join(reasons)})"
+    )
+
+
+def volumes(ctx: StartContext) -> None:
+    assert ctx.artifact is not None
+    ctx.volumes = resolve_user_volumes(ctx.record.options.volumes)
+    wanted: list[HostShare] = [*ctx.artifact.shares, *(v.share() for v in ctx.volumes)]
+    if not wanted:
+        return
+    ctx.sharer_name, ctx.sharer = pick_sharer(ctx, ctx.backend.capabilities())
+    ctx.runtime.store.update(ctx.record.id, state={"sharer": ctx.sharer_name})
+    ctx.shares = tuple(ctx.sharer.start(wanted, ctx.box_dir))
+
+
+def build_spec(ctx: StartContext) -> VmSpec:
+    assert ctx.artifact is not None and ctx.kit is not None
+    kit = ctx.kit
+    options = ctx.record.options
+    kind = ctx.backend.agent_kind
+    agent_socket = ctx.box_dir / (AGENT_PORT if kind == "virtio-serial" else AGENT_STREAM)
+    disks = (
+        DiskSpec(Path(kit.root_image), "raw", read_only=True, serial=ROOT_SERIAL),
+        *ctx.artifact.disks,
+    )
+    hints = {
+        "machine": getattr(kit, "machine", ""),
+        "qemu_globals": list(getattr(kit, "qemu_globals", ())),
+        "virtio_transport": getattr(kit, "virtio_transport", ""),
+        "kit_id": getattr(kit, "kit_id", ""),
+    }
+    return VmSpec(
+        box_id=ctx.record.id,
+        box_dir=ctx.box_dir,
+        cpus=options.cpus,
+        memory_mib=options.memory_mib,
+        kernel=Path(kit.kernel),
+        initrd=Path(kit.initrd),
+        cmdline=kit.cmdline,
+        console_log=ctx.box_dir / CONSOLE_LOG,
+        agent=AgentEndpoint(agent_socket, kind),
+        disks=disks,
+        shares=ctx.shares,
+        name=ctx.record.name,
+        network=options.network,
+        hints=hints,
+    )
+
+
+def vmm_spawn(ctx: StartContext) -> None:
+    ctx.spec = build_spec(ctx)
+    ctx.plan = ctx.backend.plan(ctx.spec)
+    (ctx.box_dir / PLAN_FILE).write_text(ctx.plan.to_json() + "\n")
+    # a fresh console log per boot, so the tail on failure is this boot's
+    (ctx.box_dir / CONSOLE_LOG).unlink(missing_ok=True)
+    ctx.handle = ctx.backend.launch(ctx.plan)
+
+
+def guest_connect(ctx: StartContext) -> None:
+    from ..guest.client import AgentClient
+
+    assert ctx.spec is not None and ctx.handle is not None
+    handle = ctx.handle
+    box_dir = ctx.box_dir
+    ctx.report("waiting for the guest agent")
+    try:
+        ctx.client = AgentClient.connect(
+            box_dir,
+            kind=ctx.spec.agent.kind,
+            socket_path=ctx.spec.agent.socket,
+            timeout=boot_timeout(),
+            is_alive=handle.is_running,
+            console_tail=lambda: console_tail(box_dir),
+        )
+    except GuestError:
+        raise
+    except Exception as exc:
+        raise GuestError(f"could not reach the guest agent: {type(exc).__name__}: {exc}") from exc
+
+
+def rootfs_request(guest: Mapping[str, Any], fstype: str) -> dict[str, Any]:
+    """Translate a RootfsArtifact's ``guest`` part into the rootfs field of InitRequest.
+
+    The strategy speaks in its own terms (``lower`` tags, ``upper_disk``); the agent's proto
+    wants shares with their filesystem type, which only the volume sharer knows.
+    """
+    if "disk" in guest:
+        disk = dict(guest["disk"])
+        return {"disk": {"serial": disk["serial"], "fstype": disk.get("fstype") or "ext4",
+                         "read_only": bool(disk.get("read_only", False))}}
+    if "share" in guest:
+        share = dict(guest["share"])
+        out = {"tag": share["tag"], "fstype": share.get("fstype") or fstype}
+        if share.get("options"):
+            out["options"] = share["options"]
+        return {"share": out}
+    if "layers" in guest:
+        layers = dict(guest["layers"])
+        lower = layers.get("lower", layers.get("layers", []))
+        shares = [
+            {"tag": item, "fstype": fstype} if isinstance(item, str)
+            else {"tag": item["tag"], "fstype": item.get("fstype") or fstype}
+            for item in lower
+        ]
+        return {"layers": {
+            "layers": shares,
+            "upper_serial": layers.get("upper_disk") or layers.get("upper_serial") or "",
+            "upper_fstype": layers.get("upper_fstype") or "ext4",
+        }}
+    raise ConfigError(f"rootfs artifact names no disk, share or layers: {dict(guest)!r}")
+
+
+def init_config(ctx: StartContext) -> dict[str, Any]:
+    """The agent's Init request, as the dict AgentClient.init takes (InitRequest's shape)."""
+    assert ctx.artifact is not None
+    fstype = ctx.sharer.guest_fstype if ctx.sharer is not None else ""
+    return {
+        **rootfs_request(ctx.artifact.guest, fstype),
+        "volumes": [
+            {"tag": v.tag, "fstype": fstype, "guest_path": v.guest_path, "read_only": v.read_only}
+            for v in ctx.volumes
+        ],
+        "hostname": ctx.record.name,
+    }
+
+
+def guest_init(ctx: StartContext) -> None:
+    ctx.init_reply = ctx.client.init(init_config(ctx))
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("filesystem_setup", filesystem_setup),
+    Stage(
+        "prepare",
+        parallel=(
+            Stage("container_rootfs_prep", container_rootfs_prep),
+            Stage("guest_kit_prep", guest_kit_prep),
+        ),
+    ),
+    Stage("volumes", volumes),
+    Stage("vmm_spawn", vmm_spawn),
+    Stage("guest_connect", guest_connect),
+    Stage("guest_init", guest_init),
+)
+
+
+# -- runner ---------------------------------------------------------------------------------
+
+
+def _run_one(ctx: StartContext, stage: Stage) -> None:
+    assert stage.fn is not None
+    ctx.report(stage.name)
+    began = time.monotonic()
+    try:
+        stage.fn(ctx)
+    finally:
+        ctx.timings[stage.name] = round(time.monotonic() - began, 4)
+
+
+def run_stages(ctx: StartContext, stages: Sequence[Stage] = STAGES) -> None:
+    """Run every stage in order; on an error set ``ctx.stage`` to the failing one and raise.
+
+    Parallel members all finish (or fail) before the error propagates, so cleanup never races
+    a thread that is still writing into the box directory.
+    """
+    total = time.monotonic()
+    for stage in stages:
+        if not stage.parallel:
+            ctx.stage = stage.name
+            _run_one(ctx, stage)
+            continue
+        ctx.stage = stage.name
+        began = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=len(stage.parallel), thread_name_prefix=f"boxlite-{stage.name}"
+        ) as pool:
+            futures = {pool.submit(_run_one, ctx, member): member for member in stage.parallel}
+            concurrent.futures.wait(futures)
+        ctx.timings[stage.name] = round(time.monotonic() - began, 4)
+        for future, member in futures.items():  # the first member in order that failed
+            exc = future.exception()
+            if exc is not None:
+                ctx.stage = member.name
+                raise exc
+    ctx.stage = None
+    ctx.timings["total"] = round(time.monotonic() - total, 4)
+
+
+def plan_json(plan: LaunchPlan) -> str:
+    return json.dumps(plan.to_dict(), sort_keys=True, indent=2)

@@ -1,0 +1,126 @@
+"""The box record: what the database remembers about a box between processes."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ..models import BoxOptions, BoxStatus
+
+ID_BYTES = 6  # 12 hex characters: short enough to type, long enough not to collide
+
+_ADJECTIVES = (
+    "amber", "brave", "calm", "dusty", "eager", "fuzzy", "gentle", "happy", "icy", "jolly",
+    "keen", "lucky", "mellow", "nimble", "quiet", "rapid", "shy", "tidy", "vivid", "witty",
+)
+_NOUNS = (
+    "otter", "falcon", "badger", "heron", "lynx", "marten", "newt", "owl", "panda", "quokka",
+    "raven", "seal", "tapir", "urchin", "vole", "walrus", "yak", "zebra", "gecko", "ibis",
+)
+
+
+def new_box_id() -> str:
+    return secrets.token_hex(ID_BYTES)
+
+
+def generated_name(box_id: str, attempt: int = 0) -> str:
+    """A friendly default name; after a few collisions fall back to one derived from the id."""
+    if attempt >= 3:
+        return f"box-{box_id[:6]}" if attempt == 3 else f"box-{box_id}"
+    return f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}"
+
+
+@attrs.frozen
+class BoxRecord:
+    """One row of the ``boxes`` table. Frozen: updates go through BoxStore and return a copy.
+
+    ``state`` is free-form JSON for facts that are not queried: stage timings, exec counters,
+    the agent kind and socket, the sharer in use, the failing stage.
+    """
+
+    id: str
+    name: str
+    status: BoxStatus
+    options: BoxOptions
+    backend: str | None = None
+    image: str = ""
+    image_digest: str | None = None
+    rootfs: str = "disk"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    started_at: float | None = None
+    stopped_at: float | None = None
+    pid: int | None = None
+    error: str | None = None
+    failures: int = 0
+    state: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def stage_timings(self) -> dict[str, float]:
+        return dict(self.state.get("stage_timings") or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status.value,
+            "backend": self.backend,
+            "image": self.image,
+            "image_digest": self.image_digest,
+            "rootfs": self.rootfs,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "started_at": self.started_at,
+            "stopped_at": self.stopped_at,
+            "pid": self.pid,
+            "error": self.error,
+            "failures": self.failures,
+            "options": self.options.to_dict(),
+            "state": json.loads(json.dumps(dict(self.state), default=str)),
+        }
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row | Mapping[str, Any]) -> BoxRecord:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            status=BoxStatus(row["status"]),
+            options=BoxOptions.from_dict(json.loads(row["options_json"])),
+            backend=row["backend"],
+            image=row["image"],
+            image_digest=row["image_digest"],
+            rootfs=row["rootfs"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            started_at=row["started_at"],
+            stopped_at=row["stopped_at"],
+            pid=row["pid"],
+            error=row["error"],
+            failures=row["failures"],
+            state=json.loads(row["state_json"] or "{}"),
+        )
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status.value,
+            "backend": self.backend,
+            "image": self.image,
+            "image_digest": self.image_digest,
+            "rootfs": self.rootfs,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "started_at": self.started_at,
+            "stopped_at": self.stopped_at,
+            "pid": self.pid,
+            "error": self.error,
+            "failures": self.failures,
+            "options_json": json.dumps(self.options.to_dict(), sort_keys=True),
+            "state_json": json.dumps(dict(self.state), sort_keys=True, default=str),
+        }

@@ -1,0 +1,61 @@
+"""Turn the user's ``-v HOST:GUEST[:ro]`` specs into checked, canonical shares.
+
+Why check on the host before anything boots: a typo in a volume path should fail in
+milliseconds with the path in the message, not as a mount error in the guest after a boot.
+The owner's uid/gid is recorded so sharers can map guest writes back to the volume's owner
+(auto-idmap) instead of leaving root-owned files in a user's directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..models import ResolvedVolume, VolumeSpec
+
+TAG_PREFIX = "uservol"
+
+
+def resolve_user_volumes(specs: Iterable[VolumeSpec | str]) -> tuple[ResolvedVolume, ...]:
+    """Check each volume's host directory and return them tagged ``uservol0``, ``uservol1``…
+
+    Raises ConfigError naming the path and the fix when a host path is missing, is not a
+    directory, or cannot be read.
+    """
+    out: list[ResolvedVolume] = []
+    for index, spec in enumerate(specs):
+        if isinstance(spec, str):
+            spec = VolumeSpec.parse(spec)
+        given = os.path.expanduser(spec.host_path)
+        where = f"volume {spec.host_path}:{spec.guest_path}"
+        if not os.path.lexists(given):
+            raise ConfigError(
+                f"{where}: host path {given} does not exist; create it (mkdir -p {given}) "
+                "or fix the path"
+            )
+        real = Path(os.path.realpath(given))
+        if not real.exists():
+            raise ConfigError(
+                f"{where}: host path {given} is a dangling symlink (to {real}); fix the link"
+            )
+        if not real.is_dir():
+            raise ConfigError(
+                f"{where}: host path {real} is not a directory; volumes share directories — "
+                "put the file in a directory and share that"
+            )
+        if not os.access(real, os.R_OK | os.X_OK):
+            raise ConfigError(f"{where}: host directory {real} is not readable by this user")
+        st = real.stat()
+        out.append(
+            ResolvedVolume(
+                tag=f"{TAG_PREFIX}{index}",
+                host_path=real,
+                guest_path=spec.guest_path,
+                read_only=spec.read_only,
+                uid=st.st_uid,
+                gid=st.st_gid,
+            )
+        )
+    return tuple(out)

@@ -1,0 +1,76 @@
+"""Looking at the guest from inside: mounts, resources, file owners.
+
+Everything goes through ``box.exec`` of busybox applets, so it checks what a user's program
+would see in the container, not what the host believes it configured.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class Mount:
+    source: str
+    target: str
+    fstype: str
+    options: tuple[str, ...]
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options
+
+
+def _unescape(field: str) -> str:
+    # /proc/mounts escapes space, tab, newline and backslash as octal
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def run(box: Any, argv: list[str], **kwargs: Any) -> str:
+    """Exec ``argv`` and return stdout; any failure raises AssertionError with both streams."""
+    result = box.exec(argv, timeout=kwargs.pop("timeout", 60), **kwargs)
+    assert result.exit_code == 0, (
+        f"{shlex.join(argv)} exited {result.returncode}: "
+        f"stdout={result.stdout!r} stderr={result.stderr!r}"
+    )
+    return result.stdout.decode(errors="replace")
+
+
+def mounts(box: Any) -> list[Mount]:
+    out = []
+    for line in run(box, ["cat", "/proc/mounts"]).splitlines():
+        parts = line.split()
+        if len(parts) >= 4:
+            out.append(
+                Mount(_unescape(parts[0]), _unescape(parts[1]), parts[2],
+                      tuple(parts[3].split(",")))
+            )
+    return out
+
+
+def mount_at(box: Any, target: str) -> Mount:
+    """The mount that is visible at ``target`` (the last one listed wins, as in the kernel)."""
+    found = [m for m in mounts(box) if m.target.rstrip("/") == target.rstrip("/")]
+    assert found, f"nothing is mounted at {target!r} in the guest; /proc/mounts: {mounts(box)}"
+    return found[-1]
+
+
+def cpu_count(box: Any) -> int:
+    return int(run(box, ["nproc"]).strip())
+
+
+def mem_total_kib(box: Any) -> int:
+    for line in run(box, ["cat", "/proc/meminfo"]).splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1])
+    raise AssertionError("no MemTotal line in the guest's /proc/meminfo")
+
+
+def owner(box: Any, path: str) -> tuple[int, int]:
+    uid, gid = run(box, ["stat", "-c", "%u %g", path]).split()
+    return int(uid), int(gid)

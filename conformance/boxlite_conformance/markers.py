@@ -1,0 +1,65 @@
+"""The two marks every conformance test carries: its tier and the capabilities it needs.
+
+Marks, not fixtures, so ``boxlite-conformance list`` and the report can read a test's tier
+and capabilities at collection time, without a backend or a VM.
+"""
+
+from __future__ import annotations
+
+import pytest
+from boxlite_core.models import Capability
+
+TIER_MARK = "conformance_tier"
+REQUIRES_MARK = "conformance_requires"
+
+#: tier → what it proves; tiers >= 1 boot VMs
+TIERS = {
+    0: "contract: no VM (identity, capabilities, probe, plan, attach)",
+    1: "boot and exec: exit codes, stdout/stderr, stdin, signals, stop, in-guest resources",
+    2: "storage: rootfs strategies, volumes through each sharer, copy in/out",
+    3: "lifecycle faults: VM death, restart, reattach from another process, pause/snapshot",
+}
+#: the lowest tier whose tests need a running VM (and so an available backend + runtime)
+FIRST_VM_TIER = 1
+
+
+def tier(level: int) -> pytest.MarkDecorator:
+    """Mark a test (or class) as belonging to conformance tier ``level`` (0..3)."""
+    if level not in TIERS:
+        raise ValueError(f"conformance tier must be one of {sorted(TIERS)}, got {level!r}")
+    return getattr(pytest.mark, TIER_MARK)(level)
+
+
+def requires(*capabilities: Capability, any_of: bool = False) -> pytest.MarkDecorator:
+    """Run the test only if the backend declares every capability (or one, with ``any_of``).
+
+    A closed test is skipped with the capability's name, e.g.
+    ``backend 'x' does not declare capability 'virtiofs'``.
+    """
+    caps = tuple(Capability(c) for c in capabilities)
+    if not caps:
+        raise ValueError("requires() needs at least one Capability")
+    return getattr(pytest.mark, REQUIRES_MARK)(*caps, any_of=any_of)
+
+
+def item_tier(item: pytest.Item) -> int | None:
+    mark = item.get_closest_marker(TIER_MARK)
+    return int(mark.args[0]) if mark is not None else None
+
+
+def item_requirements(item: pytest.Item) -> list[tuple[tuple[Capability, ...], bool]]:
+    """Every requires() on the item (class, function and parameter marks): (caps, any_of)."""
+    return [
+        (tuple(Capability(c) for c in m.args), bool(m.kwargs.get("any_of", False)))
+        for m in item.iter_markers(REQUIRES_MARK)
+    ]
+
+
+def item_capabilities(item: pytest.Item) -> list[str]:
+    """The capability names a test needs, flattened and ordered, for lists and reports."""
+    seen: list[str] = []
+    for caps, _any in item_requirements(item):
+        for cap in caps:
+            if cap.value not in seen:
+                seen.append(cap.value)
+    return seen

@@ -1,0 +1,175 @@
+"""Tier 2: storage. Every rootfs strategy and every volume sharer the backend's capabilities
+allow, checked from inside the guest (mount table, ro flags, file owners), plus copy in/out.
+
+One box per strategy and per sharer, shared by that group's tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from boxlite_core.models import Capability
+
+from .. import guest_probe
+from ..boxes import BoxPool
+from ..markers import requires, tier
+from ..requirements import Requirements
+
+__all__ = ["TestCopy", "TestRootfsStrategies", "TestVolumes"]
+
+_ANY_SHARER = requires(Capability.NINEP, Capability.VIRTIOFS, any_of=True)
+#: strategy → (marks, fstypes the guest may show for it)
+_STRATEGIES = {
+    "disk": ([requires(Capability.QCOW2)], {"ext4"}),
+    "merged": ([_ANY_SHARER], {"9p", "virtiofs"}),
+    "layers": ([requires(Capability.QCOW2), _ANY_SHARER], {"overlay"}),
+}
+_STRATEGY_PARAMS = [pytest.param(n, marks=m, id=n) for n, (m, _f) in _STRATEGIES.items()]
+_SHARER_PARAMS = [
+    pytest.param("9p", marks=requires(Capability.NINEP), id="9p"),
+    pytest.param("virtiofs", marks=requires(Capability.VIRTIOFS), id="virtiofs"),
+]
+#: the uid/gid the writable volume is owned by on the host (when we can chown)
+VOLUME_OWNER = (1000, 1000)
+
+
+def _rootfs_box(pool: BoxPool, requirements: Requirements, strategy: str) -> Any:
+    if strategy == requirements.default_rootfs:
+        return pool.default_box(strategy)
+    return pool.shared(f"rootfs-{strategy}", memory_mib=256, rootfs=strategy)
+
+
+@tier(2)
+@pytest.mark.vm
+@pytest.mark.parametrize("strategy", _STRATEGY_PARAMS)
+class TestRootfsStrategies:
+    def test_image_runs(
+        self, box_pool: BoxPool, conformance_requirements: Requirements, strategy: str
+    ) -> None:
+        box = _rootfs_box(box_pool, conformance_requirements, strategy)
+        assert guest_probe.run(box, ["sh", "-c", "echo $((6*7))"]) == "42\n"
+
+    def test_rootfs_filesystem_type(
+        self, box_pool: BoxPool, conformance_requirements: Requirements, strategy: str
+    ) -> None:
+        box = _rootfs_box(box_pool, conformance_requirements, strategy)
+        expected = _STRATEGIES[strategy][1]
+        seen = {m.fstype for m in guest_probe.mounts(box)}
+        assert seen & expected, (
+            f"rootfs {strategy!r}: expected a {sorted(expected)} mount in the guest, saw {seen}"
+        )
+
+    def test_writes_persist_between_execs(
+        self, box_pool: BoxPool, conformance_requirements: Requirements, strategy: str
+    ) -> None:
+        box = _rootfs_box(box_pool, conformance_requirements, strategy)
+        guest_probe.run(box, ["sh", "-c", f"mkdir -p /var/c && echo {strategy} > /var/c/f"])
+        assert guest_probe.run(box, ["cat", "/var/c/f"]) == f"{strategy}\n"
+
+
+@attrs.frozen
+class _VolumeDirs:
+    rw: Path
+    ro: Path
+
+
+def _volume_dirs(sharer: str) -> _VolumeDirs:
+    root = Path(tempfile.mkdtemp(prefix=f"boxlite-conformance-{sharer}-"))
+    rw, ro = root / "rw", root / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (rw / "rw.txt").write_text("from host rw\n")
+    (ro / "ro.txt").write_text("from host ro\n")
+    if os.geteuid() == 0:  # owner != the box's root, so auto-idmap is observable
+        for path in (rw, rw / "rw.txt"):
+            os.chown(path, *VOLUME_OWNER)
+    return _VolumeDirs(rw, ro)
+
+
+def _volume_box(pool: BoxPool, sharer: str) -> tuple[Any, _VolumeDirs]:
+    dirs = pool.remember(f"volumes-{sharer}", lambda: _volume_dirs(sharer))
+    box = pool.shared(
+        f"volumes-{sharer}",
+        memory_mib=256,
+        volume_sharer=sharer,
+        volumes=(f"{dirs.rw}:/data/rw", f"{dirs.ro}:/data/ro:ro"),
+    )
+    return box, dirs
+
+
+@tier(2)
+@pytest.mark.vm
+@pytest.mark.parametrize("sharer", _SHARER_PARAMS)
+class TestVolumes:
+    def test_host_files_are_visible(self, box_pool: BoxPool, sharer: str) -> None:
+        box, _dirs = _volume_box(box_pool, sharer)
+        assert guest_probe.run(box, ["cat", "/data/rw/rw.txt"]) == "from host rw\n"
+        assert guest_probe.run(box, ["cat", "/data/ro/ro.txt"]) == "from host ro\n"
+
+    def test_mounts_have_the_right_type_and_flags(self, box_pool: BoxPool, sharer: str) -> None:
+        box, _dirs = _volume_box(box_pool, sharer)
+        rw, ro = guest_probe.mount_at(box, "/data/rw"), guest_probe.mount_at(box, "/data/ro")
+        assert rw.fstype == sharer and ro.fstype == sharer, (rw, ro)
+        assert ro.read_only, f"/data/ro is mounted without 'ro': {ro.options}"
+        assert not rw.read_only, f"/data/rw is mounted read-only: {rw.options}"
+
+    def test_read_only_volume_refuses_writes(self, box_pool: BoxPool, sharer: str) -> None:
+        box, dirs = _volume_box(box_pool, sharer)
+        result = box.exec(["sh", "-c", "echo x > /data/ro/written"], timeout=60)
+        assert result.exit_code != 0, "writing to a read-only volume succeeded"
+        assert not (dirs.ro / "written").exists(), "a read-only volume's host dir was changed"
+
+    def test_guest_writes_reach_the_host_as_the_volume_owner(
+        self, box_pool: BoxPool, sharer: str
+    ) -> None:
+        box, dirs = _volume_box(box_pool, sharer)
+        guest_probe.run(box, ["sh", "-c", "echo from guest > /data/rw/guest.txt"])
+        host_file = dirs.rw / "guest.txt"
+        assert host_file.read_text() == "from guest\n"
+        want = (dirs.rw.stat().st_uid, dirs.rw.stat().st_gid)
+        got = (host_file.stat().st_uid, host_file.stat().st_gid)
+        assert got == want, (
+            f"a file the box wrote is owned by {got} on the host; the volume belongs to {want}"
+        )
+
+    def test_host_writes_are_seen_by_the_guest(self, box_pool: BoxPool, sharer: str) -> None:
+        box, dirs = _volume_box(box_pool, sharer)
+        (dirs.rw / "late.txt").write_text("written after boot\n")
+        assert guest_probe.run(box, ["cat", "/data/rw/late.txt"]) == "written after boot\n"
+
+
+@tier(2)
+@pytest.mark.vm
+class TestCopy:
+    def test_file_round_trip(self, box: Any, tmp_path: Path) -> None:
+        data = os.urandom(200_000)
+        src = tmp_path / "blob.bin"
+        src.write_bytes(data)
+        box.copy_in(src, "/tmp/conformance-blob.bin")
+        digest = guest_probe.run(box, ["md5sum", "/tmp/conformance-blob.bin"]).split()[0]
+        assert digest == hashlib.md5(data).hexdigest(), "copy_in changed the file's bytes"
+        back = tmp_path / "back.bin"
+        box.copy_out("/tmp/conformance-blob.bin", back)
+        assert back.read_bytes() == data, "copy_out changed the file's bytes"
+
+    def test_directory_round_trip(self, box: Any, tmp_path: Path) -> None:
+        src = tmp_path / "tree"
+        (src / "sub").mkdir(parents=True)
+        (src / "top.txt").write_text("top\n")
+        (src / "sub" / "leaf.txt").write_text("leaf\n")
+        box.copy_in(src, "/tmp/conformance-tree")
+        assert guest_probe.run(box, ["cat", "/tmp/conformance-tree/sub/leaf.txt"]) == "leaf\n"
+        guest_probe.run(box, ["sh", "-c", "echo guest > /tmp/conformance-tree/new.txt"])
+        back = tmp_path / "back"
+        box.copy_out("/tmp/conformance-tree", back)
+        assert (back / "top.txt").read_text() == "top\n"
+        assert (back / "sub" / "leaf.txt").read_text() == "leaf\n"
+        assert (back / "new.txt").read_text() == "guest\n"
+        shutil.rmtree(back)
