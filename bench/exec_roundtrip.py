@@ -42,8 +42,9 @@ def _busybox_root(base: Path) -> Path:
     (root / "bin").mkdir(parents=True)
     (root / "etc").mkdir()
     shutil.copy2("/bin/busybox", root / "bin/busybox")
-    for applet in subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
-                                 check=True).stdout.split():
+    for applet in subprocess.run(
+        ["/bin/busybox", "--list"], capture_output=True, text=True, check=True
+    ).stdout.split():
         if applet != "busybox":
             (root / "bin" / applet).symlink_to("busybox")
     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
@@ -54,10 +55,23 @@ def _start_native(box: Path, importtime: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     py = [sys.executable] + (["-X", "importtime"] if importtime else [])
     return subprocess.Popen(
-        ["unshare", "--mount", "--uts", "--propagation", "private", *py,
-         "-m", "boxlite_core.guest.agent", "--serial-listen", str(box / "agent.port"),
-         "--state-dir", str(box / "run")],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(box / "agent.log", "wb"),
+        [
+            "unshare",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            *py,
+            "-m",
+            "boxlite_core.guest.agent",
+            "--serial-listen",
+            str(box / "agent.port"),
+            "--state-dir",
+            str(box / "run"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(box / "agent.log", "wb"),
     )
 
 
@@ -117,8 +131,10 @@ def native(n: int) -> dict:
         samples = []
         for _ in range(20):
             t = time.perf_counter()
-            subprocess.run(["unshare", "--mount", "--pid", "--fork", "--mount-proc",
-                            f"--root={root}", "true"], check=True)
+            subprocess.run(
+                ["unshare", "--mount", "--pid", "--fork", "--mount-proc", f"--root={root}", "true"],
+                check=True,
+            )
             samples.append(time.perf_counter() - t)
         result["util_linux_unshare_spawn"] = _stats(samples)
         # What the agent imports before it can serve (python -X importtime).
@@ -131,7 +147,7 @@ def native(n: int) -> dict:
         top = []
         for line in (box / "agent.log").read_text().splitlines():
             if line.startswith("import time:") and "|" in line:
-                parts = [p.strip() for p in line[len("import time:"):].split("|")]
+                parts = [p.strip() for p in line[len("import time:") :].split("|")]
                 if parts[1].isdigit():
                     top.append((int(parts[1]), parts[2].strip()))
         top.sort(reverse=True)

@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from boxlite_libkrun.backend import LibkrunBackend
-
 from boxlite_core.models import AgentEndpoint, DiskSpec, ShareSpec, VmSpec
+from boxlite_libkrun.backend import LibkrunBackend
 
 DOUBLE_SRC = Path(__file__).resolve().parent.parent / "tests" / "libkrun" / "krun_double.c"
 

@@ -9,6 +9,7 @@ command asked for (the box's output, ids, JSON); progress goes to stderr.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -462,8 +463,23 @@ def exec_(interactive: bool, env: tuple[str, ...], workdir: str | None, user: st
 # ------------------------------------------------------------------------------------------
 
 
+def _setup_logging(debug: bool) -> None:
+    """Library warnings (a broken plugin, a sharer that would not stop) stay off stderr unless
+    BOXLITE_DEBUG=1: the error contract is one line, and `backends`/`doctor` report plugins."""
+    logger = logging.getLogger("boxlite_core")
+    if debug:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("boxlite: %(levelname)s %(name)s: %(message)s"))
+        logger.setLevel(logging.DEBUG)
+    else:
+        handler = logging.NullHandler()
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     debug = os.environ.get("BOXLITE_DEBUG") == "1"
+    _setup_logging(debug)
     try:
         rv = cli.main(args=list(argv) if argv is not None else None, prog_name="boxlite",
                       standalone_mode=False)

@@ -18,10 +18,8 @@ class Reporter:
 
     def __init__(self, mode: str | None = None, *, plain_off_tty: bool = True) -> None:
         if mode is None:
-            if sys.stderr.isatty():
-                mode = "rich"
-            else:
-                mode = "plain" if plain_off_tty else "quiet"
+            tty = sys.stderr.isatty()
+            mode = "rich" if tty else ("plain" if plain_off_tty else "quiet")
         self.mode = mode
         self._lock = threading.Lock()
         self._last: str | None = None

@@ -200,8 +200,12 @@ class AgentClient:
         """Wait for the agent (racing VM death and timeout), then check it answers a Ping."""
         deadline = time.monotonic() + timeout
         t = _transport.connect(
-            Path(box_dir), kind=kind, socket_path=socket_path, timeout=timeout,
-            is_alive=is_alive, console_tail=console_tail,
+            Path(box_dir),
+            kind=kind,
+            socket_path=socket_path,
+            timeout=timeout,
+            is_alive=is_alive,
+            console_tail=console_tail,
         )
         client = cls(t, is_alive=is_alive, console_tail=console_tail)
         try:
@@ -209,7 +213,8 @@ class AgentClient:
             while True:
                 try:
                     client._guest.Ping(
-                        pb.PingRequest(), timeout=max(1.0, min(5.0, deadline - time.monotonic())),
+                        pb.PingRequest(),
+                        timeout=max(1.0, min(5.0, deadline - time.monotonic())),
                         wait_for_ready=True,
                     )
                     return client
@@ -301,11 +306,20 @@ class AgentClient:
         stdin: bool = False,
     ) -> ExecSession:
         request = pb.ExecRequest(
-            args=list(args), env=dict(env or {}), cwd=cwd or "", user=user or "",
-            timeout=float(timeout or 0), stdin=stdin,
+            args=list(args),
+            env=dict(env or {}),
+            cwd=cwd or "",
+            user=user or "",
+            timeout=float(timeout or 0),
+            stdin=stdin,
         )
         reply = self._unary(self._execution.Exec, request, "exec", timeout=60)
         return ExecSession(self, reply.exec_id, stdin)
+
+    def attach(self, exec_id: str, *, stdin: bool = False) -> ExecSession:
+        """Re-attach to an exec started earlier (e.g. by a host process that has restarted);
+        output not yet delivered is still buffered in the agent."""
+        return ExecSession(self, exec_id, stdin)
 
     def run(
         self, args: list[str], *, input: bytes | None = None, **kw: Any
@@ -353,8 +367,9 @@ class AgentClient:
             raise self._error(exc, f"download of {path}") from None
 
     def probe(self, paths: Iterable[str] = ()) -> dict:
-        reply = self._unary(self._guest.Probe, pb.ProbeRequest(paths=list(paths)), "probe",
-                            timeout=30)
+        reply = self._unary(
+            self._guest.Probe, pb.ProbeRequest(paths=list(paths)), "probe", timeout=30
+        )
         return {
             "mounts": [
                 {"source": m.source, "target": m.target, "fstype": m.fstype, "options": m.options}

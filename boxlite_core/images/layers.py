@@ -320,9 +320,7 @@ class _Applier:
 
     def _hardlink(self, member: tarfile.TarInfo, parts: list[str], path: str) -> None:
         link_parts = _split_member(member.linkname, self.layer)
-        src_parts = resolve_in_root(
-            self.root, link_parts[:-1], follow_last=True
-        ) + link_parts[-1:]
+        src_parts = resolve_in_root(self.root, link_parts[:-1], follow_last=True) + link_parts[-1:]
         src = self._abs(src_parts)
         try:
             st = os.lstat(src)
@@ -332,9 +330,7 @@ class _Applier:
                 "which is not in the rootfs; the layer is malformed"
             ) from None
         if stat.S_ISDIR(st.st_mode):
-            raise ImageError(
-                f"layer {self.layer}: hardlink {member.name!r} points to a directory"
-            )
+            raise ImageError(f"layer {self.layer}: hardlink {member.name!r} points to a directory")
         if src_parts == parts:
             return
         _remove(path)

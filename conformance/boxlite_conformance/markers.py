@@ -7,6 +7,7 @@ and capabilities at collection time, without a backend or a VM.
 from __future__ import annotations
 
 import pytest
+
 from boxlite_core.models import Capability
 
 TIER_MARK = "conformance_tier"
@@ -63,3 +64,10 @@ def item_capabilities(item: pytest.Item) -> list[str]:
             if cap.value not in seen:
                 seen.append(cap.value)
     return seen
+
+
+def item_capability_text(item: pytest.Item) -> str:
+    """Human form for ``list``: ``qcow2, 9p|virtiofs`` (``|`` joins an any_of group)."""
+    groups = [("|" if any_of else ", ").join(c.value for c in caps)
+              for caps, any_of in item_requirements(item)]
+    return ", ".join(reversed(groups)) or "-"

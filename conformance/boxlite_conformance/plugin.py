@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from boxlite_core.errors import NotFoundError
 from boxlite_core.models import Capability, ProbeResult
 from boxlite_core.plugins import PluginRegistry
@@ -37,6 +38,7 @@ from .markers import (
     TIER_MARK,
     TIERS,
     item_capabilities,
+    item_capability_text,
     item_requirements,
     item_tier,
 )
@@ -138,6 +140,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             "test": _short_name(item),
             "tier": level,
             "capabilities": item_capabilities(item),
+            "requires": item_capability_text(item),
             "outcome": "not run",
             "duration": 0.0,
             "message": "",
@@ -252,7 +255,22 @@ def backend(
         state.capabilities = sorted(str(getattr(c, "value", c)) for c in instance.capabilities())
     except Exception as exc:  # the T0 test reports it properly
         state.capabilities = [f"<capabilities() raised {type(exc).__name__}>"]
+    state.probe = _probe(instance).to_dict()
     return instance
+
+
+def _probe(backend: VmmBackend) -> ProbeResult:
+    """The backend's probe, coerced: raising or returning the wrong type means unavailable
+    (for gating and the report; the T0 probe tests fail on it by name)."""
+    try:
+        result = backend.probe()
+    except Exception as exc:
+        return ProbeResult(False, reason=f"probe() raised {type(exc).__name__}: {exc}")
+    if not isinstance(result, ProbeResult):
+        return ProbeResult(
+            False, reason=f"probe() returned {type(result).__name__}, not a ProbeResult"
+        )
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -267,19 +285,9 @@ def backend_capabilities(backend: VmmBackend) -> frozenset[Capability]:
 
 
 @pytest.fixture(scope="session")
-def backend_probe(request: pytest.FixtureRequest, backend: VmmBackend) -> ProbeResult:
-    """The backend's probe; a probe that raises or has the wrong shape counts as unavailable
-    for gating (the T0 probe tests fail on it by name)."""
-    try:
-        result = backend.probe()
-    except Exception as exc:
-        result = ProbeResult(False, reason=f"probe() raised {type(exc).__name__}: {exc}")
-    if not isinstance(result, ProbeResult):
-        result = ProbeResult(
-            False, reason=f"probe() returned {type(result).__name__}, not a ProbeResult"
-        )
-    _state(request.config).probe = result.to_dict()
-    return result
+def backend_probe(backend: VmmBackend) -> ProbeResult:
+    """The probe the VM tiers are gated on."""
+    return _probe(backend)
 
 
 @pytest.fixture(scope="session")

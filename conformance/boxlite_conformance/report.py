@@ -1,5 +1,5 @@
 """The run's report: JSON per backend (every test's tier, capability, outcome, duration) and a
-Markdown backend × capability table, plus the combined table for ``--backend all``.
+Markdown backend x capability table, plus the combined table for ``--backend all``.
 
 The verdict is computed here, once, so the CLI's exit code and the table always agree: a
 backend fails when any test fails or errors. Tests closed by an undeclared capability are
@@ -112,7 +112,7 @@ def markdown(data: Mapping[str, Any]) -> str:
             skips[t["message"]] = skips.get(t["message"], 0) + 1
     if skips:
         lines += ["", "## Skip reasons", ""]
-        lines += [f"- {n} × {reason}" for reason, n in sorted(skips.items())]
+        lines += [f"- {n} x {reason}" for reason, n in sorted(skips.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -39,8 +39,9 @@ def build_busybox_root(root: Path) -> Path:
     (root / "home/app").mkdir(parents=True)
     os.chown(root / "home/app", 1000, 1000)
     shutil.copy2("/bin/busybox", root / "bin/busybox")
-    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
+    applets = subprocess.run(
+        ["/bin/busybox", "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
     for applet in applets:
         if applet != "busybox" and not (root / "bin" / applet).exists():
             (root / "bin" / applet).symlink_to("busybox")
@@ -58,11 +59,25 @@ class NativeAgent:
         self.log = box_dir / "agent.log"
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.started = time.monotonic()
+        self._logf = open(self.log, "wb")  # noqa: SIM115 - lives as long as the agent
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--uts", "--propagation", "private",
-             sys.executable, "-m", "boxlite_core.guest.agent",
-             "--serial-listen", str(self.port), "--state-dir", str(box_dir / "run")],
-            env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+            [
+                "unshare",
+                "--mount",
+                "--uts",
+                "--propagation",
+                "private",
+                sys.executable,
+                "-m",
+                "boxlite_core.guest.agent",
+                "--serial-listen",
+                str(self.port),
+                "--state-dir",
+                str(box_dir / "run"),
+            ],
+            env=env,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
         )
 
     def is_alive(self) -> bool:
@@ -78,6 +93,7 @@ class NativeAgent:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+        self._logf.close()
 
 
 @pytest.fixture(scope="session")
@@ -109,8 +125,9 @@ def client(tmp_path_factory, busybox_root):
     from boxlite_core.guest.client import AgentClient
 
     agent = NativeAgent(tmp_path_factory.mktemp("box"))
-    c = AgentClient.connect(agent.box_dir, timeout=30, is_alive=agent.is_alive,
-                            console_tail=agent.console_tail)
+    c = AgentClient.connect(
+        agent.box_dir, timeout=30, is_alive=agent.is_alive, console_tail=agent.console_tail
+    )
     c.init({"share": {"tag": str(busybox_root), "fstype": "bind"}, "hostname": "boxtest"})
     c.agent = agent  # for tests that need the process
     yield c

@@ -71,8 +71,9 @@ def test_no_stdin_means_dev_null(client):
 
 
 def test_env_cwd_and_defaults(client):
-    code, _, _, out, _ = client.run(["sh", "-c", "echo $FOO; pwd; echo $PATH; echo $HOME"],
-                                    env={"FOO": "bar baz"}, cwd="/etc")
+    code, _, _, out, _ = client.run(
+        ["sh", "-c", "echo $FOO; pwd; echo $PATH; echo $HOME"], env={"FOO": "bar baz"}, cwd="/etc"
+    )
     lines = out.decode().splitlines()
     assert code == 0
     assert lines[0] == "bar baz"
@@ -83,8 +84,13 @@ def test_env_cwd_and_defaults(client):
 
 @pytest.mark.parametrize(
     ("user", "expected"),
-    [("", "0 0"), ("app", "1000 1000"), ("1000", "1000 1000"), ("1234:5678", "1234 5678"),
-     ("app:extra", "1000 2000")],
+    [
+        ("", "0 0"),
+        ("app", "1000 1000"),
+        ("1000", "1000 1000"),
+        ("1234:5678", "1234 5678"),
+        ("app:extra", "1000 2000"),
+    ],
 )
 def test_user(client, user, expected):
     code, _, _, out, _ = client.run(["sh", "-c", "echo $(id -u) $(id -g)"], user=user)

@@ -112,5 +112,7 @@ def test_container_dev_is_minimal(client):
     out = client.run(["ls", "/dev"])[3].decode().split()
     assert {"null", "zero", "urandom", "pts", "shm"} <= set(out)
     assert not [name for name in out if name.startswith(("sd", "vd", "nvme", "loop"))]
-    assert client.run(["sh", "-c", "echo x > /dev/null && head -c 4 /dev/zero | wc -c"])[3] \
-        .strip() == b"4"
+    assert (
+        client.run(["sh", "-c", "echo x > /dev/null && head -c 4 /dev/zero | wc -c"])[3].strip()
+        == b"4"
+    )

@@ -14,8 +14,9 @@ from boxlite_core.guest.client import AgentClient
 
 
 def _connect(agent, **kw) -> AgentClient:
-    return AgentClient.connect(agent.box_dir, timeout=30, is_alive=agent.is_alive,
-                               console_tail=agent.console_tail, **kw)
+    return AgentClient.connect(
+        agent.box_dir, timeout=30, is_alive=agent.is_alive, console_tail=agent.console_tail, **kw
+    )
 
 
 def test_bridge_socket_is_private(agent_factory):
@@ -38,7 +39,7 @@ def test_reconnect_after_host_disconnects(agent_factory, busybox_root):
         assert second.ping()["initialized"] is True
         assert second.run(["echo", "again"])[3] == b"again\n"
         # The exec started by the first host process is still there, output buffered.
-        sess = type(running)(second, running.exec_id, False)
+        sess = second.attach(running.exec_id)
         assert b"".join(d for _, d in sess.events()) == b"survived\n"
         assert sess.wait().exit_code == 0
     finally:
@@ -55,13 +56,15 @@ def test_volumes_bind_ro_and_rw(agent_factory, busybox_root, tmp_path):
     (ro / "hello").write_text("from host\n")
     agent = agent_factory()
     with _connect(agent) as c:
-        c.init({
-            "share": {"tag": str(busybox_root), "fstype": "bind"},
-            "volumes": [
-                {"tag": str(ro), "fstype": "bind", "guest_path": "/mnt/ro", "read_only": True},
-                {"tag": str(rw), "fstype": "bind", "guest_path": "/mnt/rw"},
-            ],
-        })
+        c.init(
+            {
+                "share": {"tag": str(busybox_root), "fstype": "bind"},
+                "volumes": [
+                    {"tag": str(ro), "fstype": "bind", "guest_path": "/mnt/ro", "read_only": True},
+                    {"tag": str(rw), "fstype": "bind", "guest_path": "/mnt/rw"},
+                ],
+            }
+        )
         assert c.run(["cat", "/mnt/ro/hello"])[3] == b"from host\n"
         code, _, _, _, err = c.run(["sh", "-c", "echo x > /mnt/ro/new"])
         assert code != 0 and b"Read-only" in err
@@ -92,8 +95,12 @@ def test_connect_fails_with_console_tail_when_vm_dies(tmp_path):
     deadline = time.monotonic() + 0.3
     start = time.monotonic()
     with pytest.raises(GuestError, match="VM stopped") as info:
-        AgentClient.connect(tmp_path, timeout=30, is_alive=lambda: time.monotonic() < deadline,
-                            console_tail=lambda: "Kernel panic - not syncing: boom")
+        AgentClient.connect(
+            tmp_path,
+            timeout=30,
+            is_alive=lambda: time.monotonic() < deadline,
+            console_tail=lambda: "Kernel panic - not syncing: boom",
+        )
     assert "Kernel panic - not syncing: boom" in str(info.value)
     assert time.monotonic() - start < 5
     listener.close()
@@ -141,7 +148,8 @@ def test_stream_kind_dials_socket_directly(agent_factory):
     agent = agent_factory()
     with _connect(agent) as c:  # brings the agent up; its gRPC socket is a "stream" endpoint
         c.ping()
-    direct = AgentClient.connect(agent.box_dir, kind="stream",
-                                 socket_path=agent.box_dir / "run" / "agent.sock", timeout=10)
+    direct = AgentClient.connect(
+        agent.box_dir, kind="stream", socket_path=agent.box_dir / "run" / "agent.sock", timeout=10
+    )
     assert direct.ping()["version"]
     direct.close()

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from boxlite_libkrun.backend import LibkrunBackend
-from boxlite_libkrun.host import process_start_time
 
 from boxlite_core.errors import EngineError
 from boxlite_core.models import DiskSpec
+from boxlite_libkrun.backend import LibkrunBackend
+from boxlite_libkrun.host import process_start_time
 
 CTX = 5  # the double's context id: every per-context call must carry it
 

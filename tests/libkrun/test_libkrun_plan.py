@@ -9,11 +9,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from boxlite_libkrun.backend import LibkrunBackend
-from boxlite_libkrun.plan import AGENT_PORT, kernel_format, krun_calls, libkrun_cmdline
 
 from boxlite_core.errors import ConfigError
 from boxlite_core.models import ShareSpec
+from boxlite_libkrun.backend import LibkrunBackend
+from boxlite_libkrun.plan import AGENT_PORT, kernel_format, krun_calls, libkrun_cmdline
 
 
 def _names(calls):

@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-from boxlite_libkrun import binding
-from boxlite_libkrun.backend import LibkrunBackend
-from boxlite_libkrun.host import AccelCheck, check_kvm
 
 from boxlite_core.models import Capability
 from boxlite_core.plugins import PluginRegistry
+from boxlite_libkrun import binding
+from boxlite_libkrun.backend import LibkrunBackend
+from boxlite_libkrun.host import AccelCheck, check_kvm
 
 
 def test_probe_on_this_machine_says_unavailable_with_reason_and_fix(monkeypatch):

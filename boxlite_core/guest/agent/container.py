@@ -31,8 +31,9 @@ def find_disk(serial: str) -> str:
     raise FileNotFoundError(f"no virtio-blk disk with serial {serial!r} in /sys/block/vd*")
 
 
-def mount_share(tag: str, fstype: str, target: str, *, read_only: bool, options: str,
-                volume: bool) -> None:
+def mount_share(
+    tag: str, fstype: str, target: str, *, read_only: bool, options: str, volume: bool
+) -> None:
     flags = libc.MS_RDONLY if read_only else 0
     if fstype == "9p":
         cache = NINEP_VOLUME_CACHE if volume else NINEP_ROOT_CACHE
@@ -84,15 +85,24 @@ def setup_pseudo_fs(root: str) -> None:
             libc.mount(f"/dev/{node}", f"{dev}/{node}", None, libc.MS_BIND)
     _mkdirs(f"{dev}/pts")
     try:
-        libc.mount("devpts", f"{dev}/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC,
-                   "newinstance,ptmxmode=0666,mode=620,gid=5")
+        libc.mount(
+            "devpts",
+            f"{dev}/pts",
+            "devpts",
+            libc.MS_NOSUID | libc.MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=620,gid=5",
+        )
         os.symlink("pts/ptmx", f"{dev}/ptmx")
     except OSError as exc:
         log(f"warning: devpts in the container: {exc}")
     _mkdirs(f"{dev}/shm", 0o1777)
     libc.mount("shm", f"{dev}/shm", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=1777")
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{dev}/{name}")
     tmp = safe_join(root, "tmp")
     _mkdirs(tmp, 0o1777)
@@ -100,8 +110,12 @@ def setup_pseudo_fs(root: str) -> None:
     sys_dir = safe_join(root, "sys")
     _mkdirs(sys_dir)
     try:
-        libc.mount("sysfs", sys_dir, "sysfs",
-                   libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+        libc.mount(
+            "sysfs",
+            sys_dir,
+            "sysfs",
+            libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC,
+        )
     except OSError as exc:  # not permitted in some native test environments
         log(f"warning: sysfs in the container: {exc}")
     _mkdirs(safe_join(root, "proc"), 0o555)  # each exec mounts its own /proc (own pid ns)
@@ -114,32 +128,46 @@ def init_container(state_dir: str, cfg) -> str:
     kind = cfg.WhichOneof("rootfs")
     if kind == "disk":
         disk = find_disk(cfg.disk.serial)
-        libc.mount(disk, root, cfg.disk.fstype or "ext4",
-                   libc.MS_RDONLY if cfg.disk.read_only else 0)
+        libc.mount(
+            disk, root, cfg.disk.fstype or "ext4", libc.MS_RDONLY if cfg.disk.read_only else 0
+        )
     elif kind == "share":
-        mount_share(cfg.share.tag, cfg.share.fstype, root, read_only=False,
-                    options=cfg.share.options, volume=False)
+        mount_share(
+            cfg.share.tag,
+            cfg.share.fstype,
+            root,
+            read_only=False,
+            options=cfg.share.options,
+            volume=False,
+        )
     elif kind == "layers":
         lowers = []
         for i, layer in enumerate(cfg.layers.layers):
             target = os.path.join(state_dir, "layers", str(i))
             _mkdirs(target)
-            mount_share(layer.tag, layer.fstype, target, read_only=True,
-                        options=layer.options, volume=False)
+            mount_share(
+                layer.tag, layer.fstype, target, read_only=True, options=layer.options, volume=False
+            )
             lowers.append(target)
         upper_mnt = os.path.join(state_dir, "upper")
         _mkdirs(upper_mnt)
         if cfg.layers.upper_serial:
-            libc.mount(find_disk(cfg.layers.upper_serial), upper_mnt,
-                       cfg.layers.upper_fstype or "ext4")
+            libc.mount(
+                find_disk(cfg.layers.upper_serial), upper_mnt, cfg.layers.upper_fstype or "ext4"
+            )
         else:  # no disk given: a tmpfs upper (changes are lost at shutdown)
             libc.mount("tmpfs", upper_mnt, "tmpfs", 0, "mode=755")
         _mkdirs(f"{upper_mnt}/upper")
         _mkdirs(f"{upper_mnt}/work")
         # overlayfs lists the *top* lower layer first; the request lists the bottom first.
         lowerdir = ":".join(reversed(lowers))
-        libc.mount("overlay", root, "overlay", 0,
-                   f"lowerdir={lowerdir},upperdir={upper_mnt}/upper,workdir={upper_mnt}/work")
+        libc.mount(
+            "overlay",
+            root,
+            "overlay",
+            0,
+            f"lowerdir={lowerdir},upperdir={upper_mnt}/upper,workdir={upper_mnt}/work",
+        )
     else:
         raise ValueError("InitRequest has no rootfs (set disk, share or layers)")
     setup_pseudo_fs(root)
@@ -148,8 +176,9 @@ def init_container(state_dir: str, cfg) -> str:
             raise ValueError(f"volume {vol.tag!r}: guest_path {vol.guest_path!r} must be absolute")
         target = safe_join(root, vol.guest_path)
         _mkdirs(target)
-        mount_share(vol.tag, vol.fstype, target, read_only=vol.read_only,
-                    options=vol.options, volume=True)
+        mount_share(
+            vol.tag, vol.fstype, target, read_only=vol.read_only, options=vol.options, volume=True
+        )
     if cfg.hostname:
         libc.sethostname(cfg.hostname)
         try:

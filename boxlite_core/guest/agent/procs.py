@@ -11,7 +11,8 @@ The chain, per exec (all plain forks of the agent, no helper binaries to exec):
 Why B exists: the program must not be the namespace's PID 1, or `kill -9 $$` and default
 signal dispositions silently stop working (the kernel protects a namespace's init).
 unshare(CLONE_NEWPID) only applies to the caller's *children*, hence the zygote's setns back.
-When B exits, the kernel kills whatever the program left behind in its namespace, so pipes close and Output ends.
+When B exits, the kernel kills whatever the program left behind in its namespace, so pipes
+close and Output ends.
 
 Status reporting goes through one pipe (fd 3 in A/B), messages tagged by one byte:
   P<pid>  B's pid in the agent's namespace      S  program exec'd
@@ -41,8 +42,15 @@ KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL on timeout
 OUTPUT_HIGH_WATER = 2 * 1024 * 1024  # buffered bytes per exec before the reader stops reading
 READ_CHUNK = 64 * 1024
 FORWARDED_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-    signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT, signal.SIGALRM,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+    signal.SIGCONT,
+    signal.SIGALRM,
 )
 STDOUT, STDERR = 0, 1
 
@@ -306,8 +314,11 @@ class ProcessTable:
         cutoff = time.monotonic() - 600
         with self._lock:
             for key in [
-                k for k, p in self._procs.items()
-                if p.done.is_set() and p.output.closed and not p.output.items
+                k
+                for k, p in self._procs.items()
+                if p.done.is_set()
+                and p.output.closed
+                and not p.output.items
                 and p.finished_at < cutoff
             ]:
                 del self._procs[key]
@@ -355,11 +366,15 @@ class ProcessTable:
         if want_stdin:
             proc.stdin_fd = stdin_w
         threading.Thread(
-            target=proc._pump_output, args=(out_r, err_r), daemon=True,
+            target=proc._pump_output,
+            args=(out_r, err_r),
+            daemon=True,
             name=f"out-{proc.exec_id}",
         ).start()
         threading.Thread(
-            target=proc._watch_status, args=(status_r,), daemon=True,
+            target=proc._watch_status,
+            args=(status_r,),
+            daemon=True,
             name=f"status-{proc.exec_id}",
         ).start()
         if timeout and timeout > 0:
@@ -453,6 +468,8 @@ def _stage_b_entry(fds: list[int], root: str, args, env, cwd, user) -> None:
     """Zygote path: already PID 1 of a new pid namespace; take a private mount namespace."""
     try:
         _arrange_fds(fds)
+        # If the agent (and so the zygote) dies, take the whole namespace down with it.
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         libc.unshare(libc.CLONE_NEWNS)
     except BaseException as exc:
         _send(STATUS_FD, b"E", f"exec setup failed: {exc}")

@@ -29,8 +29,10 @@ class Agent:
 
     def require_root(self, context) -> str:
         if self.root is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "the box is not initialised: the host must call Init first")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the box is not initialised: the host must call Init first",
+            )
         return self.root
 
     def shutdown(self, reason: str) -> None:
@@ -62,15 +64,20 @@ class GuestService(rpc.GuestServicer):
                 uptime = float(fh.read().split()[0])
         except OSError:
             uptime = 0.0
-        return pb.PingReply(version=VERSION, uptime=uptime,
-                            agent_uptime=time.monotonic() - STARTED,
-                            initialized=self.agent.root is not None)
+        return pb.PingReply(
+            version=VERSION,
+            uptime=uptime,
+            agent_uptime=time.monotonic() - STARTED,
+            initialized=self.agent.root is not None,
+        )
 
     def Init(self, request, context):
         with self.agent.init_lock:
             if self.agent.root is not None:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"the box is already initialised (root {self.agent.root})")
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the box is already initialised (root {self.agent.root})",
+                )
             try:
                 root = container.init_container(self.agent.state_dir, request)
             except Exception as exc:
@@ -90,10 +97,12 @@ class GuestService(rpc.GuestServicer):
         return pb.ShutdownReply()
 
     def Probe(self, request, context):
-        reply = pb.ProbeReply(cpu_count=os.cpu_count() or 0,
-                              kernel_release=os.uname().release,
-                              hostname=os.uname().nodename,
-                              container_root=self.agent.root or "")
+        reply = pb.ProbeReply(
+            cpu_count=os.cpu_count() or 0,
+            kernel_release=os.uname().release,
+            hostname=os.uname().nodename,
+            container_root=self.agent.root or "",
+        )
         with open("/proc/self/mounts") as fh:
             for line in fh:
                 parts = line.split()
@@ -126,8 +135,13 @@ class ExecutionService(rpc.ExecutionServicer):
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "tty exec is not supported yet")
         try:
             proc = self.agent.procs.start(
-                root, list(request.args), dict(request.env), request.cwd, request.user,
-                request.timeout, request.stdin,
+                root,
+                list(request.args),
+                dict(request.env),
+                request.cwd,
+                request.user,
+                request.timeout,
+                request.stdin,
             )
         except Exception as exc:
             _abort_for(context, exc)
@@ -192,8 +206,9 @@ class FilesService(rpc.FilesServicer):
         root = self.agent.require_root(context)
         first = next(request_iterator, None)
         if first is None or not first.target_dir:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "Upload: the first message must carry target_dir")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "Upload: the first message must carry target_dir"
+            )
 
         def chunks():
             yield first.data

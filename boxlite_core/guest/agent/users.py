@@ -24,7 +24,7 @@ def _read(path: str) -> list[list[str]]:
 
 
 def resolve(user: str) -> Identity:
-    """"" / "name" / "uid" / "uid:gid" / "name:group" → Identity; LookupError if unknown."""
+    """ "" / "name" / "uid" / "uid:gid" / "name:group" → Identity; LookupError if unknown."""
     user = user or "0"
     name, _, group = user.partition(":")
     passwd = [row for row in _read("/etc/passwd") if len(row) >= 7]

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from boxlite_core.errors import ConfigError
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend

@@ -10,6 +10,7 @@ import signal
 from typing import Any
 
 import pytest
+
 from boxlite_core.errors import BoxliteError
 
 from .. import guest_probe

@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 import pytest
+
 from boxlite_core.models import Capability
 
 from .. import guest_probe

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+
 from boxlite_core.errors import BoxliteError, GuestError
 from boxlite_core.models import Capability
 

@@ -1,0 +1,125 @@
+"""`boxlite doctor`: what this host lacks, each finding with its fix.
+
+Levels: ok, warn (works, but slower or with fewer features), fail (boxes cannot run).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import attrs
+
+from ..tools import PACKAGES, find_tool
+
+MIN_FREE_GIB = 1.0
+WARN_FREE_GIB = 5.0
+
+
+@attrs.frozen
+class Check:
+    name: str
+    level: str  # ok | warn | fail
+    detail: str
+    fix: str = ""
+
+
+def _tool(name: str, *, required: bool, why: str) -> Check:
+    path = find_tool(name)
+    if path:
+        return Check(name, "ok", path)
+    package = PACKAGES.get(name, name)
+    return Check(name, "fail" if required else "warn", f"not found ({why})",
+                 f"apt-get install {package}")
+
+
+def _kvm() -> Check:
+    """Use the qemu plugin's real probe when installed: /dev/kvm can exist and be unusable."""
+    try:
+        from boxlite_qemu import accel  # type: ignore[import-not-found]
+    except Exception:
+        accel = None
+    if accel is not None:
+        for fn_name in ("probe_accel", "probe_kvm", "detect", "probe"):
+            fn = getattr(accel, fn_name, None)
+            if callable(fn):
+                try:
+                    result = fn()
+                except Exception as exc:
+                    return Check("kvm", "warn", f"accel probe raised {exc}", "")
+                text = str(getattr(result, "reason", "") or result)
+                name = str(getattr(result, "accel", getattr(result, "name", "")) or "")
+                if "kvm" in (name or text).lower() and "tcg" not in name.lower():
+                    return Check("kvm", "ok", f"KVM usable ({text})")
+                return Check("kvm", "warn", f"KVM not usable; TCG software emulation ({text})",
+                             "enable VT-x/AMD-V, load kvm_intel/kvm_amd, or accept slow boots")
+    dev = Path("/dev/kvm")
+    if not dev.exists():
+        return Check("kvm", "warn", "/dev/kvm missing; boxes will use TCG (slow)",
+                     "enable virtualisation and load kvm_intel or kvm_amd")
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return Check("kvm", "warn", "/dev/kvm not accessible to this user; TCG will be used",
+                     "add the user to the kvm group")
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if " vmx" not in flags and " svm" not in flags:
+        return Check("kvm", "warn", "/dev/kvm exists but the CPU shows no vmx/svm; it may not "
+                     "boot stock guests (TCG fallback)", "install boxlite-qemu for a real probe")
+    return Check("kvm", "ok", "/dev/kvm present, CPU has vmx/svm")
+
+
+def _disk(home: Path) -> Check:
+    probe = home
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free / 2**30
+    detail = f"{free:.1f} GiB free under {probe}"
+    if free < MIN_FREE_GIB:
+        return Check("disk", "fail", detail, "free space or set BOXLITE_HOME elsewhere")
+    if free < WARN_FREE_GIB:
+        return Check("disk", "warn", detail, "the guest kit and images need a few GiB")
+    return Check("disk", "ok", detail)
+
+
+def run_checks() -> list[Check]:
+    from ..plugins import PluginRegistry
+    from ..runtime.runtime import default_home
+
+    home = default_home()
+    checks = [
+        _tool("qemu-system-x86_64", required=True, why="the qemu backend runs VMs with it"),
+        _tool("qemu-img", required=True, why="per-box copy-on-write disks"),
+        _tool("mkfs.ext4", required=True, why="building rootfs disk images"),
+        _tool("virtiofsd", required=False, why="virtiofs volumes; 9p works without it"),
+        _kvm(),
+        _disk(home),
+    ]
+    reg = PluginRegistry()
+    probes = reg.probe_all()
+    usable = [n for n, p in probes.items() if p.available]
+    if usable:
+        checks.append(Check("backends", "ok", f"available: {', '.join(usable)}"))
+    else:
+        why = "; ".join(f"{n}: {p.reason}" for n, p in probes.items()) or "none installed"
+        checks.append(Check("backends", "fail", f"no usable VMM backend ({why})",
+                            "pip install boxlite-qemu (and the fixes above)"))
+    for failure in reg.failures:
+        checks.append(Check(f"plugin {failure.plugin}", "warn",
+                            f"failed in {failure.where}: {failure.error}",
+                            "reinstall or remove the plugin, or exclude it with BOXLITE_PLUGINS"))
+    try:
+        from ..guest.kit import find_kit
+
+        kit = find_kit(home)
+    except Exception as exc:
+        checks.append(Check("guest kit", "warn", f"cannot check: {exc}", ""))
+    else:
+        if kit is None:
+            checks.append(Check("guest kit", "warn", "not built yet (the first box builds it)",
+                                "boxlite guest build"))
+        else:
+            checks.append(Check("guest kit", "ok", f"{kit.kit_id} in {kit.directory}"))
+    return checks

@@ -1,0 +1,382 @@
+"""Reading image archives into the blob store: OCI layout dir, OCI archive tar, docker save tar.
+
+Every importer ends the same way — an OCI manifest, its config and layer blobs in the blob
+store — so everything downstream (rootfs strategies, the index) only ever sees OCI. Importers
+touch no database rows: the store writes the index in one transaction once an importer has
+returned, so a failure half way leaves at most verified blobs (a harmless cache) behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+import attrs
+
+from ..errors import ImageError
+from .blobs import BlobStore, check_digest
+from .layers import LAYER_MEDIA_TYPES
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+REF_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+#: a manifest or config bigger than this is not an image we want to parse
+MAX_JSON = 8 * 1024 * 1024
+
+ProgressFn = Callable[[str, float | None], None]
+
+
+@attrs.frozen
+class Imported:
+    """An image whose blobs are all in the store; what the index needs to record it."""
+
+    manifest_digest: str
+    manifest: dict[str, Any]
+    manifest_bytes: bytes
+    config_digest: str
+    config: dict[str, Any]
+    config_bytes: bytes
+    #: reference names the archive itself carries (docker RepoTags, OCI ref annotations)
+    names: tuple[str, ...] = ()
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
+        machine, machine
+    )
+
+
+# -- sources: a directory or a tar, read by relative path ----------------------------------
+class _Source:
+    label: str
+
+    def exists(self, rel: str) -> bool:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def open(self, rel: str) -> Iterator[BinaryIO]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def read_json(self, rel: str) -> Any:
+        if not self.exists(rel):
+            raise ImageError(f"{self.label}: {rel} is missing; this is not a complete image")
+        with self.open(rel) as fh:
+            data = fh.read(MAX_JSON + 1)
+        if len(data) > MAX_JSON:
+            raise ImageError(f"{self.label}: {rel} is larger than {MAX_JSON} bytes")
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ImageError(f"{self.label}: {rel} is not valid JSON ({exc})") from exc
+
+
+def _norm(rel: str) -> str:
+    return str(PurePosixPath("/", rel)).lstrip("/")
+
+
+class _DirSource(_Source):
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.label = str(root)
+
+    def _path(self, rel: str) -> Path:
+        path = (self.root / _norm(rel)).resolve()
+        if not path.is_relative_to(self.root):
+            raise ImageError(f"{self.label}: {rel!r} points outside the image directory")
+        return path
+
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).is_file()
+
+    @contextlib.contextmanager
+    def open(self, rel: str) -> Iterator[BinaryIO]:
+        with open(self._path(rel), "rb") as fh:
+            yield fh
+
+
+class _TarSource(_Source):
+    def __init__(self, path: Path) -> None:
+        self.label = str(path)
+        try:
+            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
+            members = self.tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ImageError(f"{path} is not a readable tar archive ({exc})") from exc
+        self.members: dict[str, tarfile.TarInfo] = {}
+        for member in members:
+            self.members[_norm(member.name)] = member
+
+    def _resolve(self, rel: str, hops: int = 0) -> tarfile.TarInfo | None:
+        member = self.members.get(_norm(rel))
+        if member is not None and (member.issym() or member.islnk()) and hops < 8:
+            # docker save links identical layers; follow inside the archive only
+            base = PurePosixPath(_norm(rel)).parent if member.issym() else PurePosixPath()
+            return self._resolve(str(base / member.linkname), hops + 1)
+        return member if member is not None and member.isreg() else None
+
+    def exists(self, rel: str) -> bool:
+        return self._resolve(rel) is not None
+
+    @contextlib.contextmanager
+    def open(self, rel: str) -> Iterator[BinaryIO]:
+        member = self._resolve(rel)
+        if member is None:
+            raise ImageError(f"{self.label}: {rel} is missing from the archive")
+        fh = self.tar.extractfile(member)
+        assert fh is not None
+        yield fh  # type: ignore[misc]
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+# -- OCI layout ------------------------------------------------------------------------------
+def _blob_rel(digest: str) -> str:
+    algo, _, hexpart = check_digest(digest).partition(":")
+    return f"blobs/{algo}/{hexpart}"
+
+
+def _descriptor(desc: Any, where: str) -> tuple[str, str, int]:
+    if not isinstance(desc, dict):
+        raise ImageError(f"{where}: descriptor is not an object")
+    try:
+        digest = check_digest(desc["digest"])
+        media_type = str(desc.get("mediaType", ""))
+        size = int(desc.get("size", -1))
+    except KeyError as exc:
+        raise ImageError(f"{where}: descriptor lacks {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"{where}: bad descriptor ({exc})") from exc
+    return digest, media_type, size
+
+
+def _copy_blob(src: _Source, blobs: BlobStore, digest: str, size: int) -> None:
+    rel = _blob_rel(digest)
+    if blobs.exists(digest):
+        return
+    if not src.exists(rel):
+        raise ImageError(f"{src.label}: blob {digest} is missing ({rel}); the image is incomplete")
+    with src.open(rel) as fh:
+        _, got = blobs.put_stream(fh, expected_digest=digest)
+    if size >= 0 and got != size:
+        blobs.delete(digest)
+        raise ImageError(f"{src.label}: blob {digest} has {got} bytes, descriptor says {size}")
+
+
+def _read_blob_json(src: _Source, blobs: BlobStore, digest: str, size: int) -> tuple[Any, bytes]:
+    _copy_blob(src, blobs, digest, size)
+    data = blobs.read_bytes(digest)
+    if len(data) > MAX_JSON:
+        raise ImageError(f"{src.label}: {digest} is too large for a manifest/config")
+    try:
+        return json.loads(data), data
+    except ValueError as exc:
+        raise ImageError(f"{src.label}: blob {digest} is not valid JSON ({exc})") from exc
+
+
+def _platform_ok(desc: dict[str, Any], arch: str) -> bool:
+    plat = desc.get("platform")
+    if not isinstance(plat, dict):
+        return True
+    return plat.get("os", "linux") == "linux" and plat.get("architecture") == arch
+
+
+def _entry_names(desc: dict[str, Any]) -> tuple[str, ...]:
+    notes = desc.get("annotations") or {}
+    out = []
+    for key in REF_ANNOTATIONS:
+        value = notes.get(key)
+        if isinstance(value, str) and value:
+            out.append(value)
+    return tuple(out)
+
+
+def _pick(entries: list[Any], where: str, arch: str, want: str | None) -> dict[str, Any]:
+    """Choose one manifest: the host architecture's, or the one whose ref annotation matches."""
+    if not isinstance(entries, list) or not entries:
+        raise ImageError(f"{where}: index lists no manifests")
+    usable = [e for e in entries if isinstance(e, dict) and _platform_ok(e, arch)]
+    if not usable:
+        plats = sorted(
+            f"{(e.get('platform') or {}).get('os')}/{(e.get('platform') or {}).get('architecture')}"
+            for e in entries
+            if isinstance(e, dict)
+        )
+        raise ImageError(
+            f"{where}: no manifest for linux/{arch} (has: {', '.join(plats)}); "
+            f"export the image for linux/{arch}"
+        )
+    if want and len(usable) > 1:
+        from .store import normalize_reference
+
+        named = [
+            e
+            for e in usable
+            if any(normalize_reference(n) == normalize_reference(want) for n in _entry_names(e))
+        ]
+        usable = named or usable
+    return usable[0]
+
+
+def import_oci(
+    src: _Source, blobs: BlobStore, *, want: str | None = None, progress: ProgressFn | None = None
+) -> Imported:
+    layout = src.read_json("oci-layout")
+    if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
+        raise ImageError(f"{src.label}: oci-layout has no imageLayoutVersion")
+    index = src.read_json("index.json")
+    if not isinstance(index, dict):
+        raise ImageError(f"{src.label}: index.json is not an object")
+    arch = host_arch()
+    desc = _pick(index.get("manifests"), f"{src.label}: index.json", arch, want)
+    names = _entry_names(desc)
+    for _depth in range(4):  # nested indexes (docker's layouts nest one level)
+        digest, media_type, size = _descriptor(desc, f"{src.label}: manifest descriptor")
+        doc, raw = _read_blob_json(src, blobs, digest, size)
+        kind = media_type or (doc.get("mediaType", "") if isinstance(doc, dict) else "")
+        if kind in INDEX_TYPES or (isinstance(doc, dict) and "manifests" in doc):
+            desc = _pick(doc.get("manifests"), f"{src.label}: index {digest}", arch, want)
+            names = names or _entry_names(desc)
+            continue
+        break
+    else:
+        raise ImageError(f"{src.label}: image indexes nest too deeply")
+    if not isinstance(doc, dict) or "layers" not in doc or "config" not in doc:
+        raise ImageError(f"{src.label}: manifest {digest} lacks config or layers")
+    manifest_digest, manifest = digest, doc
+    cfg_digest, _cfg_type, cfg_size = _descriptor(doc["config"], f"{src.label}: config")
+    config, config_raw = _read_blob_json(src, blobs, cfg_digest, cfg_size)
+    if not isinstance(config, dict):
+        raise ImageError(f"{src.label}: config {cfg_digest} is not an object")
+    layers = doc["layers"]
+    if not isinstance(layers, list):
+        raise ImageError(f"{src.label}: manifest {digest}: layers is not a list")
+    for i, layer in enumerate(layers):
+        ldigest, ltype, lsize = _descriptor(layer, f"{src.label}: layer {i}")
+        if ltype not in LAYER_MEDIA_TYPES:
+            raise ImageError(f"{src.label}: layer {i} has unsupported media type {ltype!r}")
+        if progress:
+            progress(f"copying layer {i + 1}/{len(layers)}", i / max(len(layers), 1))
+        _copy_blob(src, blobs, ldigest, lsize)
+    return Imported(manifest_digest, manifest, raw, cfg_digest, config, config_raw, names)
+
+
+# -- docker save -----------------------------------------------------------------------------
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sniff_layer_type(blobs: BlobStore, digest: str) -> str:
+    with open(blobs.path(digest), "rb") as fh:
+        head = fh.read(4)
+    if head[:2] == b"\x1f\x8b":
+        return OCI_LAYER_GZIP
+    if head == b"\x28\xb5\x2f\xfd":
+        return OCI_LAYER_ZSTD
+    return OCI_LAYER_TAR
+
+
+def import_docker_save(
+    src: _Source, blobs: BlobStore, *, want: str | None = None, progress: ProgressFn | None = None
+) -> Imported:
+    entries = src.read_json("manifest.json")
+    if not isinstance(entries, list) or not entries:
+        raise ImageError(f"{src.label}: manifest.json lists no images")
+    entry = entries[0]
+    if len(entries) > 1:
+        from .store import normalize_reference
+
+        matches = [
+            e
+            for e in entries
+            if want
+            and any(
+                normalize_reference(t) == normalize_reference(want) for t in e.get("RepoTags") or ()
+            )
+        ]
+        if not matches:
+            tags = [t for e in entries for t in (e.get("RepoTags") or ["<untagged>"])]
+            raise ImageError(
+                f"{src.label} holds {len(entries)} images ({', '.join(tags)}); "
+                "pass the name of the one to import"
+            )
+        entry = matches[0]
+    if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
+        raise ImageError(f"{src.label}: manifest.json entry lacks Config")
+    layer_files = entry.get("Layers")
+    if not isinstance(layer_files, list) or not all(isinstance(x, str) for x in layer_files):
+        raise ImageError(f"{src.label}: manifest.json entry lacks a Layers list")
+    config = src.read_json(entry["Config"])
+    if not isinstance(config, dict):
+        raise ImageError(f"{src.label}: {entry['Config']} is not an object")
+    with src.open(entry["Config"]) as fh:
+        config_raw = fh.read()
+    cfg_digest, cfg_size = blobs.put_bytes(config_raw)
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    if diff_ids and len(diff_ids) != len(layer_files):
+        raise ImageError(
+            f"{src.label}: config lists {len(diff_ids)} layers, manifest.json {len(layer_files)}"
+        )
+    layer_descs = []
+    for i, rel in enumerate(layer_files):
+        if progress:
+            progress(f"copying layer {i + 1}/{len(layer_files)}", i / max(len(layer_files), 1))
+        if not src.exists(rel):
+            raise ImageError(f"{src.label}: layer {rel} is missing from the archive")
+        with src.open(rel) as fh:
+            digest, size = blobs.put_stream(fh)
+        media_type = _sniff_layer_type(blobs, digest)
+        if diff_ids and media_type == OCI_LAYER_TAR and diff_ids[i] != digest:
+            raise ImageError(
+                f"{src.label}: layer {rel} has digest {digest} but the config expects "
+                f"{diff_ids[i]}; the archive is damaged"
+            )
+        layer_descs.append({"mediaType": media_type, "digest": digest, "size": size})
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": cfg_digest, "size": cfg_size},
+        "layers": layer_descs,
+    }
+    raw = canonical_json(manifest)
+    digest, _ = blobs.put_bytes(raw)
+    names = tuple(t for t in entry.get("RepoTags") or () if isinstance(t, str))
+    return Imported(digest, manifest, raw, cfg_digest, config, config_raw, names)
+
+
+def import_any(
+    path: Path, blobs: BlobStore, *, want: str | None = None, progress: ProgressFn | None = None
+) -> Imported:
+    """Detect the format of ``path`` and import it (blobs only; no index rows)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path} does not exist; pass an OCI layout dir or an image tar")
+    src: _Source = _DirSource(path) if path.is_dir() else _TarSource(path)
+    try:
+        if src.exists("oci-layout") and src.exists("index.json"):
+            return import_oci(src, blobs, want=want, progress=progress)
+        if src.exists("manifest.json"):
+            return import_docker_save(src, blobs, want=want, progress=progress)
+        raise ImageError(
+            f"{path} is neither an OCI image layout (oci-layout + index.json) nor a "
+            "`docker save` archive (manifest.json)"
+        )
+    finally:
+        if isinstance(src, _TarSource):
+            src.close()

@@ -1,0 +1,62 @@
+"""One QMP command per connection, synchronously, over qemu.qmp's asyncio client.
+
+Why connect per command: QEMU's QMP socket serves one client at a time, and a box is driven
+from several processes over its life (the one that started it, a later ``boxlite stop``).
+Why a private thread: the caller may itself run inside an asyncio loop (the runtime's async
+API), where a nested ``run_until_complete`` is forbidden; a fresh thread has no loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+from boxlite_core.errors import EngineError
+
+
+class QmpError(EngineError):
+    """A QMP command failed or QEMU's monitor could not be reached."""
+
+
+async def _execute(socket: Path, command: str, args: dict[str, Any] | None, timeout: float) -> Any:
+    from qemu.qmp import QMPClient
+
+    client = QMPClient("boxlite")
+    await asyncio.wait_for(client.connect(str(socket)), timeout)
+    try:
+        return await asyncio.wait_for(client.execute(command, args), timeout)
+    finally:
+        try:
+            await asyncio.wait_for(client.disconnect(), timeout)
+        except Exception:  # e.g. EOF after "quit": QEMU closed first, which is the point
+            pass
+
+
+def qmp_command(
+    socket: Path, command: str, args: dict[str, Any] | None = None, timeout: float = 5.0
+) -> Any:
+    """Run ``command`` on the QMP socket and return its result; QmpError if it fails.
+
+    ``quit`` may lose its reply when QEMU exits first: that counts as success.
+    """
+    box: dict[str, Any] = {}
+
+    def runner() -> None:
+        try:
+            box["result"] = asyncio.run(_execute(socket, command, args, timeout))
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=runner, name=f"qmp-{command}", daemon=True)
+    thread.start()
+    thread.join(timeout * 3)
+    if thread.is_alive():
+        raise QmpError(f"QMP {command} on {socket} did not answer within {timeout * 3:.0f}s")
+    if "error" in box:
+        exc = box["error"]
+        if command == "quit" and isinstance(exc, (EOFError, ConnectionError)):
+            return {}
+        raise QmpError(f"QMP {command} on {socket} failed: {type(exc).__name__}: {exc}") from exc
+    return box.get("result")

@@ -1,0 +1,67 @@
+"""Capability gates skip with the capability's name; VM tiers skip (or fail under strict) on
+an unavailable backend; a vendor overrides one test by subclassing; a bad name is loud."""
+
+from __future__ import annotations
+
+
+def test_undeclared_capability_skips_with_its_name(run_suite) -> None:
+    run = run_suite("double-good")  # declares 9p and qcow2, not virtiofs; cannot boot
+    skipped = run.messages("skipped")
+    assert skipped["TestVolumes::test_host_files_are_visible[virtiofs]"] == (
+        "backend 'double-good' does not declare capability 'virtiofs'"
+    )
+    assert skipped["TestPlanContract::test_plan_follows_share_read_only[virtiofs]"] == (
+        "backend 'double-good' does not declare capability 'virtiofs'"
+    )
+    assert skipped["TestPauseResume::test_pause_then_resume"] == (
+        "backend 'double-good' does not declare capability 'pause'"
+    )
+    # declared capability, but the backend cannot run here: the probe's reason and fix
+    assert skipped["TestVolumes::test_host_files_are_visible[9p]"] == (
+        "backend 'double-good' is not available on this host: "
+        "a test double cannot boot VMs (fix: use qemu)"
+    )
+    assert run.report["verdict"] == "pass", run.output
+    assert "| T2 | virtiofs | no | 0 | 0 |" in run.markdown
+
+
+def test_strict_fails_vm_tiers_on_an_unavailable_backend(run_suite) -> None:
+    run = run_suite("double-good", "--conformance-strict", "--conformance-max-tier", "1")
+    assert run.proc.returncode == 1
+    errors = run.names("error")
+    assert "TestExec::test_echo" in errors, run.output
+    assert "[--conformance-strict]" in run.messages("error")["TestExec::test_echo"]
+    assert run.report["verdict"] == "fail"
+
+
+def test_max_tier_deselects_higher_tiers(run_suite) -> None:
+    run = run_suite("double-good", "--conformance-max-tier", "0")
+    assert {t["tier"] for t in run.report["tests"]} == {0}
+    assert "collected" in run.output and "deselected" in run.output
+
+
+def test_vendor_overrides_one_test_by_subclassing(run_suite) -> None:
+    module = '''\
+import pytest
+from boxlite_conformance.suite import *  # noqa: F403
+
+
+class TestPlanContract(TestPlanContract):  # noqa: F405
+    def test_plan_is_deterministic(self, backend, tmp_path):
+        pytest.skip("our VMM needs a fresh uuid per launch; tracked in VENDOR-12")
+'''
+    run = run_suite("double-nondeterministic", "--conformance-max-tier", "0", test_module=module)
+    assert run.proc.returncode == 0, run.output
+    assert run.messages("skipped")["TestPlanContract::test_plan_is_deterministic"] == (
+        "our VMM needs a fresh uuid per launch; tracked in VENDOR-12"
+    )
+    # the rest of the class still runs
+    assert "TestPlanContract::test_plan_is_json_serialisable" in run.names("passed")
+
+
+def test_unknown_backend_name_errors_naming_the_registered_ones(run_suite) -> None:
+    run = run_suite("no-such-backend", "--conformance-max-tier", "0")
+    assert run.proc.returncode == 1
+    assert "no VMM backend named 'no-such-backend'" in run.output
+    assert "double-good" in run.output  # the message lists what is registered
+    assert run.report["verdict"] == "fail"

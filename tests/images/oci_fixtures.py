@@ -1,0 +1,187 @@
+"""Builders for test images, written with tarfile + json only (independent of the importers)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+T0 = 1_600_000_000
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def entry(kind: str, name: str, **kw: Any) -> dict[str, Any]:
+    return {"kind": kind, "name": name, **kw}
+
+
+def f(name: str, data: bytes | str = b"", mode: int = 0o644, **kw: Any) -> dict[str, Any]:
+    if isinstance(data, str):
+        data = data.encode()
+    return entry("file", name, data=data, mode=mode, **kw)
+
+
+def d(name: str, mode: int = 0o755, **kw: Any) -> dict[str, Any]:
+    return entry("dir", name, mode=mode, **kw)
+
+
+def sym(name: str, target: str) -> dict[str, Any]:
+    return entry("symlink", name, target=target)
+
+
+def hard(name: str, target: str) -> dict[str, Any]:
+    return entry("hardlink", name, target=target)
+
+
+def chrdev(name: str, major: int = 1, minor: int = 3) -> dict[str, Any]:
+    return entry("chr", name, major=major, minor=minor)
+
+
+def layer_tar(entries: list[dict[str, Any]]) -> bytes:
+    """An uncompressed layer tar holding ``entries`` in the given order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for e in entries:
+            info = tarfile.TarInfo(e["name"])
+            info.mtime = T0
+            info.uid = e.get("uid", 0)
+            info.gid = e.get("gid", 0)
+            info.mode = e.get("mode", 0o644)
+            data = None
+            kind = e["kind"]
+            if kind == "file":
+                data = e["data"]
+                info.size = len(data)
+            elif kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "symlink":
+                info.type = tarfile.SYMTYPE
+                info.linkname = e["target"]
+                info.mode = 0o777
+            elif kind == "hardlink":
+                info.type = tarfile.LNKTYPE
+                info.linkname = e["target"]
+            elif kind == "chr":
+                info.type = tarfile.CHRTYPE
+                info.devmajor, info.devminor = e["major"], e["minor"]
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def config_for(layers_raw: list[bytes], **cfg: Any) -> dict[str, Any]:
+    return {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], **cfg},
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": [
+                sha(gzip.decompress(r) if r[:2] == b"\x1f\x8b" else r) for r in layers_raw
+            ],
+        },
+    }
+
+
+def oci_layout_files(
+    layers: list[bytes],
+    *,
+    ref: str | None = "test:1",
+    gzip_layers: bool = True,
+    extra_platforms: tuple[str, ...] = (),
+) -> dict[str, bytes]:
+    """{relative path: bytes} of an OCI image layout. ``extra_platforms`` adds decoy
+    manifests for other architectures (listed first, so picking the first would be wrong)."""
+    files: dict[str, bytes] = {}
+
+    def put(data: bytes) -> str:
+        digest = sha(data)
+        files[f"blobs/sha256/{digest[7:]}"] = data
+        return digest
+
+    raw_layers = [gzip.compress(x, mtime=0) if gzip_layers else x for x in layers]
+    mt = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzip_layers else "")
+    layer_descs = [{"mediaType": mt, "digest": put(r), "size": len(r)} for r in raw_layers]
+    cfg = json.dumps(config_for(raw_layers)).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": put(cfg),
+                "size": len(cfg),
+            },
+            "layers": layer_descs,
+        }
+    ).encode()
+    mdesc: dict[str, Any] = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": put(manifest),
+        "size": len(manifest),
+        "platform": {"os": "linux", "architecture": "amd64"},
+    }
+    if ref:
+        mdesc["annotations"] = {"org.opencontainers.image.ref.name": ref}
+    decoys = []
+    for arch in extra_platforms:
+        decoy = json.dumps({"schemaVersion": 2, "config": {}, "layers": [], "arch": arch}).encode()
+        decoys.append(
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": put(decoy),
+                "size": len(decoy),
+                "platform": {"os": "linux", "architecture": arch},
+            }
+        )
+    files["oci-layout"] = b'{"imageLayoutVersion": "1.0.0"}'
+    files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [*decoys, mdesc]}).encode()
+    files["_manifest_digest"] = mdesc["digest"].encode()
+    return files
+
+
+def docker_save_files(
+    layers: list[bytes], *, tags: list[str], blobs_style: bool = False
+) -> dict[str, bytes]:
+    """{relative path: bytes} of a `docker save` archive (legacy <id>/layer.tar or the
+    newer blobs/sha256/<hex> naming)."""
+    files: dict[str, bytes] = {}
+    layer_paths = []
+    for i, raw in enumerate(layers):
+        rel = f"blobs/sha256/{sha(raw)[7:]}" if blobs_style else f"{i:064x}/layer.tar"
+        files[rel] = raw
+        layer_paths.append(rel)
+    cfg = json.dumps(config_for(layers)).encode()
+    cfg_rel = f"blobs/sha256/{sha(cfg)[7:]}" if blobs_style else f"{sha(cfg)[7:]}.json"
+    files[cfg_rel] = cfg
+    files["manifest.json"] = json.dumps(
+        [{"Config": cfg_rel, "RepoTags": tags, "Layers": layer_paths}]
+    ).encode()
+    return files
+
+
+def write_dir(files: dict[str, bytes], dest: Path) -> Path:
+    for rel, data in files.items():
+        if rel.startswith("_"):
+            continue
+        path = dest / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return dest
+
+
+def write_tar(files: dict[str, bytes], dest: Path) -> Path:
+    with tarfile.open(dest, "w") as tar:
+        for rel, data in files.items():
+            if rel.startswith("_"):
+                continue
+            info = tarfile.TarInfo(rel)
+            info.size = len(data)
+            info.mtime = T0
+            tar.addfile(info, io.BytesIO(data))
+    return dest
