@@ -37,23 +37,18 @@ def _tool(name: str, *, required: bool, why: str) -> Check:
 def _kvm() -> Check:
     """Use the qemu plugin's real probe when installed: /dev/kvm can exist and be unusable."""
     try:
-        from boxlite_qemu import accel  # type: ignore[import-not-found]
+        from boxlite_qemu.accel import kvm_usable  # type: ignore[import-not-found]
     except Exception:
-        accel = None
-    if accel is not None:
-        for fn_name in ("probe_accel", "probe_kvm", "detect", "probe"):
-            fn = getattr(accel, fn_name, None)
-            if callable(fn):
-                try:
-                    result = fn()
-                except Exception as exc:
-                    return Check("kvm", "warn", f"accel probe raised {exc}", "")
-                text = str(getattr(result, "reason", "") or result)
-                name = str(getattr(result, "accel", getattr(result, "name", "")) or "")
-                if "kvm" in (name or text).lower() and "tcg" not in name.lower():
-                    return Check("kvm", "ok", f"KVM usable ({text})")
-                return Check("kvm", "warn", f"KVM not usable; TCG software emulation ({text})",
-                             "enable VT-x/AMD-V, load kvm_intel/kvm_amd, or accept slow boots")
+        kvm_usable = None
+    if kvm_usable is not None:
+        try:
+            usable, why = kvm_usable()
+        except Exception as exc:
+            return Check("kvm", "warn", f"the qemu plugin's KVM probe raised {exc}", "")
+        if usable:
+            return Check("kvm", "ok", "KVM usable (boxlite-qemu probe)")
+        return Check("kvm", "warn", f"KVM not usable: {why}; boxes use TCG (slow boots)",
+                     "enable VT-x/AMD-V (or nested virtualisation) and load kvm_intel/kvm_amd")
     dev = Path("/dev/kvm")
     if not dev.exists():
         return Check("kvm", "warn", "/dev/kvm missing; boxes will use TCG (slow)",

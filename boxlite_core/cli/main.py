@@ -464,17 +464,30 @@ def exec_(interactive: bool, env: tuple[str, ...], workdir: str | None, user: st
 
 
 def _setup_logging(debug: bool) -> None:
-    """Library warnings (a broken plugin, a sharer that would not stop) stay off stderr unless
-    BOXLITE_DEBUG=1: the error contract is one line, and `backends`/`doctor` report plugins."""
-    logger = logging.getLogger("boxlite_core")
+    """Where library log records go.
+
+    The core's warnings (a broken plugin, a sharer that would not stop) stay off stderr unless
+    BOXLITE_DEBUG=1: the error contract is one line, and `backends`/`doctor` report plugins.
+    Plugins' warnings (e.g. the TCG fallback notice) reach a terminal, but never a piped
+    stderr, which belongs to the command running in the box.
+    """
+    root = logging.getLogger()
+    core = logging.getLogger("boxlite_core")
     if debug:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("boxlite: %(levelname)s %(name)s: %(message)s"))
-        logger.setLevel(logging.DEBUG)
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG)
+        return
+    core.addHandler(logging.NullHandler())
+    core.propagate = False
+    if sys.stderr.isatty():
+        notice = logging.StreamHandler(sys.stderr)
+        notice.setLevel(logging.WARNING)
+        notice.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(notice)
     else:
-        handler = logging.NullHandler()
-    logger.addHandler(handler)
-    logger.propagate = False
+        root.addHandler(logging.NullHandler())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

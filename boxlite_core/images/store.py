@@ -93,14 +93,26 @@ class ImageStore:
         On any failure no index row is written.
         """
         reference = _check_reference(name) if name else None
-        imported = import_any(Path(path), self.blobs, want=reference, progress=progress)
-        if reference is None and imported.names:
-            with contextlib.suppress(ConfigError):
-                reference = _check_reference(imported.names[0])
-        image = self._record(imported, reference)
+        # the gc lock: a concurrent remove must not collect a blob this import reuses
+        with self.lock("gc"):
+            imported = import_any(Path(path), self.blobs, want=reference, progress=progress)
+            if reference is None and imported.names:
+                with contextlib.suppress(ConfigError):
+                    reference = _check_reference(imported.names[0])
+            image = self._record(imported, reference)
         if progress:
             progress(f"imported {reference or image.digest}", 1.0)
         return image
+
+    def add_imported(self, imported: Imported, reference: str | None) -> Image:
+        """Index an image whose blobs are all in the store already (registry pulls).
+
+        ``reference`` is checked by the caller: registry names (``host:port/name:tag``) are
+        wider than the local NAME[:TAG] that `import_path` accepts.
+        """
+        # gc lock: a concurrent `images rm` must not collect blobs this image reuses
+        with self.lock("gc"):
+            return self._record(imported, normalize_reference(reference) if reference else None)
 
     def _record(self, imported: Imported, reference: str | None) -> Image:
         size = len(imported.manifest_bytes) + len(imported.config_bytes)

@@ -135,8 +135,8 @@ class Runtime:
                 f"volume_sharer={options.volume_sharer!r}: unknown volume sharer; known: "
                 f"{', '.join(self.plugins.sharer_names()) or 'none'}"
             )
-        backend = self.plugins.select_backend(options)
         image = self.images.get(options.image)
+        backend = self.plugins.select_backend(options)
         box_id = new_box_id()
         name = options.name
         if name is None:

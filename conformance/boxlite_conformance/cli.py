@@ -106,8 +106,11 @@ def run_all(args: argparse.Namespace, report_dir: Path) -> int:
         path = report_dir / f"{report_mod._safe(name)}.json"
         if path.exists():
             reports.append(json.loads(path.read_text()))
-    if reports:
-        (report_dir / "all.md").write_text(report_mod.combined_markdown(reports))
+    failures = [f.to_dict() for f in registry.failures]
+    if failures:
+        worst = max(worst, 1)  # an installed plugin that cannot load is a failure too
+    if reports or failures:
+        (report_dir / "all.md").write_text(report_mod.combined_markdown(reports, failures))
         summary = [{k: r[k] for k in ("backend", "verdict", "summary", "capabilities", "probe")}
                    for r in reports]
         (report_dir / "all.json").write_text(json.dumps(summary, indent=2) + "\n")

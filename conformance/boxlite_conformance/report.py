@@ -129,7 +129,9 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "backend"
 
 
-def combined_markdown(reports: list[Mapping[str, Any]]) -> str:
+def combined_markdown(
+    reports: list[Mapping[str, Any]], plugin_failures: Iterable[Mapping[str, str]] = ()
+) -> str:
     """One row per backend, one column per tier and per capability seen in any report."""
     caps = _cap_order(
         c for r in reports for (_t, c) in cells(r) if c != CORE
@@ -163,6 +165,10 @@ def combined_markdown(reports: list[Mapping[str, Any]]) -> str:
                         merged[k] = merged.get(k, 0) + v
             row.append(verdict_of(merged))
         lines.append("| " + " | ".join(row) + " |")
+    broken = list(plugin_failures)
+    if broken:
+        lines += ["", "## Plugins that failed to load (their backends were not tested)", ""]
+        lines += [f"- `{f['plugin']}` in {f['where']}: {f['error']}" for f in broken]
     for r in reports:
         bad = [t for t in r["tests"] if t["outcome"] in FAILING]
         if bad:

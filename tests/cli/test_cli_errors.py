@@ -15,8 +15,11 @@ from test_cli_plugins import boxlite
         (["run", "--cpus", "100000", "busybox", "true"], 2, "this host has"),
         (["run", "--memory", "64", "busybox", "true"], 2, "at least 128 MiB"),
         (["run", "--name", "-bad", "busybox", "true"], 2, "name="),
-        (["run", "-v", "/definitely/not/here:/data", "busybox", "true"], 2,
-         "/definitely/not/here does not exist"),
+        (
+            ["run", "-v", "/definitely/not/here:/data", "busybox", "true"],
+            2,
+            "/definitely/not/here does not exist",
+        ),
         (["run", "-v", "a:b:c:d", "busybox", "true"], 2, "HOST:GUEST"),
         (["run", "-v", "/tmp:relative", "busybox", "true"], 2, "must be absolute"),
         (["run", "-e", "=x", "busybox", "true"], 2, "KEY=VALUE"),
@@ -47,8 +50,13 @@ def test_debug_shows_traceback(tmp_path):
     import sys
 
     env = {**os.environ, "BOXLITE_HOME": str(tmp_path / "home"), "BOXLITE_DEBUG": "1"}
-    proc = subprocess.run([sys.executable, "-m", "boxlite_core.cli.main", "inspect", "nope"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "boxlite_core.cli.main", "inspect", "nope"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 3
     assert "Traceback" in proc.stderr and proc.stderr.rstrip().endswith("(see `boxlite ls -a`)")
 

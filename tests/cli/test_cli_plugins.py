@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-GOOD = textwrap.dedent('''
+GOOD = textwrap.dedent("""
     from boxlite_core.hookspecs import hookimpl
     from boxlite_core.models import Capability, ProbeResult
     from boxlite_core.vmm.base import LaunchPlan, VmmBackend
@@ -40,7 +40,7 @@ GOOD = textwrap.dedent('''
     @hookimpl
     def boxlite_register_vmm_backends(register):
         register("echo_double", EchoBackendDouble)
-''')
+""")
 
 BROKEN = "raise ImportError('broken_double is broken on purpose')\n"
 
@@ -64,20 +64,27 @@ def site(tmp_path):
     return site
 
 
-def boxlite(*args: str, env: dict[str, str] | None = None, home: Path,
-            input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def boxlite(
+    *args: str, env: dict[str, str] | None = None, home: Path, input: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "BOXLITE_HOME": str(home), **(env or {})}
     full.pop("BOXLITE_DEBUG", None)
     if env and "BOXLITE_PLUGINS" not in env:
         full.pop("BOXLITE_PLUGINS", None)
-    return subprocess.run([sys.executable, "-m", "boxlite_core.cli.main", *args], env=full,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "boxlite_core.cli.main", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _backends(site: Path, tmp_path: Path, **env: str) -> dict:
     pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    proc = boxlite("backends", "--json", env={"PYTHONPATH": pythonpath, **env},
-                   home=tmp_path / "home")
+    proc = boxlite(
+        "backends", "--json", env={"PYTHONPATH": pythonpath, **env}, home=tmp_path / "home"
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -107,8 +114,9 @@ def test_allowlist_excludes_plugins(site, tmp_path):
     assert not [f for f in data["failures"] if f["plugin"] == "broken_double"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("boxlite_qemu") is None,
-                    reason="boxlite-qemu is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("boxlite_qemu") is None, reason="boxlite-qemu is not installed"
+)
 def test_qemu_backend_listed_when_installed(tmp_path):
     proc = boxlite("backends", "--json", home=tmp_path / "home")
     assert proc.returncode == 0, proc.stderr

@@ -83,8 +83,12 @@ class WrongProbeShapeDouble(GoodPlanOnlyDouble):
         return {"available": False, "reason": "dicts are not ProbeResults"}
 
 
-DOUBLES = (GoodPlanOnlyDouble, NondeterministicPlanDouble, ReadOnlyIgnoredDouble,
-           WrongProbeShapeDouble)
+DOUBLES = (
+    GoodPlanOnlyDouble,
+    NondeterministicPlanDouble,
+    ReadOnlyIgnoredDouble,
+    WrongProbeShapeDouble,
+)
 
 
 @hookimpl

@@ -20,7 +20,7 @@ import pytest
 HERE = Path(__file__).parent
 DOUBLES = HERE / "conformance_doubles.py"
 
-VENDOR_CONFTEST = '''\
+VENDOR_CONFTEST = """\
 pytest_plugins = ["boxlite_conformance.plugin"]
 
 import pytest
@@ -32,7 +32,7 @@ import conformance_doubles
 @pytest.fixture(scope="session")
 def boxlite_registry():
     return PluginRegistry(load_entry_points=False, extra_plugins=[("double", conformance_doubles)])
-'''
+"""
 VENDOR_TEST = "from boxlite_conformance.suite import *  # noqa: F403\n"
 
 
@@ -67,10 +67,28 @@ def run_suite(tmp_path: Path) -> Callable[..., SuiteRun]:
         (project / "pytest.ini").write_text("[pytest]\n")
         report_dir = tmp_path / f"reports-{backend}"
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", str(project), "-p", "no:cacheprovider",
-             "-c", str(project / "pytest.ini"), "--rootdir", str(project), "-rfEs",
-             "--boxlite-backend", backend, "--conformance-report", str(report_dir), *args],
-            capture_output=True, text=True, timeout=300, check=False,
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                str(project),
+                "-p",
+                "no:cacheprovider",
+                "-c",
+                str(project / "pytest.ini"),
+                "--rootdir",
+                str(project),
+                "-rfEs",
+                "--boxlite-backend",
+                backend,
+                "--conformance-report",
+                str(report_dir),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
             env={**os.environ, "BOXLITE_TEST_HOME": str(tmp_path / "home")},
         )
         return SuiteRun(proc, report_dir, backend)

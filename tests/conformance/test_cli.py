@@ -36,15 +36,29 @@ def doubles_env(tmp_path: Path) -> dict[str, str]:
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "boxlite_conformance", *args],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
 
 
 def test_run_passes_a_good_backend(doubles_env, tmp_path: Path) -> None:
     reports = tmp_path / "reports"
     junit = tmp_path / "junit.xml"
-    done = cli("run", "--backend", "double-good", "--tier", "0", "--report", str(reports),
-               "--junitxml", str(junit), env=doubles_env)
+    done = cli(
+        "run",
+        "--backend",
+        "double-good",
+        "--tier",
+        "0",
+        "--report",
+        str(reports),
+        "--junitxml",
+        str(junit),
+        env=doubles_env,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads((reports / "double-good.json").read_text())
     assert data["verdict"] == "pass" and data["plugin"] == "double"
@@ -56,8 +70,16 @@ def test_run_passes_a_good_backend(doubles_env, tmp_path: Path) -> None:
 
 def test_run_exits_nonzero_on_a_t0_failure(doubles_env, tmp_path: Path) -> None:
     reports = tmp_path / "reports"
-    done = cli("run", "--backend", "double-ro-ignored", "--tier", "0", "--report", str(reports),
-               env=doubles_env)
+    done = cli(
+        "run",
+        "--backend",
+        "double-ro-ignored",
+        "--tier",
+        "0",
+        "--report",
+        str(reports),
+        env=doubles_env,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     md = (reports / "double-ro-ignored.md").read_text()
     assert "**FAIL**" in md and "test_plan_follows_share_read_only[9p]" in md
@@ -65,14 +87,18 @@ def test_run_exits_nonzero_on_a_t0_failure(doubles_env, tmp_path: Path) -> None:
 
 def test_run_all_writes_one_combined_table(doubles_env, tmp_path: Path) -> None:
     reports = tmp_path / "reports"
-    done = cli("run", "--backend", "all", "--tier", "0", "--report", str(reports),
-               env=doubles_env)
+    done = cli("run", "--backend", "all", "--tier", "0", "--report", str(reports), env=doubles_env)
     assert done.returncode == 1, done.stdout + done.stderr  # three doubles are broken
     table = (reports / "all.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines()
-            if line.startswith("| `")}
-    assert set(rows) == {"`double-good`", "`double-nondeterministic`", "`double-ro-ignored`",
-                         "`double-bad-probe`"}
+    rows = {
+        line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `")
+    }
+    assert set(rows) == {
+        "`double-good`",
+        "`double-nondeterministic`",
+        "`double-ro-ignored`",
+        "`double-bad-probe`",
+    }
     assert "| PASS |" in rows["`double-good`"]
     assert "| FAIL |" in rows["`double-nondeterministic`"]
     summary = json.loads((reports / "all.json").read_text())
@@ -84,7 +110,8 @@ def test_list_shows_tiers_and_capabilities(doubles_env) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert any(line.startswith("T0 ") and "test_plan_is_deterministic" in line for line in lines)
-    assert any(line.startswith("T2 ") and "virtiofs" in line and "TestVolumes" in line
-               for line in lines)
+    assert any(
+        line.startswith("T2 ") and "virtiofs" in line and "TestVolumes" in line for line in lines
+    )
     listed = json.loads(cli("list", "--json", env=doubles_env).stdout)
     assert {t["tier"] for t in listed} == {0, 1, 2, 3}

@@ -41,7 +41,7 @@ def test_max_tier_deselects_higher_tiers(run_suite) -> None:
 
 
 def test_vendor_overrides_one_test_by_subclassing(run_suite) -> None:
-    module = '''\
+    module = """\
 import pytest
 from boxlite_conformance.suite import *  # noqa: F403
 
@@ -49,7 +49,7 @@ from boxlite_conformance.suite import *  # noqa: F403
 class TestPlanContract(TestPlanContract):  # noqa: F405
     def test_plan_is_deterministic(self, backend, tmp_path):
         pytest.skip("our VMM needs a fresh uuid per launch; tracked in VENDOR-12")
-'''
+"""
     run = run_suite("double-nondeterministic", "--conformance-max-tier", "0", test_module=module)
     assert run.proc.returncode == 0, run.output
     assert run.messages("skipped")["TestPlanContract::test_plan_is_deterministic"] == (

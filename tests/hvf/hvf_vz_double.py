@@ -27,8 +27,12 @@ MIB = 1024 * 1024
 class RecordingVzDouble:
     def __init__(self, limits: dict[str, int] | None = None) -> None:
         self.calls: list[tuple[str, Any]] = []
-        self._limits = limits or {"min_cpus": 1, "max_cpus": 8, "min_memory": 128 * MIB,
-                                  "max_memory": 16384 * MIB}
+        self._limits = limits or {
+            "min_cpus": 1,
+            "max_cpus": 8,
+            "min_memory": 128 * MIB,
+            "max_memory": 16384 * MIB,
+        }
 
     def _rec(self, name: str, *args: Any) -> str:
         self.calls.append((name, args))

@@ -29,10 +29,14 @@ def vz(spec):
 def test_every_device_becomes_one_framework_call(spec, vz):
     double = RecordingVzDouble()
     machine = build_configuration(double, vz)
-    calls = dict((name, args) for name, args in double.calls if name != "block_device"
-                 and name != "share")
-    assert calls["boot_loader"] == (str(spec.kernel), str(spec.initrd),
-                                    vz["boot_loader"]["cmdline"])
+    calls = dict(
+        (name, args) for name, args in double.calls if name != "block_device" and name != "share"
+    )
+    assert calls["boot_loader"] == (
+        str(spec.kernel),
+        str(spec.initrd),
+        vz["boot_loader"]["cmdline"],
+    )
     assert [a for n, a in double.calls if n == "block_device"] == [
         (str(spec.box_dir / "hvf" / "00-rootfs.raw"), False, "rootfs"),
         (str(spec.disks[1].path), True, "guestroot"),
@@ -52,8 +56,9 @@ def test_every_device_becomes_one_framework_call(spec, vz):
 
 
 def test_limits_of_the_framework_are_enforced(vz):
-    small = RecordingVzDouble({"min_cpus": 1, "max_cpus": 1, "min_memory": 128 * MIB,
-                               "max_memory": 256 * MIB})
+    small = RecordingVzDouble(
+        {"min_cpus": 1, "max_cpus": 1, "min_memory": 128 * MIB, "max_memory": 256 * MIB}
+    )
     with pytest.raises(ConfigError, match=r"memory_mib=512.*128\.\.256 MiB"):
         build_configuration(small, vz)
     with pytest.raises(ConfigError, match=r"cpus=9.*1\.\.8"):

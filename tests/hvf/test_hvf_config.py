@@ -28,7 +28,11 @@ def test_backend_contract_facts():
     assert backend.name == "hvf"
     assert backend.agent_kind == "stream"
     assert backend.capabilities() == {
-        Capability.VIRTIOFS, Capability.RAW, Capability.VSOCK, Capability.ATTACH, Capability.HVF
+        Capability.VIRTIOFS,
+        Capability.RAW,
+        Capability.VSOCK,
+        Capability.ATTACH,
+        Capability.HVF,
     }
     assert Capability.NINEP not in backend.capabilities()
     assert Capability.QCOW2 not in backend.capabilities()
@@ -66,8 +70,12 @@ def test_qcow2_disk_is_converted_to_raw_in_the_box_dir(spec):
     assert conv["reuse"] == "keep"  # a writable disk's raw copy is the box's disk from now on
     assert rootfs["read_only"] is False and rootfs["identifier"] == "rootfs"
     # a raw disk goes straight through, read-only kept
-    assert guestroot == {"path": str(spec.disks[1].path), "read_only": True,
-                         "identifier": "guestroot", "convert": None}
+    assert guestroot == {
+        "path": str(spec.disks[1].path),
+        "read_only": True,
+        "identifier": "guestroot",
+        "convert": None,
+    }
 
 
 def test_read_only_qcow2_is_reconverted_when_newer(tmp_path):
@@ -109,8 +117,10 @@ def test_bad_share_tags_are_refused(tmp_path):
 
 def test_vsock_agent_port_and_console(spec, tmp_path):
     vz = vz_config(spec, "arm64")
-    assert vz["vsock"] == {"agent_port": DEFAULT_AGENT_VSOCK_PORT,
-                           "bridge_socket": str(spec.agent.socket)}
+    assert vz["vsock"] == {
+        "agent_port": DEFAULT_AGENT_VSOCK_PORT,
+        "bridge_socket": str(spec.agent.socket),
+    }
     assert vz["serial_console"] == {"device": "virtio-console", "log": str(spec.console_log)}
     assert vz["network"] is None and vz["entropy"] is True
     custom = vz_config(make_spec(tmp_path, hints={"agent_vsock_port": 5000}), "arm64")

@@ -10,8 +10,15 @@ from boxlite_hvf.probe import HostFacts, judge
 
 from boxlite_core.plugins import PluginRegistry
 
-MAC_OK = HostFacts(system="Darwin", macos_version=(14, 5), machine="arm64", hv_support=True,
-                   pyobjc=True, python="/opt/py/bin/python3", entitled=True)
+MAC_OK = HostFacts(
+    system="Darwin",
+    macos_version=(14, 5),
+    machine="arm64",
+    hv_support=True,
+    pyobjc=True,
+    python="/opt/py/bin/python3",
+    entitled=True,
+)
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="checks the Linux answer")

@@ -31,8 +31,9 @@ HERE = Path(__file__).parent
 @pytest.fixture(autouse=True)
 def double_env(monkeypatch):
     monkeypatch.setenv(API_FACTORY_ENV, "hvf_vz_double:recording")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    )
     monkeypatch.delenv("BOXLITE_HVF_DOUBLE", raising=False)
 
 
@@ -77,8 +78,9 @@ def runner_log(box: Path) -> str:
 def test_launch_converts_bridges_attaches_and_stops(tmp_path):
     backend = HvfBackend(arch="x86_64")
     spec = make_spec(tmp_path, shares=())
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(spec.disks[0].path), "16M"],
-                   check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(spec.disks[0].path), "16M"], check=True
+    )
     handle = backend.launch(backend.plan(spec))
     try:
         raw = tmp_path / "hvf" / "00-rootfs.raw"
@@ -187,8 +189,9 @@ print(handle.pid, flush=True)
 @pytest.mark.parametrize("watch", [True, False])
 def test_watch_parent_decides_whether_the_vm_outlives_its_launcher(tmp_path, watch):
     code = WATCHED_LAUNCHER.format(here=str(HERE), box=str(tmp_path), watch=watch)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=30, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
     pid = int(out.stdout.split()[0])
     # the launcher has exited; with watch_parent the runner stops its VM within ~1 s
     handle = HvfBackend().attach(tmp_path)

@@ -23,11 +23,3 @@ def db(home: Path) -> Database:
 @pytest.fixture
 def store(home: Path, db: Database) -> ImageStore:
     return ImageStore(home, db)
-
-
-def index_rows(db: Database) -> tuple[int, int]:
-    conn = db.connection()
-    return (
-        conn.execute("SELECT count(*) FROM images").fetchone()[0],
-        conn.execute("SELECT count(*) FROM image_refs").fetchone()[0],
-    )

@@ -185,3 +185,12 @@ def write_tar(files: dict[str, bytes], dest: Path) -> Path:
             info.mtime = T0
             tar.addfile(info, io.BytesIO(data))
     return dest
+
+
+def index_rows(db: Any) -> tuple[int, int]:
+    """(rows in images, rows in image_refs): a failed import must leave both unchanged."""
+    conn = db.connection()
+    return (
+        conn.execute("SELECT count(*) FROM images").fetchone()[0],
+        conn.execute("SELECT count(*) FROM image_refs").fetchone()[0],
+    )

@@ -26,16 +26,21 @@ def test_manifest_lists_packages_and_wheels(built_kit: GuestKit) -> None:
 
 
 def test_bench_mode_reaches_start_marker_and_powers_off(built_kit: GuestKit) -> None:
-    result = boot_until(smoke_argv(built_kit, extra_cmdline="boxlite.init=marker"),
-                        START_MARKER, timeout=120)
+    result = boot_until(
+        smoke_argv(built_kit, extra_cmdline="boxlite.init=marker"), START_MARKER, timeout=120
+    )
     assert result.seconds_to_marker is not None, result.console[-2000:]
     assert result.returncode == 0, result.console[-2000:]
     assert EXEC_MARKER not in result.console
 
 
 def test_full_init_mounts_guest_root_and_execs_agent(built_kit: GuestKit, tmp_path) -> None:
-    result = boot_until(smoke_argv(built_kit, agent_socket=tmp_path / "agent.port"),
-                        EXEC_MARKER, timeout=120, kill_after_marker=True)
+    result = boot_until(
+        smoke_argv(built_kit, agent_socket=tmp_path / "agent.port"),
+        EXEC_MARKER,
+        timeout=120,
+        kill_after_marker=True,
+    )
     assert result.seconds_to_marker is not None, result.console[-2000:]
     assert "boxlite-init: error" not in result.console
 

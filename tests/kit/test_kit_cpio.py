@@ -68,6 +68,12 @@ def test_initramfs_holds_busybox_modules_and_init(tmp_path: Path) -> None:
     target = tmp_path / "initrd.img"
     build_initramfs(target, busybox, modroot, ["kernel/fs/x.ko"])
     names = tools.run([str(busybox), "cpio", "-t"], input=target.read_bytes()).stdout.split()
-    for expected in (b"init", b"bin/busybox", b"bin/sh", b"dev/console",
-                     b"lib/modules/kernel/fs/x.ko", b"newroot"):
+    for expected in (
+        b"init",
+        b"bin/busybox",
+        b"bin/sh",
+        b"dev/console",
+        b"lib/modules/kernel/fs/x.ko",
+        b"newroot",
+    ):
         assert expected in names

@@ -20,14 +20,15 @@ def fake_module(depends: str, name: str) -> bytes:
     shoff = len(data)
     sections = [
         (0, 0, 0, 0),
-        (1, 1, header_size, len(modinfo)),                       # .modinfo (PROGBITS)
-        (10, 3, header_size + len(modinfo), len(shstrtab)),      # .shstrtab (STRTAB)
+        (1, 1, header_size, len(modinfo)),  # .modinfo (PROGBITS)
+        (10, 3, header_size + len(modinfo), len(shstrtab)),  # .shstrtab (STRTAB)
     ]
     for name_off, sh_type, offset, size in sections:
         data += struct.pack("<IIQQQQIIQQ", name_off, sh_type, 0, 0, offset, size, 0, 0, 1, 0)
     data[0:16] = b"\x7fELF\x02\x01\x01" + b"\0" * 9
-    struct.pack_into("<HHIQQQIHHHHHH", data, 16, 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64,
-                     len(sections), 2)
+    struct.pack_into(
+        "<HHIQQQIHHHHHH", data, 16, 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, len(sections), 2
+    )
     return bytes(data)
 
 
@@ -61,15 +62,19 @@ def test_written_modules_dep_lists_full_closure(module_root: Path) -> None:
     modules.write_modules_dep(module_root)
     dep = modules.parse_modules_dep((module_root / "modules.dep").read_text())
     assert set(dep["kernel/fs/9p/9p.ko"]) == {
-        "kernel/net/9p/9pnet.ko", "kernel/fs/netfs/netfs.ko", "kernel/fs/fscache/fscache.ko"}
+        "kernel/net/9p/9pnet.ko",
+        "kernel/fs/netfs/netfs.ko",
+        "kernel/fs/fscache/fscache.ko",
+    }
     assert dep["kernel/fs/netfs/netfs.ko"] == []
 
 
 def test_closure_loads_dependencies_first_and_skips_unrelated(module_root: Path) -> None:
     modules.write_modules_dep(module_root)
     dep = modules.parse_modules_dep((module_root / "modules.dep").read_text())
-    order = modules.module_closure(dep, ["9p", "9pnet_virtio", "virtio_blk", "ext4"],
-                                   builtin=["kernel/fs/ext4/ext4.ko"])
+    order = modules.module_closure(
+        dep, ["9p", "9pnet_virtio", "virtio_blk", "ext4"], builtin=["kernel/fs/ext4/ext4.ko"]
+    )
     assert "kernel/drivers/gpu/unrelated-gpu.ko" not in order
     assert len(order) == len(set(order)) == 8
     for path, deps in dep.items():
@@ -88,8 +93,12 @@ def test_closure_from_depmod_style_text() -> None:
     )
     order = modules.module_closure(modules.parse_modules_dep(text), ["ext4"])
     assert order[-1] == "kernel/fs/ext4/ext4.ko"
-    assert set(order) == {"kernel/fs/ext4/ext4.ko", "kernel/fs/mbcache.ko",
-                          "kernel/fs/jbd2/jbd2.ko", "kernel/lib/crc16.ko"}
+    assert set(order) == {
+        "kernel/fs/ext4/ext4.ko",
+        "kernel/fs/mbcache.ko",
+        "kernel/fs/jbd2/jbd2.ko",
+        "kernel/lib/crc16.ko",
+    }
 
 
 def test_missing_module_is_a_clear_error() -> None:

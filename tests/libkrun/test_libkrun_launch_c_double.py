@@ -48,7 +48,7 @@ def test_launch_c_double_replays_calls_in_order(use_c_double, spec_factory):
         "krun_create_ctx()",
         f"krun_set_vm_config({CTX},2,768)",
         f"krun_set_kernel({CTX},{spec.kernel},1,{spec.initrd},"
-        "console=hvc0 quiet loglevel=3 panic=-1 reboot=t)",
+        "console=hvc0 quiet loglevel=3 panic=-1 reboot=t boxlite.agent_vsock=1024)",
         "krun_has_feature(1)",
         f"krun_add_disk2({CTX},rootfs,{box}/rootfs.qcow2,1,0)",
         f"krun_add_disk2({CTX},guestroot,{box}/kit/guestroot.raw,0,1)",

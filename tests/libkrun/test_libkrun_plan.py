@@ -34,7 +34,7 @@ def test_plan_lists_krun_calls_in_order_with_values(spec_factory):
                 str(spec.kernel),
                 1,
                 str(spec.initrd),
-                "console=hvc0 quiet loglevel=3 panic=-1 reboot=t",
+                "console=hvc0 quiet loglevel=3 panic=-1 reboot=t boxlite.agent_vsock=1024",
             ],
         ),
         ("krun_has_feature", [1]),
@@ -122,10 +122,16 @@ def test_root_mode_uses_set_root_and_exec(spec_factory):
     assert "krun_set_kernel" not in _names(krun_calls(spec))
 
 
-def test_cmdline_moves_console_to_hvc0():
+def test_cmdline_moves_console_to_hvc0_and_names_the_agent_vsock_port():
     assert (
         libkrun_cmdline("console=ttyS0 quiet console=tty0 panic=-1")
-        == "console=hvc0 quiet panic=-1"
+        == f"console=hvc0 quiet panic=-1 boxlite.agent_vsock={AGENT_PORT}"
+    )
+
+
+def test_cmdline_keeps_an_explicit_agent_vsock_port():
+    assert (
+        libkrun_cmdline("quiet boxlite.agent_vsock=2000") == "console=hvc0 quiet boxlite.agent_vsock=2000"
     )
 
 

@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import pytest
 import runtime_doubles as doubles
-
-
 from runtime_doubles import TINY, make_runtime
 
 
@@ -20,8 +18,12 @@ def rt(tmp_path):
     layout = doubles.make_oci_layout(
         tmp_path / "layout",
         {"bin/hello": b"#!/bin/sh\necho hi\n"},
-        {"Env": ["PATH=/bin", "FOO=image"], "Cmd": ["/bin/hello"], "WorkingDir": "/srv",
-         "User": "nobody"},
+        {
+            "Env": ["PATH=/bin", "FOO=image"],
+            "Cmd": ["/bin/hello"],
+            "WorkingDir": "/srv",
+            "User": "nobody",
+        },
     )
     runtime.images.import_path(layout, name=TINY)
     yield runtime

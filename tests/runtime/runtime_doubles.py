@@ -6,10 +6,10 @@ the hypervisor is replaced, because a real one cannot run in the fast test set.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
-import hashlib
 from pathlib import Path
 
 from boxlite_core.errors import EngineError
@@ -131,9 +131,15 @@ def kit_double(root: Path):
 
     def provide(home, progress):
         return GuestKit(
-            kit_id="kit_double", directory=root, kernel=root / "no-such-vmlinux",
-            initrd=root / "no-such-initrd", root_image=root / "no-such-root.ext4",
-            cmdline="console=ttyS0", machine="q35", qemu_globals=(), arch="x86_64",
+            kit_id="kit_double",
+            directory=root,
+            kernel=root / "no-such-vmlinux",
+            initrd=root / "no-such-initrd",
+            root_image=root / "no-such-root.ext4",
+            cmdline="console=ttyS0",
+            machine="q35",
+            qemu_globals=(),
+            arch="x86_64",
             manifest=root / "manifest.json",
         )
 
@@ -160,24 +166,39 @@ def make_oci_layout(root: Path, files: dict[str, bytes], config: dict) -> Path:
     layer = buf.getvalue()
     layer_digest = put(layer)
     cfg = {
-        "architecture": "amd64", "os": "linux", "config": config,
+        "architecture": "amd64",
+        "os": "linux",
+        "config": config,
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     }
     cfg_bytes = json.dumps(cfg).encode()
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": put(cfg_bytes), "size": len(cfg_bytes)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": layer_digest, "size": len(layer)}],
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": put(cfg_bytes),
+            "size": len(cfg_bytes),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": layer_digest,
+                "size": len(layer),
+            }
+        ],
     }
     man_bytes = json.dumps(manifest).encode()
     index = {
         "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": put(man_bytes), "size": len(man_bytes),
-                       "platform": {"architecture": "amd64", "os": "linux"}}],
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": put(man_bytes),
+                "size": len(man_bytes),
+                "platform": {"architecture": "amd64", "os": "linux"},
+            }
+        ],
     }
     (root / "index.json").write_text(json.dumps(index))
     (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))

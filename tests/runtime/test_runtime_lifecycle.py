@@ -50,7 +50,7 @@ def test_unknown_backend_rootfs_image(rt):
 
 def test_failed_launch_keeps_record_and_files(rt):
     box = rt.create(opts(name="boom"))
-    with pytest.raises(EngineError, match=r"box boom: start failed in vmm_spawn: .*no-such-vmlinux"):
+    with pytest.raises(EngineError, match=r"boom: start failed in vmm_spawn: .*no-such-vmlinux"):
         box.start()
     rec = box.record
     assert rec.status is BoxStatus.FAILED
@@ -58,8 +58,13 @@ def test_failed_launch_keeps_record_and_files(rt):
     assert rec.failures == 1
     assert rec.state["failed_stage"] == "vmm_spawn"
     timings = rec.state["stage_timings"]
-    for stage in ("filesystem_setup", "container_rootfs_prep", "guest_kit_prep", "volumes",
-                  "vmm_spawn"):
+    for stage in (
+        "filesystem_setup",
+        "container_rootfs_prep",
+        "guest_kit_prep",
+        "volumes",
+        "vmm_spawn",
+    ):
         assert stage in timings and timings[stage] >= 0
     # files kept for diagnosis: the strategy's disk and the launch plan
     assert (box.dir / "rootfs.qcow2").exists()
@@ -103,8 +108,9 @@ def test_volume_vanishing_before_start_fails_volumes_stage(tmp_path, rt):
 def test_sharer_capability_mismatch_names_both(tmp_path, rt):
     vol = tmp_path / "vol"
     vol.mkdir()
-    box = rt.create(opts(backend="noshare_double", volumes=[f"{vol}:/data"],
-                         volume_sharer="vfsonly_double"))
+    box = rt.create(
+        opts(backend="noshare_double", volumes=[f"{vol}:/data"], volume_sharer="vfsonly_double")
+    )
     with pytest.raises(ConfigError, match=r"'vfsonly_double' needs .*'virtiofs'.*'noshare_double'"):
         box.start()
 
@@ -174,8 +180,14 @@ def test_remove_running_needs_force_and_recover_marks_gone(tmp_path, rt):
 
 def test_metrics_keys(rt):
     m = rt.metrics()
-    for key in ("boxes_created", "boxes_failed", "boxes_stopped", "boxes_running", "execs",
-                "exec_errors"):
+    for key in (
+        "boxes_created",
+        "boxes_failed",
+        "boxes_stopped",
+        "boxes_running",
+        "execs",
+        "exec_errors",
+    ):
         assert m[key] == 0
 
 

@@ -13,8 +13,13 @@ from boxlite_core.state.db import SCHEMA_VERSION, Database
 
 
 def _record(box_id: str, name: str) -> BoxRecord:
-    return BoxRecord(id=box_id, name=name, status=BoxStatus.CONFIGURED,
-                     options=BoxOptions(name=name), image="busybox")
+    return BoxRecord(
+        id=box_id,
+        name=name,
+        status=BoxStatus.CONFIGURED,
+        options=BoxOptions(name=name),
+        image="busybox",
+    )
 
 
 @pytest.fixture
@@ -65,8 +70,9 @@ def test_lookup_by_id_name_and_prefix(store):
 
 def test_round_trip_keeps_options_and_state(store):
     rec = _record("0123456789ab", "keep")
-    rec = attrs.evolve(rec, options=BoxOptions(name="keep", env={"A": "1"},
-                                               volumes=["/tmp:/data:ro"]))
+    rec = attrs.evolve(
+        rec, options=BoxOptions(name="keep", env={"A": "1"}, volumes=["/tmp:/data:ro"])
+    )
     store.insert(rec)
     store.update(rec.id, state={"x": 1})
     store.update(rec.id, state={"y": 2})
@@ -78,8 +84,14 @@ def test_round_trip_keeps_options_and_state(store):
 
 def test_legal_transitions(store):
     store.insert(_record("0123456789ab", "life"))
-    for status in (BoxStatus.RUNNING, BoxStatus.STOPPING, BoxStatus.STOPPED, BoxStatus.RUNNING,
-                   BoxStatus.FAILED, BoxStatus.RUNNING):
+    for status in (
+        BoxStatus.RUNNING,
+        BoxStatus.STOPPING,
+        BoxStatus.STOPPED,
+        BoxStatus.RUNNING,
+        BoxStatus.FAILED,
+        BoxStatus.RUNNING,
+    ):
         rec = store.get("life")
         store.set_status(rec.id, status)
         assert store.get("life").status is status

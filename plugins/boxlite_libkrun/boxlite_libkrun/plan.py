@@ -90,13 +90,22 @@ def _bzimage_format(kernel: Path, head: bytes) -> str:
     )
 
 
+#: cmdline key telling the guest agent (and /init) which vsock port to listen on
+AGENT_CMDLINE_KEY = "boxlite.agent_vsock"
+
+
 def libkrun_cmdline(cmdline: str) -> str:
-    """The kit's cmdline with the console moved to libkrun's implicit virtio console (hvc0).
+    """The kit's cmdline with the console moved to libkrun's implicit virtio console (hvc0),
+    and ``boxlite.agent_vsock=AGENT_PORT`` appended unless already there.
 
     libkrun has no 16550 UART for ``console=ttyS0``; its console device is virtio-console,
-    which ``krun_set_console_output`` writes to the box's console log.
+    which ``krun_set_console_output`` writes to the box's console log. libkrun has no
+    virtio-serial port either, so the agent must serve on vsock: the key tells it (and /init,
+    which loads the vsock modules only then) to listen on the port ``krun_add_vsock_port2`` uses.
     """
     words = [w for w in cmdline.split() if not w.startswith("console=")]
+    if not any(w.startswith(AGENT_CMDLINE_KEY + "=") for w in words):
+        words.append(f"{AGENT_CMDLINE_KEY}={AGENT_PORT}")
     return " ".join(["console=hvc0", *words])
 
 

@@ -16,6 +16,14 @@ def _factory() -> Any:
     return QemuBackend()
 
 
+def _libvirt_factory() -> Any:
+    # libvirt_backend imports without libvirt-python; `import libvirt` happens in its methods
+    from .libvirt_backend import LibvirtBackend
+
+    return LibvirtBackend()
+
+
 @hookimpl
 def boxlite_register_vmm_backends(register: Any) -> None:
     register("qemu", _factory)
+    register("libvirt", _libvirt_factory)

@@ -34,6 +34,12 @@ async def _execute(socket: Path, command: str, args: dict[str, Any] | None, time
             pass
 
 
+def _is_disconnect(exc: BaseException) -> bool:
+    from qemu.qmp import ExecInterruptedError
+
+    return isinstance(exc, (EOFError, ConnectionError, ExecInterruptedError))
+
+
 def qmp_command(
     socket: Path, command: str, args: dict[str, Any] | None = None, timeout: float = 5.0
 ) -> Any:
@@ -56,7 +62,7 @@ def qmp_command(
         raise QmpError(f"QMP {command} on {socket} did not answer within {timeout * 3:.0f}s")
     if "error" in box:
         exc = box["error"]
-        if command == "quit" and isinstance(exc, (EOFError, ConnectionError)):
+        if command == "quit" and _is_disconnect(exc):
             return {}
         raise QmpError(f"QMP {command} on {socket} failed: {type(exc).__name__}: {exc}") from exc
     return box.get("result")

@@ -1,0 +1,200 @@
+"""VmSpec → QEMU argv. Pure: everything host-specific comes in as :class:`QemuHost`.
+
+The layout (BOXDIR/qmp.sock, qemu.pid, qemu.log, vm.json) is fixed here so launch, attach and
+the tests agree on it. Device names follow the guest kit's virtio transport: microvm has no
+PCI bus, so it gets ``virtio-*-device`` (virtio-mmio) devices; q35/virt get ``virtio-*-pci``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from boxlite_core.errors import ConfigError
+from boxlite_core.models import ShareSpec, VmSpec
+
+QMP_SOCKET = "qmp.sock"
+PIDFILE = "qemu.pid"
+QEMU_LOG = "qemu.log"
+VM_STATE = "vm.json"
+AGENT_PORT_NAME = "org.boxlite.agent"
+
+QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
+DEFAULT_MACHINE = {"x86_64": "q35", "aarch64": "virt"}
+#: sun_path holds 108 bytes including the NUL
+MAX_SOCKET_PATH = 107
+#: QEMU's seccomp filter: everything a VM never needs (new processes, setuid, obsolete calls,
+#: scheduler/resource tweaks). spawn=deny is safe: we never let QEMU exec helpers.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@attrs.frozen
+class QemuHost:
+    """What plan() may know about the host: probed once by the backend, then fixed."""
+
+    binary: str
+    arch: str = "x86_64"
+    accel: str = "tcg"
+    sandbox: bool = True
+    euid: int = 0
+
+
+def qopt(value: str | os.PathLike[str]) -> str:
+    """Escape a value inside a QEMU ``key=value,...`` option string (',' doubles)."""
+    return os.fspath(value).replace(",", ",,")
+
+
+def _check_socket(what: str, path: Path) -> None:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"{what} socket path {path} is longer than {MAX_SOCKET_PATH} bytes, the unix socket "
+            "limit; use a shorter BOXLITE_HOME (box directory)"
+        )
+
+
+def machine_of(spec: VmSpec, arch: str) -> tuple[str, str]:
+    """(machine, virtio transport) from the kit's hints, defaulting per architecture."""
+    hints: Mapping[str, Any] = spec.hints or {}
+    machine = str(hints.get("machine") or DEFAULT_MACHINE.get(arch, "q35"))
+    transport = str(hints.get("virtio_transport") or ("mmio" if machine == "microvm" else "pci"))
+    if transport not in ("mmio", "pci"):
+        raise ConfigError(f"hints.virtio_transport={transport!r}: must be 'mmio' or 'pci'")
+    if machine == "microvm" and transport != "mmio":
+        raise ConfigError("hints: machine 'microvm' has no PCI bus; use virtio_transport 'mmio'")
+    return machine, transport
+
+
+def ninep_security_model(share: ShareSpec, euid: int) -> str:
+    """passthrough as root (guest uids/gids land on the host as-is, so ownership maps);
+    none otherwise (files are created as the QEMU user, who owns the volume anyway —
+    passthrough would fail every chown)."""
+    return "passthrough" if euid == 0 else "none"
+
+
+def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]:
+    """The QEMU argv for ``spec`` and the plan facts that go with it."""
+    box = Path(spec.box_dir)
+    machine, transport = machine_of(spec, host.arch)
+    dev = "device" if transport == "mmio" else "pci"
+    qmp_socket = box / QMP_SOCKET
+    pidfile = box / PIDFILE
+    _check_socket("QMP", qmp_socket)
+    if spec.agent.kind != "virtio-serial":
+        raise ConfigError(
+            f"agent kind {spec.agent.kind!r}: the qemu backend maps the agent over "
+            "virtio-serial only (no vhost-vsock here)"
+        )
+    _check_socket("agent", Path(spec.agent.socket))
+
+    has_virtiofs = any(s.kind == "virtiofs" for s in spec.shares)
+    machine_opts = [machine]
+    if machine == "microvm":
+        machine_opts.append("isa-serial=on")  # the kit's console=ttyS0
+    if has_virtiofs:
+        # vhost-user-fs maps guest RAM into virtiofsd: RAM must be a shareable memfd
+        machine_opts.append("memory-backend=mem")
+
+    argv: list[str] = [
+        host.binary,
+        "-name", qopt(f"boxlite-{spec.name or spec.box_id}"),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-machine", ",".join(machine_opts),
+    ]
+    if host.accel == "kvm":
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    elif host.accel == "hvf":
+        argv += ["-accel", "hvf", "-cpu", "host"]
+    else:
+        # multi-threaded TCG: one host thread per vCPU (x86-on-x86 is safe for MTTCG)
+        tcg = "tcg,thread=multi" if spec.cpus > 1 else "tcg"
+        tb_mib = (spec.hints or {}).get("tcg_tb_size_mib")
+        if tb_mib:
+            tcg += f",tb-size={int(tb_mib)}"
+        argv += ["-accel", tcg]
+        if host.arch == "aarch64":
+            argv += ["-cpu", "max"]
+    argv += ["-smp", str(spec.cpus), "-m", f"{spec.memory_mib}M"]
+    if has_virtiofs:
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"]
+    if host.sandbox:
+        argv += ["-sandbox", SANDBOX]
+    for glob in (spec.hints or {}).get("qemu_globals") or ():
+        argv += ["-global", str(glob)]
+
+    argv += [
+        "-chardev", f"file,id=console,path={qopt(spec.console_log)}",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{qopt(qmp_socket)},server=on,wait=off",
+        "-pidfile", str(pidfile),
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", spec.cmdline,
+    ]
+    if spec.network:
+        # never open user networking: restrict=on keeps the guest off the host's networks
+        argv += ["-nic", f"user,model=virtio-net-{dev},restrict=on"]
+    else:
+        argv += ["-nic", "none"]
+
+    for index, disk in enumerate(spec.disks):
+        drive = f"disk{index}"
+        serial = f",serial={qopt(disk.serial)}" if disk.serial else ""
+        argv += [
+            "-drive",
+            f"file={qopt(disk.path)},format={disk.format},if=none,id={drive},"
+            f"readonly={'on' if disk.read_only else 'off'},cache=writeback,discard=unmap",
+            "-device",
+            f"virtio-blk-{dev},drive={drive}{serial}",
+        ]
+
+    for index, share in enumerate(spec.shares):
+        if share.kind == "9p":
+            fsdev = f"fs{index}"
+            opts = (
+                f"local,id={fsdev},path={qopt(share.host_path)},"
+                f"security_model={ninep_security_model(share, host.euid)}"
+            )
+            if share.read_only:
+                opts += ",readonly=on"
+            argv += [
+                "-fsdev", opts,
+                "-device", f"virtio-9p-{dev},fsdev={fsdev},mount_tag={qopt(share.tag)}",
+            ]
+        elif share.kind == "virtiofs":
+            if share.socket is None:
+                raise ConfigError(
+                    f"share {share.tag!r}: kind 'virtiofs' needs the virtiofsd socket "
+                    "(start it with the virtiofs volume sharer)"
+                )
+            _check_socket(f"virtiofs {share.tag}", Path(share.socket))
+            chardev = f"vfs{index}"
+            argv += [
+                "-chardev", f"socket,id={chardev},path={qopt(share.socket)}",
+                "-device", f"vhost-user-fs-{dev},chardev={chardev},tag={qopt(share.tag)}",
+            ]
+        else:
+            raise ConfigError(
+                f"share {share.tag!r}: kind {share.kind!r} is not one the qemu backend can "
+                "attach (it knows '9p' and 'virtiofs')"
+            )
+
+    argv += [
+        "-chardev", f"socket,id=agent,path={qopt(spec.agent.socket)},server=on,wait=off",
+        "-device", f"virtio-serial-{dev}",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+    ]
+    facts = {
+        "accel": host.accel,
+        "machine": machine,
+        "virtio_transport": transport,
+        "qmp_socket": str(qmp_socket),
+        "pidfile": str(pidfile),
+        "log": str(box / QEMU_LOG),
+        "state_file": str(box / VM_STATE),
+        "sandbox": host.sandbox,
+    }
+    return argv, facts

@@ -1,0 +1,255 @@
+"""The ``qemu`` VMM backend: probe the host once, plan argv purely, launch and re-attach.
+
+Launch model: QEMU is started as our child in its own session (``start_new_session``), stdio
+on files, so it outlives the host process (``boxlite run -d``) and never gets the terminal's
+Ctrl-C. We keep the Popen while we live (exact exit status, no zombies); every other process
+finds it through BOXDIR/vm.json (pid + /proc start time).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import attrs
+
+from boxlite_core import tools
+from boxlite_core.errors import ConfigError, EngineError, ToolMissingError
+from boxlite_core.models import Capability, ProbeResult, VmSpec
+from boxlite_core.vmm.base import LaunchPlan, VmmBackend
+
+from .accel import AccelChoice, host_accel
+from .argv import QEMU_BINARY, QemuHost, build_argv
+from .handle import QemuHandle, _tail, write_state
+from .proc import start_time
+from .qmp import QmpError, qmp_command
+
+QMP_READY_TIMEOUT = 30.0
+_FIX_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm"}
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+@attrs.frozen
+class HostFacts:
+    """Probed once per backend instance: what plan() and probe() report."""
+
+    arch: str
+    binary: str | None
+    qemu_img: str | None
+    version: str
+    sandbox: bool
+    accel: AccelChoice | None
+    accel_error: str = ""
+
+
+def _qemu_version(binary: str) -> tuple[str, bool]:
+    """(version, supports -sandbox). QEMU built without seccomp omits -sandbox from -help."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+        helptext = subprocess.run([binary, "-help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    match = re.search(r"version (\S+)", out.stdout)
+    return (match.group(1) if match else out.stdout.strip()), "-sandbox" in helptext.stdout
+
+
+class QemuBackend(VmmBackend):
+    """QEMU (qemu-system-<hostarch>) with KVM/HVF when it really works, else TCG."""
+
+    name = "qemu"
+
+    def __init__(self, host: QemuHost | None = None) -> None:
+        """``host`` pins the planning facts (tests, or a vendor that knows better);
+        by default they are probed on first use."""
+        self._pinned = host
+
+    # -- host facts ----------------------------------------------------------------------
+
+    @functools.cached_property
+    def facts(self) -> HostFacts:
+        arch = host_arch()
+        binary = tools.find_tool(QEMU_BINARY.get(arch, f"qemu-system-{arch}"))
+        version, sandbox = _qemu_version(binary) if binary else ("", False)
+        accel: AccelChoice | None = None
+        accel_error = ""
+        try:
+            accel = host_accel()
+        except ConfigError as exc:
+            accel_error = str(exc)
+        return HostFacts(arch, binary, tools.find_tool("qemu-img"), version, sandbox, accel,
+                         accel_error)
+
+    def host(self) -> QemuHost:
+        """The planning facts: pinned, or probed (raises if QEMU is missing)."""
+        if self._pinned is not None:
+            return self._pinned
+        facts = self.facts
+        if facts.binary is None:
+            raise ToolMissingError(
+                QEMU_BINARY.get(facts.arch, f"qemu-system-{facts.arch}"),
+                _FIX_PACKAGE.get(facts.arch),
+                "run boxes with the qemu backend",
+            )
+        if facts.accel is None:
+            raise ConfigError(facts.accel_error)
+        return QemuHost(
+            binary=facts.binary,
+            arch=facts.arch,
+            accel=facts.accel.accel,
+            sandbox=facts.sandbox,
+            euid=os.geteuid(),
+        )
+
+    # -- VmmBackend ----------------------------------------------------------------------------
+
+    def capabilities(self) -> frozenset[Capability]:
+        caps = {
+            Capability.NINEP,
+            Capability.QCOW2,
+            Capability.RAW,
+            Capability.VIRTIO_SERIAL,
+            Capability.PAUSE,
+            Capability.ATTACH,
+            Capability.TCG,
+        }
+        if tools.find_tool("virtiofsd"):
+            caps.add(Capability.VIRTIOFS)
+        accel = self._pinned.accel if self._pinned else (
+            self.facts.accel.accel if self.facts.accel else "tcg"
+        )
+        if accel == "kvm":
+            caps.add(Capability.KVM)
+        elif accel == "hvf":
+            caps.add(Capability.HVF)
+        return frozenset(caps)
+
+    def probe(self) -> ProbeResult:
+        facts = self.facts
+        qemu_name = QEMU_BINARY.get(facts.arch, f"qemu-system-{facts.arch}")
+        package = _FIX_PACKAGE.get(facts.arch, "qemu-system")
+        if facts.binary is None:
+            return ProbeResult(False, reason=f"{qemu_name} not found",
+                               fix=f"apt-get install {package}")
+        if facts.qemu_img is None:
+            return ProbeResult(False, reason="qemu-img not found", fix="apt-get install qemu-utils")
+        if facts.accel is None:
+            return ProbeResult(False, reason=facts.accel_error,
+                               fix="set BOXLITE_ACCEL to kvm, tcg or hvf, or unset it")
+        details = {
+            "qemu": facts.binary,
+            "qemu_version": facts.version,
+            "qemu_img": facts.qemu_img,
+            "accel": facts.accel.accel,
+            "accel_reason": facts.accel.reason,
+            "sandbox": facts.sandbox,
+            "virtiofsd": tools.find_tool("virtiofsd"),
+        }
+        if facts.accel.notice:
+            details["accel_notice"] = facts.accel.notice
+        if not facts.sandbox:
+            details["sandbox_notice"] = "this QEMU has no -sandbox (seccomp); running without it"
+        return ProbeResult(True, details=details)
+
+    def plan(self, spec: VmSpec) -> LaunchPlan:
+        argv, facts = build_argv(spec, self.host())
+        return LaunchPlan(backend=self.name, spec=spec, data={"argv": argv, **facts})
+
+    def launch(self, plan: LaunchPlan) -> QemuHandle:
+        if plan.backend != self.name:
+            raise ConfigError(f"plan is for backend {plan.backend!r}, not {self.name!r}")
+        spec = plan.spec
+        box = Path(spec.box_dir)
+        box.mkdir(parents=True, exist_ok=True)
+        qmp_socket = Path(plan.data["qmp_socket"])
+        log_path = Path(plan.data["log"])
+        for stale in (qmp_socket, Path(spec.agent.socket), Path(plan.data["pidfile"])):
+            stale.unlink(missing_ok=True)
+        argv = [str(a) for a in plan.data["argv"]]
+        with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
+            try:
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=devnull,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # survives our exit and our terminal's signals
+                    umask=0o077,  # sockets, console log and pidfile are the owner's only
+                    close_fds=True,
+                )
+            except FileNotFoundError as exc:
+                raise ToolMissingError(argv[0], _FIX_PACKAGE.get(host_arch())) from exc
+        handle = QemuHandle(
+            box, popen.pid, start_time(popen.pid), qmp_socket, Path(spec.console_log),
+            log_path, popen,
+        )
+        try:
+            self._wait_qmp(handle, popen)
+        except BaseException:
+            handle.kill()
+            raise
+        for sock in (qmp_socket, Path(spec.agent.socket)):
+            if sock.exists():
+                os.chmod(sock, 0o600)
+        write_state(box / "vm.json", {
+            **handle.state(),
+            "backend": self.name,
+            "argv": argv,
+            "accel": plan.data.get("accel"),
+            "machine": plan.data.get("machine"),
+            "launched_at": time.time(),
+        })
+        return handle
+
+    def _wait_qmp(self, handle: QemuHandle, popen: subprocess.Popen[bytes]) -> None:
+        """Until QMP answers: QEMU has parsed its argv, opened every device and socket."""
+        deadline = time.monotonic() + QMP_READY_TIMEOUT
+        last = ""
+        while time.monotonic() < deadline:
+            if popen.poll() is not None:
+                raise EngineError(self._death_message(handle, popen.returncode))
+            if handle.qmp_socket.exists():
+                try:
+                    qmp_command(handle.qmp_socket, "query-status", timeout=2.0)
+                    return
+                except QmpError as exc:
+                    last = str(exc)
+            time.sleep(0.02)
+        raise EngineError(
+            f"QEMU (pid {popen.pid}) did not open its QMP socket {handle.qmp_socket} within "
+            f"{QMP_READY_TIMEOUT:.0f}s ({last or 'no socket'}); QEMU log:\n"
+            + _tail(handle.log or Path(os.devnull))
+        )
+
+    @staticmethod
+    def _death_message(handle: QemuHandle, returncode: int) -> str:
+        log = _tail(handle.log) if handle.log else ""
+        console = handle.console_tail()
+        msg = f"QEMU exited during start-up with status {returncode}"
+        if log:
+            msg += f"\n--- QEMU stderr ---\n{log}"
+        if console:
+            msg += f"\n--- guest console (last lines) ---\n{console}"
+        return msg
+
+    def attach(self, box_dir: Path) -> QemuHandle | None:
+        state_file = Path(box_dir) / "vm.json"
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if state.get("backend", self.name) != self.name or "pid" not in state:
+            return None
+        handle = QemuHandle.from_state(Path(box_dir), state)
+        if not handle.is_running():
+            return None
+        return handle

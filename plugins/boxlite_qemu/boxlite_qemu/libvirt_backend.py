@@ -1,0 +1,420 @@
+"""Backend ``libvirt``: the same boxes as ``qemu``, as transient domains of a libvirtd.
+
+Why offer it: hosts that already run libvirt want every VM visible (and killable) through
+``virsh``, audited by libvirt, and confined by its security drivers. The guest, the disks, the
+agent channel and the console are exactly the ``qemu`` backend's; only the launcher differs.
+
+This module imports without libvirt-python installed (``import libvirt`` happens inside the
+methods), so a host without it sees the backend as *unavailable* with the fix, not a broken
+plugin. Install it with ``pip install 'boxlite-qemu[libvirt]'``.
+
+What :meth:`LibvirtBackend.attach` needs is in ``BOXDIR/vm.json``: URI, domain name, UUID and
+the libvirt domain ID of this boot (a restarted box gets a new UUID and ID, so an old record
+never adopts a newer VM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from boxlite_core.errors import ConfigError, EngineError, StateError
+from boxlite_core.models import Capability, ProbeResult, VmSpec
+from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
+
+from .libvirt_xml import DEFAULT_VIRTIOFSD, build_domain_xml, domain_name
+
+ENV_URI = "BOXLITE_LIBVIRT_URI"
+VM_FILE = "vm.json"
+INSTALL_FIX = "pip install 'boxlite-qemu[libvirt]' (needs libvirt-dev and pkg-config to build)"
+DAEMON_FIX = (
+    "start libvirtd (virtlogd -d && libvirtd -d, or systemctl start libvirtd); "
+    "if it is not installed: apt-get install libvirt-daemon-system"
+)
+_POLL = 0.1
+
+# libvirt domain states (virDomainState) and shutoff/crashed reasons, for exit_reason()
+_STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown",
+           5: "shutoff", 6: "crashed", 7: "pmsuspended"}
+_SHUTOFF_REASONS = {0: "unknown", 1: "guest powered off", 2: "destroyed", 3: "crashed",
+                    4: "migrated", 5: "saved", 6: "failed to start", 7: "restored from snapshot",
+                    8: "daemon restarted"}
+
+
+def default_uri(env: dict[str, str] | None = None) -> str:
+    """BOXLITE_LIBVIRT_URI, else the system daemon as root and the session daemon otherwise."""
+    env = dict(os.environ) if env is None else env
+    uri = env.get(ENV_URI, "").strip()
+    if uri:
+        return uri
+    return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
+
+
+def is_local(uri: str) -> bool:
+    """True when the daemon runs on this host (no hostname in the URI)."""
+    parts = urlsplit(uri)
+    return not parts.hostname and "+ssh" not in parts.scheme and "+tcp" not in parts.scheme \
+        and "+tls" not in parts.scheme
+
+
+def is_session(uri: str) -> bool:
+    return urlsplit(uri).path.rstrip("/") == "/session"
+
+
+def _import_libvirt() -> Any:
+    import libvirt
+
+    # libvirt prints every error to stderr by default ("Domain not found" on each poll)
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def _open(uri: str) -> Any:
+    libvirt = _import_libvirt()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise EngineError(f"cannot connect to libvirt at {uri}: {exc}; {DAEMON_FIX}") from exc
+
+
+def _host_domain_type() -> tuple[str, str]:
+    """(libvirt domain type, why): the qemu backend's accelerator probe when importable."""
+    try:
+        from .accel import host_accel
+    except Exception:  # the qemu half of this distribution is not importable
+        return "qemu", "accelerator probe unavailable; using TCG"
+    choice = host_accel()
+    return {"kvm": "kvm", "hvf": "hvf"}.get(choice.accel, "qemu"), choice.reason
+
+
+def _pid_file(uri: str, name: str) -> Path | None:
+    if not is_local(uri):
+        return None
+    if is_session(uri):
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
+        return Path(runtime) / "libvirt" / "qemu" / "run" / f"{name}.pid"
+    return Path("/run/libvirt/qemu") / f"{name}.pid"
+
+
+def _log_file(uri: str, name: str) -> Path | None:
+    if not is_local(uri) or is_session(uri):
+        return None
+    return Path("/var/log/libvirt/qemu") / f"{name}.log"
+
+
+def _read_pid(uri: str, name: str) -> int | None:
+    path = _pid_file(uri, name)
+    if path is None:
+        return None
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _last_shutdown_reason(uri: str, name: str) -> str | None:
+    """libvirt writes 'shutting down, reason=X' to the domain's log when QEMU goes away."""
+    path = _log_file(uri, name)
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            tail = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        if "shutting down, reason=" in line:
+            return line.split("shutting down, reason=", 1)[1].strip()
+    return None
+
+
+class LibvirtHandle(VmHandle):
+    """One transient domain. Every call looks the domain up by UUID: it may be gone."""
+
+    def __init__(self, uri: str, name: str, uuid: str, dom_id: int, pid: int | None,
+                 box_dir: Path | None = None) -> None:
+        self.uri = uri
+        self.name = name
+        self.uuid = uuid
+        self.dom_id = dom_id
+        self._pid = pid
+        self.box_dir = box_dir
+        self._conn: Any = None
+        self._reason: str | None = None
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                if self._conn.isAlive():
+                    return self._conn
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+        self._conn = _open(self.uri)
+        return self._conn
+
+    def _domain(self) -> Any | None:
+        """This boot's domain, or None when it is gone (or another boot holds the name)."""
+        libvirt = _import_libvirt()
+        try:
+            dom = self._connection().lookupByUUIDString(self.uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise EngineError(f"libvirt domain {self.name}: lookup failed: {exc}") from exc
+        if dom.ID() != self.dom_id:
+            return None
+        return dom
+
+    def _note_gone(self) -> None:
+        if self._reason is None:
+            why = _last_shutdown_reason(self.uri, self.name)
+            self._reason = (f"libvirt domain {self.name} is gone (libvirt: {why})" if why
+                            else f"libvirt domain {self.name} vanished from {self.uri}")
+
+    # -- VmHandle --------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    def is_running(self) -> bool:
+        dom = self._domain()
+        if dom is None:
+            self._note_gone()
+            return False
+        try:
+            active = bool(dom.isActive())
+        except Exception:  # vanished between lookup and the call
+            active = False
+        if not active:
+            self._note_state(dom)
+        return active
+
+    def _note_state(self, dom: Any) -> None:
+        if self._reason is not None:
+            return
+        try:
+            state, reason = dom.state()
+        except Exception:
+            self._note_gone()
+            return
+        detail = _SHUTOFF_REASONS.get(reason, str(reason)) if state == 5 else str(reason)
+        self._reason = f"libvirt domain {self.name} is {_STATES.get(state, state)} ({detail})"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_running():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """ACPI shutdown, wait, then destroy. The runtime asks the agent to power off first."""
+        dom = self._domain()
+        if dom is None:
+            self._note_gone()
+            return
+        with contextlib.suppress(Exception):
+            dom.shutdown()
+        if self.wait(timeout):
+            return
+        self._destroy("stopped: did not power off within "
+                      f"{timeout:g}s of an ACPI shutdown, destroyed")
+
+    def kill(self) -> None:
+        self._destroy("killed (virDomainDestroy)")
+
+    def _destroy(self, reason: str) -> None:
+        libvirt = _import_libvirt()
+        dom = self._domain()
+        if dom is None:
+            self._note_gone()
+            return
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as exc:
+            if self._domain() is not None:
+                raise EngineError(f"libvirt domain {self.name}: destroy failed: {exc}") from exc
+        if self._reason is None:
+            self._reason = f"libvirt domain {self.name} {reason}"
+
+    def exit_reason(self) -> str | None:
+        if self._reason is None and not self.is_running():
+            self._note_gone()
+        return self._reason
+
+    def pause(self) -> None:
+        dom = self._domain()
+        if dom is None:
+            raise StateError(f"libvirt domain {self.name} is not running; cannot pause it")
+        dom.suspend()
+
+    def resume(self) -> None:
+        dom = self._domain()
+        if dom is None:
+            raise StateError(f"libvirt domain {self.name} is not running; cannot resume it")
+        dom.resume()
+
+    def release(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": "libvirt", "uri": self.uri, "name": self.name, "uuid": self.uuid,
+                "id": self.dom_id, "pid": self._pid}
+
+
+class LibvirtBackend(VmmBackend):
+    """Transient libvirt domains built from the same VmSpec as the ``qemu`` backend."""
+
+    name: ClassVar[str] = "libvirt"
+
+    def __init__(self, uri: str | None = None, *, domain_type: str | None = None,
+                 arch: str | None = None, virtiofsd: str = DEFAULT_VIRTIOFSD) -> None:
+        self.uri = uri or default_uri()
+        self._domain_type = domain_type
+        self._domain_type_reason = "given by the caller" if domain_type else ""
+        self.arch = arch or platform.machine()
+        self.virtiofsd = virtiofsd
+
+    @property
+    def domain_type(self) -> str:
+        """kvm only where KVM really boots a guest (the qemu backend's probe), else qemu (TCG).
+        Probed once per instance so every plan of this backend is the same."""
+        if self._domain_type is None:
+            self._domain_type, self._domain_type_reason = _host_domain_type()
+        return self._domain_type
+
+    @property
+    def seclabel(self) -> str:
+        # a session daemon cannot run QEMU as root; it runs as the user and chowns nothing
+        return "none" if is_session(self.uri) else "root"
+
+    def capabilities(self) -> frozenset[Capability]:
+        accel = {"kvm": Capability.KVM, "hvf": Capability.HVF}.get(self.domain_type,
+                                                                   Capability.TCG)
+        return frozenset({
+            Capability.NINEP, Capability.VIRTIOFS, Capability.QCOW2, Capability.RAW,
+            Capability.VIRTIO_SERIAL, Capability.ATTACH, Capability.PAUSE, accel,
+        })
+
+    def probe(self) -> ProbeResult:
+        details: dict[str, Any] = {"uri": self.uri}
+        try:
+            libvirt = _import_libvirt()
+        except ImportError as exc:
+            return ProbeResult(False, reason=f"libvirt-python is not installed ({exc})",
+                               fix=INSTALL_FIX, details=details)
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            return ProbeResult(
+                False, reason=f"libvirt daemon not reachable at {self.uri}: {exc}",
+                fix=DAEMON_FIX, details=details)
+        try:
+            details["libvirt_version"] = _version(conn.getLibVersion())
+            with contextlib.suppress(Exception):
+                details["hypervisor_version"] = _version(conn.getVersion())
+            details["domain_type"] = self.domain_type
+            details["domain_type_reason"] = self._domain_type_reason
+            details["local"] = is_local(self.uri)
+            try:
+                conn.getDomainCapabilities(None, self.arch, None, self.domain_type, 0)
+            except libvirt.libvirtError as exc:
+                return ProbeResult(
+                    False,
+                    reason=f"libvirt at {self.uri} cannot run {self.arch} domains of type "
+                           f"{self.domain_type!r}: {exc}",
+                    fix="apt-get install qemu-system-x86 (and restart libvirtd)",
+                    details=details)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+        return ProbeResult(True, details=details)
+
+    def plan(self, spec: VmSpec) -> LaunchPlan:
+        xml = build_domain_xml(spec, domain_type=self.domain_type, arch=self.arch,
+                               seclabel=self.seclabel, virtiofsd=self.virtiofsd)
+        data = {
+            "xml": xml,
+            "uri": self.uri,
+            "name": domain_name(spec.box_id),
+            "domain_type": self.domain_type,
+            "seclabel": self.seclabel,
+        }
+        machine = spec.hints.get("machine")
+        if machine and machine != "q35":
+            data["machine_note"] = f"kit hint {machine!r} replaced by q35 (libvirt lacks microvm)"
+        return LaunchPlan(backend=self.name, spec=spec, data=data)
+
+    def launch(self, plan: LaunchPlan) -> LibvirtHandle:
+        if plan.backend != self.name:
+            raise ConfigError(f"plan for backend {plan.backend!r} handed to {self.name!r}")
+        libvirt = _import_libvirt()
+        uri = plan.data["uri"]
+        name = plan.data["name"]
+        spec = plan.spec
+        conn = _open(uri)
+        try:
+            with contextlib.suppress(libvirt.libvirtError):
+                old = conn.lookupByName(name)
+                raise StateError(
+                    f"libvirt domain {name} already exists at {uri} (state "
+                    f"{_STATES.get(old.state()[0], '?')}); stop that box first, or remove it: "
+                    f"virsh -c {uri} destroy {name}")
+            # a stale socket would make connecting clients race the new QEMU's listen()
+            spec.agent.socket.unlink(missing_ok=True)
+            try:
+                dom = conn.createXML(plan.data["xml"], 0)
+            except libvirt.libvirtError as exc:
+                raise EngineError(f"libvirt could not start domain {name} at {uri}: {exc}"
+                                  ) from exc
+            handle = LibvirtHandle(uri, name, dom.UUIDString(), dom.ID(),
+                                   _read_pid(uri, name), spec.box_dir)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+        if is_local(uri):
+            with contextlib.suppress(OSError):
+                os.chmod(spec.agent.socket, 0o600)
+        _write_vm_file(spec.box_dir, handle)
+        return handle
+
+    def attach(self, box_dir: Path) -> LibvirtHandle | None:
+        try:
+            info = json.loads((Path(box_dir) / VM_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if info.get("backend") != self.name:
+            return None
+        handle = LibvirtHandle(info["uri"], info["name"], info["uuid"], int(info["id"]),
+                               info.get("pid"), Path(box_dir))
+        if not handle.is_running():
+            handle.release()
+            return None
+        return handle
+
+
+def _version(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def _write_vm_file(box_dir: Path, handle: LibvirtHandle) -> None:
+    path = Path(box_dir) / VM_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(handle.to_dict(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
