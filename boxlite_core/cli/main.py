@@ -346,6 +346,12 @@ def cp(src: str, dst: str) -> int:
     return 0
 
 
+def _command(cmd: Sequence[str]) -> list[str]:
+    """CMD as typed: click keeps a `--` that follows the first positional argument."""
+    argv = list(cmd)
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
 def _stream(box: Any, argv: list[str], *, interactive: bool, env: dict[str, str] | None = None,
             cwd: str | None = None, user: str | None = None,
             timeout: float | None = None) -> int:
@@ -417,7 +423,7 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
     rt = _runtime()
     box = rt.create(options)
     try:
-        argv = list(cmd) or (None if detach else box.default_command())
+        argv = _command(cmd) or (None if detach else box.default_command())
         with Reporter(plain_off_tty=False) as progress:
             box.start(progress=progress)
         if detach:
@@ -454,7 +460,10 @@ def exec_(interactive: bool, env: tuple[str, ...], workdir: str | None, user: st
         raise ConfigError(f"-w {workdir!r}: working directory must be absolute")
     rt = _runtime()
     try:
-        return _stream(rt.get(box), list(cmd), interactive=interactive, env=_parse_env(env),
+        argv = _command(cmd)
+        if not argv:
+            raise ConfigError("exec: give a command after the box (boxlite exec BOX -- CMD...)")
+        return _stream(rt.get(box), argv, interactive=interactive, env=_parse_env(env),
                        cwd=workdir, user=user, timeout=timeout)
     finally:
         rt.close()
@@ -524,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         pass
     sys.exit(code)
 
+
+from .images_remote import attach as _attach_images_remote  # noqa: E402 - needs cli, images
+
+_attach_images_remote(cli, images)
 
 if __name__ == "__main__":
     main()

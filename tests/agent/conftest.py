@@ -53,10 +53,25 @@ def build_busybox_root(root: Path) -> Path:
 class NativeAgent:
     """The agent as a subprocess in private mount+UTS namespaces (so its mounts die with it)."""
 
-    def __init__(self, box_dir: Path) -> None:
+    def __init__(
+        self,
+        box_dir: Path,
+        *,
+        serial: bool = True,
+        vsock_listen: bool = False,
+        vsock_port: int = 0,
+    ) -> None:
+        """serial: a virtio-serial stand-in at ``port``; vsock_listen: a vsock stand-in (no
+        READY, a stream per connect) at ``vsock``; vsock_port: a real AF_VSOCK port (0 = none,
+        which also keeps the agent from reading the host's /proc/cmdline for one)."""
         self.box_dir = box_dir
         self.port = box_dir / "agent.port"
+        self.vsock = box_dir / "agent.vsock"
         self.log = box_dir / "agent.log"
+        channel = ["--serial-listen", str(self.port)] if serial else []
+        if vsock_listen:
+            channel += ["--vsock-listen", str(self.vsock)]
+        channel += ["--vsock-port", str(vsock_port)]
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.started = time.monotonic()
         self._logf = open(self.log, "wb")  # noqa: SIM115 - lives as long as the agent
@@ -70,8 +85,7 @@ class NativeAgent:
                 sys.executable,
                 "-m",
                 "boxlite_core.guest.agent",
-                "--serial-listen",
-                str(self.port),
+                *channel,
                 "--state-dir",
                 str(box_dir / "run"),
             ],
@@ -108,9 +122,9 @@ def busybox_root(tmp_path_factory) -> Path:
 def agent_factory(tmp_path_factory, busybox_root):
     started: list[NativeAgent] = []
 
-    def make() -> NativeAgent:
+    def make(**kw) -> NativeAgent:
         box = tmp_path_factory.mktemp("box")
-        agent = NativeAgent(box)
+        agent = NativeAgent(box, **kw)
         started.append(agent)
         return agent
 

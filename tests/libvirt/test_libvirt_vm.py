@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,3 +149,34 @@ def test_domain_destroyed_behind_our_back(tmp_path: Path, libvirt_uri: str, kit,
             assert "destroyed" in reason
     finally:
         _cleanup(handle)
+
+
+@pytest.mark.parametrize("sharer", ["9p", "virtiofs"])
+def test_boxlite_run_end_to_end(
+    tmp_path: Path, libvirt_uri: str, kit, sharer: str, request: pytest.FixtureRequest
+) -> None:
+    """`boxlite run --backend libvirt` with a read-only volume through each sharer."""
+    boxlite = shutil.which("boxlite")
+    if boxlite is None:
+        pytest.skip("the boxlite CLI is not installed (pip install -e .)")
+    # unix socket paths hold 107 bytes: pytest's tmp_path is too deep for BOXDIR/*.sock
+    home = Path(tempfile.mkdtemp(prefix="bxlv-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    (home / "cache").mkdir(parents=True)
+    # reuse the session's guest kit cache instead of building another one
+    (home / "cache" / "guest-kit").symlink_to(kit.directory.parents[1])
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "hello").write_text("hello-from-host\n")
+    env = {**os.environ, "BOXLITE_HOME": str(home), "BOXLITE_LIBVIRT_URI": libvirt_uri}
+    out = subprocess.run(
+        [boxlite, "run", "--rm", "--backend", "libvirt", "--sharer", sharer,
+         "-v", f"{vol}:/data:ro", "busybox", "sh", "-c",
+         "uname -a; cat /data/hello; touch /data/new || echo ro-ok"],
+        capture_output=True, text=True, env=env, timeout=400,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Linux" in out.stdout
+    assert "hello-from-host" in out.stdout
+    assert "ro-ok" in out.stdout
+    assert not (vol / "new").exists()

@@ -1,9 +1,15 @@
 """Entry point: `python3 -m boxlite_core.guest.agent` (PID 1 in the guest).
 
-Options exist for running the agent natively in tests, where a listening unix socket plays
-the part of the virtio-serial port:
+Host channels: the virtio-serial port named org.boxlite.agent (QEMU), and/or AF_VSOCK when the
+kernel cmdline has ``boxlite.agent_vsock=PORT`` (libkrun, hvf). Both may serve at once; with
+neither the agent fails naming the missing port.
+
+Options exist for running the agent natively in tests, where listening unix sockets play
+the part of the virtio-serial port and of the vsock port:
   --serial-listen PATH   listen at PATH; each accepted connection is one host attachment
   --port PATH            use this character device instead of searching /sys (default)
+  --vsock-listen PATH    serve the vsock protocol (no READY, a stream per connection) at PATH
+  --vsock-port PORT      listen on this AF_VSOCK port instead of the cmdline's (0 = none)
   --state-dir DIR        where rootfs, layers and the server socket live (/run/boxlite)
 """
 
@@ -19,7 +25,13 @@ os.environ.setdefault("GRPC_POLL_STRATEGY", "epoll1")
 
 
 def _parse(argv: list[str]) -> dict[str, str]:
-    opts = {"state-dir": "/run/boxlite", "serial-listen": "", "port": ""}
+    opts = {
+        "state-dir": "/run/boxlite",
+        "serial-listen": "",
+        "port": "",
+        "vsock-listen": "",
+        "vsock-port": "",
+    }
     it = iter(argv)
     for arg in it:
         key = arg.lstrip("-")
@@ -64,13 +76,37 @@ def main(argv: list[str]) -> None:
     state_dir = opts["state-dir"]
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
 
-    from . import port
+    from . import port, vsock
 
-    # Open the endpoint first: in the test mode the listening socket should exist early.
-    if opts["serial-listen"]:
-        endpoint: port.Endpoint = port.ListeningSocket(opts["serial-listen"])
+    # Open the endpoints first: listening sockets should exist early (connects queue up in the
+    # backlog until the gRPC server is up and the accept loop runs).
+    streams: vsock.Listener | None = None
+    vsock_error: OSError | None = None
+    if opts["vsock-listen"]:
+        streams = vsock.Listener.unix(opts["vsock-listen"])
     else:
-        endpoint = port.VirtioPort(opts["port"] or port.find_virtio_port())
+        vport = int(opts["vsock-port"]) if opts["vsock-port"] else vsock.read_cmdline_port()
+        if vport:
+            try:
+                streams = vsock.Listener.vsock(vport)
+            except OSError as exc:
+                # Not fatal while a virtio-serial port may still serve (checked below).
+                vsock_error = exc
+                pid1.log(f"warning: cannot listen on vsock port {vport}: {exc}")
+    endpoint: port.Endpoint | None
+    if opts["serial-listen"]:
+        endpoint = port.ListeningSocket(opts["serial-listen"])
+    elif opts["port"]:
+        endpoint = port.VirtioPort(opts["port"])
+    else:
+        try:
+            endpoint = port.VirtioPort(port.find_virtio_port())
+        except FileNotFoundError:
+            if vsock_error is not None:
+                raise vsock_error from None  # asked for vsock, and it is the only channel
+            if streams is None:
+                raise  # no channel at all: today's error, naming the missing port
+            endpoint = None
 
     from . import procs
 
@@ -94,6 +130,14 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, on_term)
     if not is_pid1:
         signal.signal(signal.SIGINT, on_term)
+    if endpoint is None:
+        assert streams is not None
+        streams.serve_forever(sock)
+        return
+    if streams is not None:
+        threading.Thread(
+            target=streams.serve_forever, args=(sock,), name="vsock-accept", daemon=True
+        ).start()
     port.serve_forever(endpoint, sock)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 from .pid1 import log
 from .port import _relay
@@ -85,7 +86,9 @@ class Listener:
         while True:
             try:
                 conn, _ = self.sock.accept()
-            except InterruptedError:
+            except OSError as exc:  # e.g. EMFILE: keep serving once fds free up
+                log(f"accept on {self.where} failed: {exc}")
+                time.sleep(0.1)
                 continue
             threading.Thread(
                 target=_serve_one, args=(conn, server_socket), name="vsock-relay", daemon=True

@@ -388,8 +388,9 @@ def _build(recipe: KitRecipe, cache: Path, work: Path, report: Progress, force: 
     site, wheels = _wheels_layer(recipe, cache, work, report)
 
     report("writing the initramfs", 0.7)
+    always, vsock = modules.split_vsock(kernel_info["modules"])
     initramfs.build_initramfs(out / INITRD_FILE, busybox, kernel_layer / "modules",
-                              kernel_info["modules"])
+                              always, vsock)
 
     report("assembling the guest root (base + wheels + agent, byte-compiled)", 0.78)
     stage = work / "stage"
@@ -409,7 +410,8 @@ def _build(recipe: KitRecipe, cache: Path, work: Path, report: Progress, force: 
         "build_seconds": round(time.monotonic() - started, 1),
         "kernel": kernel_info,
         "initramfs": {"busybox": {"name": bb_name, "version": bb_version},
-                      "compression": "none", "modules": kernel_info["modules"]},
+                      "compression": "none", "modules": always,
+                      "vsock_modules": vsock},
         "packages": (
             [{"name": kernel_info["package"], "version": kernel_info["version"],
               "source": "apt-get download"},

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import lzma
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ...errors import ImageError
@@ -33,6 +33,17 @@ GUEST_MODULES: tuple[str, ...] = (
     "9pnet_virtio",
     "fuse",
     "virtiofs",
+    # vsock: the agent's channel under libkrun/hvf (see VSOCK_MODULES)
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+)
+
+#: The guest end of virtio-vsock. libkrun and hvf have no virtio-serial port, so the agent
+#: serves on vsock there; /init loads these only when the cmdline carries
+#: ``boxlite.agent_vsock=PORT`` (those backends add it), so QEMU boots pay nothing for them.
+VSOCK_MODULES: frozenset[str] = frozenset(
+    {"vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"}
 )
 
 
@@ -157,3 +168,14 @@ def module_closure(
                 "pick a kernel package that has it"
             )
     return _closure_paths(roots, modules_dep, by_name)
+
+
+def split_vsock(order: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split a load order into (always loaded, loaded only for a vsock agent), order kept.
+
+    Safe by name: no base module depends on a vsock one, and anything else a vsock module
+    needs stays in the first list, which /init loads earlier.
+    """
+    always = [p for p in order if module_name(p) not in VSOCK_MODULES]
+    vsock = [p for p in order if module_name(p) in VSOCK_MODULES]
+    return always, vsock

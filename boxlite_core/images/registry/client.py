@@ -109,7 +109,7 @@ class RegistryClient:
                 log.info("%s failed (%s); trying the next endpoint", ep, exc)
                 last = exc
                 continue
-            if ep.is_mirror or i:
+            if i:
                 self._prefer(ep)
             return resp, ep
         assert last is not None
@@ -121,11 +121,15 @@ class RegistryClient:
         order = self._endpoint_order()
         for i, ep in enumerate(order):
             try:
-                return fn(ep)
+                result = fn(ep)
             except ImageError as exc:
                 if i == len(order) - 1:
                     raise
                 log.info("%s failed (%s); trying the next endpoint", ep, exc)
+                continue
+            if i:  # a dead mirror is not tried first for every later blob
+                self._prefer(ep)
+            return result
         raise AssertionError("unreachable")
 
     # -- plumbing ---------------------------------------------------------------------------
