@@ -112,7 +112,10 @@ def _relay(a: socket.socket, b: socket.socket, first_to_a: bytes) -> None:
                     s.shutdown(socket.SHUT_RDWR)
 
     if first_to_a:
-        a.sendall(first_to_a)
+        try:
+            a.sendall(first_to_a)
+        except OSError:  # gRPC gave up on this connection already; the caller resets the port
+            return
     t = threading.Thread(target=pump, args=(b, a), daemon=True, name="bridge-port>grpc")
     t.start()
     pump(a, b)
@@ -193,6 +196,8 @@ class SerialBridge(Transport):
             self._active = [client, port_sock]
             try:
                 _relay(client, port_sock, leftover)
+            except OSError as exc:  # one broken connection must not end the bridge
+                self.last_error = f"bridge connection failed: {exc}"
             finally:
                 self._active = []
                 client.close()

@@ -133,7 +133,8 @@ def container_rootfs_prep(ctx: StartContext) -> None:
     rt = ctx.runtime
     options = ctx.record.options
     ctx.report(f"image {options.image}")
-    ctx.image = rt.images.get(options.image)
+    # The digest recorded at create, not the tag: a re-tagged image must not change a box.
+    ctx.image = rt.images.get(ctx.record.image_digest or options.image)
     strategy = rt.plugins.rootfs_strategy(options.rootfs)
     rctx = RootfsContext(
         home=rt.home,

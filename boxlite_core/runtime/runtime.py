@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from ..errors import ConfigError, NotFoundError, StateError
+from ..images.registry.pull import ensure_image
 from ..models import BoxOptions, BoxStatus
 from ..plugins import PluginRegistry
 from ..state.db import Database
@@ -135,7 +136,9 @@ class Runtime:
                 f"volume_sharer={options.volume_sharer!r}: unknown volume sharer; known: "
                 f"{', '.join(self.plugins.sharer_names()) or 'none'}"
             )
-        image = self.images.get(options.image)
+        # A registry reference that is not in the store is pulled here (pull-on-create);
+        # local and built-in images never touch the network.
+        image = ensure_image(self.images, options.image)
         backend = self.plugins.select_backend(options)
         box_id = new_box_id()
         name = options.name

@@ -70,8 +70,15 @@ class BoxPool:
         return box
 
     def shared(self, key: str, **overrides: Any) -> Any:
-        """The one started box for ``key``; tests using it must not change its state."""
+        """The one started box for ``key``; tests using it must not change its state.
+
+        Besides the default box, at most one shared box runs at a time: on a small CI host
+        under TCG, idle VMs left running slow every later boot (tests are ordered so that
+        each configuration's tests are contiguous, see the plugin).
+        """
         entry = self._shared.get(key)
+        if entry is None and key != "default":
+            self._retire_others(keep=key)
         if entry is None:
             try:
                 entry = self.fresh(**overrides)
@@ -81,6 +88,17 @@ class BoxPool:
         if isinstance(entry, BaseException):
             raise entry
         return entry
+
+    def _retire_others(self, keep: str) -> None:
+        for other, box in list(self._shared.items()):
+            if other in ("default", keep) or isinstance(box, BaseException):
+                continue
+            try:
+                box.remove(force=True)
+            except Exception:
+                pass
+            self._owned = [b for b in self._owned if b is not box]
+            del self._shared[other]
 
     def remember(self, key: str, make: Any) -> Any:
         """``make()`` once per session for ``key`` (host dirs a shared box was created with)."""

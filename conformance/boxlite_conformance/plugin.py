@@ -117,6 +117,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _group_by_box(items)
     max_tier = config.getoption("--conformance-max-tier")
     if max_tier is None:
         return
@@ -127,6 +128,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def _group_by_box(items: list[pytest.Item]) -> None:
+    """Make each shared box's tests contiguous: a class naming ``conformance_group_by``
+    (e.g. "strategy") has its tests ordered by that parameter, so a box per value boots once.
+    """
+    first_seen: dict[Any, int] = {}
+    for index, item in enumerate(items):
+        first_seen.setdefault((getattr(item, "module", None), getattr(item, "cls", None)), index)
+
+    def key(pair: tuple[int, pytest.Item]) -> tuple[int, str, int]:
+        index, item = pair
+        cls = getattr(item, "cls", None)
+        group = first_seen[(getattr(item, "module", None), cls)]
+        param = getattr(cls, "conformance_group_by", None)
+        value = ""
+        if param and hasattr(item, "callspec"):
+            value = str(item.callspec.params.get(param, ""))
+        return (group, value, index)
+
+    items[:] = [item for _i, item in sorted(enumerate(items), key=key)]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -85,13 +85,13 @@ def test_agent_channel_is_a_virtio_serial_port_on_the_box_socket(tmp_path: Path,
     assert channel.find("target").attrib == {"type": "virtio", "name": "org.boxlite.agent"}
 
 
-def test_shares_9p_squash_and_virtiofs_external_socket(tmp_path: Path, make_spec) -> None:
+def test_shares_9p_and_virtiofs_external_socket(tmp_path: Path, make_spec) -> None:
     dom = _xml(_tcg(), _full_spec(tmp_path, make_spec))
     fss = {fs.find("target").get("dir"): fs for fs in dom.findall("devices/filesystem")}
     assert set(fss) == {"vol0", "vol1", "vol2"}
     ro9p, rw9p, vfs = fss["vol0"], fss["vol1"], fss["vol2"]
     for fs in (ro9p, rw9p):
-        assert fs.get("accessmode") == "squash"
+        assert fs.get("accessmode") == "passthrough"  # QEMU runs as root: ownership maps
         assert fs.find("driver").get("type") == "path"
     assert ro9p.find("readonly") is not None
     assert rw9p.find("readonly") is None
@@ -128,6 +128,9 @@ def test_seclabel_keeps_libvirt_from_chowning_shared_images(tmp_path: Path, make
     assert label.findtext("label") == "+0:+0"
     session = _xml(LibvirtBackend("qemu:///session", domain_type="qemu"), make_spec(tmp_path))
     assert session.find("seclabel").attrib == {"type": "none", "model": "dac"}
+    spec = make_spec(tmp_path, shares=(ShareSpec("vol0", tmp_path, "9p"),))
+    session9p = _xml(LibvirtBackend("qemu:///session", domain_type="qemu"), spec)
+    assert session9p.find("devices/filesystem").get("accessmode") == "squash"
 
 
 def test_domain_type_follows_the_accelerator_probe(tmp_path: Path, make_spec) -> None:

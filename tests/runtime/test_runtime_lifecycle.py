@@ -118,7 +118,7 @@ def test_sharer_capability_mismatch_names_both(tmp_path, rt):
 def test_sharer_started_then_stopped_on_failure(tmp_path, rt):
     vol = tmp_path / "vol"
     vol.mkdir()
-    box = rt.create(opts(volumes=[f"{vol}:/data:ro"]))  # default pick: ninep_double fits
+    box = rt.create(opts(volumes=[f"{vol}:/data:ro"], volume_sharer="ninep_double"))
     with pytest.raises(EngineError):
         box.start()
     assert json.loads((box.dir / "sharer.started").read_text()) == ["uservol0"]

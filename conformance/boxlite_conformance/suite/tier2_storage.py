@@ -51,6 +51,8 @@ def _rootfs_box(pool: BoxPool, requirements: Requirements, strategy: str) -> Any
 @pytest.mark.vm
 @pytest.mark.parametrize("strategy", _STRATEGY_PARAMS)
 class TestRootfsStrategies:
+    conformance_group_by = "strategy"
+
     def test_image_runs(
         self, box_pool: BoxPool, conformance_requirements: Requirements, strategy: str
     ) -> None:
@@ -109,6 +111,8 @@ def _volume_box(pool: BoxPool, sharer: str) -> tuple[Any, _VolumeDirs]:
 @pytest.mark.vm
 @pytest.mark.parametrize("sharer", _SHARER_PARAMS)
 class TestVolumes:
+    conformance_group_by = "sharer"
+
     def test_host_files_are_visible(self, box_pool: BoxPool, sharer: str) -> None:
         box, _dirs = _volume_box(box_pool, sharer)
         assert guest_probe.run(box, ["cat", "/data/rw/rw.txt"]) == "from host rw\n"

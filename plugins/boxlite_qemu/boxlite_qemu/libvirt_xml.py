@@ -75,10 +75,13 @@ def _disk(devices: ET.Element, index: int, disk: DiskSpec) -> None:
         _sub(el, "readonly")
 
 
-def _share(devices: ET.Element, share: ShareSpec, virtiofsd: str) -> None:
+def _share(devices: ET.Element, share: ShareSpec, virtiofsd: str, seclabel: str) -> None:
     if share.kind == "9p":
-        # squash: chown/chmod failures of QEMU's user are ignored, as for a non-root QEMU
-        el = _sub(devices, "filesystem", type="mount", accessmode="squash")
+        # QEMU as root: passthrough, so guest uids/gids (the volume owner's) land on the host
+        # as-is, like the qemu backend. Non-root QEMU: squash (chown failures are ignored;
+        # passthrough would fail with EPERM)
+        mode = "passthrough" if seclabel == "root" else "squash"
+        el = _sub(devices, "filesystem", type="mount", accessmode=mode)
         _sub(el, "driver", type="path")
         _sub(el, "source", dir=str(share.host_path))
         _sub(el, "target", dir=share.tag)
@@ -168,7 +171,7 @@ def build_domain_xml(
     for index, disk in enumerate(spec.disks):
         _disk(devices, index, disk)
     for share in spec.shares:
-        _share(devices, share, virtiofsd)
+        _share(devices, share, virtiofsd, seclabel)
     _sub(devices, "controller", type="usb", model="none")
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(spec.console_log))
