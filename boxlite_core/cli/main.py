@@ -435,14 +435,24 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         assert argv is not None
         return _stream(box, argv, interactive=interactive, timeout=timeout)
     finally:
+        # A box whose start failed is kept even with --rm: its record and console log are
+        # what the user needs to find out why (`boxlite inspect`, `boxlite logs`).
+        failed = box.status is BoxStatus.FAILED
         if not detach:
             try:
                 box.stop()
             finally:
-                if auto_remove:
+                if auto_remove and not failed:
                     rt.remove(box.id, force=True)
-        elif auto_remove and box.status is not BoxStatus.RUNNING:
+        elif auto_remove and box.status is not BoxStatus.RUNNING and not failed:
             rt.remove(box.id, force=True)
+        if failed:
+            click.echo(
+                f"boxlite: box {box.name} ({box.id}) failed and was kept for diagnosis: "
+                f"`boxlite logs {box.name}`, `boxlite inspect {box.name}`, "
+                f"then `boxlite rm {box.name}`",
+                err=True,
+            )
 
 
 @cli.command("exec", context_settings=_EXEC_CONTEXT)

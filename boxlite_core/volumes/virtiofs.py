@@ -11,6 +11,14 @@ from ``--help``:
 * the Rust one (virtiofsd ≥ 1.x): ``--shared-dir``, ``--readonly``, ``--sandbox``, and
   ``--translate-uid/--translate-gid`` which we use for auto-idmap when it offers them.
 
+Auto-idmap with the C virtiofsd (which has no id-translation option): when the host directory
+is not owned by root, the daemon runs in a new **user namespace** whose uid/gid maps swap 0
+and the owner and keep every other id (see :func:`idmap_lines`). virtiofsd creates files with
+the guest caller's ids (setfsuid/setfsgid), so guest root's files land on the host as the
+directory's owner, the owner's files appear to the guest as root, and the other guest ids keep
+their numbers. The whole id range stays mapped, so ns-root keeps DAC override on every file,
+as the daemon had before. A root-owned directory keeps the plain path (no namespace).
+
 Processes are recorded in BOXDIR/virtiofsd.json (pid + /proc start time), so :meth:`stop`
 works from any process and never signals a recycled pid.
 """
@@ -41,6 +49,9 @@ SOCKET_WAIT = 10.0
 _MAX_SOCKET_PATH = 107
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWUSER = 0x10000000
+#: ids 0 .. 2**32-2 (2**32-1 is the invalid id -1 and can't be mapped)
+_ID_COUNT = 4294967295
 _MS_RDONLY = 1
 _MS_REMOUNT = 32
 _MS_BIND = 4096
@@ -122,6 +133,94 @@ def _readonly_bind(source: bytes) -> None:
         libc.mount(None, source, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY, None),
         "remount read-only",
     )
+
+
+def idmap_lines(owner: int) -> str:
+    """uid_map/gid_map text that swaps ns id 0 and host id ``owner`` and maps every other id
+    to itself, so guest root writes as ``owner`` while guest uid 1000 stays 1000. Covers the
+    whole id range (not just 0..65535): an unmapped host owner would show up as the overflow
+    id and would escape ns-root's DAC override, which the daemon has today as real root."""
+    if not 0 <= owner < _ID_COUNT:
+        raise ConfigError(f"volume owner id {owner} cannot be mapped; chown the directory")
+    if owner == 0:
+        return f"0 0 {_ID_COUNT}\n"
+    lines = [f"0 {owner} 1"]
+    if owner > 1:
+        lines.append(f"1 1 {owner - 1}")
+    lines.append(f"{owner} 0 1")
+    if owner + 1 < _ID_COUNT:
+        lines.append(f"{owner + 1} {owner + 1} {_ID_COUNT - owner - 1}")
+    return "\n".join(lines) + "\n"
+
+
+def needs_idmap(info: VirtiofsdInfo, share: HostShare, euid: int) -> bool:
+    """Run the daemon in an id-mapped user namespace? Only the C virtiofsd as root (the Rust
+    one translates ids itself; without root we could not write arbitrary maps), and only when
+    the directory is not root's: then today's path already writes as the owner."""
+    if info.flavour != "c" or euid != 0 or share.uid is None or share.gid is None:
+        return False
+    return (share.uid, share.gid) != (0, 0)
+
+
+def _write_map(pid: int, name: str, text: str) -> None:
+    fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _enter_idmapped_userns(uid: int, gid: int) -> None:
+    """In the child before exec: enter a new user namespace mapped by :func:`idmap_lines`
+    and become its root, so virtiofsd starts as ns-root (full capabilities in the namespace,
+    which its pid/mount/net sandbox needs) while its host ids are the owner's.
+
+    A process cannot write its own maps with ids beyond its own, so a helper forked first
+    (still real root in the parent namespace) writes them once we have unshared; we wait
+    for it, then setresuid(0) — our kernel uid is still host root, which the map shows as
+    ``uid``, and exec would drop the capabilities of a non-root ns uid."""
+    uid_text, gid_text = idmap_lines(uid), idmap_lines(gid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    me = os.getpid()
+    ready_r, ready_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # helper: wait for the unshare, write both maps, report by exit status
+        status = 1
+        try:
+            os.close(ready_w)
+            if os.read(ready_r, 1) == b"u":
+                _write_map(me, "uid_map", uid_text)
+                _write_map(me, "gid_map", gid_text)
+                status = 0
+        except BaseException as exc:  # anything: the helper must reach os._exit
+            with contextlib.suppress(OSError):
+                os.write(2, f"boxlite: writing the user namespace maps: {exc}\n".encode())
+        os._exit(status)
+    os.close(ready_r)
+    failed = libc.unshare(_CLONE_NEWUSER) != 0
+    err = ctypes.get_errno()
+    os.write(ready_w, b"x" if failed else b"u")
+    os.close(ready_w)
+    _pid, status = os.waitpid(helper, 0)
+    if failed:
+        msg = f"boxlite: unshare(CLONE_NEWUSER): {os.strerror(err)}\n"
+        os.write(2, msg.encode())
+        raise OSError(err, msg)
+    if status != 0:
+        raise OSError("boxlite: the user namespace maps were not written")
+    os.setresgid(0, 0, 0)
+    os.setgroups([])
+    os.setresuid(0, 0, 0)
+
+
+def _prepare_child(read_only_source: bytes | None, idmap: tuple[int, int] | None) -> None:
+    """preexec_fn: read-only bind first, as real root, *then* the user namespace. virtiofsd's
+    own mount-namespace copy then happens in a less privileged user namespace, so the kernel
+    locks the read-only flag (MNT_LOCK_READONLY): not even ns-root can remount it writable."""
+    if read_only_source is not None:
+        _readonly_bind(read_only_source)
+    if idmap is not None:
+        _enter_idmapped_userns(*idmap)
 
 
 def _start_time(pid: int) -> int | None:
@@ -223,22 +322,34 @@ class VirtiofsSharer(VolumeSharer):
         socket.unlink(missing_ok=True)
         log_path = box_dir / f"virtiofsd-{share.tag}.log"
         argv = virtiofsd_argv(info, share, socket, euid=os.geteuid())
-        preexec = None
         readonly_mode = "flag" if info.readonly_flag else None
+        ro_source = None
         if share.read_only and not info.readonly_flag:
-            source = os.fsencode(share.host_path)
-            preexec = functools.partial(_readonly_bind, source)
+            ro_source = os.fsencode(share.host_path)
             readonly_mode = "ro-bind-mount"
+        idmap = None
+        if needs_idmap(info, share, os.geteuid()):
+            assert share.uid is not None and share.gid is not None
+            idmap = (share.uid, share.gid)
+        preexec = None
+        if ro_source is not None or idmap is not None:
+            preexec = functools.partial(_prepare_child, ro_source, idmap)
         with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
-            proc = subprocess.Popen(
-                argv,
-                stdin=devnull,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                umask=0o077,
-                preexec_fn=preexec,
-            )
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=devnull,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    umask=0o077,
+                    preexec_fn=preexec,
+                )
+            except subprocess.SubprocessError as exc:  # preexec_fn failed; its why is in the log
+                raise EngineError(
+                    f"could not set up virtiofsd for share {share.tag!r} ({share.host_path}): "
+                    f"{exc}\n{_tail(log_path)}"
+                ) from exc
         self._children[proc.pid] = proc
         record = {
             "tag": share.tag,
@@ -249,6 +360,8 @@ class VirtiofsSharer(VolumeSharer):
             "argv": argv,
             "read_only": share.read_only,
             "read_only_enforced_by": readonly_mode if share.read_only else None,
+            # guest ids 0 <-> the owner's, in virtiofsd's user namespace (None: no userns)
+            "idmap": {"uid": idmap[0], "gid": idmap[1]} if idmap else None,
         }
         deadline = time.monotonic() + SOCKET_WAIT
         while not socket.exists():

@@ -155,7 +155,10 @@ def test_dead_mirror_falls_back_to_origin(registry, pusher, store, no_docker_con
     assert image.digest == img.digest
 
 
-def test_ensure_image_pulls_only_when_missing(registry, pusher, store, insecure, no_docker_config):
+def test_ensure_image_pulls_only_when_missing(
+    registry, pusher, store, insecure, no_docker_config, monkeypatch
+):
+    monkeypatch.setenv("BOXLITE_PULL", "missing")
     img = build_image([{"ensure": b"me"}])
     pusher.image("library/ensure", "v1", img)
     ref = f"{registry.host}/library/ensure:v1"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ import attrs
 import requests
 import urllib3
 
-from ...errors import ConfigError, ImageError, NotFoundError
+from ...errors import BoxliteError, ConfigError, ImageError, NotFoundError
 from ..blobs import check_digest
 from ..importers import (
     DOCKER_LIST,
@@ -428,10 +429,20 @@ def ensure_image(
     """``store.get(ref)``, pulling the image first when it is missing and ``ref`` is pullable.
 
     For the runtime's create path: a local image or built-in never touches the network.
+    ``BOXLITE_PULL=never`` turns the implicit pull off (air-gapped hosts, strict audits).
+    A failed implicit pull is reported as "not found" naming both the local miss and the
+    pull's reason, because the user typed a name, not a registry operation.
     """
     try:
         return store.get(ref)
     except NotFoundError:
-        if not pull or not looks_like_registry_reference(ref):
+        if not pull or os.environ.get("BOXLITE_PULL", "missing") == "never":
             raise
-    return pull_image(store, ref, **pull_options)
+        if not looks_like_registry_reference(ref):
+            raise
+    try:
+        return pull_image(store, ref, **pull_options)
+    except BoxliteError as exc:
+        raise NotFoundError(
+            f"image {ref!r} is not in the local store and pulling it failed: {exc}"
+        ) from exc
