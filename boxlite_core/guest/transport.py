@@ -4,9 +4,15 @@ Two channel kinds, chosen by the backend:
 
 * ``virtio-serial`` (QEMU, libvirt): BOXDIR/agent.port is a QEMU chardev socket server; the
   guest writes ``READY\\n`` when it sees a host attach, then the stream carries one HTTP/2
-  connection. grpcio can only dial sockets, so a *bridge* listens at BOXDIR/agent.grpc.sock
-  (mode 0600) and relays one gRPC connection at a time onto a fresh port connection (the guest
-  resets its side on every re-attach, so two HTTP/2 sessions never share one stream).
+  connection. Only one host can hold that stream, so a per-box *shim* process
+  (guest/shim.py) owns it and serves real gRPC at BOXDIR/agent.grpc.sock (mode 0600) to any
+  number of host processes. connect() dials a live shim or starts one (under BOXDIR/shim.lock
+  so racing processes never start two). Closing a client leaves the shim running; stop_shim()
+  (the runtime's stop/kill/cleanup) and the VM's death end it.
+  Inside the shim a *bridge* (SerialBridge, BOXDIR/agent.bridge.sock) relays the shim's one
+  gRPC connection onto a fresh port connection (the guest resets its side on every re-attach,
+  so two HTTP/2 sessions never share one stream). ``virtio-serial-inproc`` runs that bridge in
+  the calling process instead (the pre-shim behaviour; benchmarks and diagnosis only).
 * ``stream`` (libkrun vsock, ...): every connect to the backend's socket is its own stream to
   the agent and there is no READY line; gRPC dials that socket directly.
 """
@@ -14,8 +20,13 @@ Two channel kinds, chosen by the backend:
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,9 +36,18 @@ from ..errors import GuestError
 
 READY = b"READY\n"
 PORT_NAME = "agent.port"
-BRIDGE_NAME = "agent.grpc.sock"
-KINDS = ("virtio-serial", "stream")
+SHIM_SOCK_NAME = "agent.grpc.sock"  # what host clients dial (served by the shim)
+BRIDGE_NAME = SHIM_SOCK_NAME  # historical name of the same path
+PRIVATE_BRIDGE_NAME = "agent.bridge.sock"  # the shim's own port relay
+SHIM_JSON = "shim.json"
+SHIM_LOCK = "shim.lock"
+SHIM_LOG = "shim.log"
+KINDS = ("virtio-serial", "stream", "virtio-serial-inproc")
 _umask_lock = threading.Lock()
+
+
+class PortGone(GuestError):
+    """The port socket refuses connections or is missing: nobody (no VM) listens any more."""
 
 
 def _dead_error(what: str, console_tail: Callable[[], str]) -> GuestError:
@@ -47,9 +67,14 @@ def open_port(
     deadline: float,
     is_alive: Callable[[], bool],
     console_tail: Callable[[], str],
+    gone_if_refused: bool = False,
 ) -> tuple[socket.socket, bytes]:
     """Connect to the port socket and read the READY line; return the socket and any bytes
-    that followed READY in the same read (the start of the server's HTTP/2 preface)."""
+    that followed READY in the same read (the start of the server's HTTP/2 preface).
+
+    gone_if_refused: a refused/missing socket raises PortGone at once. Used once the port has
+    been seen: a chardev server with a client attached still queues connects, so only a VM
+    that is gone refuses them."""
     while True:
         if not is_alive():
             raise _dead_error("before its guest agent became ready", console_tail)
@@ -58,6 +83,8 @@ def open_port(
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
+            if gone_if_refused:
+                raise PortGone(f"the agent port {path} is gone ({exc.strerror})") from None
             if time.monotonic() >= deadline:
                 raise GuestError(
                     f"timed out waiting for the agent socket {path} ({exc.strerror}); "
@@ -85,6 +112,8 @@ def open_port(
                 chunk = sock.recv(4096)
             except TimeoutError:
                 continue
+            except ConnectionResetError:  # queued, then the listener went away: re-check
+                chunk = b""
             if not chunk:  # the chardev dropped us (VM exiting?): reconnect and re-check
                 break
             buf += chunk
@@ -136,8 +165,20 @@ class DirectStream(Transport):
         self.target = f"unix:{path}"
 
 
+class ShimTransport(Transport):
+    """A connection to the box's shim: closing it leaves the shim (and the port) alone."""
+
+    def __init__(self, box_dir: Path, pid: int) -> None:
+        self.pid = pid
+        self.target = f"unix:{Path(box_dir).absolute() / SHIM_SOCK_NAME}"
+
+
 class SerialBridge(Transport):
-    """Listening unix socket relaying one gRPC connection at a time to the port."""
+    """Listening unix socket relaying one gRPC connection at a time to the port.
+
+    eager: after a relay ends, open the next port connection at once (the shim holds the port
+    this way, and a refused reopen tells it the VM is gone: on_port_lost(reason) is called and
+    the bridge stops)."""
 
     def __init__(
         self,
@@ -148,8 +189,12 @@ class SerialBridge(Transport):
         reconnect_timeout: float,
         is_alive: Callable[[], bool],
         console_tail: Callable[[], str],
+        eager: bool = False,
+        on_port_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.port_path = port_path
+        self._eager = eager
+        self._on_port_lost = on_port_lost
         self.bridge_path = bridge_path
         self._pending: tuple[socket.socket, bytes] | None = first
         self._reconnect_timeout = reconnect_timeout
@@ -173,6 +218,25 @@ class SerialBridge(Transport):
         self._thread = threading.Thread(target=self._serve, daemon=True, name="agent-bridge")
         self._thread.start()
 
+    def _reopen(self) -> tuple[socket.socket, bytes] | None:
+        """A fresh port connection (READY read), or None; a gone port ends the bridge."""
+        try:
+            return open_port(
+                self.port_path,
+                deadline=time.monotonic() + self._reconnect_timeout,
+                is_alive=lambda: self._is_alive() and not self._closed.is_set(),
+                console_tail=self._console_tail,
+                gone_if_refused=self._eager,
+            )
+        except PortGone as exc:
+            self.last_error = str(exc)
+            if self._on_port_lost is not None and not self._closed.is_set():
+                self._on_port_lost(str(exc))
+            self._closed.set()
+        except (GuestError, OSError) as exc:
+            self.last_error = str(exc)
+        return None
+
     def _serve(self) -> None:
         while not self._closed.is_set():
             try:
@@ -181,15 +245,8 @@ class SerialBridge(Transport):
                 return
             pending, self._pending = self._pending, None
             if pending is None:
-                try:
-                    pending = open_port(
-                        self.port_path,
-                        deadline=time.monotonic() + self._reconnect_timeout,
-                        is_alive=self._is_alive,
-                        console_tail=self._console_tail,
-                    )
-                except (GuestError, OSError) as exc:
-                    self.last_error = str(exc)
+                pending = self._reopen()
+                if pending is None:
                     client.close()  # gRPC sees UNAVAILABLE; the client maps it to GuestError
                     continue
             port_sock, leftover = pending
@@ -202,6 +259,8 @@ class SerialBridge(Transport):
                 self._active = []
                 client.close()
                 port_sock.close()
+            if self._eager and not self._closed.is_set():
+                self._pending = self._reopen()
 
     def close(self) -> None:
         self._closed.set()
@@ -219,6 +278,189 @@ class SerialBridge(Transport):
         self._thread.join(timeout=2)
 
 
+# -- the per-box shim (host side) ------------------------------------------------------------
+
+
+def proc_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks): with the pid it names one
+    process for good, so a recycled pid is never mistaken for the shim. None if gone/zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # fields 3.. (the name may hold spaces or ')')
+    if fields[0] == "Z":
+        return None
+    return fields[19]
+
+
+def _read_shim_info(box_dir: Path) -> dict | None:
+    try:
+        info = json.loads((box_dir / SHIM_JSON).read_text())
+        pid = int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if proc_start_time(pid) != str(info.get("start_time")):
+        return None
+    return info
+
+
+def live_shim(box_dir: Path) -> dict | None:
+    """shim.json of a shim that is running and accepting on its socket, else None."""
+    box_dir = Path(box_dir)
+    info = _read_shim_info(box_dir)
+    if info is None:
+        return None
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(info.get("socket") or box_dir / SHIM_SOCK_NAME))
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return info
+
+
+def _log_tail(path: Path, limit: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:].strip()
+    except OSError:
+        return ""
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
+
+
+def _spawn_shim(box_dir: Path, port_path: Path, timeout: float) -> subprocess.Popen:
+    env = dict(os.environ)
+    root = _package_root()  # the shim must import the same boxlite_core as this process
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    argv = [
+        sys.executable,
+        "-m",
+        "boxlite_core.guest.shim",
+        "--box-dir",
+        str(box_dir.absolute()),
+        "--port",
+        str(port_path.absolute()),
+        "--timeout",
+        str(timeout),
+    ]
+    with open(box_dir / SHIM_LOG, "ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # outlives this process; a ^C here must not reach it
+            close_fds=True,
+        )
+    # Reap it whenever it exits, so it never lingers as a zombie of a long-lived host process.
+    threading.Thread(target=proc.wait, daemon=True, name=f"shim-reaper-{proc.pid}").start()
+    return proc
+
+
+def _kill_spawned(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def connect_shim(
+    box_dir: Path,
+    port_path: Path,
+    *,
+    timeout: float,
+    is_alive: Callable[[], bool],
+    console_tail: Callable[[], str],
+) -> ShimTransport:
+    """Dial the box's live shim, or start one and wait until it serves (it has seen READY),
+    racing the timeout, the VM's death and the shim's own death."""
+    box_dir = Path(box_dir)
+    deadline = time.monotonic() + timeout
+    info = live_shim(box_dir)
+    if info is not None:
+        return ShimTransport(box_dir, int(info["pid"]))
+    lock_fd = os.open(box_dir / SHIM_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while True:  # one process at a time may start a shim; the others then dial it
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            if not is_alive():
+                raise _dead_error("before its guest agent became ready", console_tail)
+            if time.monotonic() >= deadline:
+                raise GuestError(
+                    f"timed out waiting for {box_dir / SHIM_LOCK}: another process is starting "
+                    "the box's agent shim and has not finished"
+                )
+            time.sleep(0.02)
+        info = live_shim(box_dir)
+        if info is not None:
+            return ShimTransport(box_dir, int(info["pid"]))
+        proc = _spawn_shim(box_dir, port_path, max(1.0, deadline - time.monotonic()))
+        try:
+            while True:
+                info = _read_shim_info(box_dir)
+                if info is not None and int(info["pid"]) == proc.pid:
+                    return ShimTransport(box_dir, proc.pid)
+                if not is_alive():
+                    raise _dead_error("before its guest agent became ready", console_tail)
+                if proc.poll() is not None:
+                    raise GuestError(
+                        f"the agent shim of {box_dir} exited with status {proc.returncode} "
+                        f"before serving; its log ({box_dir / SHIM_LOG}) ends:\n"
+                        f"{_log_tail(box_dir / SHIM_LOG) or '(empty)'}"
+                    )
+                if time.monotonic() >= deadline:
+                    tail = ""
+                    with contextlib.suppress(Exception):
+                        tail = console_tail().strip()
+                    raise GuestError(
+                        f"timed out waiting for the guest agent's READY on {port_path}; the guest "
+                        "may be slow to boot (raise the timeout) or its agent failed"
+                        + (f"\n--- guest console (last lines) ---\n{tail}" if tail else "")
+                    )
+                time.sleep(0.01)
+        except BaseException:
+            _kill_spawned(proc)
+            raise
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        os.close(lock_fd)
+
+
+def stop_shim(box_dir: Path, timeout: float = 5.0) -> bool:
+    """End the box's shim (SIGTERM, then SIGKILL) and remove its files. True if one ran."""
+    box_dir = Path(box_dir)
+    info = _read_shim_info(box_dir)
+    stopped = False
+    if info is not None:
+        pid, start = int(info["pid"]), str(info["start_time"])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            stopped = True
+        end = time.monotonic() + timeout
+        while proc_start_time(pid) == start and time.monotonic() < end:
+            time.sleep(0.02)
+        if proc_start_time(pid) == start:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    # Its files, whether it cleaned up or was killed (only when no live shim owns them).
+    if _read_shim_info(box_dir) is None:
+        for name in (SHIM_JSON, SHIM_SOCK_NAME, PRIVATE_BRIDGE_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                (box_dir / name).unlink()
+    return stopped
+
+
 def connect(
     box_dir: Path,
     *,
@@ -231,6 +473,11 @@ def connect(
     """Wait for the agent (READY, racing VM death and the timeout) and return a transport."""
     box_dir = Path(box_dir)
     if kind == "virtio-serial":
+        port_path = Path(socket_path) if socket_path else box_dir / PORT_NAME
+        return connect_shim(
+            box_dir, port_path, timeout=timeout, is_alive=is_alive, console_tail=console_tail
+        )
+    if kind == "virtio-serial-inproc":
         port_path = Path(socket_path) if socket_path else box_dir / PORT_NAME
         first = open_port(
             port_path,

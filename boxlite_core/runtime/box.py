@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BoxliteError, ConfigError, GuestError, NotFoundError, StateError
+from ..guest.transport import stop_shim
 from ..images.model import ImageConfig
 from ..models import BoxStatus, ExecResult, ExitStatus
 from .cleanup import CleanupGuard
@@ -294,7 +295,9 @@ class Box:
         self._rt.remove(self.id, force=force)
 
     def detach(self) -> None:
-        """Forget the live connection in this process; the VM keeps running."""
+        """Forget the live connection in this process; the VM keeps running. Cheap, and no
+        longer needed for other processes to reach the box: the per-box agent shim serves any
+        number of them, and closing this client leaves the shim running."""
         with self._lock:
             if self._client is not None:
                 with contextlib.suppress(Exception):
@@ -306,8 +309,13 @@ class Box:
             self._handle = None
 
     def teardown_host_side(self) -> None:
-        """Close the agent, release the handle, stop sharer helpers (from any process)."""
+        """Close the agent, release the handle, stop the agent shim and sharer helpers (from
+        any process)."""
         self.detach()
+        try:
+            stop_shim(self.dir)
+        except Exception as exc:
+            log.warning("box %s: stopping the agent shim failed: %s", self.name, exc)
         name = self._sharer_name or self._record.state.get("sharer")
         if name:
             try:

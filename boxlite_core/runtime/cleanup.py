@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ..errors import BoxliteError, EngineError, NotFoundError, StateError
+from ..guest.transport import stop_shim
 from ..models import BoxStatus
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ class CleanupGuard:
                 log.warning("box %s: could not kill the VM: %s", ctx.record.name, err)
             with contextlib.suppress(Exception):
                 ctx.handle.release()
+        with contextlib.suppress(Exception):
+            stop_shim(ctx.box_dir)
         if ctx.sharer is not None:
             try:
                 ctx.sharer.stop(ctx.box_dir)

@@ -24,6 +24,9 @@ class VolumeSharer(abc.ABC):
     capability: ClassVar[Capability]
     #: filesystem type the guest agent mounts
     guest_fstype: ClassVar[str] = ""
+    #: True when files the guest writes belong to the host directory's owner (auto-idmap);
+    #: the conformance suite checks it only for sharers that declare it
+    idmap: ClassVar[bool] = False
 
     def check(self) -> None:
         """Raise ToolMissingError/ConfigError if the host cannot serve shares (no virtiofsd…)."""

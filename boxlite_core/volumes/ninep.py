@@ -4,6 +4,12 @@ Read-only is enforced by QEMU itself (``-fsdev ...,readonly=on`` refuses every w
 EROFS before it touches the host). Ownership: as root QEMU uses ``security_model=passthrough``
 (guest uids land on the host as-is); unprivileged it uses ``none`` (files belong to the QEMU
 user, who owns the volume). See the qemu backend for the device flags.
+
+**No auto-idmap as root**: files the guest writes keep the guest's uid/gid on the host (guest
+root → host root), whoever owns the volume. virtiofs gets auto-idmap by running its daemon in
+an id-mapped user namespace; here the file server is QEMU itself, and a user namespace around
+QEMU would change the ids of every device and file it opens, not just this share's — so we do
+not do it. Use the virtiofs sharer (or run boxlite unprivileged) when ownership matters.
 """
 
 from __future__ import annotations

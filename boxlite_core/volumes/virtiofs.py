@@ -261,6 +261,7 @@ class VirtiofsSharer(VolumeSharer):
     name = "virtiofs"
     capability = Capability.VIRTIOFS
     guest_fstype = "virtiofs"
+    idmap = True
 
     def __init__(self) -> None:
         # Popen objects of the daemons we started, so we can reap them (no zombies)

@@ -104,10 +104,13 @@ class NativeAgent:
             return ""
 
     def stop(self) -> None:
+        from boxlite_core.guest.transport import stop_shim
+
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
         self._logf.close()
+        stop_shim(self.box_dir)  # it exits by itself when the port goes; do not rely on it
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,208 @@
+"""Per-box agent shim: owns the box's one virtio-serial stream, serves gRPC to many hosts.
+
+The guest relays exactly one HTTP/2 connection per host attach, so a second host process
+would wait for READY until the first let go. This process holds that attach (through a
+private SerialBridge) with one gRPC channel, and serves BOXDIR/agent.grpc.sock to any number
+of host clients, forwarding every method generically: requests and responses pass as raw
+bytes (no (de)serializers), and unary and streaming RPCs are the same on the wire, so one
+stream-stream handler fits all and the shim never needs the agent's protos.
+
+Run: ``python -m boxlite_core.guest.shim --box-dir DIR [--port PATH] [--timeout S]``
+(guest/transport.connect_shim starts it). It writes BOXDIR/shim.json {pid, start_time,
+socket} once READY was seen and it serves; it exits on SIGTERM or when the port is gone for
+good (the VM exited), removing its sockets and shim.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from ..errors import GuestError
+from . import transport as t
+
+#: worker threads: each exec holds ~3 concurrent streams (Output, Stdin, Wait) for its life
+WORKERS = 64
+#: a time_remaining() above this means the host set no deadline
+NO_DEADLINE = 10 * 365 * 86400.0
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.use_local_subchannel_pool", 1),  # one HTTP/2 session: the bridge relays one
+]
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+]
+#: metadata gRPC sets itself; forwarding it would confuse the upstream call
+_DROP_METADATA = {"user-agent", ":authority", "te", "content-type"}
+
+
+def _log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} shim[{os.getpid()}]: {msg}", flush=True)
+
+
+class Forwarder(grpc.GenericRpcHandler):
+    """Every method of every service, forwarded byte for byte over the guest channel."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._channel = channel
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails):
+        method = handler_call_details.method
+        upstream = self._channel.stream_stream(method)
+
+        def behavior(request_iterator, context: grpc.ServicerContext):
+            metadata = [
+                (k, v)
+                for k, v in (context.invocation_metadata() or ())
+                if k not in _DROP_METADATA and not k.startswith("grpc-")
+            ]
+            remaining = context.time_remaining()
+            call = upstream(
+                request_iterator,
+                # no deadline reads as a huge remaining time (~infinite future): pass None
+                timeout=remaining if remaining < NO_DEADLINE else None,
+                metadata=metadata or None,
+                # a guest re-attach in progress is waited for, not failed (the client's own
+                # deadline still applies, and the shim exits when the VM is gone)
+                wait_for_ready=True,
+            )
+            context.add_callback(call.cancel)  # the host gave up: stop the guest side too
+            try:
+                yield from call
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+                details = exc.details() if hasattr(exc, "details") else str(exc)
+                if code == grpc.StatusCode.CANCELLED and not context.is_active():
+                    return  # our own cancel after the host went away
+                context.abort(code, details or "")
+
+        return grpc.stream_stream_rpc_method_handler(behavior)
+
+
+class Shim:
+    def __init__(self, box_dir: Path, port: Path, timeout: float) -> None:
+        self.box_dir = box_dir.absolute()
+        self.port = port.absolute()
+        self.timeout = timeout
+        self.socket_path = self.box_dir / t.SHIM_SOCK_NAME
+        self.bridge_path = self.box_dir / t.PRIVATE_BRIDGE_NAME
+        self.done = threading.Event()
+        self.exit_reason = ""
+        self.bridge: t.SerialBridge | None = None
+        self.channel: grpc.Channel | None = None
+        self.server: grpc.Server | None = None
+
+    def _alive(self) -> bool:
+        return not self.done.is_set()
+
+    def _port_lost(self, reason: str) -> None:
+        self.exit_reason = reason
+        self.done.set()
+
+    def start(self) -> None:
+        for path in (self.socket_path, self.bridge_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        first = t.open_port(
+            self.port,
+            deadline=time.monotonic() + self.timeout,
+            is_alive=self._alive,
+            console_tail=lambda: "",
+        )
+        _log(f"READY on {self.port}")
+        self.bridge = t.SerialBridge(
+            self.port,
+            self.bridge_path,
+            first,
+            reconnect_timeout=30.0,
+            is_alive=self._alive,
+            console_tail=lambda: "",
+            eager=True,
+            on_port_lost=self._port_lost,
+        )
+        self.channel = grpc.insecure_channel(self.bridge.target, options=_CHANNEL_OPTIONS)
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="shim-rpc"),
+            handlers=[Forwarder(self.channel)],
+            options=_SERVER_OPTIONS,
+        )
+        if not self.server.add_insecure_port(f"unix:{self.socket_path}"):
+            raise GuestError(f"could not listen on {self.socket_path}")
+        self.server.start()
+        os.chmod(self.socket_path, 0o600)
+        info = {
+            "pid": os.getpid(),
+            "start_time": t.proc_start_time(os.getpid()),
+            "socket": str(self.socket_path),
+        }
+        tmp = self.box_dir / f".{t.SHIM_JSON}.{os.getpid()}"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.box_dir / t.SHIM_JSON)  # readers never see half a file
+        _log(f"serving on {self.socket_path}")
+
+    def close(self) -> None:
+        self.done.set()
+        json_path = self.box_dir / t.SHIM_JSON
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(json_path.read_text()).get("pid") == os.getpid():
+                json_path.unlink()
+        if self.server is not None:
+            self.server.stop(grace=0.5).wait(2)
+        if self.channel is not None:
+            self.channel.close()
+        if self.bridge is not None:
+            self.bridge.close()
+        for path in (self.socket_path, self.bridge_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--box-dir", type=Path, required=True)
+    ap.add_argument("--port", type=Path, help="the agent port socket (default BOXDIR/agent.port)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for READY")
+    args = ap.parse_args(argv)
+    os.umask(0o177)  # its sockets and shim.json are for this user only
+    shim = Shim(args.box_dir, args.port or args.box_dir / t.PORT_NAME, args.timeout)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        shim.exit_reason = f"signal {signal.Signals(signum).name}"
+        shim.done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: stacks to shim.log
+    try:
+        shim.start()
+    except (GuestError, OSError) as exc:
+        _log(f"could not start: {exc}")
+        shim.close()
+        return 1
+    while not shim.done.wait(1.0):
+        pass
+    _log(f"exiting: {shim.exit_reason or 'done'}")
+    shim.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

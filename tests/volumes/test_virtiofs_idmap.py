@@ -1,0 +1,194 @@
+"""Auto-idmap for the C virtiofsd: the daemon runs in a user namespace that swaps guest root and
+the host directory's owner, so files the guest writes belong to that owner on the host."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from boxlite_core import tools
+from boxlite_core.errors import ConfigError
+from boxlite_core.models import BoxOptions, HostShare
+from boxlite_core.volumes.virtiofs import (
+    VirtiofsdInfo,
+    VirtiofsSharer,
+    detect_virtiofsd,
+    idmap_lines,
+    needs_idmap,
+)
+
+VIRTIOFSD = tools.find_tool("virtiofsd")
+ROOT = os.geteuid() == 0
+needs_c_virtiofsd = pytest.mark.skipif(
+    VIRTIOFSD is None or not ROOT or detect_virtiofsd(VIRTIOFSD).flavour != "c",
+    reason="needs QEMU's C virtiofsd and root",
+)
+OWNER = 1234
+FULL = 4294967295  # ids 0 .. 2**32-2
+
+
+def _parse(text: str) -> list[tuple[int, int, int]]:
+    return [tuple(int(x) for x in line.split()) for line in text.splitlines()]  # type: ignore[misc]
+
+
+def _translate(lines: list[tuple[int, int, int]], inner: int) -> int | None:
+    for first, lower, count in lines:
+        if first <= inner < first + count:
+            return lower + inner - first
+    return None
+
+
+@pytest.mark.parametrize("owner", [1, 1000, 65535, 65536, 100000, FULL - 1])
+def test_map_swaps_root_and_owner_and_keeps_the_rest(owner: int) -> None:
+    lines = _parse(idmap_lines(owner))
+    assert len(lines) <= 5  # the kernel's limit before Linux 4.15
+    assert _translate(lines, 0) == owner  # guest root writes as the owner
+    assert _translate(lines, owner) == 0
+    for other in {1, 2, 999, 1000, 65534, 65535, 65536, FULL - 1} - {0, owner}:
+        assert _translate(lines, other) == other
+    # a bijection over the whole id range: no overlap on either side, nothing left out
+    assert sum(c for _f, _l, c in lines) == FULL
+    for side in (0, 1):
+        spans = sorted((line[side], line[side] + line[2]) for line in lines)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+
+
+def test_map_exact_lines_for_1000() -> None:
+    assert idmap_lines(1000) == (f"0 1000 1\n1 1 999\n1000 0 1\n1001 1001 {FULL - 1001}\n")
+
+
+def test_map_owner_1_and_root() -> None:
+    assert idmap_lines(1) == f"0 1 1\n1 0 1\n2 2 {FULL - 2}\n"
+    assert idmap_lines(0) == f"0 0 {FULL}\n"  # identity (used for gid when only uid differs)
+
+
+def test_map_refuses_unmappable_ids() -> None:
+    for bad in (-1, FULL):
+        with pytest.raises(ConfigError):
+            idmap_lines(bad)
+
+
+def test_idmap_only_for_the_c_daemon_as_root_and_a_non_root_owner(tmp_path: Path) -> None:
+    c = VirtiofsdInfo("/x", "c", False, False)
+    rust = VirtiofsdInfo("/x", "rust", True, True)
+    owned = HostShare("v", tmp_path, False, 1000, 1000)
+    assert needs_idmap(c, owned, 0)
+    assert not needs_idmap(c, owned, 1000)  # not root: cannot write arbitrary maps
+    assert not needs_idmap(rust, owned, 0)  # Rust virtiofsd translates ids itself
+    assert not needs_idmap(c, HostShare("v", tmp_path, False, 0, 0), 0)  # today's path
+    assert not needs_idmap(c, HostShare("v", tmp_path, False), 0)  # owner unknown
+    assert needs_idmap(c, HostShare("v", tmp_path, False, 0, 1000), 0)  # group differs
+
+
+def _ns(pid: int, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+@needs_c_virtiofsd
+def test_virtiofsd_runs_in_the_mapped_user_namespace(tmp_path: Path) -> None:
+    box, rw, ro, plain = (tmp_path / n for n in ("box", "rw", "ro", "plain"))
+    for d in (box, rw, ro, plain):
+        d.mkdir()
+    (ro / "keep.txt").write_text("original\n")
+    for d in (rw, ro):
+        os.chown(d, OWNER, OWNER + 1)
+    sharer = VirtiofsSharer()
+    sharer.start(
+        [
+            HostShare("rw", rw, False, OWNER, OWNER + 1),
+            HostShare("ro", ro, True, OWNER, OWNER + 1),
+            HostShare("plain", plain, False, 0, 0),
+        ],
+        box,
+    )
+    try:
+        records = {r["tag"]: r for r in sharer.read_state(box)}
+        for tag in ("rw", "ro"):
+            pid = records[tag]["pid"]
+            assert records[tag]["idmap"] == {"uid": OWNER, "gid": OWNER + 1}
+            assert _parse(Path(f"/proc/{pid}/uid_map").read_text()) == _parse(idmap_lines(OWNER))
+            assert _parse(Path(f"/proc/{pid}/gid_map").read_text()) == _parse(
+                idmap_lines(OWNER + 1)
+            )
+            assert _ns(pid, "user") != _ns(os.getpid(), "user")
+            status = Path(f"/proc/{pid}/status").read_text()
+            # host view: the daemon runs as the owner; it is root inside its namespace
+            assert f"Uid:\t{OWNER}\t{OWNER}\t{OWNER}\t{OWNER}" in status
+            assert f"Gid:\t{OWNER + 1}\t{OWNER + 1}" in status
+            assert int(status.split("CapEff:\t")[1].split()[0], 16) != 0
+        plain_pid = records["plain"]["pid"]
+        assert records["plain"]["idmap"] is None
+        assert _ns(plain_pid, "user") == _ns(os.getpid(), "user")
+
+        # read-only still holds with the user namespace: the daemon's view refuses writes
+        view = Path(f"/proc/{records['ro']['pid']}/root") / str(ro).lstrip("/")
+        assert (view / "keep.txt").read_text() == "original\n"
+        with pytest.raises(OSError) as err:
+            (view / "new.txt").write_text("x")
+        assert err.value.errno == errno.EROFS
+        assert records["ro"]["read_only_enforced_by"] == "ro-bind-mount"
+    finally:
+        sharer.stop(box)
+
+
+@pytest.mark.vm
+@needs_c_virtiofsd
+def test_guest_writes_land_as_the_owner_end_to_end(tmp_path: Path) -> None:
+    from boxlite_core.runtime.runtime import Runtime
+
+    home = Path(os.environ.get("BOXLITE_TEST_HOME") or "/var/tmp/boxlite-test-home")
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    for d in (rw, ro):
+        d.mkdir()
+        os.chown(d, OWNER, OWNER)
+    (rw / "host.txt").write_text("from host\n")
+    os.chown(rw / "host.txt", OWNER, OWNER)
+    (rw / "other.txt").write_text("other\n")
+    os.chown(rw / "other.txt", 1000, 1000)
+    (ro / "keep.txt").write_text("original\n")
+    with Runtime(home) as rt:
+        if "virtiofs" not in rt.plugins.sharer_names():
+            pytest.skip("the virtiofs volume sharer is not registered")
+        box = rt.create(
+            BoxOptions(
+                image="busybox",
+                name=f"idmap-{secrets.token_hex(3)}",
+                memory_mib=256,
+                volumes=[f"{rw}:/data", f"{ro}:/ro:ro"],
+                volume_sharer="virtiofs",
+            )
+        )
+        try:
+            box.start()
+            made = box.exec(["sh", "-c", "echo hi > /data/f && mkdir /data/d"])
+            assert made.ok, made.stderr
+            for name in ("f", "d"):
+                st = os.stat(rw / name)
+                assert (st.st_uid, st.st_gid) == (OWNER, OWNER), name
+            # the owner's files are root's in the guest; other ids keep their numbers
+            listing = box.exec(["stat", "-c", "%n %u %g", "/data/host.txt", "/data/other.txt"])
+            assert listing.text.split("\n")[:2] == [
+                "/data/host.txt 0 0",
+                "/data/other.txt 1000 1000",
+            ]
+            # the daemon (and its pid/mount/net sandbox child) runs in the mapped namespace
+            for record in VirtiofsSharer.read_state(rt.box_dir(box.id)):
+                pid = record["pid"]
+                assert _parse(Path(f"/proc/{pid}/uid_map").read_text()) == _parse(
+                    idmap_lines(OWNER)
+                )
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                assert kids, "virtiofsd's sandbox child is missing (QEMU is connected)"
+                assert _ns(int(kids[0]), "user") == _ns(pid, "user")
+                assert _ns(int(kids[0]), "pid") != _ns(pid, "pid")
+            bad = box.exec(["sh", "-c", "echo x > /ro/new.txt"])
+            assert bad.exit_code != 0
+            assert not (ro / "new.txt").exists()
+        finally:
+            box.stop()
+            box.remove(force=True)
