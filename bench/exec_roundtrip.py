@@ -3,6 +3,11 @@
     python bench/exec_roundtrip.py                 # agent run natively (root, busybox-static)
     python bench/exec_roundtrip.py --box-dir DIR   # a running box (agent.port in DIR, Init done)
 
+Both modes time the normal path (through the per-box agent shim) and, under "direct", the
+pre-shim path (an in-process bridge holding the port: kind "virtio-serial-inproc"). For the
+direct run the box's shim is stopped first (other host processes lose their connection; the
+next normal connect starts a new shim).
+
 Prints one JSON object. Natively, the agent runs in private mount/UTS namespaces and chroots
 into a busybox rootfs built here, so Exec takes the same fork/unshare/chroot path as in a VM.
 """
@@ -25,6 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from boxlite_core.guest.client import AgentClient  # noqa: E402
+from boxlite_core.guest.transport import stop_shim  # noqa: E402
+
+
+def direct(box: Path, n: int, **kw) -> dict:
+    """The same measurements without the shim (in-process bridge on the port)."""
+    stop_shim(box)
+    with AgentClient.connect(box, kind="virtio-serial-inproc", timeout=60, **kw) as client:
+        return measure(client, n)
 
 
 def _stats(samples: list[float]) -> dict:
@@ -120,12 +133,17 @@ def native(n: int) -> dict:
                 client.close()
                 proc.kill()
                 proc.wait()
+                stop_shim(box)
         result["agent_start_to_first_ping"] = _stats(starts)
         client.init({"share": {"tag": str(root), "fstype": "bind"}})
         result.update(measure(client, n))
+        client.close()
+        result["direct"] = direct(box, n, is_alive=lambda p=proc: p.poll() is None)
+        client = AgentClient.connect(box, timeout=30, is_alive=lambda p=proc: p.poll() is None)
         client.shutdown()
         client.close()
         proc.wait(timeout=10)
+        stop_shim(box)
         # Same namespaces + chroot + /proc via util-linux, for comparison with the agent's
         # in-process fork chain (excludes gRPC; includes exec'ing the unshare binary).
         samples = []
@@ -144,6 +162,7 @@ def native(n: int) -> dict:
         AgentClient.connect(box, timeout=30).close()
         proc.kill()
         proc.wait()
+        stop_shim(box)
         top = []
         for line in (box / "agent.log").read_text().splitlines():
             if line.startswith("import time:") and "|" in line:
@@ -163,6 +182,7 @@ def main() -> None:
     if args.box_dir:
         with AgentClient.connect(args.box_dir, timeout=60) as client:
             result = {"mode": "box", "box_dir": str(args.box_dir), **measure(client, args.n)}
+        result["direct"] = direct(args.box_dir, args.n)
     else:
         result = native(args.n)
     print(json.dumps(result, indent=2))

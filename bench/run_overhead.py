@@ -191,17 +191,27 @@ def api_boxes(rt: Any, runs: int, memory: int) -> tuple[dict[str, Any], Any]:
     from boxlite_core import BoxOptions
 
     per_run: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     box = None
     for i in range(runs):
         if box is not None:
             box.stop()
             rt.remove(box.id, force=True)
+            box = None
         t = time.perf_counter()
-        box = rt.create(BoxOptions(image="busybox", memory_mib=memory))
+        candidate = rt.create(BoxOptions(image="busybox", memory_mib=memory))
         create_s = time.perf_counter() - t
-        watch = ConsoleWatch(box.dir / "console.log")
+        watch = ConsoleWatch(candidate.dir / "console.log")
         t = time.perf_counter()
-        box.start()
+        try:
+            candidate.start()
+        except Exception as exc:  # kept by the runtime for diagnosis; the bench goes on
+            failed.append({"box": candidate.id, "after_s": round(time.perf_counter() - t, 1),
+                           "console_markers_s": watch.stop(), "load": load(),
+                           "error": str(exc).splitlines()[0][:400]})
+            print(f"api box {i + 1}/{runs}: FAILED {exc}", file=sys.stderr)
+            continue
+        box = candidate
         start_s = time.perf_counter() - t
         seen = watch.stop()
         timings = dict(box.info()["stage_timings"])
@@ -209,6 +219,8 @@ def api_boxes(rt: Any, runs: int, memory: int) -> tuple[dict[str, Any], Any]:
                         "stages": timings, "console_markers_s": seen,
                         "guest_connect_split": split_connect(timings, seen)})
         print(f"api box {i + 1}/{runs}: start {start_s:.2f}s", file=sys.stderr)
+    if box is None:
+        raise SystemExit(f"every API box failed to start: {json.dumps(failed, indent=2)}")
     medians: dict[str, Any] = {
         "create_s": round(statistics.median(r["create_s"] for r in per_run), 3),
         "start_s": round(statistics.median(r["start_s"] for r in per_run), 3),
@@ -219,7 +231,8 @@ def api_boxes(rt: Any, runs: int, memory: int) -> tuple[dict[str, Any], Any]:
     if splits:
         medians["guest_connect_split"] = {
             k: round(statistics.median(s[k] for s in splits), 3) for k in splits[0]}
-    return {"memory_mib": memory, "median": medians, "runs": per_run, "load": load()}, box
+    return {"memory_mib": memory, "median": medians, "runs": per_run, "failed": failed,
+            "load": load()}, box
 
 
 # -- (b) exec, (c) memory -----------------------------------------------------------------------
@@ -250,12 +263,28 @@ def exec_latency(box: Any, n: int) -> dict[str, Any]:
     }
 
 
+def shim_pid(box: Any) -> int | None:
+    """The box's agent shim (a host Python process holding the serial port), if any."""
+    try:
+        return int(json.loads((box.dir / "shim.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def memory(box: Any) -> dict[str, Any]:
     pid = box.info()["pid"]
     time.sleep(IDLE_SECONDS)
     qemu = qemu_rss.status_kib(pid)
     host = qemu_rss.status_kib(os.getpid())
+    shim = shim_pid(box)
+    shim_kib = None
+    if shim is not None:
+        with contextlib.suppress(OSError):
+            shim_kib = qemu_rss.status_kib(shim)
     return {
+        "shim_pid": shim,
+        "shim_rss_mib": round(shim_kib["VmRSS"] / 1024, 1) if shim_kib else None,
+        "shim_kib": shim_kib,
         "idle_s": IDLE_SECONDS,
         "qemu_pid": pid,
         "qemu_rss_mib": round(qemu["VmRSS"] / 1024, 1),
@@ -282,8 +311,8 @@ def draw(report: dict[str, Any], path: Path) -> None:
     med = boot["api_box"]["median"]
     stages = med["stages"]
     split = med.get("guest_connect_split", {})
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6),
-                                        gridspec_kw={"width_ratios": [3, 1.4, 1]})
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 4.2),
+                                        gridspec_kw={"width_ratios": [3, 2, 1.2]})
     # (a) stacked: API start broken down; bare boot and CLI run as single bars
     parts = [("kit lookup + rootfs prep", stages.get("prepare", 0.0)),
              ("vmm spawn", stages.get("vmm_spawn", 0.0))]
@@ -291,7 +320,7 @@ def draw(report: dict[str, Any], path: Path) -> None:
         parts += [("kernel → /init", split["kernel_boot_to_init"]),
                   ("initramfs → switch_root", split["initramfs_to_switch_root"]),
                   ("agent: Python + imports", split["agent_python_start_imports"]),
-                  ("bridge: first Ping", split["bridge_first_ping"])]
+                  ("host shim + first Ping", split["bridge_first_ping"])]
     else:
         parts.append(("guest connect", stages.get("guest_connect", 0.0)))
     parts.append(("guest init", stages.get("guest_init", 0.0)))
@@ -303,19 +332,24 @@ def draw(report: dict[str, Any], path: Path) -> None:
     ax1.barh("bare QEMU →\n/init marker", boot["bare_qemu"]["median_s"] or 0, color="black")
     ax1.set_xlabel("seconds (median)")
     ax1.set_title(f"boot (ratio run/bare = {boot['ratio_cli_over_bare']})")
-    ax1.legend(fontsize=7, loc="lower right")
+    ax1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.22), ncol=4, frameon=False)
     ex = report["exec"]
-    labels = ["box.exec", "agent Exec", "agent Ping"]
+    labels = ["box\n.exec", "agent\nExec", "agent\nPing"]
     vals = [ex["box_exec_true"], ex["agent_run_true"], ex["agent_rpc"]["ping"]]
+    direct = ex.get("agent_rpc_direct_no_shim") or {}
+    if "exec_true" in direct:
+        labels += ["Exec\nno shim", "Ping\nno shim"]
+        vals += [direct["exec_true"], direct["ping"]]
     ax2.bar(labels, [v["median_ms"] for v in vals], label="median")
     ax2.bar(labels, [v["p90_ms"] - v["median_ms"] for v in vals],
             bottom=[v["median_ms"] for v in vals], label="→ p90", alpha=0.5)
     ax2.set_ylabel("ms")
+    ax2.tick_params(axis="x", labelsize=7)
     ax2.set_title("exec `true` round trip")
     ax2.legend(fontsize=7)
     mem = report["memory"]
-    ax3.bar(["QEMU (idle box)", "host Python"],
-            [mem["qemu_rss_mib"], mem["host_python_rss_mib"]])
+    ax3.bar(["QEMU", "host\nPython", "shim"],
+            [mem["qemu_rss_mib"], mem["host_python_rss_mib"], mem.get("shim_rss_mib") or 0])
     ax3.set_ylabel("RSS MiB")
     ax3.set_title("memory")
     fig.suptitle(f"boxlite overhead, {report['accel']} — load avg {report['load_start']} → "
@@ -338,7 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed-from", type=Path, help="BOXLITE_HOME to copy a built kit from")
     ap.add_argument("--png", type=Path)
     ap.add_argument("--json", type=Path, help="also write the report here")
+    ap.add_argument("--redraw", type=Path, metavar="JSON",
+                    help="only draw --png from a saved report (no VMs booted)")
     args = ap.parse_args(argv)
+    if args.redraw:
+        if not args.png:
+            ap.error("--redraw needs --png FILE")
+        draw(json.loads(args.redraw.read_text()), args.png)
+        return 0
 
     os.environ["BOXLITE_HOME"] = str(args.home)
     # A healthy TCG boot answers in ~10 s; a hung one should cost 60 s here, not 120 s.
@@ -367,6 +408,14 @@ def main(argv: list[str] | None = None) -> int:
                           "api_box": api}
         report["exec"] = exec_latency(box, args.execs)
         report["memory"] = memory(box)
+        # Last: the same RPCs without the shim (stops it; the box is killed afterwards).
+        direct = getattr(exec_roundtrip, "direct", None)
+        if direct is not None and shim_pid(box) is not None:
+            try:
+                report["exec"]["agent_rpc_direct_no_shim"] = direct(box.dir, args.execs)
+            except Exception as exc:  # a bench section failing must not lose the report
+                report["exec"]["agent_rpc_direct_no_shim"] = {"error": repr(exc)}
+            box.kill()
     finally:
         if box is not None:
             box.stop()

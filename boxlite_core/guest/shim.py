@@ -57,41 +57,88 @@ def _log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} shim[{os.getpid()}]: {msg}", flush=True)
 
 
+def _unary_request_methods() -> set[str]:
+    """Full names of the agent's methods whose request is a single message. Only a speed-up
+    (no request-iterator thread per call); any other method is forwarded as a stream."""
+    try:
+        from .proto import agent_pb2
+    except Exception:  # stubs unusable here: the generic path still forwards everything
+        return set()
+    names = set()
+    for service in agent_pb2.DESCRIPTOR.services_by_name.values():
+        for m in service.methods:
+            if not m.client_streaming:
+                names.add(f"/{service.full_name}/{m.name}")
+    return names
+
+
 class Forwarder(grpc.GenericRpcHandler):
     """Every method of every service, forwarded byte for byte over the guest channel."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         self._channel = channel
+        self._unary_request = _unary_request_methods()
+
+    @staticmethod
+    def _call_args(context: grpc.ServicerContext) -> dict:
+        metadata = [
+            (k, v)
+            for k, v in (context.invocation_metadata() or ())
+            if k not in _DROP_METADATA and not k.startswith("grpc-")
+        ]
+        remaining = context.time_remaining()
+        return {
+            # no deadline reads as a huge remaining time (~infinite future): pass None
+            "timeout": remaining if remaining < NO_DEADLINE else None,
+            "metadata": metadata or None,
+            # a guest re-attach in progress is waited for, not failed (the client's own
+            # deadline still applies, and the shim exits when the VM is gone)
+            "wait_for_ready": True,
+        }
+
+    @staticmethod
+    def _link(context: grpc.ServicerContext, call: grpc.Call) -> bool:
+        """Cancel the guest side when the host gives up. add_callback() refuses (False) once
+        the host's RPC has already ended; the upstream call must not then run on unseen, e.g.
+        an Output stream would take buffered bytes from the agent and drop them."""
+        if context.add_callback(call.cancel):
+            return True
+        call.cancel()
+        return False
+
+    @staticmethod
+    def _abort(context: grpc.ServicerContext, exc: grpc.RpcError) -> None:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.CANCELLED and not context.is_active():
+            return  # our own cancel after the host went away
+        context.abort(code, details or "")
 
     def service(self, handler_call_details: grpc.HandlerCallDetails):
         method = handler_call_details.method
+        if method in self._unary_request:
+            upstream_us = self._channel.unary_stream(method)
+
+            def unary_behavior(request: bytes, context: grpc.ServicerContext):
+                call = upstream_us(request, **self._call_args(context))
+                if not self._link(context, call):
+                    return
+                try:
+                    yield from call
+                except grpc.RpcError as exc:
+                    self._abort(context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(unary_behavior)
         upstream = self._channel.stream_stream(method)
 
         def behavior(request_iterator, context: grpc.ServicerContext):
-            metadata = [
-                (k, v)
-                for k, v in (context.invocation_metadata() or ())
-                if k not in _DROP_METADATA and not k.startswith("grpc-")
-            ]
-            remaining = context.time_remaining()
-            call = upstream(
-                request_iterator,
-                # no deadline reads as a huge remaining time (~infinite future): pass None
-                timeout=remaining if remaining < NO_DEADLINE else None,
-                metadata=metadata or None,
-                # a guest re-attach in progress is waited for, not failed (the client's own
-                # deadline still applies, and the shim exits when the VM is gone)
-                wait_for_ready=True,
-            )
-            context.add_callback(call.cancel)  # the host gave up: stop the guest side too
+            call = upstream(request_iterator, **self._call_args(context))
+            if not self._link(context, call):
+                return
             try:
                 yield from call
             except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-                details = exc.details() if hasattr(exc, "details") else str(exc)
-                if code == grpc.StatusCode.CANCELLED and not context.is_active():
-                    return  # our own cancel after the host went away
-                context.abort(code, details or "")
+                self._abort(context, exc)
 
         return grpc.stream_stream_rpc_method_handler(behavior)
 
@@ -136,6 +183,8 @@ class Shim:
             console_tail=lambda: "",
             eager=True,
             on_port_lost=self._port_lost,
+            reopen_delay=0.2,
+            log=_log,
         )
         self.channel = grpc.insecure_channel(self.bridge.target, options=_CHANNEL_OPTIONS)
         self.server = grpc.server(

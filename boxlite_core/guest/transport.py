@@ -191,8 +191,12 @@ class SerialBridge(Transport):
         console_tail: Callable[[], str],
         eager: bool = False,
         on_port_lost: Callable[[str], None] | None = None,
+        reopen_delay: float = 0.0,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.port_path = port_path
+        self._reopen_delay = reopen_delay
+        self._log = log or (lambda _msg: None)
         self._eager = eager
         self._on_port_lost = on_port_lost
         self.bridge_path = bridge_path
@@ -260,7 +264,12 @@ class SerialBridge(Transport):
                 client.close()
                 port_sock.close()
             if self._eager and not self._closed.is_set():
+                self._log(f"port connection ended ({self.last_error or 'closed'}); re-opening")
+                # Let the guest see the detach (virtio-serial host_connected drops) before we
+                # attach again; an instant re-attach could go unnoticed and never bring READY.
+                self._closed.wait(self._reopen_delay)
                 self._pending = self._reopen()
+                self._log("READY again" if self._pending else f"re-open: {self.last_error}")
 
     def close(self) -> None:
         self._closed.set()
@@ -456,7 +465,7 @@ def stop_shim(box_dir: Path, timeout: float = 5.0) -> bool:
     # Its files, whether it cleaned up or was killed (only when no live shim owns them).
     if _read_shim_info(box_dir) is None:
         for name in (SHIM_JSON, SHIM_SOCK_NAME, PRIVATE_BRIDGE_NAME):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # best effort: never fail a stop over a file
                 (box_dir / name).unlink()
     return stopped
 

@@ -131,7 +131,7 @@ def test_copy_in_and_out(box, tmp_path):
 
 
 def test_reattach_from_second_process(box, vm_home):
-    box.detach()  # one host connection per serial port: let the other process have it
+    box.exec(["true"])  # this process holds a live connection; the other must not wait for it
     proc = subprocess.run(
         [sys.executable, "-m", "boxlite_core.cli.main", "exec", box.name, "--", "echo", "hi"],
         env=boxlite_env(vm_home),
