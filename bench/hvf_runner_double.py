@@ -21,10 +21,10 @@ os.environ["BOXLITE_HVF_API_FACTORY"] = "hvf_vz_double:recording"
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH"))
                                            if p)
 
-from boxlite_hvf.backend import HvfBackend  # noqa: E402
 from conftest import make_spec  # noqa: E402
 
 from boxlite_core.models import DiskSpec  # noqa: E402
+from boxlite_hvf.backend import HvfBackend  # noqa: E402
 
 
 def first_byte(path: Path) -> None:

@@ -8,6 +8,7 @@ indeed gone.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -23,6 +24,8 @@ from ..errors import GuestError
 from . import transport as _transport
 from .proto import agent_pb2 as pb
 from .proto import agent_pb2_grpc as rpc
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024  # bytes per stdin / upload message
 WAIT_SLICE = 5.0  # seconds per server-side Wait before re-checking is_alive()
@@ -42,6 +45,10 @@ _CHANNEL_OPTIONS = [
     # One connection per channel: the serial bridge carries exactly one HTTP/2 session.
     ("grpc.use_local_subchannel_pool", 1),
 ]
+
+#: seconds a serial-channel agent may say READY yet not answer before the host resets the
+#: channel (the first Ping normally answers within a second, even under TCG)
+STALL_RESET_SECONDS = 25.0
 
 
 @attrs.frozen
@@ -199,39 +206,71 @@ class AgentClient:
     ) -> AgentClient:
         """Wait for the agent (racing VM death and timeout), then check it answers a Ping."""
         deadline = time.monotonic() + timeout
-        t = _transport.connect(
-            Path(box_dir),
-            kind=kind,
-            socket_path=socket_path,
-            timeout=timeout,
-            is_alive=is_alive,
-            console_tail=console_tail,
-        )
-        client = cls(t, is_alive=is_alive, console_tail=console_tail)
-        try:
-            # For "stream" channels the first Ping is the readiness check, so retry it.
-            while True:
-                try:
-                    client._guest.Ping(
-                        pb.PingRequest(),
-                        timeout=max(1.0, min(5.0, deadline - time.monotonic())),
-                        wait_for_ready=True,
-                    )
+        resets = 0
+        while True:
+            t = _transport.connect(
+                Path(box_dir),
+                kind=kind,
+                socket_path=socket_path,
+                timeout=max(1.0, deadline - time.monotonic()),
+                is_alive=is_alive,
+                console_tail=console_tail,
+            )
+            client = cls(t, is_alive=is_alive, console_tail=console_tail)
+            try:
+                if client._first_ping(box_dir, timeout, deadline, console_tail):
                     return client
-                except grpc.RpcError as exc:
-                    if not client._alive():
-                        raise _transport._dead_error(
-                            "before its guest agent answered", console_tail
-                        ) from None
-                    if time.monotonic() >= deadline:
-                        raise GuestError(
-                            f"the guest agent of {box_dir} did not answer a Ping within "
-                            f"{timeout}s: {exc.details() if hasattr(exc, 'details') else exc}"
-                        ) from None
-                    time.sleep(0.1)
-        except BaseException:
+            except BaseException:
+                client.close()
+                raise
+            # The agent said READY but its gRPC session never answered. Seen under heavy host
+            # load (about 1 boot in 10 on 2 busy cores): resetting the serial connection makes
+            # the guest drop its side and offer READY again, which has recovered every time.
             client.close()
-            raise
+            resets += 1
+            log.warning(
+                "guest agent of %s said READY but did not answer for %.0fs; reconnecting (%d)",
+                box_dir, STALL_RESET_SECONDS, resets,
+            )
+            _transport.stop_shim(Path(box_dir))
+
+    def _first_ping(
+        self,
+        box_dir: Path,
+        timeout: float,
+        deadline: float,
+        console_tail: Callable[[], str],
+    ) -> bool:
+        """Ping until answered (True) or stalled on a serial channel (False); raise on death or
+        when the overall deadline passes. For "stream" channels the first Ping is the
+        readiness check, so it is retried until the deadline."""
+        stall_at = time.monotonic() + STALL_RESET_SECONDS
+        while True:
+            try:
+                self._guest.Ping(
+                    pb.PingRequest(),
+                    timeout=max(1.0, min(5.0, deadline - time.monotonic())),
+                    wait_for_ready=True,
+                )
+                return True
+            except grpc.RpcError as exc:
+                if not self._alive():
+                    raise _transport._dead_error(
+                        "before its guest agent answered", console_tail
+                    ) from None
+                now = time.monotonic()
+                if now >= deadline:
+                    raise GuestError(
+                        f"the guest agent of {box_dir} did not answer a Ping within "
+                        f"{timeout}s: {exc.details() if hasattr(exc, 'details') else exc}"
+                    ) from None
+                if (
+                    isinstance(self._transport, _transport.ShimTransport)
+                    and now >= stall_at
+                    and deadline - now > STALL_RESET_SECONDS / 2
+                ):
+                    return False
+                time.sleep(0.1)
 
     # -- error handling ---------------------------------------------------------------
     def _alive(self) -> bool:

@@ -291,6 +291,23 @@ class Box:
             if record.status is not BoxStatus.FAILED:
                 self._settle(BoxStatus.STOPPED, "killed on request")
 
+    def pause(self) -> None:
+        """Freeze the VM's vCPUs (backends declaring PAUSE). The box stays Running; execs wait."""
+        self._running_handle().pause()
+
+    def resume(self) -> None:
+        """Let a paused VM run again."""
+        self._running_handle().resume()
+
+    def _running_handle(self) -> VmHandle:
+        if self.status is not BoxStatus.RUNNING:
+            raise StateError(f"box {self.name} is {self.status}, not running; start it first")
+        handle = self._handle or self._attach_handle()
+        if handle is None or not handle.is_running():
+            raise StateError(f"box {self.name}: its VM is gone; see `boxlite logs {self.name}`")
+        self._handle = handle
+        return handle
+
     def remove(self, force: bool = False) -> None:
         self._rt.remove(self.id, force=force)
 

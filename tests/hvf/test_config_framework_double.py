@@ -7,11 +7,11 @@ checked is that a plan's dict turns into the right framework calls, in the right
 from __future__ import annotations
 
 import pytest
-from boxlite_hvf.backend import HvfBackend
-from boxlite_hvf.framework import build_configuration
 from hvf_vz_double import MIB, RecordingVzDouble
 
 from boxlite_core.errors import ConfigError, EngineError
+from boxlite_hvf.backend import HvfBackend
+from boxlite_hvf.framework import build_configuration
 
 
 @pytest.fixture

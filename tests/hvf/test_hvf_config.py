@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from boxlite_hvf.backend import HvfBackend
-from boxlite_hvf.config import AGENT_CMDLINE_KEY, DEFAULT_AGENT_VSOCK_PORT, vz_config
 from conftest import make_spec
 
 from boxlite_core.errors import ConfigError
 from boxlite_core.models import Capability, DiskSpec, ShareSpec
+from boxlite_hvf.backend import HvfBackend
+from boxlite_hvf.config import AGENT_CMDLINE_KEY, DEFAULT_AGENT_VSOCK_PORT, vz_config
 
 
 def test_plan_is_deterministic_and_json_serialisable(spec):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import platform
 
 import pytest
-from boxlite_hvf.backend import HvfBackend
-from boxlite_hvf.probe import HostFacts, judge
 
 from boxlite_core.plugins import PluginRegistry
+from boxlite_hvf.backend import HvfBackend
+from boxlite_hvf.probe import HostFacts, judge
 
 MAC_OK = HostFacts(
     system="Darwin",
@@ -70,9 +70,8 @@ def test_unknown_entitlement_state_does_not_block():
 
 @pytest.mark.skipif(platform.system() == "Darwin", reason="checks the non-macOS failure")
 def test_real_framework_layer_fails_clearly_without_pyobjc():
-    from boxlite_hvf.framework import PyObjCVz
-
     from boxlite_core.errors import EngineError
+    from boxlite_hvf.framework import PyObjCVz
 
     with pytest.raises(EngineError, match="pyobjc-framework-Virtualization"):
         PyObjCVz()

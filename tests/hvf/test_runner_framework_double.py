@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from boxlite_hvf.backend import HvfBackend
-from boxlite_hvf.runner import API_FACTORY_ENV
 from conftest import make_spec
 
 from boxlite_core.models import DiskSpec
 from boxlite_core.tools import find_tool
+from boxlite_hvf.backend import HvfBackend
+from boxlite_hvf.runner import API_FACTORY_ENV
 
 HERE = Path(__file__).parent
 
