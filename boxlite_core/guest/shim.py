@@ -117,22 +117,16 @@ class Forwarder(grpc.GenericRpcHandler):
     def service(self, handler_call_details: grpc.HandlerCallDetails):
         method = handler_call_details.method
         if method in self._unary_request:
-            upstream_us = self._channel.unary_stream(method)
+            upstream = self._channel.unary_stream(method)
+            make_handler = grpc.unary_stream_rpc_method_handler
+        else:
+            upstream = self._channel.stream_stream(method)
+            make_handler = grpc.stream_stream_rpc_method_handler
 
-            def unary_behavior(request: bytes, context: grpc.ServicerContext):
-                call = upstream_us(request, **self._call_args(context))
-                if not self._link(context, call):
-                    return
-                try:
-                    yield from call
-                except grpc.RpcError as exc:
-                    self._abort(context, exc)
-
-            return grpc.unary_stream_rpc_method_handler(unary_behavior)
-        upstream = self._channel.stream_stream(method)
-
-        def behavior(request_iterator, context: grpc.ServicerContext):
-            call = upstream(request_iterator, **self._call_args(context))
+        def behavior(request, context: grpc.ServicerContext):
+            # ``request`` is one message (unary) or an iterator of them (streaming): the
+            # upstream callable was picked to match, so forwarding is the same either way.
+            call = upstream(request, **self._call_args(context))
             if not self._link(context, call):
                 return
             try:
@@ -140,7 +134,7 @@ class Forwarder(grpc.GenericRpcHandler):
             except grpc.RpcError as exc:
                 self._abort(context, exc)
 
-        return grpc.stream_stream_rpc_method_handler(behavior)
+        return make_handler(behavior)
 
 
 class Shim:

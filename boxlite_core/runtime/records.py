@@ -64,7 +64,8 @@ class BoxRecord:
     def stage_timings(self) -> dict[str, float]:
         return dict(self.state.get("stage_timings") or {})
 
-    def to_dict(self) -> dict[str, Any]:
+    def _scalar_columns(self) -> dict[str, Any]:
+        """The columns stored as themselves, shared by to_dict() and to_row()."""
         return {
             "id": self.id,
             "name": self.name,
@@ -80,6 +81,11 @@ class BoxRecord:
             "pid": self.pid,
             "error": self.error,
             "failures": self.failures,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self._scalar_columns(),
             "options": self.options.to_dict(),
             "state": json.loads(json.dumps(dict(self.state), default=str)),
         }
@@ -107,20 +113,7 @@ class BoxRecord:
 
     def to_row(self) -> dict[str, Any]:
         return {
-            "id": self.id,
-            "name": self.name,
-            "status": self.status.value,
-            "backend": self.backend,
-            "image": self.image,
-            "image_digest": self.image_digest,
-            "rootfs": self.rootfs,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "started_at": self.started_at,
-            "stopped_at": self.stopped_at,
-            "pid": self.pid,
-            "error": self.error,
-            "failures": self.failures,
+            **self._scalar_columns(),
             "options_json": json.dumps(self.options.to_dict(), sort_keys=True),
             "state_json": json.dumps(dict(self.state), sort_keys=True, default=str),
         }
