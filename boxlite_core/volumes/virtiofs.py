@@ -26,12 +26,12 @@ works from any process and never signals a recycled pid.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,15 +48,9 @@ STATE_FILE = "virtiofsd.json"
 SOCKET_WAIT = 10.0
 _MAX_SOCKET_PATH = 107
 
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWUSER = 0x10000000
 #: ids 0 .. 2**32-2 (2**32-1 is the invalid id -1 and can't be mapped)
 _ID_COUNT = 4294967295
-_MS_RDONLY = 1
-_MS_REMOUNT = 32
-_MS_BIND = 4096
-_MS_REC = 16384
-_MS_PRIVATE = 1 << 18
+_LAUNCHER = str(Path(__file__).with_name("virtiofsd_launcher.py"))
 
 
 @attrs.frozen
@@ -116,25 +110,6 @@ def virtiofsd_argv(
     ]
 
 
-def _readonly_bind(source: bytes) -> None:
-    """In the child before exec: private mount namespace, ``source`` bound read-only onto
-    itself. Non-recursive on purpose: mounts below the share stay hidden, not writable."""
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def check(rc: int, what: str) -> None:
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
-    check(libc.mount(source, source, None, _MS_BIND, None), "bind mount")
-    check(
-        libc.mount(None, source, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY, None),
-        "remount read-only",
-    )
-
-
 def idmap_lines(owner: int) -> str:
     """uid_map/gid_map text that swaps ns id 0 and host id ``owner`` and maps every other id
     to itself, so guest root writes as ``owner`` while guest uid 1000 stays 1000. Covers the
@@ -162,65 +137,20 @@ def needs_idmap(info: VirtiofsdInfo, share: HostShare, euid: int) -> bool:
     return (share.uid, share.gid) != (0, 0)
 
 
-def _write_map(pid: int, name: str, text: str) -> None:
-    fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def _enter_idmapped_userns(uid: int, gid: int) -> None:
-    """In the child before exec: enter a new user namespace mapped by :func:`idmap_lines`
-    and become its root, so virtiofsd starts as ns-root (full capabilities in the namespace,
-    which its pid/mount/net sandbox needs) while its host ids are the owner's.
-
-    A process cannot write its own maps with ids beyond its own, so a helper forked first
-    (still real root in the parent namespace) writes them once we have unshared; we wait
-    for it, then setresuid(0) — our kernel uid is still host root, which the map shows as
-    ``uid``, and exec would drop the capabilities of a non-root ns uid."""
-    uid_text, gid_text = idmap_lines(uid), idmap_lines(gid)
-    libc = ctypes.CDLL(None, use_errno=True)
-    me = os.getpid()
-    ready_r, ready_w = os.pipe()
-    helper = os.fork()
-    if helper == 0:  # helper: wait for the unshare, write both maps, report by exit status
-        status = 1
-        try:
-            os.close(ready_w)
-            if os.read(ready_r, 1) == b"u":
-                _write_map(me, "uid_map", uid_text)
-                _write_map(me, "gid_map", gid_text)
-                status = 0
-        except BaseException as exc:  # anything: the helper must reach os._exit
-            with contextlib.suppress(OSError):
-                os.write(2, f"boxlite: writing the user namespace maps: {exc}\n".encode())
-        os._exit(status)
-    os.close(ready_r)
-    failed = libc.unshare(_CLONE_NEWUSER) != 0
-    err = ctypes.get_errno()
-    os.write(ready_w, b"x" if failed else b"u")
-    os.close(ready_w)
-    _pid, status = os.waitpid(helper, 0)
-    if failed:
-        msg = f"boxlite: unshare(CLONE_NEWUSER): {os.strerror(err)}\n"
-        os.write(2, msg.encode())
-        raise OSError(err, msg)
-    if status != 0:
-        raise OSError("boxlite: the user namespace maps were not written")
-    os.setresgid(0, 0, 0)
-    os.setgroups([])
-    os.setresuid(0, 0, 0)
-
-
-def _prepare_child(read_only_source: bytes | None, idmap: tuple[int, int] | None) -> None:
-    """preexec_fn: read-only bind first, as real root, *then* the user namespace. virtiofsd's
-    own mount-namespace copy then happens in a less privileged user namespace, so the kernel
-    locks the read-only flag (MNT_LOCK_READONLY): not even ns-root can remount it writable."""
+def launcher_argv(
+    argv: list[str], read_only_source: str | None, idmap: tuple[int, int] | None
+) -> list[str]:
+    """Wrap virtiofsd's argv in :mod:`.virtiofsd_launcher` when it needs a read-only bind or
+    an id-mapped user namespace. A separate interpreter, not a ``preexec_fn``: see that
+    module for the multithreaded-gRPC failure this avoids."""
+    if read_only_source is None and idmap is None:
+        return argv
+    wrapped = [sys.executable, "-I", _LAUNCHER]
     if read_only_source is not None:
-        _readonly_bind(read_only_source)
+        wrapped += ["--read-only-bind", read_only_source]
     if idmap is not None:
-        _enter_idmapped_userns(*idmap)
+        wrapped += ["--uid-map", idmap_lines(idmap[0]), "--gid-map", idmap_lines(idmap[1])]
+    return [*wrapped, "--", *argv]
 
 
 def _start_time(pid: int) -> int | None:
@@ -326,31 +256,21 @@ class VirtiofsSharer(VolumeSharer):
         readonly_mode = "flag" if info.readonly_flag else None
         ro_source = None
         if share.read_only and not info.readonly_flag:
-            ro_source = os.fsencode(share.host_path)
+            ro_source = share.host_path
             readonly_mode = "ro-bind-mount"
         idmap = None
         if needs_idmap(info, share, os.geteuid()):
             assert share.uid is not None and share.gid is not None
             idmap = (share.uid, share.gid)
-        preexec = None
-        if ro_source is not None or idmap is not None:
-            preexec = functools.partial(_prepare_child, ro_source, idmap)
         with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=devnull,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    umask=0o077,
-                    preexec_fn=preexec,
-                )
-            except subprocess.SubprocessError as exc:  # preexec_fn failed; its why is in the log
-                raise EngineError(
-                    f"could not set up virtiofsd for share {share.tag!r} ({share.host_path}): "
-                    f"{exc}\n{_tail(log_path)}"
-                ) from exc
+            proc = subprocess.Popen(
+                launcher_argv(argv, ro_source, idmap),
+                stdin=devnull,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                umask=0o077,
+            )
         self._children[proc.pid] = proc
         record = {
             "tag": share.tag,

@@ -7,12 +7,13 @@ import errno
 import itertools
 import os
 import secrets
+import threading
 from pathlib import Path
 
 import pytest
 
 from boxlite_core import tools
-from boxlite_core.errors import ConfigError
+from boxlite_core.errors import ConfigError, EngineError
 from boxlite_core.models import BoxOptions, HostShare
 from boxlite_core.volumes.virtiofs import (
     VirtiofsdInfo,
@@ -134,6 +135,58 @@ def test_virtiofsd_runs_in_the_mapped_user_namespace(tmp_path: Path) -> None:
         assert records["ro"]["read_only_enforced_by"] == "ro-bind-mount"
     finally:
         sharer.stop(box)
+
+
+@needs_c_virtiofsd
+def test_idmapped_read_only_share_starts_while_grpc_threads_run(tmp_path: Path) -> None:
+    """The runtime talks gRPC to its boxes while it starts the next one's daemons. grpcio's
+    fork handlers restart its threads in a forked child, and the kernel refuses a user
+    namespace to a multithreaded process: a ``preexec_fn`` setup failed with
+    ``unshare(CLONE_NEWUSER): Invalid argument`` in exactly this state."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    box, ro = tmp_path / "box", tmp_path / "ro"
+    for d in (box, ro):
+        d.mkdir()
+    (ro / "keep.txt").write_text("original\n")
+    os.chown(ro, OWNER, OWNER)
+    sharer = VirtiofsSharer()
+    try:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        assert threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1
+        sharer.start([HostShare("ro", ro, True, OWNER, OWNER)], box)
+        (record,) = sharer.read_state(box)
+        pid = record["pid"]
+        assert _parse(Path(f"/proc/{pid}/uid_map").read_text()) == _parse(idmap_lines(OWNER))
+        view = Path(f"/proc/{pid}/root") / str(ro).lstrip("/")
+        with pytest.raises(OSError) as err:
+            (view / "new.txt").write_text("x")
+        assert err.value.errno == errno.EROFS
+    finally:
+        sharer.stop(box)
+        channel.close()
+        server.stop(None)
+
+
+@pytest.mark.skipif(not ROOT, reason="mount namespaces need root")
+def test_a_launcher_failure_names_its_cause_in_the_daemon_log(tmp_path: Path) -> None:
+    """A share that cannot be prepared fails the start with the launcher's reason, not a bare
+    exit status."""
+    info = VirtiofsdInfo("/bin/true", "c", False, False)
+    share = HostShare("gone", tmp_path / "missing", True, 0, 0)
+    sharer = VirtiofsSharer()
+    with pytest.raises(EngineError) as err:
+        sharer._start_one(info, share, tmp_path)
+    text = str(err.value)
+    assert "exited with 126" in text
+    assert "boxlite: preparing virtiofsd's namespaces" in text
+    assert "missing" in text
 
 
 @pytest.mark.vm
