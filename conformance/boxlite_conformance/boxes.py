@@ -39,9 +39,12 @@ def import_runtime() -> tuple[Any, Any]:
 class BoxPool:
     """Boxes for one backend, keyed by what makes them different; removed at session end."""
 
-    def __init__(self, backend_name: str, home: Path) -> None:
+    def __init__(self, backend_name: str, home: Path, registry: Any = None) -> None:
         self.backend_name = backend_name
         self.home = home
+        #: the PluginRegistry the backend came from; boxes must be made through the same one,
+        #: or a backend a vendor adds in ``boxlite_registry`` would pass T0 and vanish at T1
+        self.registry = registry
         self._runtime: Any = None
         self._shared: dict[str, Any] = {}
         self._owned: list[Any] = []
@@ -52,7 +55,7 @@ class BoxPool:
         if self._runtime is None:
             runtime_cls, _ = import_runtime()
             self.home.mkdir(parents=True, exist_ok=True)
-            self._runtime = runtime_cls(home=self.home)
+            self._runtime = runtime_cls(home=self.home, plugins=self.registry)
         return self._runtime
 
     def options(self, **overrides: Any) -> Any:

@@ -320,9 +320,9 @@ def conformance_requirements(
 
 
 @pytest.fixture(scope="session")
-def box_pool(backend_name: str) -> Iterator[BoxPool]:
+def box_pool(backend_name: str, boxlite_registry: PluginRegistry) -> Iterator[BoxPool]:
     """Lazily booted boxes shared by the VM tiers; everything is removed at session end."""
-    pool = BoxPool(backend_name, conformance_home())
+    pool = BoxPool(backend_name, conformance_home(), boxlite_registry)
     yield pool
     pool.close()
 

@@ -1,8 +1,10 @@
-"""Test doubles of broken (and one conformant) VMM backends, as a boxlite plugin module.
+"""Test doubles of broken (and conformant) VMM backends, as a boxlite plugin module.
 
-Plan-only: none of them can launch a VM, so their probe says unavailable (honestly) and the VM
-tiers skip. Each broken double breaks exactly one rule, so the suite must fail the one
-conformance test named for that rule.
+Two families. Plan-only doubles cannot launch a VM, so their probe says unavailable (honestly)
+and the VM tiers skip; they break T0 rules. ``double-qemu*`` are the real qemu backend under
+another name, booting real VMs, each with one fault put in on purpose for the VM tiers. Each
+broken double breaks exactly one rule, so the suite must fail the conformance test named for
+that rule, and the same test must pass against the unbroken control.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from boxlite_core.errors import ConfigError, EngineError
 from boxlite_core.hookspecs import hookimpl
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
+from boxlite_qemu.backend import QemuBackend
+from boxlite_qemu.handle import QemuHandle
 
 _SHARE_CAPS = {"9p": Capability.NINEP, "virtiofs": Capability.VIRTIOFS}
 
@@ -83,11 +87,59 @@ class WrongProbeShapeDouble(GoodPlanOnlyDouble):
         return {"available": False, "reason": "dicts are not ProbeResults"}
 
 
+class QemuDouble(QemuBackend):
+    """The real qemu backend under another name: the control for the VM-tier doubles."""
+
+    name = "double-qemu"
+
+
+class QemuReadOnlyIgnoredDouble(QemuDouble):
+    """Boots real VMs but drops ``readonly=on`` from its 9p devices: ro volumes are writable."""
+
+    name = "double-qemu-ro-ignored"
+
+    def plan(self, spec: VmSpec) -> LaunchPlan:
+        plan = super().plan(spec)
+        argv = [
+            arg.replace(",readonly=on", "") if arg.startswith("local,id=fs") else arg
+            for arg in plan.data["argv"]
+        ]
+        return LaunchPlan(self.name, spec, {**plan.data, "argv": argv})
+
+
+class _PauseIgnoredHandle(QemuHandle):
+    def pause(self) -> None:
+        """Claims success and leaves the vCPUs running."""
+
+    def resume(self) -> None:
+        """Nothing was paused."""
+
+
+class QemuPauseIgnoredDouble(QemuDouble):
+    """Declares pause, but its handle's pause() and resume() do nothing."""
+
+    name = "double-qemu-pause-ignored"
+
+    def launch(self, plan: LaunchPlan) -> QemuHandle:
+        handle = super().launch(plan)
+        handle.__class__ = _PauseIgnoredHandle
+        return handle
+
+    def attach(self, box_dir: Path) -> QemuHandle | None:
+        handle = super().attach(box_dir)
+        if handle is not None:
+            handle.__class__ = _PauseIgnoredHandle
+        return handle
+
+
 DOUBLES = (
     GoodPlanOnlyDouble,
     NondeterministicPlanDouble,
     ReadOnlyIgnoredDouble,
     WrongProbeShapeDouble,
+    QemuDouble,
+    QemuReadOnlyIgnoredDouble,
+    QemuPauseIgnoredDouble,
 )
 
 

@@ -19,6 +19,7 @@ import pytest
 
 HERE = Path(__file__).parent
 DOUBLES = HERE / "conformance_doubles.py"
+HOME_ENV = "BOXLITE_TEST_HOME"
 
 VENDOR_CONFTEST = """\
 pytest_plugins = ["boxlite_conformance.plugin"]
@@ -56,9 +57,14 @@ class SuiteRun:
 
 @pytest.fixture
 def run_suite(tmp_path: Path) -> Callable[..., SuiteRun]:
-    """run_suite(backend, *pytest_args, test_module=VENDOR_TEST) → SuiteRun."""
+    """run_suite(backend, *pytest_args, test_module=VENDOR_TEST, shared_home=False) → SuiteRun.
 
-    def run(backend: str, *args: str, test_module: str = VENDOR_TEST) -> SuiteRun:
+    Each run gets an empty runtime home unless ``shared_home``: runs that boot VMs use the
+    suite's shared test home, whose guest kit and images are already built."""
+
+    def run(
+        backend: str, *args: str, test_module: str = VENDOR_TEST, shared_home: bool = False
+    ) -> SuiteRun:
         project = tmp_path / f"vendor-{backend}"
         project.mkdir()
         shutil.copy(DOUBLES, project / DOUBLES.name)
@@ -89,7 +95,7 @@ def run_suite(tmp_path: Path) -> Callable[..., SuiteRun]:
             text=True,
             timeout=300,
             check=False,
-            env={**os.environ, "BOXLITE_TEST_HOME": str(tmp_path / "home")},
+            env=os.environ if shared_home else {**os.environ, HOME_ENV: str(tmp_path / "home")},
         )
         return SuiteRun(proc, report_dir, backend)
 

@@ -13,7 +13,7 @@ def test_undeclared_capability_skips_with_its_name(run_suite) -> None:
     assert skipped["TestPlanContract::test_plan_follows_share_read_only[virtiofs]"] == (
         "backend 'double-good' does not declare capability 'virtiofs'"
     )
-    assert skipped["TestPauseResume::test_pause_then_resume"] == (
+    assert skipped["TestPauseResume::test_a_paused_box_runs_nothing_until_resumed"] == (
         "backend 'double-good' does not declare capability 'pause'"
     )
     # declared capability, but the backend cannot run here: the probe's reason and fix

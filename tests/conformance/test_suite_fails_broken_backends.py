@@ -50,3 +50,43 @@ def test_failure_messages_explain_the_fault(run_suite) -> None:
     assert "read_only is ignored" in ro["TestPlanContract::test_plan_follows_share_read_only[9p]"]
     nd = run_suite("double-nondeterministic", *T0).messages("failed")
     assert "deterministic" in nd["TestPlanContract::test_plan_is_deterministic"]
+
+
+#: the VM-tier tests the qemu doubles break, run alone (each boots one VM under TCG)
+RO_9P = "TestVolumes::test_read_only_holds_when_guest_root_remounts_it_writable[9p]"
+PAUSE = "TestPauseResume::test_a_paused_box_runs_nothing_until_resumed"
+RO_TESTS = "test_read_only and 9p"
+PAUSE_TESTS = "test_a_paused_box"
+
+
+@pytest.mark.vm
+def test_real_qemu_under_a_double_name_passes_the_vm_tests_the_doubles_break(run_suite) -> None:
+    """The control: without the fault, the same tests pass through the same harness (and the
+    VM tiers make their boxes through the vendor's ``boxlite_registry``)."""
+    run = run_suite(
+        "double-qemu",
+        "--conformance-strict",
+        "-k",
+        f"{RO_TESTS} or {PAUSE_TESTS}",
+        shared_home=True,
+    )
+    assert run.proc.returncode == 0, run.output
+    assert {RO_9P, PAUSE} <= run.names("passed"), run.output
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize(
+    ("backend", "selection", "broken", "why"),
+    [
+        ("double-qemu-ro-ignored", RO_TESTS, RO_9P, "only enforced inside the guest"),
+        ("double-qemu-pause-ignored", PAUSE_TESTS, PAUSE, "pause() did not stop the guest"),
+    ],
+)
+def test_a_real_vm_with_one_fault_fails_the_named_vm_test(
+    run_suite, backend: str, selection: str, broken: str, why: str
+) -> None:
+    run = run_suite(backend, "--conformance-strict", "-k", selection, shared_home=True)
+    assert run.proc.returncode == 1, run.output
+    assert broken in run.names("failed"), run.output
+    assert why in run.messages("failed")[broken], run.messages("failed")[broken]
+    assert run.names("failed") == {broken}, "the fault must fail only the test named for it"

@@ -132,6 +132,21 @@ class TestVolumes:
         assert result.exit_code != 0, "writing to a read-only volume succeeded"
         assert not (dirs.ro / "written").exists(), "a read-only volume's host dir was changed"
 
+    def test_read_only_holds_when_guest_root_remounts_it_writable(
+        self, box_pool: BoxPool, sharer: str
+    ) -> None:
+        """Code in the box is root with every capability: the guest's ``ro`` mount flag is a
+        courtesy. The host side (the device or the file server) must refuse the write."""
+        box, dirs = _volume_box(box_pool, sharer)
+        result = box.exec(
+            ["sh", "-c", "mount -o remount,rw /data/ro; echo x > /data/ro/remounted"], timeout=60
+        )
+        assert not (dirs.ro / "remounted").exists(), (
+            "guest root remounted a read-only volume writable and wrote to the host dir: "
+            f"read-only is only enforced inside the guest ({result.stderr!r})"
+        )
+        assert result.exit_code != 0, "the write after the remount reported success"
+
     def test_guest_writes_reach_the_host_as_the_volume_owner(
         self, box_pool: BoxPool, sharer: str
     ) -> None:

@@ -118,14 +118,41 @@ class TestReattach:
 @pytest.mark.vm
 @requires(Capability.PAUSE)
 class TestPauseResume:
-    def test_pause_then_resume(
+    #: how long a paused box must run nothing; an exec on a running box takes ~40 ms under TCG
+    PAUSED_FOR = 3.0
+
+    def test_a_paused_box_runs_nothing_until_resumed(
         self, box_pool: BoxPool, conformance_requirements: Requirements
     ) -> None:
         box = box_pool.fresh(memory_mib=256, rootfs=conformance_requirements.default_rootfs)
         if not hasattr(box, "pause"):
             pytest.skip("the boxlite runtime's Box has no pause(); nothing to drive 'pause'")
+        guest_probe.run(box, ["sh", "-c", "echo kept > /root/paused"])
+        outcome: dict[str, Any] = {}
+        finished = threading.Event()
+
+        def exec_while_paused() -> None:
+            try:
+                outcome["result"] = box.exec(["cat", "/root/paused"], timeout=120)
+            except BaseException as exc:  # reported by the assertion below
+                outcome["error"] = exc
+            finally:
+                finished.set()
+
         box.pause()
-        box.resume()
+        worker = threading.Thread(target=exec_while_paused, daemon=True)
+        try:
+            worker.start()
+            ran = finished.wait(self.PAUSED_FOR)
+        finally:
+            box.resume()
+        assert not ran, (
+            f"an exec finished while the box was paused ({outcome}): pause() did not stop "
+            "the guest's vCPUs"
+        )
+        assert finished.wait(120), "the exec sent during the pause never finished after resume()"
+        assert "error" not in outcome, f"the exec sent during the pause failed: {outcome}"
+        assert outcome["result"].stdout == b"kept\n", outcome["result"]
         assert box.exec(["echo", "resumed"], timeout=60).stdout == b"resumed\n"
 
 
