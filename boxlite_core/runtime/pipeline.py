@@ -32,6 +32,7 @@ from ..models import (
     VmSpec,
 )
 from ..rootfs.base import RootfsArtifact, RootfsContext
+from ..vmm.process import log_tail
 from ..volumes.resolve import resolve_user_volumes
 
 if TYPE_CHECKING:
@@ -64,17 +65,7 @@ def boot_timeout() -> float:
 
 def console_tail(box_dir: Path, lines: int = 25, max_bytes: int = 64 * 1024) -> str:
     """The last lines of the box's serial console: the first thing to read when a boot fails."""
-    path = Path(box_dir) / CONSOLE_LOG
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError:
-        return ""
-    text = data.decode(errors="replace").replace("\r", "")
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    return log_tail(Path(box_dir) / CONSOLE_LOG, lines, max_bytes)
 
 
 @attrs.define

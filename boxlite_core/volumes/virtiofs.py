@@ -42,6 +42,7 @@ import attrs
 from .. import tools
 from ..errors import ConfigError, EngineError, ToolMissingError
 from ..models import Capability, HostShare, ShareSpec
+from ..vmm.process import alive, log_tail, reap, start_time
 from .base import VolumeSharer
 
 STATE_FILE = "virtiofsd.json"
@@ -153,38 +154,6 @@ def launcher_argv(
     return [*wrapped, "--", *argv]
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text[text.rfind(")") + 2 :].split()[19])
-
-
-def _alive(pid: int, started: int | None) -> bool:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = text[text.rfind(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return False
-    return started is None or int(fields[19]) == started
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
 class VirtiofsSharer(VolumeSharer):
     """virtio-fs through virtiofsd: fast, POSIX-faithful, needs a shared-memory guest RAM."""
 
@@ -275,7 +244,7 @@ class VirtiofsSharer(VolumeSharer):
         record = {
             "tag": share.tag,
             "pid": proc.pid,
-            "start_time": _start_time(proc.pid),
+            "start_time": start_time(proc.pid),
             "socket": str(socket),
             "log": str(log_path),
             "argv": argv,
@@ -289,13 +258,13 @@ class VirtiofsSharer(VolumeSharer):
             if proc.poll() is not None:
                 raise EngineError(
                     f"virtiofsd for share {share.tag!r} ({share.host_path}) exited with "
-                    f"{proc.returncode} before creating {socket}:\n{_tail(log_path)}"
+                    f"{proc.returncode} before creating {socket}:\n{log_tail(log_path, 15)}"
                 )
             if time.monotonic() > deadline:
                 proc.kill()
                 raise EngineError(
                     f"virtiofsd for share {share.tag!r} did not create {socket} within "
-                    f"{SOCKET_WAIT:.0f}s:\n{_tail(log_path)}"
+                    f"{SOCKET_WAIT:.0f}s:\n{log_tail(log_path, 15)}"
                 )
             time.sleep(0.01)
         os.chmod(socket, 0o600)
@@ -320,14 +289,14 @@ class VirtiofsSharer(VolumeSharer):
         for pid in list(self._children):  # collect daemons another process already stopped
             self._reap_child(pid)
         records = self.read_state(box_dir)
-        live = [r for r in records if _alive(int(r["pid"]), r.get("start_time"))]
+        live = [r for r in records if alive(int(r["pid"]), r.get("start_time"))]
         for record in live:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(record["pid"]), signal.SIGTERM)
         deadline = time.monotonic() + 3.0
         for record in live:
             pid = int(record["pid"])
-            while _alive(pid, record.get("start_time")):
+            while alive(pid, record.get("start_time")):
                 self._reap_child(pid)
                 if time.monotonic() > deadline:
                     with contextlib.suppress(ProcessLookupError):
@@ -347,4 +316,4 @@ class VirtiofsSharer(VolumeSharer):
             if proc.poll() is not None:
                 del self._children[pid]
         else:
-            _reap(pid)
+            reap(pid)

@@ -17,8 +17,8 @@ import pytest
 
 from boxlite_core.errors import EngineError
 from boxlite_core.models import DiskSpec
+from boxlite_core.vmm.process import start_time
 from boxlite_libkrun.backend import LibkrunBackend
-from boxlite_libkrun.host import process_start_time
 
 CTX = 5  # the double's context id: every per-context call must carry it
 
@@ -189,7 +189,7 @@ def test_attach_rejects_a_recycled_pid(tmp_path):
             {
                 "backend": "libkrun",
                 "pid": me,
-                "start_time": process_start_time(me) + 1,
+                "start_time": start_time(me) + 1,
                 "log": str(box / "libkrun.log"),
             }
         )

@@ -9,8 +9,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from boxlite_core.vmm.process import alive, start_time
 from boxlite_qemu.backend import QemuBackend
-from boxlite_qemu.proc import alive, start_time
 
 
 def write_vm_json(box: Path, pid: int, started: int | None) -> None:

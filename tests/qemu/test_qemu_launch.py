@@ -14,8 +14,8 @@ import pytest
 
 from boxlite_core.errors import EngineError
 from boxlite_core.models import AgentEndpoint, DiskSpec, HostShare, VmSpec
+from boxlite_core.vmm.process import alive
 from boxlite_qemu.backend import QemuBackend
-from boxlite_qemu.proc import alive
 
 pytestmark = pytest.mark.vm
 

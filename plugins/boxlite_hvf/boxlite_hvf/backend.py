@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +21,11 @@ from boxlite_core import tools
 from boxlite_core.errors import EngineError
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
+from boxlite_core.vmm.process import ProcessVmHandle, log_tail
 
 from . import probe as probing
 from .config import WORK_DIR, normalise_arch, vz_config
-from .proc import alive, start_time
+from .proc import start_time
 
 VM_JSON = "vm.json"
 RUNNER_LOG = "runner.log"
@@ -34,73 +33,30 @@ RUNNER_MODULE = "boxlite_hvf.runner"
 DEFAULT_STOP_TIMEOUT = 10.0
 
 
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+class HvfHandle(ProcessVmHandle):
+    """The runner process of one box (the VM lives and dies with it). SIGTERM asks the guest
+    to power off; the runner forces it after its own stop timeout."""
 
-
-class HvfHandle(VmHandle):
-    """The runner process of one box (the VM lives and dies with it)."""
+    KILL_WAIT = 10.0
+    POLL = 0.05
 
     def __init__(self, box_dir: Path, pid: int, fingerprint: str | None,
                  popen: subprocess.Popen[bytes] | None = None) -> None:
+        super().__init__(pid, fingerprint, popen)
         self.box_dir = box_dir
-        self._pid = pid
-        self._fingerprint = fingerprint
-        self._popen = popen
 
-    @property
-    def pid(self) -> int | None:
-        return self._pid
-
-    def is_running(self) -> bool:
-        if self._popen is not None:
-            return self._popen.poll() is None
-        return alive(self._pid, self._fingerprint)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._popen is not None:
-            try:
-                self._popen.wait(timeout)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_running():
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    def _signal(self, sig: int) -> None:
-        if not self.is_running():
-            return
-        try:
-            os.kill(self._pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._signal(signal.SIGTERM)
-        if not self.wait(timeout):
-            self.kill()
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-        self.wait(10)
+    def _identity(self) -> object | None:
+        return start_time(self._pid)  # works on macOS (ps) as well as Linux
 
     def exit_reason(self) -> str | None:
         if self.is_running():
             return None
-        code = self._popen.returncode if self._popen is not None else None
+        code = self.returncode()
         what = {0: "the VM stopped", 1: "the VM ended in error",
                 2: "the VM configuration was refused"}.get(code, "the VM runner exited")
         if code is not None and code < 0:
             what = f"the VM runner was killed by signal {-code}"
-        tail = _tail(self.box_dir / WORK_DIR / RUNNER_LOG)
+        tail = log_tail(self.box_dir / WORK_DIR / RUNNER_LOG, 5)
         return f"{what}" + (f": {tail}" if tail else "")
 
 
@@ -214,6 +170,6 @@ class HvfBackend(VmmBackend):
             return None
         if record.get("backend") != self.name or not isinstance(record.get("pid"), int):
             return None
-        if not alive(record["pid"], record.get("start_time")):
+        if not HvfHandle(box_dir, record["pid"], record.get("start_time")).is_running():
             return None
         return HvfHandle(box_dir, record["pid"], record.get("start_time"))

@@ -7,16 +7,13 @@ SIGKILL, and why it ended comes from the exit status and the launcher's log.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-from boxlite_core.vmm.base import VmHandle
+from boxlite_core.vmm.process import ProcessVmHandle, start_time
 
-from .host import pid_alive, process_start_time
 from .launcher import ERROR_PREFIX
 
 STATE_FILE = "vm.json"
@@ -28,7 +25,7 @@ def write_state(box_dir: Path, pid: int, log: Path) -> dict[str, Any]:
     state = {
         "backend": "libkrun",
         "pid": pid,
-        "start_time": process_start_time(pid),
+        "start_time": start_time(pid),
         "log": str(log),
     }
     tmp = box_dir / (STATE_FILE + ".tmp")
@@ -54,8 +51,11 @@ def launcher_error(log: Path) -> str | None:
     return lines[-1] if lines else None
 
 
-class LibkrunHandle(VmHandle):
-    """A launcher process: our child (``proc``) or adopted from vm.json (``proc`` is None)."""
+class LibkrunHandle(ProcessVmHandle):
+    """A launcher process: our child (``proc``) or adopted from vm.json (``proc`` is None).
+
+    Stop is the base's SIGTERM then SIGKILL: libkrun has no powerdown request of its own (the
+    runtime asks the guest agent to shut down before it calls stop)."""
 
     def __init__(
         self,
@@ -64,66 +64,15 @@ class LibkrunHandle(VmHandle):
         log: Path,
         proc: subprocess.Popen[bytes] | None = None,
     ) -> None:
-        self._pid = pid
-        self._start_time = start_time
+        super().__init__(pid, start_time, proc)
         self._log = log
-        self._proc = proc
-        self._signalled: int | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._pid
-
-    def _same_process(self) -> bool:
-        if self._start_time is None:
-            return pid_alive(self._pid)
-        return process_start_time(self._pid) == self._start_time
-
-    def is_running(self) -> bool:
-        if self._proc is not None:
-            return self._proc.poll() is None
-        return self._same_process()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                return False
-            return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._same_process():
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-        return True
-
-    def _signal(self, sig: int) -> None:
-        if not self.is_running():
-            return
-        try:
-            os.kill(self._pid, sig)
-            self._signalled = sig
-        except ProcessLookupError:
-            pass
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``: libkrun has no powerdown request of its own
-        (the runtime asks the guest agent to shut down before it calls this)."""
-        self._signal(signal.SIGTERM)
-        if not self.wait(timeout):
-            self.kill()
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-        self.wait(5.0)
 
     def exit_reason(self) -> str | None:
         if self.is_running():
             return None
         parts = []
-        if self._proc is not None and self._proc.returncode is not None:
-            rc = self._proc.returncode
+        rc = self.returncode()
+        if rc is not None:
             if rc < 0:
                 parts.append(f"killed by signal {-rc} ({signal.Signals(-rc).name})")
             else:

@@ -68,31 +68,3 @@ def check_accel() -> AccelCheck:
     if sys.platform.startswith("linux"):
         return check_kvm()
     return AccelCheck(False, f"libkrun does not run on {sys.platform}", "use Linux or macOS")
-
-
-def process_start_time(pid: int) -> int | None:
-    """Clock ticks since boot when ``pid`` started (/proc/PID/stat field 22), None if gone.
-
-    With the pid it fingerprints a process: a recycled pid has a different start time.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":  # a zombie is not a running VM
-        return None
-    return int(fields[19])
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists (and, on Linux, is not a zombie)."""
-    if os.path.exists("/proc/self/stat"):
-        return process_start_time(pid) is not None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -23,11 +23,11 @@ from boxlite_core import tools
 from boxlite_core.errors import ConfigError, EngineError, ToolMissingError
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend
+from boxlite_core.vmm.process import log_tail, start_time
 
 from .accel import AccelChoice, host_accel
 from .argv import QEMU_BINARY, QemuHost, build_argv
-from .handle import QemuHandle, _tail, write_state
-from .proc import start_time
+from .handle import QemuHandle, write_state
 from .qmp import QmpError, qmp_command
 
 QMP_READY_TIMEOUT = 30.0
@@ -227,12 +227,12 @@ class QemuBackend(VmmBackend):
         raise EngineError(
             f"QEMU (pid {popen.pid}) did not open its QMP socket {handle.qmp_socket} within "
             f"{QMP_READY_TIMEOUT:.0f}s ({last or 'no socket'}); QEMU log:\n"
-            + _tail(handle.log or Path(os.devnull))
+            + log_tail(handle.log or Path(os.devnull))
         )
 
     @staticmethod
     def _death_message(handle: QemuHandle, returncode: int) -> str:
-        log = _tail(handle.log) if handle.log else ""
+        log = log_tail(handle.log) if handle.log else ""
         console = handle.console_tail()
         msg = f"QEMU exited during start-up with status {returncode}"
         if log:

@@ -17,8 +17,8 @@ from typing import Any
 
 from boxlite_core.errors import EngineError
 from boxlite_core.vmm.base import VmHandle
+from boxlite_core.vmm.process import alive, log_tail, reap
 
-from .proc import alive, reap
 from .qmp import QmpError, qmp_command
 
 _PANIC_MARKERS = ("Kernel panic", "end Kernel panic")
@@ -26,18 +26,6 @@ _PANIC_MARKERS = ("Kernel panic", "end Kernel panic")
 #: QEMU processes this process started, by pid: an attach() in the same process shares the
 #: Popen, so exactly one waitpid collects the status and every handle can report it.
 _LAUNCHED: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def _tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode(errors="replace").rstrip().splitlines()[-lines:])
 
 
 def _describe_wait_status(status: int) -> str:
@@ -204,7 +192,7 @@ class QemuHandle(VmHandle):
     def _panic_line(self) -> str | None:
         if self.console_log is None:
             return None
-        for line in reversed(_tail(self.console_log, 60).splitlines()):
+        for line in reversed(log_tail(self.console_log, 60).splitlines()):
             if any(m in line for m in _PANIC_MARKERS):
                 return line.strip()
         return None
@@ -223,7 +211,7 @@ class QemuHandle(VmHandle):
                 return f"guest powered off ({text})"
             if os.WIFSIGNALED(self._wait_status):
                 return text + (", sent by boxlite" if self._host_action else "")
-            log = _tail(self.log, 5) if self.log else ""
+            log = log_tail(self.log, 5) if self.log else ""
             return text + (f": {log}" if log else "")
         if self._host_action:
             return self._host_action
@@ -235,7 +223,7 @@ class QemuHandle(VmHandle):
         )
 
     def console_tail(self, lines: int = 20) -> str:
-        return _tail(self.console_log, lines) if self.console_log else ""
+        return log_tail(self.console_log, lines) if self.console_log else ""
 
     # -- persistence -------------------------------------------------------------------------
 

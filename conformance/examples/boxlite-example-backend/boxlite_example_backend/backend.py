@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 from boxlite_core.errors import ConfigError, EngineError
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
+from boxlite_core.vmm.process import ProcessVmHandle, start_time
 
 BINARY = "firecracker"
 CONFIG_NAME = "firecracker.json"
@@ -24,55 +23,16 @@ STATE_NAME = "example-vm.json"  # what attach() reads: pid + process start time
 GUEST_CID = 3
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks (field 22 of /proc/PID/stat), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+class ExampleHandle(ProcessVmHandle):
+    """A Firecracker process. The core's ProcessVmHandle does the bookkeeping every one-process
+    VMM needs: pid + start time (so a recycled pid is never taken for the VM), wait, and stop
+    as SIGTERM then SIGKILL (Firecracker has no ACPI powerdown without its API socket)."""
 
-
-class ExampleHandle(VmHandle):
-    """A Firecracker process, identified by pid + start time so a recycled pid is not it."""
-
-    def __init__(self, pid: int, start_time: int, proc: subprocess.Popen | None = None) -> None:
-        self._pid = pid
-        self._start_time = start_time
-        self._proc = proc
-
-    @property
-    def pid(self) -> int | None:
-        return self._pid
-
-    def is_running(self) -> bool:
-        if self._proc is not None and self._proc.poll() is not None:
-            return False
-        return _start_time(self._pid) == self._start_time
-
-    def wait(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_running():
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    def _signal(self, sig: int) -> None:
+    def exit_reason(self) -> str | None:
         if self.is_running():
-            try:
-                os.kill(self._pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._signal(signal.SIGTERM)  # firecracker has no ACPI powerdown without its API
-        if not self.wait(timeout):
-            self.kill()
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-        self.wait(5)
+            return None
+        code = self.returncode()
+        return "firecracker exited" + (f" with code {code}" if code is not None else "")
 
 
 class ExampleBackend(VmmBackend):
@@ -150,7 +110,7 @@ class ExampleBackend(VmmBackend):
                 plan.data["argv"], stdin=subprocess.DEVNULL, stdout=console, stderr=console,
                 start_new_session=True,
             )
-        started = _start_time(proc.pid)
+        started = start_time(proc.pid)
         if started is None:
             raise EngineError(f"firecracker exited at once; see {spec.console_log}")
         (spec.box_dir / STATE_NAME).write_text(
