@@ -299,6 +299,26 @@ def stop(box: str, timeout: float) -> int:
 
 @cli.command()
 @click.argument("box")
+def pause(box: str) -> int:
+    """Freeze a running box's vCPUs (it keeps its memory; execs wait); see `resume`."""
+    b = _runtime().get(box)
+    b.pause()
+    click.echo(b.name)
+    return 0
+
+
+@cli.command()
+@click.argument("box")
+def resume(box: str) -> int:
+    """Let a paused box run again."""
+    b = _runtime().get(box)
+    b.resume()
+    click.echo(b.name)
+    return 0
+
+
+@cli.command()
+@click.argument("box")
 def logs(box: str) -> int:
     """The guest's serial console log of the current (or last) boot."""
     text = _runtime().get(box).logs()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BoxliteError, ConfigError, GuestError, NotFoundError, StateError
 from ..guest.transport import stop_shim
 from ..images.model import ImageConfig
-from ..models import BoxStatus, ExecResult, ExitStatus
+from ..models import BoxStatus, Capability, ExecResult, ExitStatus
 from .cleanup import CleanupGuard
 from .pipeline import CONSOLE_LOG, ProgressFn, StartContext, boot_timeout, console_tail, run_stages
 from .records import BoxRecord
@@ -293,11 +293,22 @@ class Box:
 
     def pause(self) -> None:
         """Freeze the VM's vCPUs (backends declaring PAUSE). The box stays Running; execs wait."""
+        self._require_pause()
         self._running_handle().pause()
 
     def resume(self) -> None:
         """Let a paused VM run again."""
+        self._require_pause()
         self._running_handle().resume()
+
+    def _require_pause(self) -> None:
+        """Refuse up front, naming the backend, rather than let a handle raise halfway."""
+        name = self._record.backend or self._rt.plugins.select_backend(self._record.options)
+        if Capability.PAUSE not in self._rt.plugins.backend(name).capabilities():
+            raise ConfigError(
+                f"box {self.name}: backend {name!r} cannot pause a VM (it does not declare "
+                "the 'pause' capability); use a backend that does (qemu, libvirt)"
+            )
 
     def _running_handle(self) -> VmHandle:
         if self.status is not BoxStatus.RUNNING:

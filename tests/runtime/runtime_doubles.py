@@ -56,6 +56,15 @@ class NoShareBackendDouble(LaunchFailBackendDouble):
         return frozenset({Capability.QCOW2})
 
 
+class PauseBackendDouble(LaunchFailBackendDouble):
+    """Declares PAUSE (and still cannot launch)."""
+
+    name = "pause_double"
+
+    def capabilities(self):
+        return super().capabilities() | {Capability.PAUSE}
+
+
 class MarkerStrategyDouble(RootfsStrategy):
     """Writes rootfs.qcow2 as a marker file so tests can see files are kept/removed."""
 
@@ -103,6 +112,7 @@ class Plugin:
     def boxlite_register_vmm_backends(self, register):
         register("launchfail_double", LaunchFailBackendDouble)
         register("noshare_double", NoShareBackendDouble)
+        register("pause_double", PauseBackendDouble)
 
     @hookimpl
     def boxlite_register_rootfs_strategies(self, register):

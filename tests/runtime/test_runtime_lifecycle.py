@@ -38,6 +38,22 @@ def test_duplicate_name_is_config_error(rt):
         rt.create(opts(name="dup"))
 
 
+def test_pause_on_a_backend_without_pause_names_it(rt):
+    """The double declares no PAUSE: refused up front with the backend's name, before any
+    state check, instead of a NotImplementedError from deep inside a handle."""
+    box = rt.create(opts())
+    for action in (box.pause, box.resume):
+        with pytest.raises(ConfigError, match="backend 'launchfail_double' cannot pause"):
+            action()
+    assert rt.get(box.id).record.status is BoxStatus.CONFIGURED
+
+
+def test_pause_of_a_box_that_is_not_running_is_a_state_error(rt):
+    box = rt.create(opts(backend="pause_double"))
+    with pytest.raises(StateError, match="not running; start it first"):
+        box.pause()
+
+
 def test_unknown_backend_rootfs_image(rt):
     with pytest.raises(NotFoundError, match="no VMM backend named 'nope'"):
         rt.create(opts(backend="nope"))

@@ -144,6 +144,34 @@ def test_reattach_from_second_process(box, vm_home):
     assert box.exec(["echo", "back"]).text == "back\n"  # and this process re-attaches
 
 
+def _cli(vm_home, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "boxlite_core.cli.main", *args],
+        env=boxlite_env(vm_home), capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_cli_pause_freezes_the_box_until_resume(box, vm_home):
+    paused = _cli(vm_home, "pause", box.name)
+    assert paused.returncode == 0, paused.stderr
+    done = threading.Event()
+    result = {}
+
+    def run() -> None:
+        result["r"] = box.exec(["echo", "after"], timeout=120)
+        done.set()
+
+    worker = threading.Thread(target=run, daemon=True)
+    try:
+        worker.start()
+        assert not done.wait(2.0), "an exec finished while `boxlite pause` had frozen the box"
+    finally:
+        resumed = _cli(vm_home, "resume", box.name)
+    assert resumed.returncode == 0, resumed.stderr
+    assert done.wait(60), "the exec sent while paused never finished after `boxlite resume`"
+    assert result["r"].text == "after\n"
+
+
 def test_metrics_count_execs(box, runtime):
     before = box.metrics()["execs"]
     box.exec(["true"])
