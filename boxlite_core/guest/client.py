@@ -40,7 +40,13 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.enable_retries", 0),
     ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
+    # Despite its name this is gRPC's *minimum connect timeout* (floored at 100 ms): the
+    # time a connection attempt gets to finish the HTTP/2 handshake. At 50 a loaded TCG
+    # guest could not answer in time and every attempt was dropped (notes/agent-stall.md).
+    # 5 s, not gRPC's 20 s default: on a "stream" channel (libkrun/hvf vsock sockets) an
+    # attempt that hangs before the guest listens is then retried soon; the serial path
+    # dials the local shim, which answers in milliseconds.
+    ("grpc.min_reconnect_backoff_ms", 5000),
     ("grpc.max_reconnect_backoff_ms", 1000),
     # One connection per channel: the serial bridge carries exactly one HTTP/2 session.
     ("grpc.use_local_subchannel_pool", 1),
@@ -223,9 +229,11 @@ class AgentClient:
             except BaseException:
                 client.close()
                 raise
-            # The agent said READY but its gRPC session never answered. Seen under heavy host
-            # load (about 1 boot in 10 on 2 busy cores): resetting the serial connection makes
-            # the guest drop its side and offer READY again, which has recovered every time.
+            # The agent said READY but its gRPC session never answered. A backstop now: the
+            # cause (gRPC dropping slow handshakes, each drop racing the guest's writes and
+            # sometimes wedging QEMU's port) is fixed and the shim retries a wedged re-attach
+            # itself (notes/agent-stall.md). Resetting the serial connection makes the guest
+            # drop its side and offer READY again, which has recovered every time.
             client.close()
             resets += 1
             log.warning(

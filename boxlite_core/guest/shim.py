@@ -34,6 +34,10 @@ from . import transport as t
 
 #: worker threads: each exec holds ~3 concurrent streams (Output, Stdin, Wait) for its life
 WORKERS = 64
+#: seconds a re-attach to the running guest may wait for READY before the shim hangs up and
+#: attaches again (the guest normally answers a re-attach within ~0.1-0.5 s, even loaded; a
+#: wedged QEMU port never does: notes/agent-stall.md)
+READY_RETRY = 3.0
 #: a time_remaining() above this means the host set no deadline
 NO_DEADLINE = 10 * 365 * 86400.0
 _CHANNEL_OPTIONS = [
@@ -41,7 +45,12 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.enable_retries", 0),
     ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
+    # Despite its name this is gRPC's *minimum connect timeout* (floored at 100 ms): the
+    # time a connection attempt gets to finish the HTTP/2 handshake. At 50 the guest had
+    # ~0.1 s to answer the preface; under TCG load it often needs longer, so every attempt
+    # was dropped and re-made, each drop a port detach that can wedge the port (see
+    # notes/agent-stall.md). 20 s is gRPC's default; reconnects stay fast (backoff above).
+    ("grpc.min_reconnect_backoff_ms", 20000),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.use_local_subchannel_pool", 1),  # one HTTP/2 session: the bridge relays one
 ]
@@ -178,6 +187,7 @@ class Shim:
             eager=True,
             on_port_lost=self._port_lost,
             reopen_delay=0.2,
+            ready_retry=READY_RETRY,
             log=_log,
         )
         self.channel = grpc.insecure_channel(self.bridge.target, options=_CHANNEL_OPTIONS)

@@ -68,13 +68,20 @@ def open_port(
     is_alive: Callable[[], bool],
     console_tail: Callable[[], str],
     gone_if_refused: bool = False,
+    ready_timeout: float | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[socket.socket, bytes]:
     """Connect to the port socket and read the READY line; return the socket and any bytes
     that followed READY in the same read (the start of the server's HTTP/2 preface).
 
     gone_if_refused: a refused/missing socket raises PortGone at once. Used once the port has
     been seen: a chardev server with a client attached still queues connects, so only a VM
-    that is gone refuses them."""
+    that is gone refuses them.
+    ready_timeout: give one connection this long to bring READY, then hang up and connect
+    again. For re-attaches to a running guest: QEMU 7.2 can leave the port throttled after a
+    host hung up while the guest was writing, and then the guest's next READY sits in the
+    virtqueue for good; only a new detach (QEMU un-throttles and discards on close, the guest
+    sees the hang-up and offers READY again) gets it going (notes/agent-stall.md)."""
     while True:
         if not is_alive():
             raise _dead_error("before its guest agent became ready", console_tail)
@@ -94,6 +101,8 @@ def open_port(
             continue
         buf = b""
         sock.settimeout(0.1)
+        give_up = None if ready_timeout is None else time.monotonic() + ready_timeout
+        pause = 0.05
         while READY not in buf:
             if not is_alive():
                 sock.close()
@@ -108,6 +117,12 @@ def open_port(
                     "be slow to boot (raise the timeout) or its agent failed"
                     + (f"\n--- guest console (last lines) ---\n{tail}" if tail else "")
                 )
+            if give_up is not None and time.monotonic() >= give_up:
+                if log is not None:
+                    log(f"no READY within {ready_timeout:.0f}s of attaching to {path}; "
+                        "dropping this port connection and attaching again")
+                pause = 0.2  # long enough for the guest to see this detach
+                break
             try:
                 chunk = sock.recv(4096)
             except TimeoutError:
@@ -121,7 +136,7 @@ def open_port(
             sock.settimeout(None)
             return sock, buf.split(READY, 1)[1]
         sock.close()
-        time.sleep(0.05)
+        time.sleep(pause)
 
 
 def _relay(a: socket.socket, b: socket.socket, first_to_a: bytes) -> None:
@@ -178,7 +193,9 @@ class SerialBridge(Transport):
 
     eager: after a relay ends, open the next port connection at once (the shim holds the port
     this way, and a refused reopen tells it the VM is gone: on_port_lost(reason) is called and
-    the bridge stops)."""
+    the bridge stops).
+    ready_retry: seconds a re-attach may wait for READY before it is dropped and made again
+    (see open_port's ready_timeout)."""
 
     def __init__(
         self,
@@ -192,10 +209,12 @@ class SerialBridge(Transport):
         eager: bool = False,
         on_port_lost: Callable[[str], None] | None = None,
         reopen_delay: float = 0.0,
+        ready_retry: float | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.port_path = port_path
         self._reopen_delay = reopen_delay
+        self._ready_retry = ready_retry
         self._log = log or (lambda _msg: None)
         self._eager = eager
         self._on_port_lost = on_port_lost
@@ -231,6 +250,8 @@ class SerialBridge(Transport):
                 is_alive=lambda: self._is_alive() and not self._closed.is_set(),
                 console_tail=self._console_tail,
                 gone_if_refused=self._eager,
+                ready_timeout=self._ready_retry,
+                log=self._log,
             )
         except PortGone as exc:
             self.last_error = str(exc)
