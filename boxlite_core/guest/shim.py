@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 
 from ..errors import GuestError
+from ..vmm.procstat import start_time
 from . import transport as t
 
 #: worker threads: each exec holds ~3 concurrent streams (Output, Stdin, Wait) for its life
@@ -202,7 +203,7 @@ class Shim:
         os.chmod(self.socket_path, 0o600)
         info = {
             "pid": os.getpid(),
-            "start_time": t.proc_start_time(os.getpid()),
+            "start_time": start_time(os.getpid()),
             "socket": str(self.socket_path),
         }
         tmp = self.box_dir / f".{t.SHIM_JSON}.{os.getpid()}"

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import GuestError
+from ..vmm.procstat import alive, log_tail
 
 READY = b"READY\n"
 PORT_NAME = "agent.port"
@@ -59,6 +60,17 @@ def _dead_error(what: str, console_tail: Callable[[], str]) -> GuestError:
     tail = tail.strip()
     suffix = f"\n--- guest console (last lines) ---\n{tail}" if tail else " (console log empty)"
     return GuestError(f"the box's VM stopped {what}{suffix}")
+
+
+def _ready_timeout_error(path: Path, console_tail: Callable[[], str]) -> GuestError:
+    tail = ""
+    with contextlib.suppress(Exception):
+        tail = console_tail().strip()
+    return GuestError(
+        f"timed out waiting for the guest agent's READY on {path}; the guest may be slow to "
+        "boot (raise the timeout) or its agent failed"
+        + (f"\n--- guest console (last lines) ---\n{tail}" if tail else "")
+    )
 
 
 def open_port(
@@ -109,14 +121,7 @@ def open_port(
                 raise _dead_error("before its guest agent became ready", console_tail)
             if time.monotonic() >= deadline:
                 sock.close()
-                tail = ""
-                with contextlib.suppress(Exception):
-                    tail = console_tail().strip()
-                raise GuestError(
-                    f"timed out waiting for the guest agent's READY on {path}; the guest may "
-                    "be slow to boot (raise the timeout) or its agent failed"
-                    + (f"\n--- guest console (last lines) ---\n{tail}" if tail else "")
-                )
+                raise _ready_timeout_error(path, console_tail)
             if give_up is not None and time.monotonic() >= give_up:
                 if log is not None:
                     log(f"no READY within {ready_timeout:.0f}s of attaching to {path}; "
@@ -311,28 +316,13 @@ class SerialBridge(Transport):
 # -- the per-box shim (host side) ------------------------------------------------------------
 
 
-def proc_start_time(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks): with the pid it names one
-    process for good, so a recycled pid is never mistaken for the shim. None if gone/zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # fields 3.. (the name may hold spaces or ')')
-    if fields[0] == "Z":
-        return None
-    return fields[19]
-
-
 def _read_shim_info(box_dir: Path) -> dict | None:
     try:
         info = json.loads((box_dir / SHIM_JSON).read_text())
-        pid = int(info["pid"])
+        pid, started = int(info["pid"]), int(info["start_time"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if proc_start_time(pid) != str(info.get("start_time")):
-        return None
-    return info
+    return info if alive(pid, started) else None
 
 
 def live_shim(box_dir: Path) -> dict | None:
@@ -350,13 +340,6 @@ def live_shim(box_dir: Path) -> dict | None:
     finally:
         probe.close()
     return info
-
-
-def _log_tail(path: Path, limit: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:].strip()
-    except OSError:
-        return ""
 
 
 def _package_root() -> str:
@@ -446,17 +429,10 @@ def connect_shim(
                     raise GuestError(
                         f"the agent shim of {box_dir} exited with status {proc.returncode} "
                         f"before serving; its log ({box_dir / SHIM_LOG}) ends:\n"
-                        f"{_log_tail(box_dir / SHIM_LOG) or '(empty)'}"
+                        f"{log_tail(box_dir / SHIM_LOG, 1000, 2000) or '(empty)'}"
                     )
                 if time.monotonic() >= deadline:
-                    tail = ""
-                    with contextlib.suppress(Exception):
-                        tail = console_tail().strip()
-                    raise GuestError(
-                        f"timed out waiting for the guest agent's READY on {port_path}; the guest "
-                        "may be slow to boot (raise the timeout) or its agent failed"
-                        + (f"\n--- guest console (last lines) ---\n{tail}" if tail else "")
-                    )
+                    raise _ready_timeout_error(port_path, console_tail)
                 time.sleep(0.01)
         except BaseException:
             _kill_spawned(proc)
@@ -473,14 +449,14 @@ def stop_shim(box_dir: Path, timeout: float = 5.0) -> bool:
     info = _read_shim_info(box_dir)
     stopped = False
     if info is not None:
-        pid, start = int(info["pid"]), str(info["start_time"])
+        pid, start = int(info["pid"]), int(info["start_time"])
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
             stopped = True
         end = time.monotonic() + timeout
-        while proc_start_time(pid) == start and time.monotonic() < end:
+        while alive(pid, start) and time.monotonic() < end:
             time.sleep(0.02)
-        if proc_start_time(pid) == start:
+        if alive(pid, start):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     # Its files, whether it cleaned up or was killed (only when no live shim owns them).

@@ -32,7 +32,7 @@ from ..models import (
     VmSpec,
 )
 from ..rootfs.base import RootfsArtifact, RootfsContext
-from ..vmm.process import log_tail
+from ..vmm.procstat import log_tail
 from ..volumes.resolve import resolve_user_volumes
 
 if TYPE_CHECKING:

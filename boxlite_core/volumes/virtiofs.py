@@ -42,7 +42,7 @@ import attrs
 from .. import tools
 from ..errors import ConfigError, EngineError, ToolMissingError
 from ..models import Capability, HostShare, ShareSpec
-from ..vmm.process import alive, log_tail, reap, start_time
+from ..vmm.procstat import alive, log_tail, reap, start_time
 from .base import VolumeSharer
 
 STATE_FILE = "virtiofsd.json"

@@ -17,6 +17,7 @@ import pytest
 from boxlite_core.errors import GuestError
 from boxlite_core.guest import transport
 from boxlite_core.guest.client import AgentClient
+from boxlite_core.vmm.procstat import alive, start_time
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +41,7 @@ def _shim_pids(box_dir: Path) -> list[int]:
         if (
             b"boxlite_core.guest.shim" in argv
             and str(box_dir).encode() in argv
-            and transport.proc_start_time(int(entry.name)) is not None
+            and alive(int(entry.name), None)
         ):
             pids.append(int(entry.name))
     return pids
@@ -49,7 +50,7 @@ def _shim_pids(box_dir: Path) -> list[int]:
 def _wait_gone(pid: int, seconds: float) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        if transport.proc_start_time(pid) is None:
+        if not alive(pid, None):
             return True
         time.sleep(0.05)
     return False
@@ -227,7 +228,7 @@ def test_stop_shim_ends_it_and_removes_its_files(agent_factory):
     c = _connect(agent)
     pid = c._transport.pid
     info = json.loads((agent.box_dir / "shim.json").read_text())
-    assert info["pid"] == pid and info["start_time"] == transport.proc_start_time(pid)
+    assert info["pid"] == pid and info["start_time"] == start_time(pid)
     assert transport.stop_shim(agent.box_dir) is True
     assert _wait_gone(pid, 1)
     for name in ("shim.json", "agent.grpc.sock", "agent.bridge.sock"):

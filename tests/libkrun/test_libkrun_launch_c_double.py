@@ -17,7 +17,7 @@ import pytest
 
 from boxlite_core.errors import EngineError
 from boxlite_core.models import DiskSpec
-from boxlite_core.vmm.process import start_time
+from boxlite_core.vmm.procstat import start_time
 from boxlite_libkrun.backend import LibkrunBackend
 
 CTX = 5  # the double's context id: every per-context call must carry it

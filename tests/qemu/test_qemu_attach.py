@@ -9,7 +9,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from boxlite_core.vmm.process import alive, start_time
+from boxlite_core.vmm.procstat import alive, start_time
 from boxlite_qemu.backend import QemuBackend
 
 

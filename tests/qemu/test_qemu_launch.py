@@ -14,7 +14,7 @@ import pytest
 
 from boxlite_core.errors import EngineError
 from boxlite_core.models import AgentEndpoint, DiskSpec, HostShare, VmSpec
-from boxlite_core.vmm.process import alive
+from boxlite_core.vmm.procstat import alive
 from boxlite_qemu.backend import QemuBackend
 
 pytestmark = pytest.mark.vm

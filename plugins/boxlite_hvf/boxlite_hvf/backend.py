@@ -21,7 +21,8 @@ from boxlite_core import tools
 from boxlite_core.errors import EngineError
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
-from boxlite_core.vmm.process import ProcessVmHandle, log_tail
+from boxlite_core.vmm.process import ProcessVmHandle
+from boxlite_core.vmm.procstat import log_tail
 
 from . import probe as probing
 from .config import WORK_DIR, normalise_arch, vz_config

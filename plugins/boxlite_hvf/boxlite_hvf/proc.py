@@ -10,13 +10,13 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from boxlite_core.vmm import process
+from boxlite_core.vmm import procstat
 
 
 def start_time(pid: int) -> str | None:
     """The process's start-time fingerprint, or None if no such process runs."""
     if Path("/proc/self/stat").exists():
-        ticks = process.start_time(pid) if process.alive(pid, None) else None
+        ticks = procstat.start_time(pid) if procstat.alive(pid, None) else None
         return None if ticks is None else f"linux:{ticks}"
     try:
         out = subprocess.run(

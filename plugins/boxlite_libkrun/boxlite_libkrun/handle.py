@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from boxlite_core.vmm.process import ProcessVmHandle, start_time
+from boxlite_core.vmm.process import ProcessVmHandle
+from boxlite_core.vmm.procstat import start_time
 
 from .launcher import ERROR_PREFIX
 

@@ -23,7 +23,7 @@ from boxlite_core import tools
 from boxlite_core.errors import ConfigError, EngineError, ToolMissingError
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend
-from boxlite_core.vmm.process import log_tail, start_time
+from boxlite_core.vmm.procstat import log_tail, start_time
 
 from .accel import AccelChoice, host_accel
 from .argv import QEMU_BINARY, QemuHost, build_argv

@@ -17,7 +17,7 @@ from typing import Any
 
 from boxlite_core.errors import EngineError
 from boxlite_core.vmm.base import VmHandle
-from boxlite_core.vmm.process import alive, log_tail, reap
+from boxlite_core.vmm.procstat import alive, log_tail, reap
 
 from .qmp import QmpError, qmp_command
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from boxlite_core.errors import ConfigError, EngineError
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
-from boxlite_core.vmm.process import ProcessVmHandle, start_time
+from boxlite_core.vmm.process import ProcessVmHandle
+from boxlite_core.vmm.procstat import start_time
 
 BINARY = "firecracker"
 CONFIG_NAME = "firecracker.json"

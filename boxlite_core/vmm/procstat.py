@@ -1,0 +1,71 @@
+"""Host processes a box depends on (a VMM, a launcher, a file server, the agent shim), known
+by pid + start time.
+
+Boxes outlive the process that started them: a later ``boxlite`` command re-adopts the VM from
+the pid in its state file. A pid alone is not an identity (the kernel recycles them), so every
+record also keeps the process's start time (field 22 of ``/proc/PID/stat``, clock ticks since
+boot) and a process only counts as ours when both match. A zombie counts as gone: it has
+exited, its parent just has not collected the status yet.
+
+Standard library only: the per-box agent shim imports this at every box start, so it must
+not pull in attrs or the models. Handles for one-process VMs: :mod:`.process`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (fields[0] is the state), None if there is no such pid."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    return text[text.rfind(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), None if there is no such process.
+
+    A zombie still has one, so a record written right after a quick death stays exact."""
+    fields = _stat_fields(pid)
+    if fields is None or len(fields) < 20:
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int, started: int | None) -> bool:
+    """``pid`` runs, is not a zombie, and (when ``started`` is known) is the same process."""
+    if pid <= 0:
+        return False
+    fields = _stat_fields(pid)
+    if fields is None or len(fields) < 20 or fields[0] in ("Z", "X"):
+        return False
+    return started is None or int(fields[19]) == started
+
+
+def reap(pid: int) -> int | None:
+    """Collect ``pid``'s exit status if it is our exited child (raw wait status), else None.
+    Never blocks; harmless for a pid that is not our child."""
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return status if got == pid else None
+
+
+def log_tail(path: Path | str, lines: int = 20, max_bytes: int = 64 * 1024) -> str:
+    """The last ``lines`` lines of a log (reading at most its last ``max_bytes``): what error
+    messages quote so a failure explains itself. Empty when the log is missing."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            data = fh.read()
+    except OSError:
+        return ""
+    text = data.decode(errors="replace").replace("\r", "")
+    return "\n".join(text.rstrip().splitlines()[-lines:])
