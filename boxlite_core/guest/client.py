@@ -36,7 +36,8 @@ _CONNECTION_CODES = {
     grpc.StatusCode.INTERNAL,
 }
 _CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", -1),
+    # what the guest sends is hostile input: bounded (see MAX_GUEST_MESSAGE)
+    ("grpc.max_receive_message_length", _transport.MAX_GUEST_MESSAGE),
     ("grpc.max_send_message_length", -1),
     ("grpc.enable_retries", 0),
     ("grpc.initial_reconnect_backoff_ms", 50),
@@ -307,6 +308,12 @@ class AgentClient:
                 )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return GuestError(f"the guest agent did not answer {what} in time: {details}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            limit = _transport.MAX_GUEST_MESSAGE // (1024 * 1024)
+            return GuestError(
+                f"the guest agent sent a message larger than {limit} MiB during {what}; the "
+                f"real agent never does, so code in the box is misbehaving ({details})"
+            )
         return GuestError(f"{what} failed in the guest: {details}")
 
     def _unary(self, method, request, what: str, *, timeout: float):

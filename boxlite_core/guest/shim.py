@@ -42,7 +42,8 @@ READY_RETRY = 3.0
 #: a time_remaining() above this means the host set no deadline
 NO_DEADLINE = 10 * 365 * 86400.0
 _CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", -1),
+    # the guest's replies are hostile input: one message may not make the shim allocate more
+    ("grpc.max_receive_message_length", t.MAX_GUEST_MESSAGE),
     ("grpc.max_send_message_length", -1),
     ("grpc.enable_retries", 0),
     ("grpc.initial_reconnect_backoff_ms", 50),

@@ -40,6 +40,11 @@ PORT_NAME = "agent.port"
 SHIM_SOCK_NAME = "agent.grpc.sock"  # what host clients dial (served by the shim)
 BRIDGE_NAME = SHIM_SOCK_NAME  # historical name of the same path
 PRIVATE_BRIDGE_NAME = "agent.bridge.sock"  # the shim's own port relay
+#: Largest gRPC message the host accepts from the guest (bytes). The agent never sends more
+#: than 1 MiB in one message (coalesced output, 256 KiB download chunks); a guest that sends
+#: more has been replaced by hostile code, and without a bound one message could make the host
+#: (shim or client) allocate gigabytes. Requests the host sends are not bounded here.
+MAX_GUEST_MESSAGE = 16 * 1024 * 1024
 SHIM_JSON = "shim.json"
 SHIM_LOCK = "shim.lock"
 SHIM_LOG = "shim.log"
