@@ -27,8 +27,19 @@ from .progress import Reporter
 MAX_ERROR_CHARS = 600
 
 
+def _inert(text: str) -> str:
+    """``text`` with every non-printable character written as an escape (``\\x1b``,
+    ``\\u202e``). Error lines carry text the guest chose (agent error details, console
+    tails): raw, an escape sequence in them would drive the user's terminal."""
+    return "".join(
+        ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
+        for ch in text.replace("\t", " ")
+    )
+
+
 def _one_line(message: str) -> str:
-    text = " | ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    lines = (_inert(line).strip() for line in str(message).splitlines())
+    text = " | ".join(line for line in lines if line)
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 1] + "…"
     return text or "unknown error"
