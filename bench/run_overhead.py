@@ -44,8 +44,11 @@ import boot_bare  # noqa: E402
 import exec_roundtrip  # noqa: E402
 import qemu_rss  # noqa: E402
 
+from boxlite_core.diskspace import ensure_free  # noqa: E402
+from boxlite_core.fscopy import copy_tree  # noqa: E402
 from boxlite_core.guest.kit import EXEC_MARKER, START_MARKER  # noqa: E402
 from boxlite_core.guest.kit.builder import find_kit, kit_cache_dir  # noqa: E402
+from boxlite_core.rootfs.util import tree_usage  # noqa: E402
 
 DEFAULT_HOME = Path("/var/tmp/boxlite-bench-home")
 SERVING_MARKER = "boxlite-agent[1]: serving on"
@@ -87,9 +90,15 @@ def seed_kit(home: Path, source: Path) -> None:
         print(f"seed: {source} has no current kit either; it will be built", file=sys.stderr)
         return
     dst.mkdir(parents=True, exist_ok=True)
-    for part in ("base", "debs", "kernel", "wheels", f"kits/{kit.kit_id}"):
-        if (src / part).exists() and not (dst / part).exists():
-            shutil.copytree(src / part, dst / part, symlinks=True)
+    parts = [p for p in ("base", "debs", "kernel", "wheels", f"kits/{kit.kit_id}")
+             if (src / p).exists() and not (dst / p).exists()]
+    # the base root holds device nodes (dev/full, dev/zero): shutil.copytree *reads* them
+    # (it once wrote 78 GB from dev/full); copy_tree makes nodes, never reads, and the
+    # space is checked first
+    ensure_free(dst, sum(tree_usage(src / p)[0] for p in parts), f"seeding the kit from {src}")
+    for part in parts:
+        (dst / part).parent.mkdir(parents=True, exist_ok=True)
+        copy_tree(src / part, dst / part)
     print(f"seed: copied kit {kit.kit_id} from {source}", file=sys.stderr)
 
 

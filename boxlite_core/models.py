@@ -8,7 +8,7 @@ spec handed to a plugin cannot be changed behind the runtime's back.
 from __future__ import annotations
 
 import enum
-import os
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +44,9 @@ class BoxStatus(enum.StrEnum):
     """A box's lifecycle state, stored as its value in the database."""
 
     CONFIGURED = "configured"
+    #: a process is running the init pipeline; the record names it (state.starter: pid +
+    #: start time) and the stage (state.stage), and, once launched, the VMM (state.vmm)
+    STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
@@ -56,14 +59,22 @@ class BoxStatus(enum.StrEnum):
     def startable(self) -> bool:
         return self in (BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED)
 
+    @property
+    def may_have_vm(self) -> bool:
+        """A VM may be live behind this record (starting, running or stopping)."""
+        return self in (BoxStatus.STARTING, BoxStatus.RUNNING, BoxStatus.STOPPING)
 
-# Failed is retryable: a start from Failed goes through the pipeline again.
+
+# Failed is retryable: a start from Failed goes through the pipeline again. Every start
+# passes through Starting, written before anything is spawned, so no VM ever runs behind a
+# Configured/Stopped/Failed record; a Starting one whose starter died ends Failed.
 _TRANSITIONS: dict[BoxStatus, frozenset[BoxStatus]] = {
-    BoxStatus.CONFIGURED: frozenset({BoxStatus.RUNNING, BoxStatus.FAILED}),
+    BoxStatus.CONFIGURED: frozenset({BoxStatus.STARTING, BoxStatus.FAILED}),
+    BoxStatus.STARTING: frozenset({BoxStatus.RUNNING, BoxStatus.FAILED}),
     BoxStatus.RUNNING: frozenset({BoxStatus.STOPPING, BoxStatus.STOPPED, BoxStatus.FAILED}),
     BoxStatus.STOPPING: frozenset({BoxStatus.STOPPED, BoxStatus.FAILED}),
-    BoxStatus.STOPPED: frozenset({BoxStatus.RUNNING, BoxStatus.FAILED}),
-    BoxStatus.FAILED: frozenset({BoxStatus.RUNNING, BoxStatus.STOPPED, BoxStatus.FAILED}),
+    BoxStatus.STOPPED: frozenset({BoxStatus.STARTING, BoxStatus.FAILED}),
+    BoxStatus.FAILED: frozenset({BoxStatus.STARTING, BoxStatus.STOPPED, BoxStatus.FAILED}),
 }
 
 
@@ -78,6 +89,38 @@ def _check_abs_guest_path(field: str, value: str) -> None:
         raise _fail(field, value, "guest path must not contain '..' or NUL")
 
 
+#: guest directories a volume may not cover: the guest's kernel fills them (devices, procfs,
+#: sysfs). A host directory over /dev turns `>/dev/null` into a write to the host; over /proc
+#: or /sys it is silently hidden by the kernel's own mount, or hides the kernel's.
+RESERVED_GUEST_DIRS = ("/dev", "/proc", "/sys")
+
+
+def normal_guest_path(value: str) -> str:
+    """``value`` without empty and '.' components: '//dev/./shm/' -> '/dev/shm', '/.' -> '/'.
+
+    Checked paths never hold '..' (refused first), so this is the path the guest mounts on.
+    """
+    return "/" + "/".join(part for part in value.split("/") if part not in ("", "."))
+
+
+def check_timeout(field: str, value: float | None, *, allow_zero: bool = False) -> None:
+    """Refuse a timeout that cannot mean a duration: negative, NaN, infinite (0 unless allowed).
+
+    Why here: the agent treats anything not > 0 as "no timeout", so `--timeout -1` used to be
+    silently ignored. Raises ConfigError naming ``field``.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(field, value, "must be a number of seconds")
+    if math.isnan(value) or math.isinf(value):
+        raise _fail(field, value, "must be a finite number of seconds")
+    if allow_zero and value < 0:
+        raise _fail(field, value, "must be 0 or more seconds")
+    if not allow_zero and value <= 0:
+        raise _fail(field, value, "must be more than 0 seconds (leave it out for no timeout)")
+
+
 @attrs.frozen
 class VolumeSpec:
     """A host directory the user wants inside the box (``-v HOST:GUEST[:ro]``)."""
@@ -90,6 +133,17 @@ class VolumeSpec:
         if not self.host_path:
             raise _fail("volume.host_path", self.host_path, "must not be empty")
         _check_abs_guest_path("volume.guest_path", self.guest_path)
+        target = normal_guest_path(self.guest_path)
+        if target == "/":
+            raise _fail("volume.guest_path", self.guest_path,
+                        "cannot mount a volume over '/' (the box's root); use e.g. /data")
+        for reserved in RESERVED_GUEST_DIRS:
+            if target == reserved or target.startswith(reserved + "/"):
+                raise _fail(
+                    "volume.guest_path", self.guest_path,
+                    f"{reserved} is reserved for the guest kernel (devices, /proc, /sys); "
+                    "mount the volume elsewhere, e.g. /data",
+                )
 
     @classmethod
     def parse(cls, text: str) -> VolumeSpec:
@@ -159,11 +213,10 @@ def _env_validator(_inst: Any, _attr: Any, value: Mapping[str, str]) -> None:
 
 
 def _cpus_validator(_inst: Any, _attr: Any, value: int) -> None:
-    host = os.cpu_count() or 1
-    if not isinstance(value, int) or value < 1:
+    # The host's count is checked by runtime.capacity when a box is created, not here: a
+    # stored record must still load on a host with fewer CPUs (to be listed and removed).
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _fail("cpus", value, "must be a whole number >= 1")
-    if value > host:
-        raise _fail("cpus", value, f"this host has {host} CPUs; ask for at most {host}")
 
 
 def _memory_validator(_inst: Any, _attr: Any, value: int) -> None:
@@ -202,12 +255,15 @@ def _volumes_converter(value: Any) -> tuple[VolumeSpec, ...]:
 def _volumes_validator(_inst: Any, _attr: Any, value: tuple[VolumeSpec, ...]) -> None:
     seen: set[str] = set()
     for vol in value:
-        target = vol.guest_path.rstrip("/") or "/"
-        if target == "/":
-            raise _fail("volume.guest_path", vol.guest_path, "cannot mount a volume over '/'")
+        target = normal_guest_path(vol.guest_path)
         if target in seen:
             raise _fail("volume.guest_path", vol.guest_path, "two volumes use the same guest path")
         seen.add(target)
+
+
+def _console_cap_validator(_inst: Any, _attr: Any, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
+        raise _fail("console_log_max_mib", value, "must be a whole number of MiB, 1 to 65536")
 
 
 @attrs.frozen
@@ -230,6 +286,9 @@ class BoxOptions:
     volume_sharer: str | None = None
     auto_remove: bool = False
     network: bool = False
+    #: cap of each guest console file on the host, MiB (rotated: at most 3 files per box);
+    #: the guest decides how much it writes, so the host bounds what it keeps
+    console_log_max_mib: int = attrs.field(default=4, validator=_console_cap_validator)
 
     def __attrs_post_init__(self) -> None:
         if not self.image:
@@ -338,6 +397,8 @@ class VmSpec:
     name: str = ""
     network: bool = False
     hints: Mapping[str, Any] = attrs.field(factory=dict)
+    #: bytes each guest console file may hold before it is rotated (the guest feeds it)
+    console_log_max_bytes: int = 4 * 1024 * 1024
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -355,6 +416,7 @@ class VmSpec:
             "shares": [s.to_dict() for s in self.shares],
             "network": self.network,
             "hints": dict(self.hints),
+            "console_log_max_bytes": self.console_log_max_bytes,
         }
 
 

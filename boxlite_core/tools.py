@@ -7,12 +7,15 @@ and must never go through a shell.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from . import envvars
 from .errors import EngineError, ToolMissingError
 
 #: Debian package that ships each program we use, for the "install it" hint.
@@ -67,6 +70,26 @@ def _tail(text: str | bytes | None, lines: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+#: default bound on a program boxlite runs (seconds); a slow host raises it
+ENV_TOOL_TIMEOUT = "BOXLITE_TOOL_TIMEOUT"
+DEFAULT_TOOL_TIMEOUT = 600.0
+
+
+def default_timeout() -> float:
+    """``BOXLITE_TOOL_TIMEOUT`` (seconds, > 0) or 600: the bound of a run() given none."""
+    return envvars.seconds(ENV_TOOL_TIMEOUT, DEFAULT_TOOL_TIMEOUT)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the program and everything it started (its own session), then reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
 def run(
     argv: Sequence[str | os.PathLike[str]],
     *,
@@ -75,34 +98,49 @@ def run(
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     check: bool = True,
+    what: str = "",
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a program (argv list, no shell) and capture its output.
+    """Run a program (argv list, no shell) and capture its output; always bounded in time.
 
-    On a non-zero exit, raise EngineError carrying the command and the tail of its stderr,
-    because "qemu-img failed" alone sends the user hunting.
+    ``timeout``: seconds; None means the default bound (``BOXLITE_TOOL_TIMEOUT``, 600 s) —
+    there is no unbounded run. On expiry the program and its children (it runs in its own
+    session) are killed and EngineError names the program, the bound and ``what`` it was
+    doing. On a non-zero exit, raise EngineError carrying the command and the tail of its
+    stderr, because "qemu-img failed" alone sends the user hunting.
     """
     args = [os.fspath(a) for a in argv]
     if not args:
         raise ValueError("run() needs a program")
+    bound = default_timeout() if timeout is None else timeout
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             args,
-            input=input,
-            capture_output=True,
-            timeout=timeout,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             cwd=cwd,
             env=dict(env) if env is not None else None,
-            check=False,
+            start_new_session=True,  # so a timeout can kill the whole group
         )
     except FileNotFoundError as exc:
         raise ToolMissingError(args[0], PACKAGES.get(Path(args[0]).name)) from exc
+    try:
+        stdout, stderr = proc.communicate(input, timeout=bound)
     except subprocess.TimeoutExpired as exc:
+        _kill_group(proc)
         name = Path(args[0]).name
-        raise EngineError(f"{name} timed out after {timeout}s: {' '.join(args)}") from exc
-    if check and proc.returncode != 0:
-        detail = _tail(proc.stderr) or _tail(proc.stdout)
+        doing = f" ({what})" if what else ""
         raise EngineError(
-            f"{Path(args[0]).name} exited with {proc.returncode}: {' '.join(args)}"
+            f"{name}{doing} did not finish within {bound:g} s and was killed: {' '.join(args)}; "
+            f"if this host is just slow, raise {ENV_TOOL_TIMEOUT} (seconds)") from exc
+    except BaseException:
+        _kill_group(proc)
+        raise
+    completed = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+    if check and completed.returncode != 0:
+        detail = _tail(completed.stderr) or _tail(completed.stdout)
+        raise EngineError(
+            f"{Path(args[0]).name} exited with {completed.returncode}: {' '.join(args)}"
             + (f"\n{detail}" if detail else "")
         )
-    return proc
+    return completed

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import attrs
 
+from ..kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_problem
 from ..tools import PACKAGES, find_tool
 
 MIN_FREE_GIB = 1.0
@@ -66,16 +67,31 @@ def _kvm() -> Check:
     return Check("kvm", "ok", "/dev/kvm present, CPU has vmx/svm")
 
 
+def _libvirt_kvm(dev: Path = KVM_DEV, qemu_conf: Path = QEMU_CONF,
+                 daemon: str | bool | None = True) -> Check:
+    """/dev/kvm that libvirt's QEMU user cannot open while libvirtd runs: libvirt re-probes
+    QEMU on every call and stalls for minutes (inputs are parameters for tests)."""
+    problem = kvm_access_problem(dev, qemu_conf, daemon)
+    if problem:
+        return Check("libvirt kvm access", "warn", problem, KVM_FIX)
+    return Check("libvirt kvm access", "ok", "no libvirt QEMU user locked out of /dev/kvm")
+
+
 def _disk(home: Path) -> Check:
+    """Free space where the home lives: below the thresholds boxlite's own long writes
+    (image import, pull, ext4 base, kit build) would start refusing."""
     probe = home
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free / 2**30
     detail = f"{free:.1f} GiB free under {probe}"
+    fix = ("free space (`boxlite image prune`, `boxlite rm` unused boxes) or set BOXLITE_HOME "
+           "to a larger filesystem")
     if free < MIN_FREE_GIB:
-        return Check("disk", "fail", detail, "free space or set BOXLITE_HOME elsewhere")
+        return Check("disk", "fail", detail + f" (below {MIN_FREE_GIB:g} GiB)", fix)
     if free < WARN_FREE_GIB:
-        return Check("disk", "warn", detail, "the guest kit and images need a few GiB")
+        return Check("disk", "warn", detail + f" (below {WARN_FREE_GIB:g} GiB; the guest kit "
+                     "and images need a few GiB)", fix)
     return Check("disk", "ok", detail)
 
 
@@ -90,6 +106,7 @@ def run_checks() -> list[Check]:
         _tool("mkfs.ext4", required=True, why="building rootfs disk images"),
         _tool("virtiofsd", required=False, why="virtiofs volumes; 9p works without it"),
         _kvm(),
+        _libvirt_kvm(),
         _disk(home),
     ]
     reg = PluginRegistry()

@@ -4,27 +4,114 @@ Contract: exit 0 on success; on a BoxliteError exactly one line ``boxlite: error
 and the error's exit code (tracebacks only with BOXLITE_DEBUG=1). ``run``/``exec`` exit with
 the command's own code (128+N for a signal, 124 for a timeout). stdout carries only what the
 command asked for (the box's output, ids, JSON); progress goes to stderr.
+
+Signals and pipes (notes/cli-lifecycle.md): SIGINT, SIGTERM and SIGHUP take one path — the
+command in the box gets the same signal, then SIGKILL after KILL_GRACE seconds; ``run`` then
+stops the box (and removes it with --rm) and the CLI exits 128+N (130, 143, 129) with one
+``boxlite: error: interrupted by SIGxxx`` line. Further signals during that teardown are noted
+and ignored, so a second ^C cannot leave a VM behind (SIGKILL still can: nothing catches it).
+A closed stdout (``| head``) SIGKILLs the command in the box and exits 141 (128+SIGPIPE) after
+the same teardown, with no error line, as a shell pipeline would. An exec whose box is
+removed (``rm -f``) or stopped by someone else exits 137 with one error line naming that
+(BoxGoneError), instead of a bare 137.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import BoxliteError, ConfigError
-from ..models import BoxOptions, BoxStatus
+from ..errors import BoxliteError, ConfigError, NotFoundError
+from ..models import BoxOptions, BoxStatus, check_timeout
 from .progress import Reporter
 
 MAX_ERROR_CHARS = 600
+#: seconds the command in the box has to exit after the signal we forward, before SIGKILL
+KILL_GRACE = 2.0
+#: exit code after our stdout closed: what a shell reports for a writer killed by SIGPIPE
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+#: signals that tear a run down like ^C (SIGINT); installed by main(), never by the library
+TEARDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived: raised in the main thread so every `finally` (stop,
+    --rm) runs, as for ^C. A KeyboardInterrupt so library code that already cleans up after
+    ^C (CleanupGuard) does the same for SIGTERM."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _SignalGate:
+    """Turns the first teardown signal into Interrupted; notes and ignores every later one.
+
+    Why ignore later ones: a second ^C (or systemd's SIGTERM after our SIGINT) raised in the
+    middle of stopping the VM would abandon the stop and orphan QEMU. While ``shielded``
+    (teardown after a normal exit) even the first signal is only noted; main() reports it.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.shield_depth = 0
+
+    def handler(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            return
+        self.received = signum
+        if self.shield_depth == 0:
+            raise Interrupted(signum)
+
+    def install(self) -> None:
+        """Route TEARDOWN_SIGNALS here (main thread only; a signal ignored by our parent, e.g.
+        SIGHUP under nohup, stays ignored)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in TEARDOWN_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue
+            signal.signal(sig, self.handler)
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """Run a teardown that a signal must not cut short."""
+        self.shield_depth += 1
+        try:
+            yield
+        finally:
+            self.shield_depth -= 1
+
+
+_GATE = _SignalGate()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null once the reader is gone: later flushes (ours, Python's at exit)
+    then succeed instead of printing "Exception ignored ... BrokenPipeError"."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _inert(text: str) -> str:
@@ -46,7 +133,10 @@ def _one_line(message: str) -> str:
 
 
 def _error(message: str) -> None:
-    print(f"boxlite: error: {_one_line(message)}", file=sys.stderr, flush=True)
+    try:
+        print(f"boxlite: error: {_one_line(message)}", file=sys.stderr, flush=True)
+    except OSError:
+        pass  # stderr is gone too (a closed terminal after SIGHUP): the exit code remains
 
 
 def _runtime() -> Any:
@@ -251,6 +341,8 @@ def ls(show_all: bool, as_json: bool) -> int:
         status = r.status.value
         if r.status is BoxStatus.FAILED and r.error:
             status += f" ({_one_line(r.error)[:60]})"
+        elif r.status is BoxStatus.STARTING:  # where it is, or that its starter is gone
+            status += f" ({'abandoned, ' if r.abandoned else ''}{r.stage or 'queued'})"
         rows.append([r.id, r.name, r.image, r.backend or "-", _ago(r.created_at), status])
     _table(rows, ["ID", "NAME", "IMAGE", "BACKEND", "CREATED", "STATUS"])
     return 0
@@ -299,6 +391,7 @@ def start(box: str) -> int:
 @click.argument("box")
 def stop(box: str, timeout: float) -> int:
     """Stop a running box (clean guest shutdown, then force)."""
+    check_timeout("-t/--timeout", timeout, allow_zero=True)
     rt = _runtime()
     b = rt.get(box)
     b.stop(timeout=timeout)
@@ -329,12 +422,41 @@ def resume(box: str) -> int:
 
 
 @cli.command()
+@click.option("-f", "--follow", is_flag=True,
+              help="keep printing new output (across rotation) until the box stops or ^C")
+@click.option("-n", "--tail", type=click.IntRange(min=0), default=None, metavar="N",
+              help="only the last N lines (reads just the end of the log)")
+@click.option("--raw", is_flag=True,
+              help="the guest's bytes as they are, escape sequences included, even on a "
+                   "terminal (piped output is always raw)")
 @click.argument("box")
-def logs(box: str) -> int:
-    """The guest's serial console log of the current (or last) boot."""
-    text = _runtime().get(box).logs()
-    sys.stdout.write(text)
+def logs(box: str, follow: bool, tail: int | None, raw: bool) -> int:
+    """The guest's serial console log of the current (or last) boot.
+
+    The guest wrote these bytes. On a terminal, control characters (escape sequences, bare
+    carriage returns, backspaces, bidi overrides) are shown as \\xNN text so the guest cannot
+    drive your terminal; piped or with --raw, the bytes pass unchanged."""
+    from ..vmm.consolelog import TerminalSafe
+
+    chunks = _runtime().get(box).log_chunks(tail=tail, follow=follow)
     sys.stdout.flush()
+    out = sys.stdout.buffer
+    encoding = sys.stdout.encoding or "utf-8"
+    safe = None if raw or not sys.stdout.isatty() else TerminalSafe()
+    try:
+        for chunk in chunks:
+            out.write(safe.feed(chunk).encode(encoding, "replace") if safe else chunk)
+            if follow:
+                out.flush()
+        if safe is not None:
+            out.write(safe.flush().encode(encoding, "replace"))
+    except KeyboardInterrupt:
+        pass  # ^C ends a follow: not an error
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+        out.flush()
     return 0
 
 
@@ -362,7 +484,15 @@ def _split_box_path(text: str) -> tuple[str | None, str]:
 @click.argument("src")
 @click.argument("dst")
 def cp(src: str, dst: str) -> int:
-    """Copy files: `boxlite cp HOSTPATH BOX:/path` or `boxlite cp BOX:/path HOSTPATH`."""
+    """Copy files: `boxlite cp HOSTPATH BOX:/path` or `boxlite cp BOX:/path HOSTPATH`.
+
+    Like `docker cp`: into DEST if it is an existing directory, else to DEST; `BOX:/dir/.`
+    copies the directory's contents; a symlink is copied as a link. Out of a box, nothing
+    at or under DEST is followed if it is a symlink, and setuid/setgid bits are dropped
+    from files (with a warning).
+    """
+    import warnings
+
     src_box, src_path = _split_box_path(src)
     dst_box, dst_path = _split_box_path(dst)
     if (src_box is None) == (dst_box is None):
@@ -372,7 +502,11 @@ def cp(src: str, dst: str) -> int:
         rt.get(dst_box).copy_in(src_path, dst_path)
     else:
         assert src_box is not None
-        rt.get(src_box).copy_out(src_path, dst_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rt.get(src_box).copy_out(src_path, dst_path)
+        for warning in caught:
+            click.echo(f"warning: {warning.message}", err=True)
     rt.close()
     return 0
 
@@ -405,18 +539,48 @@ def _stream(box: Any, argv: list[str], *, interactive: bool, env: dict[str, str]
         threading.Thread(target=feed, daemon=True, name="boxlite-stdin").start()
     out = sys.stdout.buffer
     err = sys.stderr.buffer
+    out_closed = err_closed = False
     try:
         for stream, data in execution.events():
-            target = out if stream == "stdout" else err
-            try:
-                target.write(data)
-                target.flush()
-            except BrokenPipeError:
-                pass
-    except KeyboardInterrupt:
-        execution.kill(2)
+            if stream == "stdout" and not out_closed:
+                try:
+                    out.write(data)
+                    out.flush()
+                except BrokenPipeError:
+                    # Our reader is gone (`| head`): in a shell the writer would die of
+                    # SIGPIPE. In the box it never would (its pipe is the agent's), so it is
+                    # SIGKILLed - SIGPIPE can be ignored, and then `yes` would run forever.
+                    out_closed = True
+                    _silence_stdout()
+                    with _GATE.shielded():
+                        execution.kill(signal.SIGKILL)
+            elif stream == "stderr" and not err_closed:
+                try:
+                    err.write(data)
+                    err.flush()
+                except BrokenPipeError:
+                    err_closed = True  # stderr is diagnostics only: keep the command running
+        status = execution.wait()
+    except KeyboardInterrupt as exc:
+        with _GATE.shielded():
+            _end_command(execution, getattr(exc, "signum", signal.SIGINT))
         raise
-    return execution.wait().returncode
+    return EXIT_BROKEN_PIPE if out_closed else status.returncode
+
+
+def _end_command(execution: Any, signum: int) -> None:
+    """Pass our signal on to the command in the box; SIGKILL it if it outlives KILL_GRACE."""
+    execution.kill(signum)
+    try:
+        execution.wait(KILL_GRACE)
+        return
+    except TimeoutError:
+        pass
+    except Exception:
+        return  # the box is gone or unreachable: the caller's teardown settles it
+    execution.kill(signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        execution.wait(KILL_GRACE)
 
 
 _EXEC_CONTEXT = {"allow_interspersed_args": False}
@@ -437,17 +601,20 @@ _EXEC_CONTEXT = {"allow_interspersed_args": False}
 @click.option("--sharer", default=None, help="volume sharer: virtiofs | 9p")
 @click.option("--timeout", type=float, default=None, help="seconds before the command is killed")
 @click.option("-i", "--interactive", is_flag=True, help="feed our stdin to the command")
+@click.option("--console-log-max-mib", "console_mib", type=int, default=4, show_default=True,
+              help="cap of each guest console file on the host (rotated, 3 kept)")
 @click.argument("image")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         volumes: tuple[str, ...], env: tuple[str, ...], workdir: str | None, user: str | None,
         cpus: int, memory: int, rootfs: str, sharer: str | None, timeout: float | None,
-        interactive: bool, image: str, cmd: tuple[str, ...]) -> int:
+        interactive: bool, console_mib: int, image: str, cmd: tuple[str, ...]) -> int:
     """Create a box from IMAGE, start it, run CMD (or the image's Entrypoint+Cmd)."""
+    check_timeout("--timeout", timeout)
     options = BoxOptions(
         image=image, backend=backend, cpus=cpus, memory_mib=memory, env=_parse_env(env),
         workdir=workdir, user=user, volumes=volumes, name=name, rootfs=rootfs,
-        volume_sharer=sharer, auto_remove=auto_remove,
+        volume_sharer=sharer, auto_remove=auto_remove, console_log_max_mib=console_mib,
     )
     if detach and interactive:
         raise ConfigError("-d and -i do not mix: a detached box has no stdin")
@@ -465,25 +632,74 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
             return 0
         assert argv is not None
         return _stream(box, argv, interactive=interactive, timeout=timeout)
+    except BaseException as exc:
+        # --rm removes a box whose start failed too: its console log goes with it, so the one
+        # error line must carry the reason and the console's last lines.
+        if auto_remove and isinstance(exc, BoxliteError):
+            with contextlib.suppress(Exception):
+                if box.status is BoxStatus.FAILED:
+                    _summarise_removed_failure(exc, box)
+        raise
     finally:
-        # A box whose start failed is kept even with --rm: its record and console log are
-        # what the user needs to find out why (`boxlite inspect`, `boxlite logs`).
-        failed = box.status is BoxStatus.FAILED
-        if not detach:
+        primary = sys.exc_info()[1]
+        with _GATE.shielded():
             try:
-                box.stop()
-            finally:
-                if auto_remove and not failed:
-                    rt.remove(box.id, force=True)
-        elif auto_remove and box.status is not BoxStatus.RUNNING and not failed:
-            rt.remove(box.id, force=True)
-        if failed:
-            click.echo(
-                f"boxlite: box {box.name} ({box.id}) failed and was kept for diagnosis: "
-                f"`boxlite logs {box.name}`, `boxlite inspect {box.name}`, "
-                f"then `boxlite rm {box.name}`",
-                err=True,
-            )
+                _finish_run(rt, box, detach=detach, auto_remove=auto_remove)
+            except BoxliteError:
+                if primary is None:
+                    raise
+                # the run already failed: that error is the one to report
+
+
+def _finish_run(rt: Any, box: Any, *, detach: bool, auto_remove: bool) -> None:
+    """After `run`, on every path (success, command error, start failure, signal, closed
+    pipe): stop the box unless detached; remove it with --rm unless it is left running."""
+    try:
+        status = box.status
+    except NotFoundError:
+        return  # removed under us (`boxlite rm -f`): nothing left to stop
+    failed = status is BoxStatus.FAILED
+    if not detach:
+        try:
+            box.stop()
+        finally:
+            if auto_remove:
+                rt.remove(box.id, force=True)
+    elif auto_remove and status is not BoxStatus.RUNNING:
+        rt.remove(box.id, force=True)
+    if failed and not auto_remove:
+        click.echo(
+            f"boxlite: box {box.name} ({box.id}) failed and was kept for diagnosis: "
+            f"`boxlite logs {box.name}`, `boxlite inspect {box.name}`, "
+            f"then `boxlite rm {box.name}`",
+            err=True,
+        )
+
+
+#: how transport errors introduce the console tail in a failure message
+_CONSOLE_MARKER = "--- guest console (last lines) ---"
+#: console lines kept in the error of a box removed by --rm (its log is gone with it)
+SUMMARY_CONSOLE_LINES = 3
+
+
+def _summarise_removed_failure(exc: BoxliteError, box: Any) -> None:
+    """Rewrite ``exc``'s message for a box --rm is about to remove: the reason, then the last
+    console lines (from the message, or read from the log now, before it is deleted)."""
+    from ..runtime.pipeline import console_tail
+
+    message = str(exc)
+    reason, marker, tail = message.partition(_CONSOLE_MARKER)
+    if not marker:
+        tail = console_tail(box.dir, lines=SUMMARY_CONSOLE_LINES * 4)
+    lines = [_inert(line.strip())[:160] for line in tail.splitlines() if line.strip()]
+    lines = lines[-SUMMARY_CONSOLE_LINES:]
+    suffix = f" (box {box.name} removed: --rm)"
+    console = (" | console: " + " | ".join(lines)) if lines else " | console: (empty)"
+    room = MAX_ERROR_CHARS - len(console) - len(suffix) - 1
+    head = _one_line(reason)
+    if len(head) > room:
+        head = head[: max(room, 40) - 1] + "…"
+    exc.args = (head + console + suffix,)
 
 
 @cli.command("exec", context_settings=_EXEC_CONTEXT)
@@ -499,6 +715,7 @@ def exec_(interactive: bool, env: tuple[str, ...], workdir: str | None, user: st
     """Run CMD in a running box; exit with its code."""
     if workdir is not None and not workdir.startswith("/"):
         raise ConfigError(f"-w {workdir!r}: working directory must be absolute")
+    check_timeout("--timeout", timeout)
     rt = _runtime()
     try:
         argv = _command(cmd)
@@ -540,18 +757,31 @@ def _setup_logging(debug: bool) -> None:
         root.addHandler(logging.NullHandler())
 
 
+def _invoke(args: list[str]) -> int:
+    """click's Command.main minus its KeyboardInterrupt handling, which would turn our
+    Interrupted into Abort (losing which signal it was) and print a blank line first."""
+    try:
+        with cli.make_context("boxlite", args) as ctx:
+            rv = cli.invoke(ctx)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return rv if isinstance(rv, int) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     debug = os.environ.get("BOXLITE_DEBUG") == "1"
     _setup_logging(debug)
+    _GATE.install()
     try:
-        rv = cli.main(args=list(argv) if argv is not None else None, prog_name="boxlite",
-                      standalone_mode=False)
-        code = rv if isinstance(rv, int) else 0
+        code = _invoke(list(argv) if argv is not None else sys.argv[1:])
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.exceptions.Abort:
         _error("aborted")
         code = 130
+    except Interrupted as exc:
+        _error(f"interrupted by {_signal_name(exc.signum)}")
+        code = 128 + exc.signum
     except click.ClickException as exc:
         _error(exc.format_message())
         code = exc.exit_code
@@ -563,15 +793,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         _error("interrupted")
         code = 130
+    except BrokenPipeError:
+        _silence_stdout()  # `boxlite logs | head`: the reader left; like a shell, no message
+        code = EXIT_BROKEN_PIPE
     except Exception as exc:
         if debug:
             traceback.print_exc()
         _error(f"internal error: {type(exc).__name__}: {exc} (BOXLITE_DEBUG=1 for a traceback)")
         code = 70
+    if _GATE.received is not None and code == 0:
+        code = 128 + _GATE.received  # arrived during a shielded teardown: still report it
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        pass
+        _silence_stdout()
     sys.exit(code)
 
 

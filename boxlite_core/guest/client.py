@@ -20,6 +20,7 @@ import attrs
 import grpc
 from google.protobuf import json_format
 
+from .. import envvars
 from ..errors import GuestError
 from . import transport as _transport
 from .proto import agent_pb2 as pb
@@ -56,6 +57,15 @@ _CHANNEL_OPTIONS = [
 #: seconds a serial-channel agent may say READY yet not answer before the host resets the
 #: channel (the first Ping normally answers within a second, even under TCG)
 STALL_RESET_SECONDS = 25.0
+#: bound on one file transfer (upload/download tar) and on a stdin write the agent does not
+#: take; generous because a transfer may be GiBs under TCG. Seconds.
+ENV_TRANSFER_TIMEOUT = "BOXLITE_AGENT_TRANSFER_TIMEOUT"
+DEFAULT_TRANSFER_TIMEOUT = 3600.0
+
+
+def transfer_timeout() -> float:
+    """``BOXLITE_AGENT_TRANSFER_TIMEOUT`` (seconds, > 0) or 3600."""
+    return envvars.seconds(ENV_TRANSFER_TIMEOUT, DEFAULT_TRANSFER_TIMEOUT)
 
 
 @attrs.frozen
@@ -130,8 +140,15 @@ class ExecSession:
                 self._stdin_stream(self._stdin_q)
             )
         view = memoryview(data)
+        bound = transfer_timeout()
         for i in range(0, len(view), CHUNK):
-            self._stdin_q.put(pb.StdinChunk(exec_id=self.exec_id, data=bytes(view[i : i + CHUNK])))
+            chunk = pb.StdinChunk(exec_id=self.exec_id, data=bytes(view[i : i + CHUNK]))
+            try:
+                self._stdin_q.put(chunk, timeout=bound)
+            except queue.Full:
+                raise GuestError(
+                    f"exec {self.exec_id}: the guest agent took no stdin for {bound:g} s; "
+                    f"on a slow host raise {ENV_TRANSFER_TIMEOUT} (seconds)") from None
 
     def close_stdin(self) -> None:
         if not self._stdin_wanted:
@@ -408,17 +425,21 @@ class AgentClient:
                 for i in range(0, len(view), CHUNK):
                     yield pb.UploadChunk(data=bytes(view[i : i + CHUNK]))
 
+        bound = transfer_timeout()
         try:
-            self._files.Upload(messages())
+            self._files.Upload(messages(), timeout=bound)
         except grpc.RpcError as exc:
-            raise self._error(exc, f"upload to {dest_dir}") from None
+            raise self._error(exc, f"upload to {dest_dir} (bound {bound:g} s, "
+                                   f"{ENV_TRANSFER_TIMEOUT})") from None
 
     def download_tar(self, path: str) -> Iterator[bytes]:
+        bound = transfer_timeout()
         try:
-            for chunk in self._files.Download(pb.DownloadRequest(path=path)):
+            for chunk in self._files.Download(pb.DownloadRequest(path=path), timeout=bound):
                 yield chunk.data
         except grpc.RpcError as exc:
-            raise self._error(exc, f"download of {path}") from None
+            raise self._error(exc, f"download of {path} (bound {bound:g} s, "
+                                   f"{ENV_TRANSFER_TIMEOUT})") from None
 
     def probe(self, paths: Iterable[str] = ()) -> dict:
         reply = self._unary(

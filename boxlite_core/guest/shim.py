@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 
 from ..errors import GuestError
+from ..vmm.cappedio import CappedOutput
 from ..vmm.procstat import start_time
 from . import transport as t
 
@@ -62,6 +63,11 @@ _SERVER_OPTIONS = [
 ]
 #: metadata gRPC sets itself; forwarding it would confuse the upstream call
 _DROP_METADATA = {"user-agent", ":authority", "te", "content-type"}
+#: cap of shim.log and of each of its rotated copies (shim.log.1, .2), bytes. Its lines are
+#: few and short, but a guest adds some at will (every port re-open it forces logs two) and
+#: the file outlives boots, so it is bounded like the console: at most 3 MiB per box.
+LOG_MAX_BYTES = 1024 * 1024
+LOG_BACKUPS = 2
 
 
 def _log(msg: str) -> None:
@@ -234,8 +240,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--box-dir", type=Path, required=True)
     ap.add_argument("--port", type=Path, help="the agent port socket (default BOXDIR/agent.port)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for READY")
+    ap.add_argument("--log-max-bytes", type=int, default=LOG_MAX_BYTES,
+                    help="cap of BOXDIR/shim.log and each of its 2 rotated copies")
     args = ap.parse_args(argv)
+    if args.log_max_bytes <= 0:
+        ap.error(f"--log-max-bytes {args.log_max_bytes}: must be > 0")
     os.umask(0o177)  # its sockets and shim.json are for this user only
+    output: CappedOutput | None = None
+    try:
+        output = CappedOutput(args.box_dir / t.SHIM_LOG, args.log_max_bytes, LOG_BACKUPS)
+    except OSError as exc:  # keep the inherited (uncapped) output rather than not serve
+        _log(f"shim.log not capped: {exc}")
+    try:
+        return _serve(args)
+    finally:
+        if output is not None:
+            output.close()
+
+
+def _serve(args: argparse.Namespace) -> int:
     shim = Shim(args.box_dir, args.port or args.box_dir / t.PORT_NAME, args.timeout)
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import GuestError
-from ..vmm.procstat import alive, log_tail
+from ..vmm.procstat import alive, log_tail, terminate
 
 READY = b"READY\n"
 PORT_NAME = "agent.port"
@@ -454,16 +453,7 @@ def stop_shim(box_dir: Path, timeout: float = 5.0) -> bool:
     info = _read_shim_info(box_dir)
     stopped = False
     if info is not None:
-        pid, start = int(info["pid"]), int(info["start_time"])
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-            stopped = True
-        end = time.monotonic() + timeout
-        while alive(pid, start) and time.monotonic() < end:
-            time.sleep(0.02)
-        if alive(pid, start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stopped = terminate(int(info["pid"]), int(info["start_time"]), timeout)
     # Its files, whether it cleaned up or was killed (only when no live shim owns them).
     if _read_shim_info(box_dir) is None:
         for name in (SHIM_JSON, SHIM_SOCK_NAME, PRIVATE_BRIDGE_NAME):

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from ..diskspace import GuardedWriter, ensure_free
 from ..errors import ImageError
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -103,21 +104,29 @@ class BlobStore:
     def size(self, digest: str) -> int:
         return self.path(digest).stat().st_size
 
-    def put_stream(self, fileobj: BinaryIO, expected_digest: str | None = None) -> tuple[str, int]:
+    def put_stream(self, fileobj: BinaryIO, expected_digest: str | None = None,
+                   size_hint: int | None = None) -> tuple[str, int]:
         """Copy ``fileobj`` into the store; return (digest, size).
 
         The data is hashed while it is written to a temp file, compared with
         ``expected_digest`` (ImageError on mismatch, nothing kept), then renamed into place.
+        ``size_hint`` (bytes, from a descriptor) is checked against the free space first;
+        either way the free space is re-checked as the stream is written, so a source that
+        never ends (or lies about its size) stops with DiskSpaceError, not a full disk.
         """
         if expected_digest is not None:
             check_digest(expected_digest)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        what = f"blob {expected_digest or '(unknown digest)'}"
+        if size_hint is not None and size_hint > 0:
+            ensure_free(self.tmp, size_hint, what)
         h = hashlib.sha256()
         size = 0
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
         try:
-            with os.fdopen(fd, "wb") as out:
+            with os.fdopen(fd, "wb") as raw_out:
+                out = GuardedWriter(raw_out, self.tmp, what)
                 while chunk := fileobj.read(CHUNK):
                     h.update(chunk)
                     out.write(chunk)

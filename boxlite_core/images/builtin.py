@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import tarfile
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ToolMissingError
+from ..fscopy import copy_file
 from ..tools import find_tool, run
 from .blobs import sha256_bytes, sha256_file
 from .importers import OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, canonical_json, host_arch
@@ -85,7 +85,7 @@ def build_busybox_rootfs(busybox: Path, root: Path) -> None:
     ):  # fmt: skip
         (root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(root / d, mode)
-    shutil.copyfile(busybox, root / "bin/busybox")
+    copy_file(busybox, root / "bin/busybox", "built-in busybox image", preserve=False)
     os.chmod(root / "bin/busybox", 0o755)
     listing = run([busybox, "--list-full"], timeout=30).stdout.decode().split()
     for rel in sorted(set(listing)):
@@ -140,7 +140,7 @@ def write_oci_layout(
     diff_ids = []
     for tar_path in layer_tars:
         digest = sha256_file(tar_path)
-        shutil.copyfile(tar_path, blobs / digest[7:])
+        copy_file(tar_path, blobs / digest[7:], "built-in image layer", preserve=False)
         layers.append(
             {"mediaType": OCI_LAYER_TAR, "digest": digest, "size": tar_path.stat().st_size}
         )

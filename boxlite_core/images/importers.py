@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
+import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
@@ -18,7 +20,9 @@ from typing import Any, BinaryIO
 
 import attrs
 
-from ..errors import ImageError
+from ..diskspace import ensure_free
+from ..errors import ConfigError, ImageError
+from ..fscopy import open_regular
 from .blobs import BlobStore, check_digest
 from .layers import LAYER_MEDIA_TYPES
 
@@ -106,7 +110,12 @@ class _DirSource(_Source):
 
     @contextlib.contextmanager
     def open(self, rel: str) -> Iterator[BinaryIO]:
-        with open(self._path(rel), "rb") as fh:
+        # a device node or FIFO named like a blob is refused, never read (finding 9)
+        try:
+            fh = open_regular(self._path(rel), f"image {self.label}")
+        except ConfigError as exc:
+            raise ImageError(str(exc)) from None
+        with fh:
             yield fh
 
 
@@ -114,7 +123,11 @@ class _TarSource(_Source):
     def __init__(self, path: Path) -> None:
         self.label = str(path)
         try:
-            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
+            self._fh = open_regular(path, "image import")
+        except ConfigError as exc:
+            raise ImageError(str(exc)) from None
+        try:
+            self.tar = tarfile.open(fileobj=self._fh, mode="r:*")  # noqa: SIM115
             members = self.tar.getmembers()
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ImageError(f"{path} is not a readable tar archive ({exc})") from exc
@@ -144,6 +157,7 @@ class _TarSource(_Source):
 
     def close(self) -> None:
         self.tar.close()
+        self._fh.close()
 
 
 # -- OCI layout ------------------------------------------------------------------------------
@@ -173,7 +187,8 @@ def _copy_blob(src: _Source, blobs: BlobStore, digest: str, size: int) -> None:
     if not src.exists(rel):
         raise ImageError(f"{src.label}: blob {digest} is missing ({rel}); the image is incomplete")
     with src.open(rel) as fh:
-        _, got = blobs.put_stream(fh, expected_digest=digest)
+        _, got = blobs.put_stream(fh, expected_digest=digest,
+                                  size_hint=size if size > 0 else None)
     if size >= 0 and got != size:
         blobs.delete(digest)
         raise ImageError(f"{src.label}: blob {digest} has {got} bytes, descriptor says {size}")
@@ -360,6 +375,19 @@ def import_docker_save(
     return Imported(digest, manifest, raw, cfg_digest, config, config_raw, names)
 
 
+def _source_bytes(path: Path) -> int:
+    """Bytes of an image source: the tar's size, or the regular files of a layout dir."""
+    if not path.is_dir():
+        return path.stat().st_size
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
 def import_any(
     path: Path, blobs: BlobStore, *, want: str | None = None, progress: ProgressFn | None = None
 ) -> Imported:
@@ -369,6 +397,8 @@ def import_any(
         raise ImageError(f"{path} does not exist; pass an OCI layout dir or an image tar")
     src: _Source = _DirSource(path) if path.is_dir() else _TarSource(path)
     try:
+        # the blobs take at most what the source holds: refuse up front, not at ENOSPC
+        ensure_free(blobs.tmp, _source_bytes(path), f"importing image {path}")
         if src.exists("oci-layout") and src.exists("index.json"):
             return import_oci(src, blobs, want=want, progress=progress)
         if src.exists("manifest.json"):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import attrs
 
+from ..diskspace import ensure_free
 from ..errors import ImageError
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _MAX_LINK_HOPS = 40
+#: free space is re-checked after this many bytes of unpacked files (and before a big one)
+SPACE_CHECK_EVERY = 32 * 1024 * 1024
 #: xattrs a layer may set. trusted.* (overlayfs metadata!) and security.selinux are refused:
 #: a layer must not be able to forge overlay redirects or host security labels.
 _ALLOWED_XATTR_PREFIXES = ("user.", "security.capability")
@@ -189,6 +192,8 @@ class _Applier:
         #: every written path and all its ancestors, for the opaque-dir check
         self.touched: set[str] = set()
         self.dir_times: list[tuple[str, float]] = []
+        #: bytes written since the last free-space check (starts "due": check the first file)
+        self._unchecked = SPACE_CHECK_EVERY
 
     # -- paths -------------------------------------------------------------------------
     def _abs(self, parts: list[str]) -> str:
@@ -281,6 +286,13 @@ class _Applier:
                     f"(at {member.name!r}); raise the limit or use a smaller image"
                 )
             _remove(path)
+            # a small gzip layer can decompress to anything: check space as the tree grows
+            # (between checks at most SPACE_CHECK_EVERY more is written: the reserve covers it)
+            self._unchecked += member.size
+            if self._unchecked >= SPACE_CHECK_EVERY:
+                ensure_free(self.root, member.size,
+                            f"unpacking layer {self.layer}")
+                self._unchecked = member.size
             src = tar.extractfile(member)
             assert src is not None
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..diskspace import ensure_free
 from ..errors import ImageError
 from ..images.layers import apply_layers_merged
 from ..models import DiskSpec
@@ -44,12 +45,18 @@ def ensure_base(image: Image, ctx: RootfsContext) -> Path:
     with file_lock(cache / f"{base.stem}.lock"):
         if base.is_file():  # another process built it while we waited
             return base
+        what = f"the ext4 base of image {image.digest}"
+        # the unpacked layers take at least their archives' size (more once decompressed)
+        ensure_free(cache, sum(layer.size for layer in image.layers), f"unpacking {what}")
         with temp_dir_in(cache, f"build-{base.stem[:12]}-") as work:
             root = work / "root"
             root.mkdir()
             apply_layers_merged(image, ctx.image_store, root, progress=ctx.progress)
             content, inodes = tree_usage(root)
             size = ext4_size_for(content, inodes)
+            # the image is sparse: mkfs writes the content plus metadata and journal
+            ensure_free(cache, min(size, content + content // 16 + inodes * 256 + 16 * MIB),
+                        what)
             if ctx.progress:
                 ctx.progress(f"building ext4 base ({size // MIB} MiB)", None)
             tmp_img = work / "base.ext4"
@@ -74,6 +81,7 @@ class DiskStrategy(RootfsStrategy):
             if ctx.disk_size_mib:
                 size = max(size, ctx.disk_size_mib * MIB)
             Path(box_dir).mkdir(parents=True, exist_ok=True)
+            ensure_free(box_dir, MIB, f"the qcow2 overlay {overlay}")
             tmp = overlay.with_suffix(".qcow2.tmp")
             run(
                 [qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base.resolve(),

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..diskspace import ensure_free
 from ..images.layers import unpack_layer_for_overlay
 from ..models import DiskSpec, HostShare
 from .base import RootfsArtifact, RootfsContext, RootfsStrategy
@@ -42,6 +43,8 @@ def ensure_layer_dir(ctx: RootfsContext, digest: str) -> Path:
     with file_lock(cache / f"{hexpart}.lock"):
         if final.is_dir():
             return final
+        # an unpacked layer is at least its archive's size (more once decompressed)
+        ensure_free(cache, ctx.image_store.blobs.size(digest), f"unpacking layer {digest}")
         with temp_dir_in(cache, f"build-{hexpart[:12]}-") as work:
             tree = work / "tree"
             tree.mkdir(mode=0o755)

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..diskspace import ensure_free
 from ..images.layers import apply_layers_merged
 from ..models import HostShare
 from .base import RootfsArtifact, RootfsContext, RootfsStrategy
@@ -42,6 +43,8 @@ class MergedStrategy(RootfsStrategy):
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.rmtree(root, ignore_errors=True)
                 tmp.mkdir(mode=0o755)
+                ensure_free(box_dir, sum(layer.size for layer in image.layers),
+                            f"unpacking image {image.digest} for the box")
                 apply_layers_merged(image, ctx.image_store, tmp, progress=ctx.progress)
                 os.replace(tmp, root)
                 marker.write_text(image.digest + "\n")

@@ -12,7 +12,7 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
+import signal
 import stat
 import tarfile
 import tempfile
@@ -24,12 +24,21 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BoxliteError, ConfigError, GuestError, NotFoundError, StateError
-from ..guest.transport import stop_shim
 from ..images.model import ImageConfig
-from ..models import BoxStatus, Capability, ExecResult, ExitStatus
-from .cleanup import CleanupGuard
+from ..models import BoxStatus, Capability, ExecResult, ExitStatus, check_timeout
+from ..vmm import consolelog
+from .cleanup import (
+    CleanupGuard,
+    kill_vmm,
+    leftover_processes,
+    settle_abandoned,
+    starter_is_elsewhere,
+    stop_box_processes,
+    stop_helpers,
+    stop_leftovers,
+)
 from .pipeline import CONSOLE_LOG, ProgressFn, StartContext, boot_timeout, console_tail, run_stages
-from .records import BoxRecord
+from .records import BoxRecord, process_identity
 
 if TYPE_CHECKING:
     from ..vmm.base import VmHandle
@@ -41,6 +50,24 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHUNK = 1024 * 1024
 #: seconds a re-attach waits for the agent of an already running VM
 ATTACH_TIMEOUT = 30.0
+#: seconds a starter that released the box lock gets to finish exiting (see _settle_abandoned)
+STARTER_EXIT_GRACE = 5.0
+#: stop reasons Box.stop/kill record: someone asked for the box to go down
+ON_REQUEST = ("stopped on request", "killed on request")
+#: seconds an exec that lost its command waits for a concurrent stop/remove to finish, to
+#: tell "removed" from "stopped" (Runtime.remove stops the box, then deletes, under one lock)
+SETTLE_WAIT = 30.0
+
+
+class BoxGoneError(StateError):
+    """The box was removed (``boxlite rm -f``) or stopped by someone else while a command ran
+    in it: its shutdown SIGKILLed the command. Raised instead of a bare exit status 137.
+
+    ``exit_code`` is 137 (128 + SIGKILL): what the command's status would have said, so
+    scripts that test for "killed" still see it; the error line says why.
+    """
+
+    exit_code = 137
 
 
 def is_clean_exit(reason: str | None) -> bool:
@@ -106,10 +133,18 @@ class Execution:
             raise self._wrap(exc) from exc
 
     def wait(self, timeout: float | None = None) -> ExitStatus:
+        """The command's status. TimeoutError if it still runs after ``timeout`` seconds;
+        BoxGoneError if a concurrent stop/remove of the box killed it."""
         try:
             status = self.session.wait(timeout)
+        except TimeoutError:
+            raise  # still running: not an exec failure
         except Exception as exc:
             raise self._wrap(exc) from exc
+        if status.signal == signal.SIGKILL and not status.timed_out:
+            gone = self.box._gone_error()
+            if gone is not None:
+                raise gone
         return ExitStatus(status.exit_code, status.signal, status.timed_out)
 
     def kill(self, sig: int = 15) -> None:
@@ -158,6 +193,8 @@ class Box:
         data = record.to_dict()
         data["dir"] = str(self.dir)
         data["stage_timings"] = record.stage_timings
+        data["stage"] = record.stage  # while Starting: where it is; after a failure: where
+        data["abandoned"] = record.abandoned  # Starting, but its starter process is gone
         return data
 
     def metrics(self) -> dict[str, Any]:
@@ -171,12 +208,38 @@ class Box:
             "failures": record.failures,
         }
 
-    def logs(self) -> str:
-        """The guest serial console of the current (or last) boot."""
-        try:
-            return (self.dir / CONSOLE_LOG).read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def logs(self, tail: int | None = None, follow: bool = False) -> Any:
+        """The guest serial console of the current (or last) boot, across its rotated files.
+
+        ``tail``: only the last N lines (read backwards: memory does not grow with the log).
+        Without ``follow``: a str (at most 3 times the box's cap, ``console_log_max_mib``).
+        With ``follow``: an iterator of str chunks that goes on with new output, across
+        rotation, until the box stops. The text is the guest's, undecoded bytes replaced but
+        control characters kept: use :func:`boxlite_core.vmm.consolelog.neutralise` before
+        showing it on a terminal. ConfigError for a negative ``tail``."""
+        chunks = self.log_chunks(tail=tail, follow=follow)
+        if not follow:
+            return b"".join(chunks).decode(errors="replace")
+        return (chunk.decode(errors="replace") for chunk in chunks)
+
+    def log_chunks(self, tail: int | None = None, follow: bool = False) -> Iterator[bytes]:
+        """Raw console bytes for :meth:`logs` (and ``boxlite logs``), in bounded blocks."""
+        if tail is not None and tail < 0:
+            raise ConfigError(f"logs: tail={tail}: give a number of lines, 0 or more")
+        path = self.dir / CONSOLE_LOG
+        if follow:
+            return consolelog.follow(path, self._console_done, tail=tail)
+        if tail is not None:
+            return iter([consolelog.tail_bytes(path, tail)])
+        return consolelog.iter_log(path)
+
+    def _console_done(self) -> bool:
+        """No more console output will come: the box is not running, or its VM is gone."""
+        if self.status is not BoxStatus.RUNNING:
+            return True
+        if self._handle is None:
+            self._handle = self._attach_handle()  # once: polled every 0.2 s while idle
+        return self._handle is None or not self._handle.is_running()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -198,13 +261,31 @@ class Box:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, progress: ProgressFn | None = None) -> Box:
-        """Boot the box (Configured, Stopped or Failed → Running). Restart keeps its data."""
+        """Boot the box (Configured, Stopped or Failed → Starting → Running). Restart keeps
+        its data.
+
+        The record says Starting, naming this process, before anything is spawned, and the
+        VMM's pid + start time right after launch, so a process killed mid-start leaves a
+        record any later process can clean up (see cleanup.settle_abandoned). A box another
+        live process is starting is waited for (the per-box lock), then re-attached.
+
+        Raises StateError (stopping, or a live starter that does not hold the lock),
+        ConfigError (backend unavailable) and whatever the failing stage raised, prefixed
+        with the box and the stage; the record is then Failed.
+        """
         rt = self._rt
+        seen = self.refresh()
+        if seen.status is BoxStatus.STARTING and starter_is_elsewhere(seen) and progress:
+            with contextlib.suppress(Exception):
+                progress(f"waiting: pid {(seen.starter or {}).get('pid')} is starting this "
+                         f"box (stage {seen.stage})", None)
         with self.exclusive():
             record = self.refresh()
             if record.status is BoxStatus.RUNNING:
                 self._live_client()  # re-attach (or find it dead and say so)
                 return self
+            if record.status is BoxStatus.STARTING:
+                record = self._settle_abandoned(record)
             if not record.status.startable:
                 raise StateError(
                     f"box {self.name} is {record.status.value}; wait for it to finish stopping"
@@ -219,6 +300,9 @@ class Box:
                 )
             if record.backend != backend_name:
                 record = rt.store.update(self.id, backend=backend_name)
+            if self.dir.exists():  # what an earlier run left (an old boxlite, a crash)
+                stop_box_processes(rt, record, self.dir)
+            record = rt.store.begin_start(self.id, process_identity())
             ctx = StartContext(
                 runtime=rt, record=record, box_dir=self.dir, backend=backend, progress=progress
             )
@@ -244,6 +328,7 @@ class Box:
                         "boots": int(record.state.get("boots", 0)) + 1,
                         "failed_stage": None,
                         "stop_reason": None,
+                        "stage": None,  # started: no stage is running
                     },
                 )
             self._record = record
@@ -253,11 +338,19 @@ class Box:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Shut the guest down cleanly (agent sync + power-off), then stop the VM. Idempotent."""
+        """Shut the guest down cleanly (agent sync + power-off), then stop the VM. Idempotent.
+
+        ``timeout``: seconds (>= 0) for each of the clean shutdown and the forced stop;
+        ConfigError if negative or NaN.
+        """
+        check_timeout("timeout", timeout, allow_zero=True)
         rt = self._rt
         with self.exclusive():
             record = self.refresh()
+            if record.status is BoxStatus.STARTING:
+                record = self._settle_abandoned(record)
             if record.status in (BoxStatus.CONFIGURED, BoxStatus.STOPPED):
+                self._kill_vm()  # none should run; if an old start left one, it goes
                 self.teardown_host_side()
                 return
             if record.status is BoxStatus.FAILED:
@@ -284,12 +377,33 @@ class Box:
         """Stop the VM at once (no guest shutdown: unsynced writes may be lost)."""
         with self.exclusive():
             record = self.refresh()
-            if record.status in (BoxStatus.CONFIGURED, BoxStatus.STOPPED):
-                return
+            if record.status is BoxStatus.STARTING:
+                record = self._settle_abandoned(record)
             self._kill_vm()
             self.teardown_host_side()
-            if record.status is not BoxStatus.FAILED:
+            if record.status not in (BoxStatus.FAILED, BoxStatus.CONFIGURED, BoxStatus.STOPPED):
                 self._settle(BoxStatus.STOPPED, "killed on request")
+
+    def _settle_abandoned(self, record: BoxRecord) -> BoxRecord:
+        """A Starting record seen with the box lock held: its starter died (a live start
+        holds the lock), so stop what the box directory names and mark it Failed.
+
+        A dying process drops its locks before /proc shows it gone, so a starter that still
+        looks alive gets a few seconds to finish exiting before this refuses."""
+        deadline = time.monotonic() + STARTER_EXIT_GRACE
+        while starter_is_elsewhere(record) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if starter_is_elsewhere(record):
+            starter = record.starter or {}
+            raise StateError(
+                f"box {self.name} is starting in process {starter.get('pid')} (stage "
+                f"{record.stage}), which does not hold the box lock {self._rt.lock_path(self.id)}; "
+                f"wait for it, or end that process and retry"
+            )
+        self.detach()
+        record = settle_abandoned(self._rt, record)
+        self._record = record
+        return record
 
     def pause(self) -> None:
         """Freeze the VM's vCPUs (backends declaring PAUSE). The box stays Running; execs wait."""
@@ -338,26 +452,17 @@ class Box:
 
     def teardown_host_side(self) -> None:
         """Close the agent, release the handle, stop the agent shim and sharer helpers (from
-        any process)."""
+        any process), then any session leader still naming the box directory."""
         self.detach()
-        try:
-            stop_shim(self.dir)
-        except Exception as exc:
-            log.warning("box %s: stopping the agent shim failed: %s", self.name, exc)
-        name = self._sharer_name or self._record.state.get("sharer")
-        if name:
-            try:
-                self._rt.plugins.volume_sharer(name).stop(self.dir)
-            except Exception as exc:
-                log.warning("box %s: stopping sharer %s failed: %s", self.name, name, exc)
+        stop_helpers(self._rt, self._record, self.dir, self._sharer_name)
         self._sharer_name = None
+        with contextlib.suppress(Exception):
+            stop_leftovers(leftover_processes(self.dir))
 
     def _kill_vm(self) -> None:
-        handle = self._handle or self._attach_handle()
-        if handle is not None:
-            with contextlib.suppress(Exception):
-                handle.kill()
-                handle.wait(10)
+        """Kill the VM by every name the box has for it (handle, backend state file, the
+        VMM identity in the record, the plan's pidfile)."""
+        kill_vmm(self._rt, self._record, self.dir, self._handle)
 
     def _settle(self, status: BoxStatus, reason: str, error: str | None = None) -> None:
         """Record a stop/failure; tolerate another process having recorded it first."""
@@ -456,9 +561,62 @@ class Box:
             message += f"\n--- guest console (last lines) ---\n{tail}"
         return GuestError(message)
 
+    def _gone_error(self) -> BoxGoneError | None:
+        """After a command died of SIGKILL or lost its stream: was the box stopped or removed
+        underneath it? Then the error naming that, else None (a plain kill or crash).
+
+        A stop writes Stopping before it asks the guest to shut down, so a record still
+        Running means nobody stopped it. Stopping/Stopped may be followed by a removal under
+        the same per-box lock: wait (bounded by SETTLE_WAIT) for the lock, then look again.
+        """
+        deadline = time.monotonic() + SETTLE_WAIT
+        while True:
+            try:
+                record = self._rt.store.get(self.id)
+            except NotFoundError:
+                return BoxGoneError(
+                    f"box {self.name} was removed while the command ran (boxlite rm -f); "
+                    "the command was killed"
+                )
+            if record.status not in (BoxStatus.STOPPING, BoxStatus.STOPPED):
+                return None
+            if record.status is BoxStatus.STOPPED and not self._lock_busy():
+                try:  # the lock is free: a removal that followed the stop is over too
+                    record = self._rt.store.get(self.id)
+                except NotFoundError:
+                    continue
+                if record.state.get("stop_reason") not in ON_REQUEST:
+                    return None  # it went down by itself (e.g. poweroff): not a stop
+                return BoxGoneError(
+                    f"box {self.name} was stopped while the command ran (boxlite stop); "
+                    "the command was killed"
+                )
+            if time.monotonic() >= deadline:
+                return BoxGoneError(
+                    f"box {self.name} was stopped while the command ran; the command was killed"
+                )
+            time.sleep(0.1)
+
+    def _lock_busy(self) -> bool:
+        """Does another stop/start/remove hold this box's lock (any thread or process)?"""
+        try:
+            fd = os.open(self._rt.lock_path(self.id), os.O_RDONLY)
+        except FileNotFoundError:
+            return False  # removed (remove unlinks it) or never locked
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops our lock too
+        return False
+
     def _exec_failed(self, exc: BaseException) -> BaseException:
         """Turn an exec error into what the caller should see, counting it."""
         self._count("exec_errors")
+        gone_error = self._gone_error()
+        if gone_error is not None:
+            return gone_error
         handle = self._handle
         if handle is not None:
             gone = False
@@ -524,8 +682,14 @@ class Box:
         timeout: float | None = None,
         input: bytes | None = None,
     ) -> ExecResult:
-        """Run a command to completion and capture its output."""
+        """Run a command to completion and capture its output.
+
+        ``timeout``: seconds (> 0, finite) before the command is killed (then ``timed_out``).
+        Raises ConfigError (bad args or timeout), StateError (box not running), BoxGoneError
+        (the box was stopped or removed while the command ran), GuestError (the VM died).
+        """
         argv = self._check_args(args)
+        check_timeout("timeout", timeout)
         client = self._live_client()
         params = self.exec_params(env, cwd, user)
         self._count("execs")
@@ -535,6 +699,10 @@ class Box:
             )
         except Exception as exc:
             raise self._exec_failed(exc) from exc
+        if sig == signal.SIGKILL and not timed_out:
+            gone = self._gone_error()
+            if gone is not None:
+                raise gone
         return ExecResult(code, out, err, sig, timed_out)
 
     def exec_stream(
@@ -547,8 +715,12 @@ class Box:
         timeout: float | None = None,
         stdin: bool = False,
     ) -> Execution:
-        """Start a command and return at once; read ``events()``, then ``wait()``."""
+        """Start a command and return at once; read ``events()``, then ``wait()``.
+
+        ``timeout`` as for :meth:`exec` (ConfigError unless > 0 and finite).
+        """
         argv = self._check_args(args)
+        check_timeout("timeout", timeout)
         client = self._live_client()
         params = self.exec_params(env, cwd, user)
         self._count("execs")
@@ -567,10 +739,11 @@ class Box:
             raise self._exec_failed(exc) from exc
 
     def copy_in(self, host_path: str | os.PathLike[str], guest_path: str) -> None:
-        """Copy a host file or directory into the box (like `cp -r`): into ``guest_path`` if
-        it is a directory (or ends in '/'), else to that name."""
+        """Copy a host file, directory or symlink into the box (like `cp -a`): into
+        ``guest_path`` if it is a directory (or ends in '/'), else to that name. A host
+        symlink is copied as the link (dangling ones too), never its target."""
         src = Path(host_path)
-        if not src.exists():
+        if not os.path.lexists(src):
             raise ConfigError(f"copy: host path {src} does not exist")
         if not guest_path.startswith("/"):
             raise ConfigError(f"copy: guest path {guest_path!r} must be absolute")
@@ -598,49 +771,43 @@ class Box:
                 raise self._exec_failed(exc) from exc
 
     def copy_out(self, guest_path: str, host_path: str | os.PathLike[str]) -> Path:
-        """Copy a file or directory out of the box; returns the host path written.
+        """Copy a file, directory or symlink out of the box like `docker cp`; returns the host
+        path written.
 
-        The tar is extracted with tarfile's "data" filter into a temporary directory next to
-        the destination, then renamed into place: a hostile guest cannot write outside the
-        destination (absolute names, '..', links, devices are refused) and a failed copy
-        leaves nothing half-written.
+        ``guest_path``: absolute; ``/dir/.`` copies the directory's contents; a symlink is
+        copied as a link (``/link/`` follows it). ``host_path``: an existing directory gets
+        the copy inside it (named from ``guest_path``), a missing path becomes the copy.
+        The guest's tar stream is hostile input: it is unpacked by boxlite_core.transfer into
+        a private directory under the runtime home (fd-relative, no link ever followed,
+        device nodes refused, setuid/setgid bits dropped from files with a
+        SpecialBitsStripped warning), then placed without following any symlink at or
+        under ``host_path``. Raises ConfigError (bad paths), GuestError (refused archive,
+        agent or VM failure), DiskSpaceError (it would not fit); a refused copy leaves
+        nothing at ``host_path`` (type conflicts are checked before anything moves; only a
+        merge into an existing directory stopped half-way keeps the entries moved so far).
         """
-        if not guest_path.startswith("/"):
-            raise ConfigError(f"copy: guest path {guest_path!r} must be absolute")
-        dest = Path(host_path)
-        parent = dest if dest.is_dir() else dest.parent
-        if not parent.is_dir():
-            raise ConfigError(f"copy: host directory {parent} does not exist")
+        from ..diskspace import DiskSpaceError
+        from ..transfer import parse_guest_path, receive_tree, staging_root
+        from ..transfer.copy_out import check_destination
+
+        request = parse_guest_path(guest_path)
+        check_destination(host_path)
         client = self._live_client()
-        with tempfile.TemporaryDirectory(dir=parent, prefix=".boxlite-cp-") as tmp:
-            tar_path = Path(tmp) / "data.tar"
-            try:
-                with tar_path.open("wb") as fh:
-                    for chunk in client.download_tar(guest_path):
-                        fh.write(chunk)
-            except Exception as exc:
+        try:
+            result = receive_tree(client.download_tar(request.guest_path), request, host_path,
+                                  staging=staging_root(self._rt.home))
+        except (ConfigError, DiskSpaceError):
+            raise
+        except GuestError as exc:  # a refused archive, or the agent/VM failing mid-copy
+            gone = False
+            with contextlib.suppress(Exception):
+                gone = self._handle is not None and bool(self._handle.wait(0.5))
+            if gone:
                 raise self._exec_failed(exc) from exc
-            out = Path(tmp) / "out"
-            out.mkdir()
-            try:
-                with tarfile.open(tar_path) as tar:
-                    tar.extractall(out, filter="data")
-            except (tarfile.TarError, OSError) as exc:
-                raise GuestError(f"box {self.name}: bad archive for {guest_path}: {exc}") from exc
-            items = list(out.iterdir())
-            if len(items) != 1:
-                raise GuestError(
-                    f"box {self.name}: expected one entry for {guest_path}, got {len(items)}"
-                )
-            item = items[0]
-            final = dest / item.name if dest.is_dir() else dest
-            if final.is_dir() and item.is_dir():
-                shutil.copytree(item, final, dirs_exist_ok=True, symlinks=True)
-            elif final.is_dir():
-                raise ConfigError(f"copy: {final} is a directory; {guest_path} is a file")
-            else:
-                os.replace(item, final)
-            return final
+            raise GuestError(f"box {self.name}: copy-out of {guest_path}: {exc}") from exc
+        except Exception as exc:
+            raise self._exec_failed(exc) from exc
+        return result.path
 
     # -- context manager -------------------------------------------------------------------
 
@@ -663,4 +830,4 @@ class Box:
                     self.remove(force=True)
 
 
-__all__ = ["Box", "Execution", "is_clean_exit"]
+__all__ = ["Box", "BoxGoneError", "Execution", "is_clean_exit"]

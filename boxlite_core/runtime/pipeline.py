@@ -7,6 +7,11 @@ it happened in, which the CleanupGuard records on the Failed box.
 Stages (see ARCHITECTURE.md): filesystem_setup; container_rootfs_prep ‖ guest_kit_prep (two
 threads: image → rootfs and the guest kit are independent and each can take seconds);
 volumes; vmm_spawn; guest_connect; guest_init.
+
+The record is Starting throughout (Box.start wrote it, naming the starter); ``run_stages``
+writes each stage's name into ``state.stage`` before running it and vmm_spawn writes the VMM's
+pid + start time into ``state.vmm`` before guest_connect waits: a process killed at any stage
+leaves a record that says where it was and which processes to stop (cleanup.settle_abandoned).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from .. import envvars
 from ..errors import ConfigError, GuestError
 from ..models import (
     AgentEndpoint,
@@ -32,7 +38,8 @@ from ..models import (
     VmSpec,
 )
 from ..rootfs.base import RootfsArtifact, RootfsContext
-from ..vmm.procstat import log_tail
+from ..vmm.consolelog import log_files, neutralise, tail_bytes, wait_writer
+from ..vmm.procstat import start_time as proc_start_time
 from ..volumes.resolve import resolve_user_volumes
 
 if TYPE_CHECKING:
@@ -56,16 +63,20 @@ AGENT_STREAM = "agent.sock"
 
 
 def boot_timeout() -> float:
-    raw = os.environ.get("BOXLITE_BOOT_TIMEOUT", "")
-    try:
-        return float(raw) if raw else DEFAULT_BOOT_TIMEOUT
-    except ValueError as exc:
-        raise ConfigError(f"BOXLITE_BOOT_TIMEOUT={raw!r}: must be a number of seconds") from exc
+    """``BOXLITE_BOOT_TIMEOUT`` (seconds) or 120: how long a start waits for the agent."""
+    return envvars.seconds("BOXLITE_BOOT_TIMEOUT", DEFAULT_BOOT_TIMEOUT)
 
 
 def console_tail(box_dir: Path, lines: int = 25, max_bytes: int = 64 * 1024) -> str:
-    """The last lines of the box's serial console: the first thing to read when a boot fails."""
-    return log_tail(Path(box_dir) / CONSOLE_LOG, lines, max_bytes)
+    """The last lines of the box's serial console: the first thing to read when a boot fails.
+
+    Across rotation (console.log.1 when the live file was just started), and neutralised:
+    this text goes into error messages shown on terminals, and the guest wrote it.
+    Only error paths call this: it first gives the console writer up to a second to finish
+    (it exits right after a dead VM's last bytes, often a panic message)."""
+    wait_writer(Path(box_dir), 1.0)
+    data = tail_bytes(Path(box_dir) / CONSOLE_LOG, lines, max_bytes)
+    return neutralise(data).rstrip()
 
 
 @attrs.define
@@ -218,6 +229,7 @@ def build_spec(ctx: StartContext) -> VmSpec:
         name=ctx.record.name,
         network=options.network,
         hints=hints,
+        console_log_max_bytes=options.console_log_max_mib * 1024 * 1024,
     )
 
 
@@ -225,9 +237,33 @@ def vmm_spawn(ctx: StartContext) -> None:
     ctx.spec = build_spec(ctx)
     ctx.plan = ctx.backend.plan(ctx.spec)
     (ctx.box_dir / PLAN_FILE).write_text(ctx.plan.to_json() + "\n")
-    # a fresh console log per boot, so the tail on failure is this boot's
-    (ctx.box_dir / CONSOLE_LOG).unlink(missing_ok=True)
+    # a fresh console log per boot, so the tail on failure is this boot's (rotated copies
+    # too: `boxlite logs` reads across them)
+    for old in log_files(ctx.box_dir / CONSOLE_LOG):
+        old.unlink(missing_ok=True)
     ctx.handle = ctx.backend.launch(ctx.plan)
+    record_vmm_identity(ctx)
+
+
+def vmm_identity(handle: VmHandle) -> dict[str, Any] | None:
+    """``{"pid", "start_time"}`` of a launched VM's process, None for a backend without one
+    (libvirt: libvirtd owns the process; attach() by box directory finds it)."""
+    pid = handle.pid
+    if not pid:
+        return None
+    started = getattr(handle, "start_time", None)
+    if started is None:
+        started = proc_start_time(pid)
+    return {"pid": pid, "start_time": started}
+
+
+def record_vmm_identity(ctx: StartContext) -> None:
+    """Persist the VMM identity before guest_connect, the longest wait of a start: a process
+    killed from here on leaves a record naming the exact process to stop."""
+    assert ctx.handle is not None
+    identity = vmm_identity(ctx.handle)
+    if identity is not None:
+        ctx.runtime.store.record_vmm(ctx.record.id, identity)
 
 
 def guest_connect(ctx: StartContext) -> None:
@@ -339,11 +375,12 @@ def run_stages(ctx: StartContext, stages: Sequence[Stage] = STAGES) -> None:
     """
     total = time.monotonic()
     for stage in stages:
+        ctx.stage = stage.name
+        # in the record before the stage runs: a start killed here says where it was
+        ctx.runtime.store.record_stage(ctx.record.id, stage.name)
         if not stage.parallel:
-            ctx.stage = stage.name
             _run_one(ctx, stage)
             continue
-        ctx.stage = stage.name
         began = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(
             max_workers=len(stage.parallel), thread_name_prefix=f"boxlite-{stage.name}"

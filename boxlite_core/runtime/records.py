@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ from typing import Any
 import attrs
 
 from ..models import BoxOptions, BoxStatus
+from ..vmm.procstat import alive, start_time
 
 ID_BYTES = 6  # 12 hex characters: short enough to type, long enough not to collide
 
@@ -22,6 +24,33 @@ _NOUNS = (
     "otter", "falcon", "badger", "heron", "lynx", "marten", "newt", "owl", "panda", "quokka",
     "raven", "seal", "tapir", "urchin", "vole", "walrus", "yak", "zebra", "gecko", "ibis",
 )
+
+
+def process_identity(pid: int | None = None) -> dict[str, int | None]:
+    """``{"pid", "start_time"}`` of ``pid`` (default: this process), as records store it.
+
+    Why both: pids are recycled, so "pid 4242 is alive" says nothing about the process that
+    wrote the record; pid + /proc start time does."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "start_time": start_time(pid)}
+
+
+def identity_alive(identity: Mapping[str, Any] | None) -> bool:
+    """Is the process an identity names (see :func:`process_identity`) still running?
+
+    False for a missing or malformed identity, a dead pid, a zombie, and a recycled pid
+    (same number, another start time)."""
+    if not identity:
+        return False
+    try:
+        pid = int(identity["pid"])
+        started = identity.get("start_time")
+        started = None if started is None else int(started)
+    except (KeyError, TypeError, ValueError):
+        return False
+    if started is None:  # never recorded without one; do not trust a bare pid
+        return False
+    return alive(pid, started)
 
 
 def new_box_id() -> str:
@@ -63,6 +92,30 @@ class BoxRecord:
     @property
     def stage_timings(self) -> dict[str, float]:
         return dict(self.state.get("stage_timings") or {})
+
+    @property
+    def stage(self) -> str | None:
+        """The init-pipeline stage a Starting box is in (kept after a failure: where it died)."""
+        return self.state.get("stage")
+
+    @property
+    def starter(self) -> dict[str, Any] | None:
+        """``{"pid", "start_time"}`` of the process running (or that ran) the last start."""
+        starter = self.state.get("starter")
+        return dict(starter) if starter else None
+
+    @property
+    def vmm(self) -> dict[str, Any] | None:
+        """``{"pid", "start_time"}`` of the VMM process, recorded right after launch."""
+        vmm = self.state.get("vmm")
+        return dict(vmm) if vmm else None
+
+    @property
+    def abandoned(self) -> bool:
+        """Starting, but the process that was starting it is gone (killed, crashed, host
+        rebooted): nobody will finish or undo this start, so it is to be treated as failed
+        once whatever its box directory names has been stopped."""
+        return self.status is BoxStatus.STARTING and not identity_alive(self.starter)
 
     def _scalar_columns(self) -> dict[str, Any]:
         """The columns stored as themselves, shared by to_dict() and to_row()."""

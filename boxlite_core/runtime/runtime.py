@@ -8,11 +8,12 @@ every state change goes through BoxStore's checked transitions.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -24,8 +25,11 @@ from ..images.registry.pull import ensure_image
 from ..models import BoxOptions, BoxStatus
 from ..plugins import PluginRegistry
 from ..state.db import Database
+from ..state.home import secure_home
 from ..volumes.resolve import resolve_user_volumes
 from .box import Box
+from .capacity import check_capacity
+from .cleanup import session_leaders_naming, settle_abandoned, stop_box_processes, stop_leftovers
 from .records import BoxRecord, generated_name, new_box_id
 from .store import BoxStore
 
@@ -66,8 +70,10 @@ class Runtime:
         recover: bool = True,
     ) -> None:
         self.home = (Path(home).expanduser() if home else default_home()).absolute()
-        for sub in ("", "boxes", "locks"):
-            (self.home / sub).mkdir(parents=True, exist_ok=True)
+        # private: the db holds -e values; an existing 0755 home is tightened with a notice
+        secure_home(self.home)
+        for sub in ("boxes", "locks"):
+            (self.home / sub).mkdir(mode=0o700, exist_ok=True)
         self.db = Database(self.home / "boxlite.db")
         self.store = BoxStore(self.db)
         if plugins is None:
@@ -125,6 +131,7 @@ class Runtime:
             options = BoxOptions(**kw)
         elif kw:
             options = attrs.evolve(options, **kw)
+        check_capacity(options)  # more CPUs/memory than the host has: refused, no record
         resolve_user_volumes(options.volumes)
         if options.rootfs not in self.plugins.strategy_names():
             raise ConfigError(
@@ -176,15 +183,23 @@ class Runtime:
     def list(self, *, all: bool = True) -> list[BoxRecord]:
         records = self.store.list()
         if not all:
-            records = [r for r in records if r.status in (BoxStatus.RUNNING, BoxStatus.STOPPING)]
+            records = [r for r in records if r.status.may_have_vm]
         return records
 
     def remove(self, id_or_name: str, force: bool = False) -> None:
-        """Delete a box: its VM (only with ``force`` if running), files and record."""
+        """Delete a box: its VM (only with ``force`` if running), files and record.
+
+        Whatever the status, everything the box directory names (VM, agent shim, virtiofsd,
+        any session leader whose argv names the directory) is stopped before the directory
+        and the record go, so nothing is left running that ``ls`` can no longer show. A box
+        another live process is starting is waited for (the per-box lock); one whose starter
+        died is treated as failed. StateError for a running box without ``force``."""
         box = self.get(id_or_name)
         record = box.record
         with box.exclusive():
             record = box.refresh()
+            if record.status is BoxStatus.STARTING:
+                record = box._settle_abandoned(record)
             if record.status in (BoxStatus.RUNNING, BoxStatus.STOPPING):
                 if not force:
                     raise StateError(
@@ -192,8 +207,9 @@ class Runtime:
                         f"(`boxlite stop {record.name}`) or remove with -f"
                     )
                 box.stop(timeout=5)
-            box.teardown_host_side()
             box_dir = self.box_dir(record.id)
+            box.detach()
+            stop_box_processes(self, box.refresh(), box_dir)
             with contextlib.suppress(NotFoundError):
                 strategy = self.plugins.rootfs_strategy(record.rootfs)
                 try:
@@ -211,13 +227,80 @@ class Runtime:
         counters["boxes_running"] = self.store.count(BoxStatus.RUNNING)
         return counters
 
-    def recover(self) -> list[str]:
-        """Reconcile records that claim a live VM with reality; return the names changed.
+    @contextlib.contextmanager
+    def _box_lock_nowait(self, box_id: str) -> Iterator[bool]:
+        """The box's lock if nobody holds it (True), else False at once: recovery never waits
+        for, and never undoes, a start/stop/remove another process is running."""
+        try:
+            fh = self.lock_path(box_id).open("a")
+        except OSError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield False
+                return
+            yield True
+        finally:
+            fh.close()
 
-        Runs at startup: a host reboot or a killed QEMU leaves records saying Running. A record
-        whose backend plugin is not loaded is left alone (it may be alive; we cannot tell).
+    def _recover_leftovers(self, records: dict[str, BoxRecord]) -> list[str]:
+        """Stop processes naming a box directory whose record says no VM can run
+        (Configured/Stopped/Failed) or that has no record at all (removed by an older
+        boxlite while its VM ran). One pass over /proc for all boxes."""
+        changed = []
+        for box_id, procs in session_leaders_naming(self.home / "boxes").items():
+            record = records.get(box_id)
+            if record is not None and record.status.may_have_vm:
+                continue
+            with self._box_lock_nowait(box_id) as got:
+                if not got:
+                    continue
+                record = self.store.find(box_id) if record is not None else None
+                if record is not None and record.status.may_have_vm:
+                    continue
+                if record is None:
+                    if self.store.find(box_id) is not None:
+                        continue  # created meanwhile: not ours to judge
+                    log.warning("box %s: stopping pids %s left running after its record went",
+                                box_id, [p for p, _ in procs])
+                    stop_leftovers(procs)
+                    self.lock_path(box_id).unlink(missing_ok=True)  # opened just for this
+                    changed.append(box_id)
+                    continue
+                stopped = stop_box_processes(self, record, self.box_dir(box_id))
+                if stopped:
+                    log.warning("box %s (%s): stopped %s", record.name, record.status.value,
+                                ", ".join(stopped))
+                    changed.append(record.name)
+        return changed
+
+    def recover(self) -> list[str]:
+        """Reconcile records with the processes their box directories name; return the names
+        (or ids, for processes without a record) changed.
+
+        Runs at startup: a host reboot or a killed QEMU leaves records saying Running; a
+        killed starter leaves one saying Starting (abandoned: settled Failed after stopping
+        what its box directory names); an older boxlite could leave a VM behind a Configured
+        record or none. A Running record whose backend plugin is not loaded is left alone (it
+        may be alive; we cannot tell). Boxes whose lock another process holds are skipped.
         """
         changed = []
+        records = {r.id: r for r in self.store.list()}
+        for record in records.values():
+            if record.status is not BoxStatus.STARTING or not record.abandoned:
+                continue
+            with self._box_lock_nowait(record.id) as got:
+                if not got:
+                    continue
+                with contextlib.suppress(NotFoundError):
+                    current = self.store.get(record.id)
+                    if current.abandoned:
+                        settle_abandoned(self, current)
+                        changed.append(record.name)
+        changed += self._recover_leftovers(records)
         for record in self.store.list({BoxStatus.RUNNING, BoxStatus.STOPPING}):
             try:
                 backend = self.plugins.backend(record.backend or "")

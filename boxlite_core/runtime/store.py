@@ -144,6 +144,29 @@ class BoxStore:
                 fields["state"] = {**record.state, **state}
             return self._write(tx, attrs.evolve(record, status=status, **fields))
 
+    def begin_start(self, box_id: str, starter: Mapping[str, Any]) -> BoxRecord:
+        """Configured/Stopped/Failed → Starting, naming the process that runs the start.
+
+        Written before anything is spawned, so a process killed at any later point leaves a
+        record that says a VM may exist (and who was responsible for it), never a
+        Configured one with a live VM behind it. StateError from any other state."""
+        return self.set_status(
+            box_id,
+            BoxStatus.STARTING,
+            expect={BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED},
+            pid=None,
+            state={"starter": dict(starter), "stage": "queued", "vmm": None,
+                   "failed_stage": None},
+        )
+
+    def record_stage(self, box_id: str, stage: str) -> None:
+        """Say which init-pipeline stage is running (``inspect`` answers "where is it")."""
+        self.update(box_id, state={"stage": stage})
+
+    def record_vmm(self, box_id: str, identity: Mapping[str, Any]) -> None:
+        """Remember the launched VMM's pid + start time before the guest is waited for."""
+        self.update(box_id, pid=identity.get("pid"), state={"vmm": dict(identity)})
+
     def bump_state_counter(self, box_id: str, key: str, by: int = 1) -> None:
         with self.db.transaction() as tx:
             record = self._read(tx, box_id)

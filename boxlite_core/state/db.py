@@ -8,12 +8,14 @@ gives them atomic updates and a unique box name without a daemon. Columns hold w
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ConfigError
+from .home import FILE_MODE, create_private_file
 
 #: Ordered migrations: (version, statements). Never edit a released one; append a new one.
 MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
@@ -63,13 +65,27 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 class Database:
-    """A thread-safe handle on the home's database (one connection per thread)."""
+    """A thread-safe handle on the home's database (one connection per thread).
+
+    The file is created 0600 before sqlite opens it (sqlite gives ``-wal``/``-shm`` the
+    database's mode): it holds ``-e`` values, which are often secrets.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        create_private_file(self.path)
         self._local = threading.local()
         self.migrate()
+        self._tighten_sidecars()
+
+    def _tighten_sidecars(self) -> None:
+        """-wal/-shm made by an older boxlite (or another tool) may be 0644: make them 0600."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            side = self.path.with_name(self.path.name + suffix)
+            with contextlib.suppress(OSError):
+                if side.stat().st_mode & 0o077 and side.stat().st_uid == os.geteuid():
+                    os.chmod(side, FILE_MODE)
 
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

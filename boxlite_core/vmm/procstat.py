@@ -13,7 +13,10 @@ not pull in attrs or the models. Handles for one-process VMs: :mod:`.process`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 from pathlib import Path
 
 
@@ -55,6 +58,24 @@ def reap(pid: int) -> int | None:
     except ChildProcessError:
         return None
     return status if got == pid else None
+
+
+def terminate(pid: int, started: int | None, grace: float) -> bool:
+    """SIGTERM ``pid`` if it is still the process that started at ``started``; SIGKILL it if
+    it outlives ``grace`` seconds. True if it was running. Never signals a recycled pid (the
+    identity is checked before each signal)."""
+    if not alive(pid, started):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(pid, started) and time.monotonic() < deadline:
+        reap(pid)
+        time.sleep(0.02)
+    if alive(pid, started):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return True
 
 
 def log_tail(path: Path | str, lines: int = 20, max_bytes: int = 64 * 1024) -> str:

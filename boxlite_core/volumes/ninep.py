@@ -1,15 +1,35 @@
 """9p (virtio-9p): QEMU's built-in file server, so there is nothing to start on the host.
 
 Read-only is enforced by QEMU itself (``-fsdev ...,readonly=on`` refuses every write with
-EROFS before it touches the host). Ownership: as root QEMU uses ``security_model=passthrough``
-(guest uids land on the host as-is); unprivileged it uses ``none`` (files belong to the QEMU
-user, who owns the volume). See the qemu backend for the device flags.
+EROFS before it touches the host).
 
-**No auto-idmap as root**: files the guest writes keep the guest's uid/gid on the host (guest
-root → host root), whoever owns the volume. virtiofs gets auto-idmap by running its daemon in
-an id-mapped user namespace; here the file server is QEMU itself, and a user namespace around
-QEMU would change the ids of every device and file it opens, not just this share's — so we do
-not do it. Use the virtiofs sharer (or run boxlite unprivileged) when ownership matters.
+**Nothing privileged crosses a writable 9p volume**: the backend serves a writable user volume
+(owner recorded) with ``security_model=mapped-xattr`` (libvirt: ``accessmode="mapped"``), as
+root or not. The owner,
+group, mode (setuid/setgid included), device numbers and symlink-ness a guest gives a file live
+in ``user.virtfs.*`` xattrs only; on the host every file the guest creates is a plain file or
+directory of QEMU's user with mode ``fmode``/``dmode`` = 0644/0755 less QEMU's umask (the
+qemu backend starts QEMU with umask 022, so 0644/0755), a guest ``mknod`` a plain file,
+a guest symlink a plain file holding its target, and ``security.*`` xattrs are refused
+(ENOTSUP). ``passthrough`` (the model as root before) landed a guest's setuid-root
+binary and device nodes on the host as they were; ``none`` a setuid binary of QEMU's user.
+
+**No auto-idmap** (``idmap = False``): QEMU runs as root in the qemu backend, so what the
+guest writes belongs to root on the host: the volume's owner can read it (0644/0755) but not
+change it in place (only delete or replace what sits directly in a directory they own).
+Squashing to the owner would need QEMU's file server in a user namespace, and a user namespace
+around QEMU would change the ids of every device and file it opens, not just this share's.
+Use the virtiofs sharer when the owner must own what the box writes.
+
+The price of mapped-xattr (measured): QEMU reads every symlink as a file holding its target,
+so a symlink made **on the host** inside the volume fails in the guest with ELOOP ("Too many
+levels of symbolic links"); symlinks the guest makes work. For that reason rootfs shares
+(``merged``/``layers``: no owner, the box's own tree under the private boxlite home, full of
+host-made symlinks) keep the old model (``passthrough`` as root), as do read-only shares
+(nothing is written).
+
+Left: an existing host file with the setuid bit in a share keeps it when the guest writes to
+it (QEMU as root holds CAP_FSETID); virtiofs clears it (``modcaps=-fsetid``).
 """
 
 from __future__ import annotations

@@ -11,13 +11,29 @@ from ``--help``:
 * the Rust one (virtiofsd ≥ 1.x): ``--shared-dir``, ``--readonly``, ``--sandbox``, and
   ``--translate-uid/--translate-gid`` which we use for auto-idmap when it offers them.
 
-Auto-idmap with the C virtiofsd (which has no id-translation option): when the host directory
-is not owned by root, the daemon runs in a new **user namespace** whose uid/gid maps swap 0
-and the owner and keep every other id (see :func:`idmap_lines`). virtiofsd creates files with
-the guest caller's ids (setfsuid/setfsgid), so guest root's files land on the host as the
-directory's owner, the owner's files appear to the guest as root, and the other guest ids keep
-their numbers. The whole id range stays mapped, so ns-root keeps DAC override on every file,
-as the daemon had before. A root-owned directory keeps the plain path (no namespace).
+**Nothing privileged crosses a share** (the guest is root in its VM and can replace our agent,
+so every request virtiofsd serves is hostile). Every virtiofsd starts through
+:mod:`.virtiofsd_launcher`, whose seccomp filter refuses setuid/setgid modes and device nodes
+(``--no-privilege``); virtiofsd itself drops CAP_FSETID, CAP_MKNOD and CAP_SETFCAP
+(``modcaps``): a write to an existing setuid file then clears the bit, as the kernel does for
+an unprivileged writer, and the kernel refuses to set a ``security.capability`` xattr (a file
+capability) without CAP_SETFCAP. Not an ``xattrmap`` too: QEMU 7.2's virtiofsd exits at start
+when a rule refuses ``security.capability`` ("Failed to map security.capability"), and
+renaming it (``prefix``) makes every chown fail with EBADF (it then removes the renamed xattr
+through an O_PATH fd).
+
+Auto-idmap = **squash** with the C virtiofsd (which has no id-translation option): for a user
+volume (owner known) the daemon runs in a new **user namespace** that maps only ns id 0 to
+the directory's owner (see :func:`idmap_lines`), and the launcher's ``--squash-ids`` makes its
+per-request id switches and every chown succeed without effect. So every file the guest
+writes, whatever guest id wrote it or chowned it, belongs to the directory's owner on the host;
+host root is reachable only when the owner is root; device nodes cannot be made at all (the
+kernel refuses mknod of devices in a user namespace). The owner's files show as root in the
+guest, every other host id as the overflow id (65534). ns-root keeps DAC override only over
+the owner's files (the kernel grants a namespace's capabilities on inodes whose ids it maps).
+
+Rootfs shares (``merged``/``layers``: no owner recorded, the box's own tree with many owners)
+keep guest ids as they are, but get the same no-privilege filter.
 
 Processes are recorded in BOXDIR/virtiofsd.json (pid + /proc start time), so :meth:`stop`
 works from any process and never signals a recycled pid.
@@ -29,7 +45,9 @@ import contextlib
 import functools
 import json
 import os
+import platform
 import signal
+import socket as socketlib
 import subprocess
 import sys
 import time
@@ -42,8 +60,10 @@ import attrs
 from .. import tools
 from ..errors import ConfigError, EngineError, ToolMissingError
 from ..models import Capability, HostShare, ShareSpec
+from ..vmm.consolelog import start_pipe_writer, wait_gone
 from ..vmm.procstat import alive, log_tail, reap, start_time
 from .base import VolumeSharer
+from .virtiofsd_launcher import EXPOSED_SOURCE
 
 STATE_FILE = "virtiofsd.json"
 SOCKET_WAIT = 10.0
@@ -51,6 +71,9 @@ _MAX_SOCKET_PATH = 107
 
 #: ids 0 .. 2**32-2 (2**32-1 is the invalid id -1 and can't be mapped)
 _ID_COUNT = 4294967295
+#: capabilities virtiofsd must not keep: FSETID (would keep setuid bits across a write and
+#: allow a setgid bit for a foreign group), MKNOD (device nodes), SETFCAP (file capabilities)
+MODCAPS = "-fsetid:-mknod:-setfcap"
 _LAUNCHER = str(Path(__file__).with_name("virtiofsd_launcher.py"))
 
 
@@ -78,10 +101,21 @@ def detect_virtiofsd(path: str) -> VirtiofsdInfo:
 
 
 def virtiofsd_argv(
-    info: VirtiofsdInfo, share: HostShare, socket: Path, *, euid: int = 0
+    info: VirtiofsdInfo,
+    share: HostShare,
+    socket: Path,
+    *,
+    euid: int = 0,
+    listen_fd: int | None = None,
+    source: str | None = None,
 ) -> list[str]:
-    """The virtiofsd argv for one share (pure; tests compare it)."""
-    source = str(share.host_path)
+    """The virtiofsd argv for one share (pure; tests compare it). ``listen_fd``: the C daemon
+    gets its vhost-user socket already listening (``--fd=``) instead of a path: squashed, it is
+    the volume's owner on the host and may neither create a socket in the root-only box
+    directory nor take its lock file under /run/virtiofsd — and the socket stays root's.
+    ``source``: where the daemon finds the share, when not at its host path (squashed: the
+    launcher's :data:`~.virtiofsd_launcher.EXPOSED_SOURCE`)."""
+    source = source or str(share.host_path)
     if info.flavour == "rust":
         argv = [
             info.path,
@@ -91,6 +125,8 @@ def virtiofsd_argv(
             "--xattr",
             "--sandbox=namespace" if euid == 0 else "--sandbox=none",
         ]
+        if euid == 0:  # unprivileged it has no capabilities to drop
+            argv.append(f"--modcaps={MODCAPS}")
         if share.read_only:
             argv.append("--readonly")
         if info.translate_ids and euid == 0 and share.uid is not None and share.gid is not None:
@@ -103,55 +139,71 @@ def virtiofsd_argv(
     # QEMU's C virtiofsd: one -o per option (values with ',' would otherwise split)
     return [
         info.path,
-        f"--socket-path={socket}",
+        f"--fd={listen_fd}" if listen_fd is not None else f"--socket-path={socket}",
         "-o", f"source={source}",
         "-o", "cache=auto",
         "-o", "sandbox=namespace",
         "-o", "xattr",
+        "-o", f"modcaps={MODCAPS}",
     ]
 
 
 def idmap_lines(owner: int) -> str:
-    """uid_map/gid_map text that swaps ns id 0 and host id ``owner`` and maps every other id
-    to itself, so guest root writes as ``owner`` while guest uid 1000 stays 1000. Covers the
-    whole id range (not just 0..65535): an unmapped host owner would show up as the overflow
-    id and would escape ns-root's DAC override, which the daemon has today as real root."""
+    """uid_map/gid_map text mapping only ns id 0 to host id ``owner`` (squash): the daemon is
+    ns-root, so whatever it creates belongs to ``owner``, and no other host id, root above
+    all, exists in its namespace. One line, so any kernel takes it."""
     if not 0 <= owner < _ID_COUNT:
         raise ConfigError(f"volume owner id {owner} cannot be mapped; chown the directory")
-    if owner == 0:
-        return f"0 0 {_ID_COUNT}\n"
-    lines = [f"0 {owner} 1"]
-    if owner > 1:
-        lines.append(f"1 1 {owner - 1}")
-    lines.append(f"{owner} 0 1")
-    if owner + 1 < _ID_COUNT:
-        lines.append(f"{owner + 1} {owner + 1} {_ID_COUNT - owner - 1}")
-    return "\n".join(lines) + "\n"
+    return f"0 {owner} 1\n"
 
 
 def needs_idmap(info: VirtiofsdInfo, share: HostShare, euid: int) -> bool:
-    """Run the daemon in an id-mapped user namespace? Only the C virtiofsd as root (the Rust
-    one translates ids itself; without root we could not write arbitrary maps), and only when
-    the directory is not root's: then today's path already writes as the owner."""
-    if info.flavour != "c" or euid != 0 or share.uid is None or share.gid is None:
-        return False
-    return (share.uid, share.gid) != (0, 0)
+    """Run the daemon squashed in a user namespace? Only the C virtiofsd as root (the Rust one
+    translates ids itself; without root we could not write arbitrary maps), and only for a
+    share whose owner is known (a user volume) — a root-owned one too: the namespace confines
+    the daemon's capabilities (no device nodes) and keeps its ids fixed."""
+    return info.flavour == "c" and euid == 0 and share.uid is not None and share.gid is not None
 
 
 def launcher_argv(
-    argv: list[str], read_only_source: str | None, idmap: tuple[int, int] | None
+    argv: list[str],
+    read_only_source: str | os.PathLike[str] | None,
+    idmap: tuple[int, int] | None,
+    expose: str | os.PathLike[str] | None = None,
 ) -> list[str]:
-    """Wrap virtiofsd's argv in :mod:`.virtiofsd_launcher` when it needs a read-only bind or
-    an id-mapped user namespace. A separate interpreter, not a ``preexec_fn``: see that
-    module for the multithreaded-gRPC failure this avoids."""
-    if read_only_source is None and idmap is None:
-        return argv
-    wrapped = [sys.executable, "-I", _LAUNCHER]
+    """Wrap virtiofsd's argv in :mod:`.virtiofsd_launcher`: always its no-privilege seccomp
+    filter, plus a read-only bind and a squashing user namespace when asked. A separate
+    interpreter, not a ``preexec_fn``: see that module for the multithreaded-gRPC failure this
+    avoids."""
+    wrapped = [sys.executable, "-I", _LAUNCHER, "--no-privilege"]
     if read_only_source is not None:
-        wrapped += ["--read-only-bind", read_only_source]
+        wrapped += ["--read-only-bind", str(read_only_source)]
+    if expose is not None:
+        wrapped += ["--expose", str(expose)]
     if idmap is not None:
-        wrapped += ["--uid-map", idmap_lines(idmap[0]), "--gid-map", idmap_lines(idmap[1])]
+        wrapped += [
+            "--uid-map", idmap_lines(idmap[0]), "--gid-map", idmap_lines(idmap[1]),
+            "--squash-ids",
+        ]
     return [*wrapped, "--", *argv]
+
+
+#: accept/accept4 call numbers per machine: a daemon blocked in one of them is ready
+_ACCEPT_CALLS = {"x86_64": {43, 288}, "aarch64": {202, 242}}
+
+
+def _accepting(pid: int) -> bool:
+    """Is ``pid``'s main thread blocked in accept (virtiofsd waiting for QEMU)? Read from
+    /proc/PID/syscall; on a machine whose numbers we do not know, ready once it runs
+    virtiofsd (no longer the launcher)."""
+    calls = _ACCEPT_CALLS.get(platform.machine())
+    try:
+        if calls is None:
+            return "virtiofsd" in os.readlink(f"/proc/{pid}/exe")
+        first = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+    except (OSError, IndexError):
+        return False
+    return first.lstrip("-").isdigit() and int(first) in calls
 
 
 class VirtiofsSharer(VolumeSharer):
@@ -221,7 +273,20 @@ class VirtiofsSharer(VolumeSharer):
             )
         socket.unlink(missing_ok=True)
         log_path = box_dir / f"virtiofsd-{share.tag}.log"
-        argv = virtiofsd_argv(info, share, socket, euid=os.geteuid())
+        listener = None
+        if info.flavour == "c":
+            # we bind and listen as root; the daemon inherits the listening socket (--fd)
+            listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+            try:
+                listener.bind(str(socket))
+                os.chmod(socket, 0o600)
+                listener.listen(1)
+            except OSError as exc:
+                listener.close()
+                raise EngineError(
+                    f"cannot listen on {socket} for share {share.tag!r}: {exc}; check that the "
+                    "box directory is writable"
+                ) from exc
         readonly_mode = "flag" if info.readonly_flag else None
         ro_source = None
         if share.read_only and not info.readonly_flag:
@@ -231,15 +296,30 @@ class VirtiofsSharer(VolumeSharer):
         if needs_idmap(info, share, os.geteuid()):
             assert share.uid is not None and share.gid is not None
             idmap = (share.uid, share.gid)
-        with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
-            proc = subprocess.Popen(
-                launcher_argv(argv, ro_source, idmap),
-                stdin=devnull,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                umask=0o077,
-            )
+        argv = virtiofsd_argv(
+            info, share, socket, euid=os.geteuid(),
+            listen_fd=listener.fileno() if listener is not None else None,
+            source=EXPOSED_SOURCE if idmap else None,
+        )
+        try:
+            # through a capped, rotating writer: a guest root grows this log at will (each
+            # virtio device reset it forces logs ~400 bytes; ~200 KB/s measured)
+            log_w, log_writer = start_pipe_writer(log_path)
+            with os.fdopen(log_w, "wb") as log, open(os.devnull, "rb") as devnull:
+                proc = subprocess.Popen(
+                    launcher_argv(argv, ro_source, idmap, share.host_path if idmap else None),
+                    stdin=devnull,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    umask=0o077,
+                    pass_fds=(listener.fileno(),) if listener is not None else (),
+                )
+        finally:
+            # only the daemon may hold it: if it dies, QEMU's connect is refused at once
+            # instead of waiting in a backlog nobody accepts from
+            if listener is not None:
+                listener.close()
         self._children[proc.pid] = proc
         record = {
             "tag": share.tag,
@@ -250,20 +330,23 @@ class VirtiofsSharer(VolumeSharer):
             "argv": argv,
             "read_only": share.read_only,
             "read_only_enforced_by": readonly_mode if share.read_only else None,
-            # guest ids 0 <-> the owner's, in virtiofsd's user namespace (None: no userns)
+            # ns id 0 -> the owner's, every guest id squashed to it (None: no userns)
             "idmap": {"uid": idmap[0], "gid": idmap[1]} if idmap else None,
         }
+        what = "start accepting on" if listener is not None else "create"
         deadline = time.monotonic() + SOCKET_WAIT
-        while not socket.exists():
+        while not (_accepting(proc.pid) if listener is not None else socket.exists()):
             if proc.poll() is not None:
+                wait_gone(log_writer, 2.0)  # it copies the daemon's last lines into the log
                 raise EngineError(
                     f"virtiofsd for share {share.tag!r} ({share.host_path}) exited with "
-                    f"{proc.returncode} before creating {socket}:\n{log_tail(log_path, 15)}"
+                    f"{proc.returncode} before it could {what} {socket}:\n"
+                    f"{log_tail(log_path, 15)}"
                 )
             if time.monotonic() > deadline:
                 proc.kill()
                 raise EngineError(
-                    f"virtiofsd for share {share.tag!r} did not create {socket} within "
+                    f"virtiofsd for share {share.tag!r} did not {what} {socket} within "
                     f"{SOCKET_WAIT:.0f}s:\n{log_tail(log_path, 15)}"
                 )
             time.sleep(0.01)

@@ -66,6 +66,25 @@ def test_download_single_file_and_missing_path(client):
         b"".join(client.download_tar("/no/such"))
 
 
+def test_download_symlink_path_sends_the_link(client):
+    """`cp -a` / `docker cp` of a symlink path copies the link itself, dangling or not; a
+    trailing "/" follows it; "/dir/." sends the contents under "."."""
+    client.run(["sh", "-c", "mkdir -p /srv/l/d && echo hi > /srv/l/d/f && "
+                "ln -sfn /no/such /srv/l/dangling && ln -sfn /srv/l/d /srv/l/todir"])
+    for path, target in (("/srv/l/dangling", "/no/such"), ("/srv/l/todir", "/srv/l/d")):
+        back = b"".join(client.download_tar(path))
+        with tarfile.open(fileobj=io.BytesIO(back)) as tar:
+            (member,) = tar.getmembers()
+            assert member.issym() and member.linkname == target
+            assert member.name == path.rsplit("/", 1)[1]
+    back = b"".join(client.download_tar("/srv/l/todir/"))
+    with tarfile.open(fileobj=io.BytesIO(back)) as tar:
+        assert sorted(tar.getnames()) == ["todir", "todir/f"]
+    back = b"".join(client.download_tar("/srv/l/d/."))
+    with tarfile.open(fileobj=io.BytesIO(back)) as tar:
+        assert sorted(m.name for m in tar.getmembers()) == [".", "./f"]
+
+
 @pytest.mark.parametrize(
     "members",
     [

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import BoxOptions, BoxStatus, DiskSpec, ExecResult, VolumeSpec
+from boxlite_core.models import (
+    BoxOptions,
+    BoxStatus,
+    DiskSpec,
+    ExecResult,
+    VolumeSpec,
+    check_timeout,
+    normal_guest_path,
+)
+from boxlite_core.runtime.capacity import check_capacity, host_capacity
 
 
 @pytest.mark.parametrize(
@@ -16,7 +26,7 @@ from boxlite_core.models import BoxOptions, BoxStatus, DiskSpec, ExecResult, Vol
     [
         ({"memory_mib": 64}, "memory_mib"),
         ({"cpus": 0}, "cpus"),
-        ({"cpus": (os.cpu_count() or 1) + 1}, "cpus"),
+        ({"cpus": True}, "cpus"),
         ({"env": {"A=B": "x"}}, "env"),
         ({"env": {"": "x"}}, "env"),
         ({"workdir": "relative/dir"}, "workdir"),
@@ -24,6 +34,8 @@ from boxlite_core.models import BoxOptions, BoxStatus, DiskSpec, ExecResult, Vol
         ({"volumes": ["/tmp:/x:rx"]}, "volume"),
         ({"volumes": ["/tmp:/x", "/var:/x"]}, "volume.guest_path"),
         ({"volumes": ["/tmp:/"]}, "volume.guest_path"),
+        ({"volumes": ["/tmp:/."]}, "volume.guest_path"),
+        ({"volumes": ["/tmp:/x", "/var://x/./"]}, "volume.guest_path"),
         ({"name": "-leading-dash"}, "name"),
         ({"disk_size_mib": 1}, "disk_size_mib"),
         ({"image": ""}, "image"),
@@ -38,8 +50,77 @@ def test_bad_option_names_the_field(kwargs, field):
 
 def test_cpus_error_says_how_many_the_host_has():
     host = os.cpu_count() or 1
-    with pytest.raises(ConfigError, match=f"at most {host}"):
-        BoxOptions(cpus=host + 1)
+    with pytest.raises(ConfigError, match=f"this host has {host} CPUs; ask for at most {host}"):
+        check_capacity(BoxOptions(cpus=host + 1))
+    check_capacity(BoxOptions(cpus=host))  # all of them is fine
+
+
+def test_memory_above_memtotal_is_refused_with_the_numbers(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        2097152 kB\nMemFree:          1000 kB\n")
+    host = host_capacity(meminfo)
+    assert host.memory_mib == 2048
+    with pytest.raises(ConfigError) as excinfo:
+        check_capacity(BoxOptions(memory_mib=2049), host)
+    message = str(excinfo.value)
+    assert message.startswith("memory_mib=2049: ")
+    assert "this host has 2048 MiB" in message and "at most 2048 MiB" in message
+    check_capacity(BoxOptions(memory_mib=2048), host)
+
+
+def test_this_hosts_memtotal_is_read():
+    lines = Path("/proc/meminfo").read_text().splitlines()
+    total_kb = next(int(line.split()[1]) for line in lines if line.startswith("MemTotal:"))
+    assert host_capacity().memory_mib == total_kb // 1024
+    with pytest.raises(ConfigError, match=f"this host has {total_kb // 1024} MiB"):
+        check_capacity(BoxOptions(memory_mib=total_kb // 1024 + 1))
+
+
+def test_stored_options_load_on_a_host_with_fewer_cpus():
+    """A record written on a bigger host must still load (to be listed and removed)."""
+    data = BoxOptions().to_dict()
+    data["cpus"] = (os.cpu_count() or 1) * 4
+    assert BoxOptions.from_dict(data).cpus == data["cpus"]
+
+
+@pytest.mark.parametrize(
+    "guest",
+    ["/dev", "/dev/", "/dev/shm", "//dev", "/./dev", "/proc", "/proc/sys", "/sys", "/sys/x",
+     "/sys/fs/cgroup"],
+)
+def test_reserved_guest_paths_are_refused(guest):
+    with pytest.raises(ConfigError) as excinfo:
+        VolumeSpec.parse(f"/tmp:{guest}")
+    message = str(excinfo.value)
+    assert message.startswith("volume.guest_path=") and "reserved" in message
+    assert "elsewhere" in message
+
+
+@pytest.mark.parametrize("guest", ["/devices", "/data/dev", "/system", "/procfs", "/mnt/proc"])
+def test_paths_that_only_look_reserved_are_fine(guest):
+    assert VolumeSpec.parse(f"/tmp:{guest}").guest_path == guest
+
+
+def test_normal_guest_path():
+    assert normal_guest_path("//dev/./shm/") == "/dev/shm"
+    assert normal_guest_path("/.") == "/"
+    assert normal_guest_path("/data") == "/data"
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, float("nan"), float("inf"), float("-inf"), 0, "5"])
+def test_exec_timeouts_must_be_positive_and_finite(bad):
+    with pytest.raises(ConfigError) as excinfo:
+        check_timeout("timeout", bad)
+    assert str(excinfo.value).startswith("timeout=")
+
+
+def test_stop_timeout_may_be_zero_but_not_negative():
+    check_timeout("timeout", 0, allow_zero=True)
+    check_timeout("timeout", None)
+    check_timeout("timeout", 2.5)
+    for bad in (-1, float("nan")):
+        with pytest.raises(ConfigError):
+            check_timeout("timeout", bad, allow_zero=True)
 
 
 def test_volume_parse_modes():
@@ -57,8 +138,11 @@ def test_options_round_trip_through_json():
 
 
 def test_status_transitions():
-    assert BoxStatus.CONFIGURED.can_become(BoxStatus.RUNNING)
-    assert BoxStatus.FAILED.can_become(BoxStatus.RUNNING)  # failed boxes are retryable
+    assert BoxStatus.CONFIGURED.can_become(BoxStatus.STARTING)
+    assert BoxStatus.FAILED.can_become(BoxStatus.STARTING)  # failed boxes are retryable
+    assert BoxStatus.STARTING.can_become(BoxStatus.RUNNING)
+    # nothing reaches Running without a recorded start (issue 12: no orphaned VMs)
+    assert not BoxStatus.CONFIGURED.can_become(BoxStatus.RUNNING)
     assert not BoxStatus.STOPPED.can_become(BoxStatus.STOPPING)
     assert not BoxStatus.CONFIGURED.can_become(BoxStatus.STOPPED)
 

@@ -8,7 +8,10 @@
   ``refuse=N`` (first N vsock connects are refused, as while the guest boots),
   ``ignore-stop`` (the guest ignores power-off requests: the runner must force it),
   ``poweroff-after=S`` (the guest powers itself off S seconds after start),
-  ``fail-start`` (the framework refuses to start the VM).
+  ``fail-start`` (the framework refuses to start the VM),
+  ``console=N`` (the guest writes N bytes of numbered lines, then ``console end``, to its
+  virtio console at start, through the fd the runner gave ``serial_console``, blocking as
+  the framework's writes do).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ MIB = 1024 * 1024
 class RecordingVzDouble:
     def __init__(self, limits: dict[str, int] | None = None) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.console_fd: int | None = None
         self._limits = limits or {
             "min_cpus": 1,
             "max_cpus": 8,
@@ -56,8 +60,13 @@ class RecordingVzDouble:
     def vsock_device(self):
         return self._rec("vsock_device")
 
-    def serial_console(self, log_path):
-        return self._rec("serial_console", log_path)
+    def serial_console(self, write_fd):
+        if isinstance(write_fd, str):  # a framework layer handing over a path (before the
+            # capped pipe) got an O_APPEND file, as PyObjCVz opened it: keep that behaviour
+            self.console_fd = os.open(write_fd, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        else:
+            self.console_fd = write_fd
+        return self._rec("serial_console", write_fd)
 
     def entropy_device(self):
         return self._rec("entropy_device")
@@ -67,7 +76,7 @@ class RecordingVzDouble:
         return kwargs
 
     def create_vm(self, configuration):
-        return GuestVmDouble(configuration)
+        return GuestVmDouble(configuration, self.console_fd)
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
@@ -83,8 +92,9 @@ def _options() -> dict[str, str]:
 
 
 class GuestVmDouble:
-    def __init__(self, configuration: Any) -> None:
+    def __init__(self, configuration: Any, console_fd: int | None = None) -> None:
         self.configuration = configuration
+        self.console_fd = console_fd
         self.opts = _options()
         self._state = "stopped"
         self._lock = threading.Lock()
@@ -94,8 +104,20 @@ class GuestVmDouble:
         if "fail-start" in self.opts:
             raise EngineError("hvf: the VM did not start: double says no")
         self._state = "running"
+        if "console" in self.opts and self.console_fd is not None:
+            threading.Thread(target=self._flood_console, args=(int(self.opts["console"]),),
+                             daemon=True).start()
         if "poweroff-after" in self.opts:
             threading.Timer(float(self.opts["poweroff-after"]), self._poweroff).start()
+
+    def _flood_console(self, total: int) -> None:
+        assert self.console_fd is not None
+        sent, i = 0, 0
+        while sent < total:
+            line = f"console line {i:09d}: the guest keeps writing\n".encode()
+            os.write(self.console_fd, line)  # blocking, as the framework's writes are
+            sent, i = sent + len(line), i + 1
+        os.write(self.console_fd, b"console end\n")
 
     def _poweroff(self) -> None:
         self._state = "stopped"

@@ -28,7 +28,7 @@ def vz(spec):
 
 def test_every_device_becomes_one_framework_call(spec, vz):
     double = RecordingVzDouble()
-    machine = build_configuration(double, vz)
+    machine = build_configuration(double, vz, 7)
     calls = dict(
         (name, args) for name, args in double.calls if name != "block_device" and name != "share"
     )
@@ -45,7 +45,8 @@ def test_every_device_becomes_one_framework_call(spec, vz):
         ("vol0", str(spec.box_dir / "data"), False),
         ("vol1", str(spec.box_dir / "ro"), True),
     ]
-    assert calls["serial_console"] == (str(spec.console_log),)
+    # the console is the runner's capped pipe (fd 7 here), never the log file itself
+    assert calls["serial_console"] == (7,)
     assert double.names().count("vsock_device") == 1
     assert double.names()[-1] == "machine"
     assert machine["cpus"] == 1 and machine["memory_bytes"] == 512 * MIB
@@ -60,9 +61,9 @@ def test_limits_of_the_framework_are_enforced(vz):
         {"min_cpus": 1, "max_cpus": 1, "min_memory": 128 * MIB, "max_memory": 256 * MIB}
     )
     with pytest.raises(ConfigError, match=r"memory_mib=512.*128\.\.256 MiB"):
-        build_configuration(small, vz)
+        build_configuration(small, vz, 7)
     with pytest.raises(ConfigError, match=r"cpus=9.*1\.\.8"):
-        build_configuration(RecordingVzDouble(), {**vz, "cpus": 9})
+        build_configuration(RecordingVzDouble(), {**vz, "cpus": 9}, 7)
     assert small.calls == []  # nothing is built before the limits pass
 
 
@@ -70,5 +71,5 @@ def test_unconverted_qcow2_is_caught_before_the_framework(spec):
     vz = HvfBackend(arch="arm64").plan(spec).data["vz"]
     double = RecordingVzDouble()
     with pytest.raises(EngineError, match="qemu-img convert -O raw"):
-        build_configuration(double, vz)
+        build_configuration(double, vz, 7)
     assert "machine" not in double.names()

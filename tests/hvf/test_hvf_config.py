@@ -121,7 +121,12 @@ def test_vsock_agent_port_and_console(spec, tmp_path):
         "agent_port": DEFAULT_AGENT_VSOCK_PORT,
         "bridge_socket": str(spec.agent.socket),
     }
-    assert vz["serial_console"] == {"device": "virtio-console", "log": str(spec.console_log)}
+    assert vz["serial_console"] == {
+        "device": "virtio-console",
+        "log": str(spec.console_log),
+        "max_bytes": spec.console_log_max_bytes,
+        "backups": 2,
+    }
     assert vz["network"] is None and vz["entropy"] is True
     custom = vz_config(make_spec(tmp_path, hints={"agent_vsock_port": 5000}), "arm64")
     assert custom["vsock"]["agent_port"] == 5000

@@ -209,3 +209,65 @@ def test_watch_parent_decides_whether_the_vm_outlives_its_launcher(tmp_path, wat
     finally:
         if handle is not None:
             handle.kill()
+
+
+# -- guest-fed output: the console and the runner's log are capped and rotated --------------
+
+CAP = 256 * 1024
+
+
+def _sizes(log: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(log.parent.glob(log.name + "*"))}
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_console_flood_double_stays_under_the_cap(tmp_path, monkeypatch):
+    # the guest writes 8 MiB to its virtio console; the files on the host stay <= 3 x cap
+    monkeypatch.setenv("BOXLITE_HVF_DOUBLE", f"console={8 * 1024 * 1024}")
+    backend = HvfBackend()
+    spec = raw_spec(tmp_path, console_log_max_bytes=CAP)
+    handle = backend.launch(backend.plan(spec))
+    log = spec.console_log
+    try:
+        assert _wait_for(lambda: log.exists() and log.read_bytes().endswith(b"console end\n")), (
+            _sizes(log)
+        )
+        dial(spec.agent.socket).close()  # the VM still serves its agent
+    finally:
+        handle.stop(10)
+    sizes = _sizes(log)
+    assert set(sizes) == {"console.log", "console.log.1", "console.log.2"}, sizes
+    assert all(0 < size <= CAP for size in sizes.values()), sizes
+    older = (tmp_path / "console.log.1").read_bytes().splitlines()
+    numbers = [int(ln.split(b" line ")[1][:9]) for ln in older]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # whole lines, in order
+
+
+def test_early_console_lines_are_kept_and_the_runner_log_is_continued_capped(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("BOXLITE_HVF_DOUBLE", "console=2000")
+    backend = HvfBackend()
+    spec = raw_spec(tmp_path, console_log_max_bytes=CAP)
+    (tmp_path / "hvf").mkdir(parents=True, exist_ok=True)
+    earlier = b"hvf-runner[1]: an earlier boot's line\n" * (CAP // 38)  # ~CAP from before
+    (tmp_path / "hvf" / "runner.log").write_bytes(earlier)
+    handle = backend.launch(backend.plan(spec))
+    try:
+        assert _wait_for(lambda: spec.console_log.exists()
+                         and spec.console_log.read_bytes().endswith(b"console end\n"))
+        assert spec.console_log.read_bytes().startswith(b"console line 000000000: ")
+    finally:
+        handle.stop(10)
+    runner = tmp_path / "hvf" / "runner.log"
+    assert runner.stat().st_size <= CAP  # earlier boots rotated away, not piled on
+    assert (tmp_path / "hvf" / "runner.log.1").read_bytes() == earlier
+    assert "vm stopped" in runner_log(tmp_path)

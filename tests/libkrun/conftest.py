@@ -97,6 +97,7 @@ def use_c_double(c_double_lib: Path, tmp_path: Path, monkeypatch) -> Path:
     log = tmp_path / "krun_calls.log"
     monkeypatch.setenv("BOXLITE_LIBKRUN_PATH", str(c_double_lib))
     monkeypatch.setenv("KRUN_DOUBLE_LOG", str(log))
-    for var in ("KRUN_DOUBLE_FAIL", "KRUN_DOUBLE_ENTER", "KRUN_DOUBLE_NO_BLK"):
+    for var in ("KRUN_DOUBLE_FAIL", "KRUN_DOUBLE_ENTER", "KRUN_DOUBLE_NO_BLK",
+                "KRUN_DOUBLE_CONSOLE", "KRUN_DOUBLE_STDERR"):
         monkeypatch.delenv(var, raising=False)
     return log

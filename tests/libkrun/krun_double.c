@@ -8,11 +8,17 @@
  *   KRUN_DOUBLE_ENTER=serve        binds+listens on the vsock_port2 socket, sleeps until killed
  *   KRUN_DOUBLE_ENTER=return       krun_start_enter returns -EINVAL (bad config at start)
  *   KRUN_DOUBLE_NO_BLK=1           krun_has_feature(BLK) answers 0
+ *   KRUN_DOUBLE_CONSOLE=N          krun_start_enter first opens the krun_set_console_output
+ *                                  path as libkrun does (create/truncate, write-only) and writes
+ *                                  N bytes of numbered lines + "console end", as a guest
+ *                                  flooding hvc0 would (stops at the first failed write)
+ *   KRUN_DOUBLE_STDERR=N           likewise N bytes of libkrun-style error lines to stderr
  *
  * Build with -DOLD_API to leave out the newer symbols (add_disk2, virtiofs3, vsock_port2,
  * disable_implicit_vsock, add_vsock, has_feature), like an old libkrun.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <inttypes.h>
 #include <stdbool.h>
@@ -26,6 +32,7 @@
 #define CTX_ID 5
 
 static char vsock_path[108];
+static char console_path[4096];
 
 static void logf_(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -159,6 +166,8 @@ int32_t krun_set_kernel(uint32_t ctx, const char *kernel_path, uint32_t kernel_f
 int32_t krun_set_console_output(uint32_t ctx, const char *path)
 {
     logf_("krun_set_console_output(%u,%s)", ctx, s(path));
+    if (path)
+        snprintf(console_path, sizeof console_path, "%s", path);
     RET("krun_set_console_output");
 }
 
@@ -209,12 +218,38 @@ int32_t krun_has_feature(uint64_t feature)
 }
 #endif
 
+/* write about `total` bytes of numbered lines, then `last`, to fd; stop at the first error */
+static void flood(int fd, const char *what, long total, const char *last)
+{
+    char line[128];
+    for (long i = 0, sent = 0; sent < total; i++) {
+        int n = snprintf(line, sizeof line, "%s line %09ld: the guest keeps writing\n", what, i);
+        if (write(fd, line, n) != n)
+            return;
+        sent += n;
+    }
+    if (write(fd, last, strlen(last)) < 0)
+        return;
+}
+
 int32_t krun_start_enter(uint32_t ctx)
 {
     logf_("krun_start_enter(%u)", ctx);
     int32_t rc = injected("krun_start_enter");
     if (rc)
         return rc;
+    const char *console_bytes = getenv("KRUN_DOUBLE_CONSOLE");
+    if (console_bytes && console_path[0]) {
+        /* what Rust's File::create does: O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, mode 0666 */
+        int fd = open(console_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+        if (fd < 0)
+            _exit(4);
+        flood(fd, "console", atol(console_bytes), "console end\n");
+        /* kept open, as libkrun keeps its console output until the VM exits */
+    }
+    const char *stderr_bytes = getenv("KRUN_DOUBLE_STDERR");
+    if (stderr_bytes)
+        flood(2, "[ERROR devices::virtio] stderr", atol(stderr_bytes), "stderr end\n");
     const char *mode = getenv("KRUN_DOUBLE_ENTER");
     if (!mode)
         mode = "exit";

@@ -57,7 +57,7 @@ def test_launch_c_double_replays_calls_in_order(use_c_double, spec_factory):
         f"krun_disable_implicit_vsock({CTX})",
         f"krun_add_vsock({CTX},0)",
         f"krun_add_vsock_port2({CTX},1024,{box}/agent.sock,1)",
-        f"krun_set_console_output({CTX},{box}/console.log)",
+        f"krun_set_console_output({CTX},{box}/console.fifo)",
         f"krun_start_enter({CTX})",
     ]
     state = json.loads((box / "vm.json").read_text())
@@ -203,3 +203,97 @@ def test_launch_without_library_raises_with_fix(spec_factory, monkeypatch, tmp_p
     backend = LibkrunBackend()
     with pytest.raises(EngineError, match="libkrun not found; install libkrun"):
         backend.launch(backend.plan(spec_factory()))
+
+
+# -- the guest console and libkrun's own log: capped, rotated, stopped with the VM -----------
+
+CAP = 256 * 1024
+
+
+def _files(path: Path) -> dict[str, int]:
+    """Sizes of ``path`` and its rotated copies."""
+    return {p.name: p.stat().st_size for p in sorted(path.parent.glob(path.name + "*"))}
+
+
+def _last_line(path: Path) -> bytes:
+    return path.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+
+
+def _writer_pid(box: Path) -> int:
+    return json.loads((box / "logwriter.json").read_text())["pid"]
+
+
+def test_launch_c_double_console_flood_stays_under_the_cap(use_c_double, spec_factory, monkeypatch):
+    # the double writes 8 MiB to the console path libkrun was given (a guest flooding hvc0)
+    # and 3 MiB of error lines to its stderr (libkrun's own log, which a guest can provoke)
+    monkeypatch.setenv("KRUN_DOUBLE_CONSOLE", str(8 * 1024 * 1024))
+    monkeypatch.setenv("KRUN_DOUBLE_STDERR", str(3 * 1024 * 1024))
+    spec = spec_factory(console_log_max_bytes=CAP)
+    box = spec.box_dir
+    backend = LibkrunBackend()
+    handle = backend.launch(backend.plan(spec))
+    state = box / "logwriter.json"
+    writer = json.loads(state.read_text())["pid"] if state.exists() else None
+    assert handle.wait(60)
+    assert handle.exit_reason() == "launcher exited with code 0"
+    handle.release()
+    for log, end in ((box / "console.log", b"console end"), (box / "libkrun.log", b"stderr end")):
+        sizes = _files(log)
+        assert set(sizes) == {log.name, log.name + ".1", log.name + ".2"}, sizes
+        assert all(0 < size <= CAP for size in sizes.values()), sizes
+        assert sum(sizes.values()) <= 3 * CAP
+        assert _last_line(log) == end  # the newest bytes are kept, the oldest dropped
+        # rotated copies hold the lines just before, whole lines in order
+        older = (log.parent / (log.name + ".1")).read_bytes().splitlines()
+        numbers = [int(ln.split(b" line ")[1][:9]) for ln in older if b" line " in ln]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    assert (box / "console.fifo").is_fifo()
+    assert writer is not None and start_time(writer) is None  # drained and exited with the VM
+    assert not state.exists()
+
+
+def test_launch_c_double_keeps_early_console_lines_and_stops_writer_on_kill(
+    use_c_double, spec_factory, monkeypatch
+):
+    monkeypatch.setenv("KRUN_DOUBLE_CONSOLE", "2000")
+    monkeypatch.setenv("KRUN_DOUBLE_ENTER", "serve")
+    spec = spec_factory(console_log_max_bytes=CAP)
+    box = spec.box_dir
+    backend = LibkrunBackend()
+    handle = backend.launch(backend.plan(spec))
+    try:
+        console = spec.console_log
+        # the writer was reading before libkrun opened the pipe: the first line is there
+        assert _wait_for(lambda: console.exists() and console.read_bytes().endswith(b"end\n"))
+        assert console.read_bytes().startswith(b"console line 000000000: ")
+        writer = _writer_pid(box)
+        assert start_time(writer) is not None
+        handle.kill()
+        assert start_time(writer) is None  # stopped with the VM (pid + start time checked)
+        assert not (box / "logwriter.json").exists()
+    finally:
+        handle.kill()
+
+
+def test_attach_c_double_restarts_a_dead_console_writer(use_c_double, spec_factory, monkeypatch):
+    monkeypatch.setenv("KRUN_DOUBLE_CONSOLE", "2000")
+    monkeypatch.setenv("KRUN_DOUBLE_ENTER", "serve")
+    spec = spec_factory(console_log_max_bytes=CAP)
+    box = spec.box_dir
+    backend = LibkrunBackend()
+    handle = backend.launch(backend.plan(spec))
+    try:
+        assert _wait_for(lambda: spec.console_log.exists() and spec.console_log.stat().st_size)
+        before = spec.console_log.read_bytes()
+        old = _writer_pid(box)
+        os.kill(old, 9)
+        assert _wait_for(lambda: start_time(old) is None)
+        adopted = LibkrunBackend().attach(box)  # a later host process finds the box
+        assert adopted is not None and adopted.is_running()
+        new = _writer_pid(box)
+        assert new != old and start_time(new) is not None
+        assert spec.console_log.read_bytes().startswith(before)  # appended, not truncated
+        adopted.kill()
+        assert start_time(new) is None
+    finally:
+        handle.kill()

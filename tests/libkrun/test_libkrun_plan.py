@@ -45,7 +45,7 @@ def test_plan_lists_krun_calls_in_order_with_values(spec_factory):
         ("krun_disable_implicit_vsock", []),
         ("krun_add_vsock", [0]),
         ("krun_add_vsock_port2", [AGENT_PORT, str(box / "agent.sock"), True]),
-        ("krun_set_console_output", [str(box / "console.log")]),
+        ("krun_set_console_output", [str(box / "console.fifo")]),
         ("krun_start_enter", []),
     ]
     # version guards the launcher relies on
@@ -161,3 +161,16 @@ def test_kernel_format_is_sniffed_from_the_file(tmp_path):
         kernel_format(xz, {})
     with pytest.raises(ConfigError, match="krun_kernel_format"):
         kernel_format(elf, {"krun_kernel_format": "bzimage"})
+
+
+def test_plan_sends_the_console_through_the_capped_writer_not_to_the_log(spec_factory, monkeypatch):
+    # libkrun appends whatever the guest writes to hvc0 to the console_output path: the log
+    # file itself would grow without limit, so libkrun is given the writer's named pipe
+    monkeypatch.delenv("BOXLITE_LIBKRUN_PATH", raising=False)
+    spec = spec_factory(console_log_max_bytes=1024 * 1024)
+    plan = LibkrunBackend().plan(spec)
+    (console,) = [c for c in plan.data["calls"] if c["call"] == "krun_set_console_output"]
+    assert console["args"] == [str(spec.box_dir / "console.fifo")]
+    assert str(spec.console_log) not in json.dumps(plan.data["calls"])
+    assert plan.data["console_fifo"] == str(spec.box_dir / "console.fifo")
+    assert plan.data["console_log_max_bytes"] == 1024 * 1024

@@ -20,7 +20,7 @@ def _full_spec(tmp_path: Path, make_spec):
         disks=(DiskSpec(tmp_path / "rootfs.qcow2", "qcow2", serial="bxrootfs"),),
         shares=(
             ShareSpec("vol0", tmp_path / "ro", "9p", read_only=True),
-            ShareSpec("vol1", tmp_path / "rw", "9p"),
+            ShareSpec("vol1", tmp_path / "rw", "9p", uid=1000, gid=1000),  # a user volume
             ShareSpec("vol2", tmp_path / "fs", "virtiofs", read_only=True,
                       socket=tmp_path / "vfs2.sock"),
         ),
@@ -90,8 +90,12 @@ def test_shares_9p_and_virtiofs_external_socket(tmp_path: Path, make_spec) -> No
     fss = {fs.find("target").get("dir"): fs for fs in dom.findall("devices/filesystem")}
     assert set(fss) == {"vol0", "vol1", "vol2"}
     ro9p, rw9p, vfs = fss["vol0"], fss["vol1"], fss["vol2"]
+    assert ro9p.get("accessmode") == "passthrough"  # QEMU as root, nothing written
+    # writable: mapped-xattr, so no guest mode bit, owner or device node reaches the host
+    assert (rw9p.get("accessmode"), rw9p.get("fmode"), rw9p.get("dmode")) == (
+        "mapped", "0644", "0755"
+    )
     for fs in (ro9p, rw9p):
-        assert fs.get("accessmode") == "passthrough"  # QEMU runs as root: ownership maps
         assert fs.find("driver").get("type") == "path"
     assert ro9p.find("readonly") is not None
     assert rw9p.find("readonly") is None
@@ -128,9 +132,14 @@ def test_seclabel_keeps_libvirt_from_chowning_shared_images(tmp_path: Path, make
     assert label.findtext("label") == "+0:+0"
     session = _xml(LibvirtBackend("qemu:///session", domain_type="qemu"), make_spec(tmp_path))
     assert session.find("seclabel").attrib == {"type": "none", "model": "dac"}
-    spec = make_spec(tmp_path, shares=(ShareSpec("vol0", tmp_path, "9p"),))
+    spec = make_spec(tmp_path, shares=(ShareSpec("vol0", tmp_path, "9p", uid=7, gid=7),))
     session9p = _xml(LibvirtBackend("qemu:///session", domain_type="qemu"), spec)
-    assert session9p.find("devices/filesystem").get("accessmode") == "squash"
+    assert session9p.find("devices/filesystem").get("accessmode") == "mapped"  # a user volume
+    for share in (ShareSpec("vol0", tmp_path, "9p", read_only=True, uid=7, gid=7),
+                  ShareSpec("rootfs", tmp_path, "9p")):  # read-only; a rootfs share
+        session9p = _xml(LibvirtBackend("qemu:///session", domain_type="qemu"),
+                         make_spec(tmp_path, shares=(share,)))
+        assert session9p.find("devices/filesystem").get("accessmode") == "squash", share
 
 
 def test_domain_type_follows_the_accelerator_probe(tmp_path: Path, make_spec) -> None:

@@ -81,7 +81,8 @@ def test_essentials_no_network_no_defaults(tmp_path: Path) -> None:
     assert values(argv, "-accel") == ["tcg"]
     assert values(argv, "-qmp") == [f"unix:{tmp_path}/qmp.sock,server=on,wait=off"]
     assert values(argv, "-pidfile") == [f"{tmp_path}/qemu.pid"]
-    assert f"file,id=console,path={tmp_path}/console.log" in values(argv, "-chardev")
+    assert f"socket,id=console,path={tmp_path}/console.sock,server=on,wait=on" in values(
+        argv, "-chardev")
     assert values(argv, "-serial") == ["chardev:console"]
     assert values(argv, "-sandbox")[0].startswith("on,")
     assert "spawn=deny" in values(argv, "-sandbox")[0]
@@ -120,21 +121,33 @@ def test_commas_in_paths_are_escaped(tmp_path: Path) -> None:
 def test_ninep_share_readonly(tmp_path: Path) -> None:
     shares = [
         ShareSpec("vol0", tmp_path / "ro", "9p", read_only=True),
-        ShareSpec("vol1", tmp_path / "rw", "9p", read_only=False),
+        ShareSpec("vol1", tmp_path / "rw", "9p", read_only=False, uid=1000, gid=1000),
+        ShareSpec("rootfs", tmp_path / "rootfs", "9p", read_only=False),
     ]
     argv = argv_of(make_spec(tmp_path, shares=shares))
     fsdevs = values(argv, "-fsdev")
     assert fsdevs[0] == f"local,id=fs0,path={tmp_path}/ro,security_model=passthrough,readonly=on"
-    assert "readonly=on" not in fsdevs[1]
+    # a writable user volume: owners, modes and device nodes stay in xattrs (no setuid bit
+    # reaches the host)
+    assert fsdevs[1] == (
+        f"local,id=fs1,path={tmp_path}/rw,security_model=mapped-xattr,fmode=0644,dmode=0755"
+    )
+    # a rootfs share (no owner; host-made symlinks that mapped-xattr cannot read)
+    assert fsdevs[2] == f"local,id=fs2,path={tmp_path}/rootfs,security_model=passthrough"
     assert "virtio-9p-device,fsdev=fs0,mount_tag=vol0" in values(argv, "-device")
     # no shared memory needed for 9p
     assert "-object" not in argv
 
 
-def test_ninep_unprivileged_uses_none(tmp_path: Path) -> None:
+def test_ninep_unprivileged_maps_writable_and_uses_none_read_only(tmp_path: Path) -> None:
     host = QemuHost(binary="/q", euid=1000)
-    argv = argv_of(make_spec(tmp_path, shares=[ShareSpec("v", tmp_path, "9p")]), host)
-    assert "security_model=none" in values(argv, "-fsdev")[0]
+    shares = [
+        ShareSpec("v", tmp_path, "9p", uid=1000, gid=1000),
+        ShareSpec("r", tmp_path, "9p", read_only=True, uid=1000, gid=1000),
+    ]
+    rw, ro = values(argv_of(make_spec(tmp_path, shares=shares), host), "-fsdev")
+    assert "security_model=mapped-xattr,fmode=0644,dmode=0755" in rw  # `none` kept setuid
+    assert "security_model=none" in ro and "readonly=on" in ro
 
 
 def test_virtiofs_needs_memfd_and_vhost_user(tmp_path: Path) -> None:

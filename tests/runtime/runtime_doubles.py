@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from boxlite_core.hookspecs import hookimpl
 from boxlite_core.models import Capability, DiskSpec, ProbeResult, ShareSpec
 from boxlite_core.rootfs.base import RootfsArtifact, RootfsStrategy
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend
+from boxlite_core.vmm.process import ProcessVmHandle
+from boxlite_core.vmm.procstat import start_time
 from boxlite_core.volumes.base import VolumeSharer
 
 EVENTS: list[tuple[str, dict]] = []
@@ -63,6 +67,25 @@ class PauseBackendDouble(LaunchFailBackendDouble):
 
     def capabilities(self):
         return super().capabilities() | {Capability.PAUSE}
+
+
+class SleeperBackendDouble(LaunchFailBackendDouble):
+    """"Launches" a real host process that only sleeps, in its own session with the box
+    directory in its argv, like QEMU: the real runtime then spawns the real agent shim, which
+    waits for a guest that never speaks. Writes no state file, so attach() finds nothing and
+    only the record (state.vmm) and the box directory's process names can stop it."""
+
+    name = "sleeper_double"
+
+    def plan(self, spec):
+        return LaunchPlan(self.name, spec, {"argv": [
+            sys.executable, "-c", "import time; time.sleep(600)", "--box-dir", str(spec.box_dir),
+        ]})
+
+    def launch(self, plan):
+        popen = subprocess.Popen(plan.data["argv"], start_new_session=True,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return ProcessVmHandle(popen.pid, start_time(popen.pid), popen)
 
 
 class MarkerStrategyDouble(RootfsStrategy):
@@ -113,6 +136,7 @@ class Plugin:
         register("launchfail_double", LaunchFailBackendDouble)
         register("noshare_double", NoShareBackendDouble)
         register("pause_double", PauseBackendDouble)
+        register("sleeper_double", SleeperBackendDouble)
 
     @hookimpl
     def boxlite_register_rootfs_strategies(self, register):

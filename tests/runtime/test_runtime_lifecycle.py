@@ -173,10 +173,12 @@ def test_remove_keeps_nothing(rt):
 def test_remove_running_needs_force_and_recover_marks_gone(tmp_path, rt):
     box = rt.create(opts(name="ghost"))
     # a record claiming Running whose VM does not exist (as after a host reboot)
+    rt.store.set_status(box.id, BoxStatus.STARTING)
     rt.store.set_status(box.id, BoxStatus.RUNNING, pid=999999)
     with pytest.raises(StateError, match="ghost is running; stop it first"):
         rt.remove("ghost")
     other = rt.create(opts(name="halting"))
+    rt.store.set_status(other.id, BoxStatus.STARTING)
     rt.store.set_status(other.id, BoxStatus.RUNNING)
     rt.store.set_status(other.id, BoxStatus.STOPPING)
     rt2 = make_runtime(tmp_path)  # a new process starting up
@@ -188,6 +190,7 @@ def test_remove_running_needs_force_and_recover_marks_gone(tmp_path, rt):
         assert rt2.metrics()["boxes_running"] == 0
     finally:
         rt2.close()
+    rt.store.set_status(box.id, BoxStatus.STARTING)
     rt.store.set_status(box.id, BoxStatus.RUNNING)
     rt.remove("ghost", force=True)
     with pytest.raises(NotFoundError):

@@ -85,11 +85,16 @@ def test_round_trip_keeps_options_and_state(store):
 def test_legal_transitions(store):
     store.insert(_record("0123456789ab", "life"))
     for status in (
+        BoxStatus.STARTING,
         BoxStatus.RUNNING,
         BoxStatus.STOPPING,
         BoxStatus.STOPPED,
+        BoxStatus.STARTING,
         BoxStatus.RUNNING,
         BoxStatus.FAILED,
+        BoxStatus.STARTING,
+        BoxStatus.FAILED,
+        BoxStatus.STARTING,
         BoxStatus.RUNNING,
     ):
         rec = store.get("life")
@@ -101,6 +106,11 @@ def test_illegal_transition_raises_state_error(store):
     rec = store.insert(_record("0123456789ab", "bad"))
     with pytest.raises(StateError, match="cannot go from configured to stopping"):
         store.set_status(rec.id, BoxStatus.STOPPING)
+    with pytest.raises(StateError, match="cannot go from configured to running"):
+        store.set_status(rec.id, BoxStatus.RUNNING)  # every start passes through starting
+    store.set_status(rec.id, BoxStatus.STARTING)
+    with pytest.raises(StateError, match="cannot go from starting to stopped"):
+        store.set_status(rec.id, BoxStatus.STOPPED)
     store.set_status(rec.id, BoxStatus.RUNNING)
     with pytest.raises(StateError, match="running to running"):
         store.set_status(rec.id, BoxStatus.RUNNING)

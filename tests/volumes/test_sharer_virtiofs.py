@@ -15,10 +15,12 @@ from boxlite_core import tools
 from boxlite_core.errors import EngineError, ToolMissingError
 from boxlite_core.models import Capability, HostShare
 from boxlite_core.plugins import PluginRegistry
+from boxlite_core.volumes import virtiofsd_launcher as launcher
 from boxlite_core.volumes.virtiofs import (
     VirtiofsdInfo,
     VirtiofsSharer,
     detect_virtiofsd,
+    launcher_argv,
     virtiofsd_argv,
 )
 
@@ -113,6 +115,12 @@ def test_c_argv_never_has_readonly_option() -> None:
     assert argv[:2] == ["/usr/lib/qemu/virtiofsd", "--socket-path=/b/s.sock"]
     assert "source=/srv/d" in argv and "sandbox=namespace" in argv
     assert not any("readonly" in a for a in argv)  # the C one rejects it: ro is a bind mount
+    assert argv[argv.index("modcaps=-fsetid:-mknod:-setfcap") - 1] == "-o"
+    # squashed: the daemon gets its listening socket and finds the share where the launcher
+    # exposed it
+    squashed = virtiofsd_argv(info, HostShare("t", Path("/srv/d"), False, 1000, 1000),
+                              Path("/b/s.sock"), listen_fd=7, source="/tmp/boxlite-share")
+    assert squashed[1] == "--fd=7" and "source=/tmp/boxlite-share" in squashed
 
 
 RUST_HELP = """virtiofsd backend
@@ -135,6 +143,10 @@ def test_rust_flavour_detected_double(tmp_path: Path) -> None:
     assert "--shared-dir=/srv/d" in argv and "--readonly" in argv
     assert "--translate-uid=squash-guest:0:1000:4294967295" in argv
     assert "--translate-gid=squash-guest:0:100:4294967295" in argv
+    # no device nodes, file capabilities, or setuid bits kept across a write
+    assert "--modcaps=-fsetid:-mknod:-setfcap" in argv
+    wrapped = launcher_argv(argv, None, None)
+    assert wrapped[2:4] == [launcher.__file__, "--no-privilege"] and wrapped[-len(argv):] == argv
 
 
 @pytest.mark.skipif(VIRTIOFSD is None, reason="virtiofsd not installed")

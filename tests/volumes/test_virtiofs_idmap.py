@@ -1,10 +1,10 @@
-"""Auto-idmap for the C virtiofsd: the daemon runs in a user namespace that swaps guest root and
-the host directory's owner, so files the guest writes belong to that owner on the host."""
+"""Auto-idmap (squash) for the C virtiofsd: the daemon runs in a user namespace that maps only
+ns root to the host directory's owner, and its id switches and chowns do nothing, so every
+file the guest writes belongs to that owner on the host and host root is out of reach."""
 
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import secrets
 import threading
@@ -22,6 +22,7 @@ from boxlite_core.volumes.virtiofs import (
     idmap_lines,
     needs_idmap,
 )
+from boxlite_core.volumes.virtiofsd_launcher import EXPOSED_SOURCE
 
 VIRTIOFSD = tools.find_tool("virtiofsd")
 ROOT = os.geteuid() == 0
@@ -44,28 +45,13 @@ def _translate(lines: list[tuple[int, int, int]], inner: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("owner", [1, 1000, 65535, 65536, 100000, FULL - 1])
-def test_map_swaps_root_and_owner_and_keeps_the_rest(owner: int) -> None:
+@pytest.mark.parametrize("owner", [0, 1, 1000, 65535, 65536, 100000, FULL - 1])
+def test_map_squashes_to_the_owner_and_maps_nothing_else(owner: int) -> None:
     lines = _parse(idmap_lines(owner))
-    assert len(lines) <= 5  # the kernel's limit before Linux 4.15
-    assert _translate(lines, 0) == owner  # guest root writes as the owner
-    assert _translate(lines, owner) == 0
-    for other in {1, 2, 999, 1000, 65534, 65535, 65536, FULL - 1} - {0, owner}:
-        assert _translate(lines, other) == other
-    # a bijection over the whole id range: no overlap on either side, nothing left out
-    assert sum(c for _f, _l, c in lines) == FULL
-    for side in (0, 1):
-        spans = sorted((line[side], line[side] + line[2]) for line in lines)
-        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
-
-
-def test_map_exact_lines_for_1000() -> None:
-    assert idmap_lines(1000) == (f"0 1000 1\n1 1 999\n1000 0 1\n1001 1001 {FULL - 1001}\n")
-
-
-def test_map_owner_1_and_root() -> None:
-    assert idmap_lines(1) == f"0 1 1\n1 0 1\n2 2 {FULL - 2}\n"
-    assert idmap_lines(0) == f"0 0 {FULL}\n"  # identity (used for gid when only uid differs)
+    assert lines == [(0, owner, 1)]
+    assert _translate(lines, 0) == owner  # the daemon (ns root) writes as the owner
+    for other in {1, 999, 1000, 65534, 65535, FULL - 1} - {0}:
+        assert _translate(lines, other) is None  # unreachable, host root above all
 
 
 def test_map_refuses_unmappable_ids() -> None:
@@ -74,16 +60,15 @@ def test_map_refuses_unmappable_ids() -> None:
             idmap_lines(bad)
 
 
-def test_idmap_only_for_the_c_daemon_as_root_and_a_non_root_owner(tmp_path: Path) -> None:
+def test_squash_for_the_c_daemon_as_root_whenever_the_owner_is_known(tmp_path: Path) -> None:
     c = VirtiofsdInfo("/x", "c", False, False)
     rust = VirtiofsdInfo("/x", "rust", True, True)
     owned = HostShare("v", tmp_path, False, 1000, 1000)
     assert needs_idmap(c, owned, 0)
     assert not needs_idmap(c, owned, 1000)  # not root: cannot write arbitrary maps
     assert not needs_idmap(rust, owned, 0)  # Rust virtiofsd translates ids itself
-    assert not needs_idmap(c, HostShare("v", tmp_path, False, 0, 0), 0)  # today's path
-    assert not needs_idmap(c, HostShare("v", tmp_path, False), 0)  # owner unknown
-    assert needs_idmap(c, HostShare("v", tmp_path, False, 0, 1000), 0)  # group differs
+    assert needs_idmap(c, HostShare("v", tmp_path, False, 0, 0), 0)  # root's: squash to root
+    assert not needs_idmap(c, HostShare("v", tmp_path, False), 0)  # a rootfs share
 
 
 def _ns(pid: int, kind: str) -> str:
@@ -94,7 +79,7 @@ def _ns(pid: int, kind: str) -> str:
 def test_virtiofsd_runs_in_the_mapped_user_namespace(tmp_path: Path) -> None:
     box, rw, ro, plain = (tmp_path / n for n in ("box", "rw", "ro", "plain"))
     for d in (box, rw, ro, plain):
-        d.mkdir()
+        d.mkdir()  # under pytest's 0700 tmp dir: the squashed daemon reaches it anyway
     (ro / "keep.txt").write_text("original\n")
     for d in (rw, ro):
         os.chown(d, OWNER, OWNER + 1)
@@ -103,7 +88,7 @@ def test_virtiofsd_runs_in_the_mapped_user_namespace(tmp_path: Path) -> None:
         [
             HostShare("rw", rw, False, OWNER, OWNER + 1),
             HostShare("ro", ro, True, OWNER, OWNER + 1),
-            HostShare("plain", plain, False, 0, 0),
+            HostShare("plain", plain, False),
         ],
         box,
     )
@@ -118,16 +103,20 @@ def test_virtiofsd_runs_in_the_mapped_user_namespace(tmp_path: Path) -> None:
             )
             assert _ns(pid, "user") != _ns(os.getpid(), "user")
             status = Path(f"/proc/{pid}/status").read_text()
-            # host view: the daemon runs as the owner; it is root inside its namespace
+            # host view: the daemon runs as the owner; it is root inside its namespace, with
+            # the no-privilege and squash seccomp filters stacked (virtiofsd adds its own
+            # once QEMU connects)
+            assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
             assert f"Uid:\t{OWNER}\t{OWNER}\t{OWNER}\t{OWNER}" in status
             assert f"Gid:\t{OWNER + 1}\t{OWNER + 1}" in status
             assert int(status.split("CapEff:\t")[1].split()[0], 16) != 0
-        plain_pid = records["plain"]["pid"]
+        plain_pid = records["plain"]["pid"]  # a rootfs share: no owner, no namespace
         assert records["plain"]["idmap"] is None
         assert _ns(plain_pid, "user") == _ns(os.getpid(), "user")
+        assert "Seccomp:\t2" in Path(f"/proc/{plain_pid}/status").read_text()
 
         # read-only still holds with the user namespace: the daemon's view refuses writes
-        view = Path(f"/proc/{records['ro']['pid']}/root") / str(ro).lstrip("/")
+        view = Path(f"/proc/{records['ro']['pid']}/root") / EXPOSED_SOURCE.lstrip("/")
         assert (view / "keep.txt").read_text() == "original\n"
         with pytest.raises(OSError) as err:
             (view / "new.txt").write_text("x")
@@ -164,7 +153,8 @@ def test_idmapped_read_only_share_starts_while_grpc_threads_run(tmp_path: Path) 
         (record,) = sharer.read_state(box)
         pid = record["pid"]
         assert _parse(Path(f"/proc/{pid}/uid_map").read_text()) == _parse(idmap_lines(OWNER))
-        view = Path(f"/proc/{pid}/root") / str(ro).lstrip("/")
+        view = Path(f"/proc/{pid}/root") / EXPOSED_SOURCE.lstrip("/")
+        assert (view / "keep.txt").read_text() == "original\n"
         with pytest.raises(OSError) as err:
             (view / "new.txt").write_text("x")
         assert err.value.errno == errno.EROFS
@@ -203,6 +193,7 @@ def test_guest_writes_land_as_the_owner_end_to_end(tmp_path: Path) -> None:
     os.chown(rw / "host.txt", OWNER, OWNER)
     (rw / "other.txt").write_text("other\n")
     os.chown(rw / "other.txt", 1000, 1000)
+    (rw / "other.txt").chmod(0o644)
     (ro / "keep.txt").write_text("original\n")
     with Runtime(home) as rt:
         if "virtiofs" not in rt.plugins.sharer_names():
@@ -218,17 +209,21 @@ def test_guest_writes_land_as_the_owner_end_to_end(tmp_path: Path) -> None:
         )
         try:
             box.start()
-            made = box.exec(["sh", "-c", "echo hi > /data/f && mkdir /data/d"])
+            made = box.exec([
+                "sh", "-c",
+                "echo hi > /data/f && mkdir /data/d && echo x > /data/g && chown 1000:1000 /data/g",
+            ])
             assert made.ok, made.stderr
-            for name in ("f", "d"):
+            for name in ("f", "d", "g"):  # a guest chown is accepted and squashed
                 st = os.stat(rw / name)
                 assert (st.st_uid, st.st_gid) == (OWNER, OWNER), name
-            # the owner's files are root's in the guest; other ids keep their numbers
+            # the owner's files are root's in the guest; any other host id is unmapped
             listing = box.exec(["stat", "-c", "%n %u %g", "/data/host.txt", "/data/other.txt"])
             assert listing.text.split("\n")[:2] == [
                 "/data/host.txt 0 0",
-                "/data/other.txt 1000 1000",
+                "/data/other.txt 65534 65534",
             ]
+            assert box.exec(["cat", "/data/other.txt"]).text == "other\n"
             # the daemon (and its pid/mount/net sandbox child) runs in the mapped namespace
             for record in VirtiofsSharer.read_state(rt.box_dir(box.id)):
                 pid = record["pid"]

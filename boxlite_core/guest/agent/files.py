@@ -141,12 +141,19 @@ def download(reaper: Reaper, root: str, path: str) -> Iterator[bytes]:
     null = os.open(os.devnull, os.O_RDONLY)
 
     def body() -> None:
-        st = os.stat(path)  # resolved inside the chroot
-        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
-            raise TransferError(f"{path} is neither a file nor a directory")
+        # lstat, resolved inside the chroot: a symlink named by the path is sent as the link
+        # itself (like `docker cp` / `cp -a`); "/link/" or "/dir/." resolve it (the kernel
+        # follows a link before a trailing "/" or "/.").
+        st = os.lstat(path)
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)
+                or stat.S_ISLNK(st.st_mode)):
+            raise TransferError(f"{path} is not a file, directory or symlink")
         os.write(3, b"K" + struct.pack("=I", 0))
+        # the one top entry the host expects: the request's last component ("." = contents)
         name = posixpath.basename(path.rstrip("/")) or "."
-        with os.fdopen(1, "wb", closefd=False) as dst, tarfile.open(fileobj=dst, mode="w|") as tar:
+        with os.fdopen(1, "wb", closefd=False) as dst, tarfile.open(
+            fileobj=dst, mode="w|", format=tarfile.PAX_FORMAT
+        ) as tar:
             tar.add(path, arcname=name)
 
     try:

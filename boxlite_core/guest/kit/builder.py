@@ -33,7 +33,10 @@ from typing import Any
 
 import attrs
 
+from ...diskspace import GIB, ensure_free
 from ...errors import ConfigError, ImageError
+from ...fscopy import copy_file
+from ...state.home import secure_home
 from . import debian, guestroot, initramfs, kernel, modules
 from .model import PROFILES, GuestKit, MachineProfile
 
@@ -42,6 +45,8 @@ Progress = Callable[[str, "float | None"], None]
 KIT_FORMAT = 1
 #: finished kits kept besides the current one
 KEEP_KITS = 2
+#: free space a kit build needs at its peak (measured: ~400 MiB of cache + staging)
+KIT_BUILD_BYTES = 1 * GIB
 #: bump to force a fresh mmdebstrap base for everyone
 BASE_FORMAT = 1
 SUITE = "bookworm"
@@ -232,11 +237,14 @@ def build_kit(home: Path, arch: str = "x86_64", progress: Progress | None = None
     cache = kit_cache_dir(home)
     kit_id = recipe.kit_id()
     final = cache / "kits" / kit_id
+    secure_home(Path(home))
     with _locked(cache):
         if not force:
             kit = _load(final, machine)
             if kit is not None:
                 return kit
+        # base root + .debs + kernel + staging peak near 1 GiB: refuse before, not at ENOSPC
+        ensure_free(cache, KIT_BUILD_BYTES, f"building guest kit {kit_id}")
         tmp_root = cache / "tmp"
         if tmp_root.exists():  # we hold the lock: anything here is from a crashed build
             shutil.rmtree(tmp_root)
@@ -312,7 +320,7 @@ def _kernel_layer(recipe: KitRecipe, cache: Path, work: Path, report: Progress,
     for rel in order:
         target = tmp_layer / "modules" / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(module_root / rel, target)
+        copy_file(module_root / rel, target, "guest kit modules", preserve=False)
     pkg, version = debian.package_info(deb)
     info = {"package": pkg, "version": version, "release": release, "modules": order,
             "format": "elf-vmlinux", "bzimage_compression":
@@ -374,7 +382,8 @@ def _build(recipe: KitRecipe, cache: Path, work: Path, report: Progress, force: 
     try:
         os.link(kernel_layer / KERNEL_FILE, out / KERNEL_FILE)
     except OSError:
-        shutil.copyfile(kernel_layer / KERNEL_FILE, out / KERNEL_FILE)
+        copy_file(kernel_layer / KERNEL_FILE, out / KERNEL_FILE, "guest kit kernel",
+                  preserve=False)
 
     report(f"downloading {recipe.busybox_package}", 0.26)
     bb_deb = _cached_deb(cache / "debs", recipe.busybox_package, recipe.deb_arch, force)

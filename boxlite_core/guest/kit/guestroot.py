@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ... import tools
 from ...errors import ImageError
+from ...fscopy import copy_tree
 from .debian import installed_packages
 
 #: libstdc++6: the grpcio manylinux wheel links the system C++ runtime (not bundled).
@@ -132,8 +133,10 @@ def _link_tree(src: Path, dst: Path) -> None:
     """Copy a tree by hard-linking its files: fast, and new files in `dst` don't touch `src`.
 
     The stage only ever adds new files (under /opt/boxlite), never rewrites linked ones.
+    The base root holds device nodes (dev/full, dev/zero): they are made as nodes, never
+    read (copytree reads a char device as a file: that once wrote 78 GB).
     """
-    shutil.copytree(src, dst, symlinks=True, copy_function=os.link, dirs_exist_ok=True)
+    copy_tree(src, dst, link=True, dirs_exist_ok=True)
 
 
 def assemble_stage(stage: Path, base_root: Path, site_dir: Path,

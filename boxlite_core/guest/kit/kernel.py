@@ -9,13 +9,13 @@ QEMU loads an ELF with a Xen PVH note itself, skipping the real-mode setup and d
 from __future__ import annotations
 
 import lzma
-import shutil
 import struct
 import zlib
 from pathlib import Path
 
 from ... import tools
 from ...errors import ImageError
+from ...fscopy import copy_file
 
 #: payload magic → format name, as the kernel's boot/compressed Makefile writes them
 _MAGICS: tuple[tuple[bytes, str], ...] = (
@@ -64,7 +64,7 @@ def write_kernel(bzimage_path: Path, target: Path, uncompressed: bool) -> Path:
     if uncompressed:
         target.write_bytes(extract_vmlinux(bzimage_path.read_bytes()))
     else:
-        shutil.copyfile(bzimage_path, target)
+        copy_file(bzimage_path, target, "guest kit kernel", preserve=False)
     return target
 
 

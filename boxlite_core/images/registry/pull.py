@@ -21,6 +21,7 @@ import attrs
 import requests
 import urllib3
 
+from ...diskspace import ensure_free
 from ...errors import BoxliteError, ConfigError, ImageError, NotFoundError
 from ..blobs import check_digest
 from ..importers import (
@@ -318,7 +319,7 @@ class Puller:
             )
             try:
                 reader = io.BufferedReader(stream, CHUNK)
-                self.store.blobs.put_stream(reader, expected_digest=digest)
+                self.store.blobs.put_stream(reader, expected_digest=digest, size_hint=size)
             finally:
                 stream.close()
 
@@ -371,6 +372,9 @@ class Puller:
     def _download_all(self, jobs: list[tuple[str, int, str]]) -> None:
         cancel = threading.Event()
         unique = list({digest: (digest, size, label) for digest, size, label in jobs}.values())
+        missing = sum(s for d, s, _ in unique if not self.store.blobs.exists(d))
+        # all layers download at once: check their sum, not each one alone
+        ensure_free(self.store.blobs.tmp, missing, f"pulling {self.ref}")
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="pull") as pool:
             futures = [pool.submit(self._download, d, s, label, cancel) for d, s, label in unique]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)

@@ -23,6 +23,7 @@ from .. import guest_probe
 from ..boxes import BoxPool
 from ..markers import requires, tier
 from ..requirements import Requirements
+from ..share_privilege import PLANT_SCRIPT, build_privilege_helper, privilege_problems
 
 __all__ = ["TestCopy", "TestRootfsStrategies", "TestVolumes"]
 
@@ -86,6 +87,7 @@ class _VolumeDirs:
 
 def _volume_dirs(sharer: str) -> _VolumeDirs:
     root = Path(tempfile.mkdtemp(prefix=f"boxlite-conformance-{sharer}-"))
+    root.chmod(0o755)  # host user nobody may walk in and run what a guest planted
     rw, ro = root / "rw", root / "ro"
     rw.mkdir()
     ro.mkdir()
@@ -151,7 +153,10 @@ class TestVolumes:
         self, box_pool: BoxPool, sharer: str
     ) -> None:
         if not PluginRegistry().volume_sharer(sharer).idmap:
-            pytest.skip(f"volume sharer {sharer!r} does not declare auto-idmap")
+            pytest.skip(
+                f"volume sharer {sharer!r} does not declare auto-idmap (VolumeSharer.idmap): "
+                "files the box writes belong to its file server's user (9p: QEMU's)"
+            )
         box, dirs = _volume_box(box_pool, sharer)
         guest_probe.run(box, ["sh", "-c", "echo from guest > /data/rw/guest.txt"])
         host_file = dirs.rw / "guest.txt"
@@ -161,6 +166,42 @@ class TestVolumes:
         assert got == want, (
             f"a file the box wrote is owned by {got} on the host; the volume belongs to {want}"
         )
+
+    def test_nothing_privileged_crosses_a_share(
+        self, box_pool: BoxPool, sharer: str, tmp_path: Path
+    ) -> None:
+        """The guest is root in its VM and may have replaced the agent: what it writes into
+        a volume must never be host privilege — no setuid/setgid bit, device node or file
+        capability, and (auto-idmap sharers) every file the volume owner's."""
+        box, dirs = _volume_box(box_pool, sharer)
+        owner = dirs.rw.stat().st_uid
+        tag = os.urandom(3).hex()
+        guest_helper = ""
+        helper = build_privilege_helper(tmp_path)
+        if helper is not None:
+            shutil.copy(helper, dirs.rw / f"helper-{tag}")
+            (dirs.rw / f"helper-{tag}").chmod(0o755)
+            guest_helper = f"/data/rw/helper-{tag}"
+        planted = dirs.rw / f"plant-{tag}"
+        try:
+            done = box.exec(
+                ["sh", "-c", PLANT_SCRIPT, "plant", f"/data/rw/plant-{tag}", str(owner),
+                 guest_helper],
+                timeout=300,
+            )
+            log = f"guest:\n{done.stdout.decode(errors='replace')}{done.stderr!r}"
+            as_owner = box.exec(
+                ["sh", "-c", f"echo owner > /data/rw/plant-{tag}/users/by_owner_uid"],
+                user=f"{owner}:{owner}", timeout=60,
+            )
+            assert as_owner.exit_code == 0, f"guest uid {owner} could not write: {as_owner!r}"
+            idmap = PluginRegistry().volume_sharer(sharer).idmap
+            problems = privilege_problems(planted, owner if idmap else None)
+            assert not problems, "\n".join([*problems, log])
+            assert (planted / "own0").read_text() == "x\n", log
+            assert (planted / "users" / "by_owner_uid").read_text() == "owner\n", log
+        finally:
+            (dirs.rw / f"helper-{tag}").unlink(missing_ok=True)
 
     def test_host_writes_are_seen_by_the_guest(self, box_pool: BoxPool, sharer: str) -> None:
         box, dirs = _volume_box(box_pool, sharer)

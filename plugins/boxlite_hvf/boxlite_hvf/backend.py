@@ -132,6 +132,8 @@ class HvfBackend(VmmBackend):
             "watch_parent": plan.data["watch_parent"],
             "stop_timeout": plan.data["stop_timeout"],
             "parent_pid": os.getpid(),
+            # the runner caps its own log too (a guest refusing vsock connects adds lines)
+            "runner_log": str(work / RUNNER_LOG),
         }
         log = open(work / RUNNER_LOG, "ab")  # noqa: SIM115 - handed to the child
         try:

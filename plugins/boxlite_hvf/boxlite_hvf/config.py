@@ -9,7 +9,8 @@ Device mapping (what the guest sees):
 
 * boot: ``VZLinuxBootLoader`` (kernel, initrd, cmdline) on ``VZGenericPlatformConfiguration``.
   The console is a virtio console (``hvc0``), so ``console=ttyS0`` from the kit becomes
-  ``console=hvc0``; its host end appends to ``spec.console_log``.
+  ``console=hvc0``; its host end is a pipe the runner drains into ``spec.console_log``,
+  capped at ``spec.console_log_max_bytes`` per file and rotated (``.1``, ``.2``).
 * disks: ``VZVirtioBlockDeviceConfiguration`` + ``VZDiskImageStorageDeviceAttachment``.
   The framework opens **raw images only**: a qcow2 disk is listed with a ``convert`` step
   (``qemu-img convert -O raw``) and the device points at the raw target in the box dir.
@@ -53,6 +54,8 @@ KERNEL_FORMAT: dict[str, str] = {
 }
 
 _CONSOLE_RE = re.compile(r"^console=")
+#: rotated console files kept besides console.log (as for every backend)
+CONSOLE_BACKUPS = 2
 
 
 def normalise_arch(arch: str) -> str:
@@ -168,7 +171,13 @@ def vz_config(spec: VmSpec, arch: str) -> dict[str, Any]:
             "agent_port": port,
             "bridge_socket": str(spec.agent.socket),
         },
-        "serial_console": {"device": "virtio-console", "log": str(spec.console_log)},
+        # the runner drains the console through a pipe into this file, capped and rotated
+        "serial_console": {
+            "device": "virtio-console",
+            "log": str(spec.console_log),
+            "max_bytes": int(spec.console_log_max_bytes),
+            "backups": CONSOLE_BACKUPS,
+        },
         "entropy": True,
         "network": None,
     }

@@ -64,7 +64,9 @@ class VzApi(Protocol):
 
     def vsock_device(self) -> Any: ...
 
-    def serial_console(self, log_path: str) -> Any: ...
+    def serial_console(self, write_fd: int) -> Any:
+        """The virtio console, writing the guest's output to ``write_fd`` (the write end of
+        the runner's capped console pipe; the console takes ownership of the fd)."""
 
     def entropy_device(self) -> Any: ...
 
@@ -102,8 +104,12 @@ def check_limits(vz: Mapping[str, Any], limits: Mapping[str, int]) -> None:
         )
 
 
-def build_configuration(api: VzApi, vz: Mapping[str, Any]) -> Any:
+def build_configuration(api: VzApi, vz: Mapping[str, Any], console_fd: int) -> Any:
     """Turn a plan's ``vz`` dict into a validated machine configuration through ``api``.
+
+    ``console_fd``: where the guest console goes — the write end of the pipe the runner
+    drains into ``vz["serial_console"]["log"]`` under its cap, never the log file itself
+    (a root guest writes its console as fast as it likes).
 
     Disks must already be raw (the launcher converts qcow2 first): a pending conversion whose
     target is missing is a bug in the caller, reported here rather than as a framework error.
@@ -126,7 +132,7 @@ def build_configuration(api: VzApi, vz: Mapping[str, Any]) -> Any:
         storage=storage,
         shares=[api.share(s["tag"], s["path"], s["read_only"]) for s in vz["shares"]],
         sockets=[api.vsock_device()],
-        serial=[api.serial_console(vz["serial_console"]["log"])],
+        serial=[api.serial_console(console_fd)],
         entropy=[api.entropy_device()] if vz.get("entropy") else [],
     )
 
@@ -214,9 +220,12 @@ class PyObjCVz:
     def vsock_device(self) -> Any:
         return self.vz.VZVirtioSocketDeviceConfiguration.alloc().init()
 
-    def serial_console(self, log_path: str) -> Any:
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        handle = self.fd.NSFileHandle.alloc().initWithFileDescriptor_closeOnDealloc_(fd, True)
+    def serial_console(self, write_fd: int) -> Any:
+        # UNTESTED here (macOS only): the framework writes the console to a pipe's write end
+        # exactly as it did to the O_APPEND file; the runner's thread drains the read end.
+        handle = self.fd.NSFileHandle.alloc().initWithFileDescriptor_closeOnDealloc_(
+            write_fd, True
+        )
         self._log_handles.append(handle)
         attachment = (
             self.vz.VZFileHandleSerialPortAttachment.alloc()

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from boxlite_core.errors import BoxliteError
+from boxlite_core.vmm.cappedio import CappedOutput, CappedPipe
 
 from .framework import VmControl, VzApi, build_configuration
 
@@ -52,6 +53,8 @@ CHUNK = 256 * 1024
 #: how long one host connection waits for the guest agent's vsock port to answer
 CONNECT_DEADLINE = 3.0
 POLL = 0.5
+#: console cap when a config names none (plans always do: VmSpec.console_log_max_bytes)
+DEFAULT_CONSOLE_MAX_BYTES = 4 * 1024 * 1024
 
 
 def log(message: str) -> None:
@@ -188,6 +191,38 @@ def graceful_stop(vm: VmControl, timeout: float) -> None:
 
 
 def run(config: Mapping[str, Any]) -> int:
+    """Run the VM of ``config`` until it stops; the exit code (see the module docstring).
+
+    Guest-fed output is capped here, in the process that is the VM (so it lives exactly as
+    long as the VM, and ``attach`` needs nothing more): the guest console goes to a pipe a
+    thread drains into ``vz["serial_console"]["log"]`` (≤ ``max_bytes`` per file, rotated
+    to ``.1``, ``.2``), and with ``config["runner_log"]`` our own stdout/stderr go to that
+    file under the same cap, continued across boots."""
+    vz = config["vz"]
+    serial = vz["serial_console"]
+    cap = int(serial.get("max_bytes") or DEFAULT_CONSOLE_MAX_BYTES)
+    output: CappedOutput | None = None
+    if config.get("runner_log"):
+        try:
+            output = CappedOutput(Path(config["runner_log"]), cap, int(serial.get("backups", 2)))
+        except OSError as exc:  # keep the inherited (uncapped) log rather than not boot
+            log(f"runner log not capped: {exc}")
+    try:
+        try:
+            console = CappedPipe(Path(serial["log"]), cap, int(serial.get("backups", 2)))
+        except (OSError, ValueError) as exc:
+            log(f"configuration refused: cannot write the console log {serial['log']}: {exc}")
+            return 2
+        try:
+            return _run(config, console.write_fd)
+        finally:
+            console.close()
+    finally:
+        if output is not None:
+            output.close()
+
+
+def _run(config: Mapping[str, Any], console_fd: int) -> int:
     vz = config["vz"]
     stop_timeout = float(config.get("stop_timeout", 10.0))
     watch_parent = bool(config.get("watch_parent", False))
@@ -199,7 +234,7 @@ def run(config: Mapping[str, Any]) -> int:
 
     api = load_api()
     try:
-        configuration = build_configuration(api, vz)
+        configuration = build_configuration(api, vz, console_fd)
         vm = api.create_vm(configuration)
     except BoxliteError as exc:
         log(f"configuration refused: {exc}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import subprocess
@@ -11,14 +12,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from boxlite_core.errors import EngineError
+from boxlite_core.errors import BoxliteError, EngineError
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
+from boxlite_core.vmm.consolelog import ensure_writer, start_writer, stop_writer, wait_writer
 
 from . import binding
 from .handle import LOG_FILE, LibkrunHandle, launcher_error, read_state, write_state
 from .host import AccelCheck, check_accel
-from .plan import krun_calls
+from .plan import console_fifo, krun_calls
+
+_log = logging.getLogger(__name__)
 
 INSTALL_FIX = (
     "install libkrun and libkrunfw from your distribution (Fedora: dnf install libkrun; "
@@ -126,7 +130,15 @@ class LibkrunBackend(VmmBackend):
     def plan(self, spec: VmSpec) -> LaunchPlan:
         library, _ = binding.find_library()
         return LaunchPlan(
-            backend=self.name, spec=spec, data={"calls": krun_calls(spec), "library": library}
+            backend=self.name,
+            spec=spec,
+            data={
+                "calls": krun_calls(spec),
+                "library": library,
+                # the guest console goes through the capped writer, never straight to a file
+                "console_fifo": str(console_fifo(spec)),
+                "console_log_max_bytes": int(spec.console_log_max_bytes),
+            },
         )
 
     def launch(self, plan: LaunchPlan) -> VmHandle:
@@ -144,25 +156,28 @@ class LibkrunBackend(VmmBackend):
             pass
         log = box_dir / LOG_FILE
         request = json.dumps({"library": library, "calls": plan.data["calls"]}).encode()
+        stderr_w = _start_console_writer(plan)
         status_r, status_w = os.pipe()
         argv = [sys.executable, "-m", "boxlite_libkrun.launcher", "--status-fd", str(status_w)]
         try:
-            with open(log, "ab") as log_fh:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.PIPE,
-                    stdout=log_fh,
-                    stderr=log_fh,
-                    pass_fds=(status_w,),
-                    start_new_session=True,
-                    close_fds=True,
-                )
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=stderr_w,
+                stderr=stderr_w,
+                pass_fds=(status_w,),
+                start_new_session=True,
+                close_fds=True,
+            )
         except OSError as exc:
             os.close(status_r)
             os.close(status_w)
+            stop_writer(box_dir)
             raise EngineError(
                 f"box {spec.box_id}: cannot start the libkrun launcher: {exc}"
             ) from exc
+        finally:
+            os.close(stderr_w)
         os.close(status_w)
         try:
             assert proc.stdin is not None
@@ -174,7 +189,7 @@ class LibkrunBackend(VmmBackend):
             status = _read_status(status_r, STATUS_TIMEOUT)
         finally:
             os.close(status_r)
-        handle = LibkrunHandle(proc.pid, None, log, proc)
+        handle = LibkrunHandle(proc.pid, None, log, proc, box_dir=box_dir)
         if status != "OK":
             if status is None and proc.poll() is None:
                 handle.kill()
@@ -184,17 +199,55 @@ class LibkrunBackend(VmmBackend):
                 detail = status[len("ERROR ") :]
             else:
                 proc.wait(10)
+                wait_writer(box_dir, 2.0)  # it copies the launcher's last lines into the log
                 detail = launcher_error(log) or f"launcher exited with {proc.returncode}"
+            handle.release()  # the launcher is gone: so is its console writer
             raise EngineError(f"box {spec.box_id}: libkrun launch failed: {detail} (log: {log})")
         state = write_state(box_dir, proc.pid, log)
-        return LibkrunHandle(proc.pid, state["start_time"], log, proc)
+        return LibkrunHandle(proc.pid, state["start_time"], log, proc, box_dir=box_dir)
 
     def attach(self, box_dir: Path) -> VmHandle | None:
         state = read_state(Path(box_dir))
         if not state or state.get("backend") != self.name:
             return None
-        handle = LibkrunHandle(int(state["pid"]), state.get("start_time"), Path(state["log"]))
-        return handle if handle.is_running() else None
+        handle = LibkrunHandle(
+            int(state["pid"]), state.get("start_time"), Path(state["log"]), box_dir=Path(box_dir)
+        )
+        if not handle.is_running():
+            return None
+        try:
+            ensure_writer(Path(box_dir))  # a console writer that died: restart it on the pipe
+        except BoxliteError as exc:
+            _log.warning("box dir %s: could not restart the console log writer: %s", box_dir, exc)
+        return handle
+
+
+def _start_console_writer(plan: LaunchPlan) -> int:
+    """Start the box's capped log writer before the launcher; the write end of the launcher's
+    stderr pipe (the caller hands it to the launcher, then closes it).
+
+    The writer reads ``console.fifo`` (what libkrun's ``krun_set_console_output`` opens) into
+    ``console.log``, and the launcher's stdout/stderr (libkrun's own log lines, which a guest
+    can provoke) into ``libkrun.log``, both under ``console_log_max_bytes`` with two rotated
+    copies. It must run first: libkrun opens the pipe for writing inside
+    ``krun_start_enter``, and a pipe without a reader would block that open."""
+    spec = plan.spec
+    box_dir = Path(spec.box_dir)
+    fifo = Path(plan.data.get("console_fifo") or console_fifo(spec))
+    cap = int(plan.data.get("console_log_max_bytes") or spec.console_log_max_bytes)
+    stop_writer(box_dir)  # a writer left from an earlier boot of this box
+    stderr_r, stderr_w = os.pipe()
+    try:
+        start_writer(
+            box_dir, fifo, Path(spec.console_log), cap, fifo=True,
+            stdin_fd=stderr_r, stdin_out=box_dir / LOG_FILE,
+        )
+    except BaseException:
+        os.close(stderr_w)
+        raise
+    finally:
+        os.close(stderr_r)
+    return stderr_w
 
 
 def _read_status(fd: int, timeout: float) -> str | None:

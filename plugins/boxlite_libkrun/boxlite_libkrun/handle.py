@@ -1,7 +1,8 @@
 """The running libkrun VM as the runtime sees it: one launcher process, found by pid + start time.
 
 There is no monitor socket (libkrun has no QMP): the process *is* the VM. Stop is SIGTERM then
-SIGKILL, and why it ended comes from the exit status and the launcher's log.
+SIGKILL, and why it ended comes from the exit status and the launcher's log. The box's console
+log writer (started before the launcher) is waited for and ended with it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from boxlite_core.vmm.consolelog import stop_writer, wait_writer
 from boxlite_core.vmm.process import ProcessVmHandle
 from boxlite_core.vmm.procstat import start_time
 
@@ -64,13 +66,17 @@ class LibkrunHandle(ProcessVmHandle):
         start_time: int | None,
         log: Path,
         proc: subprocess.Popen[bytes] | None = None,
+        box_dir: Path | None = None,
     ) -> None:
         super().__init__(pid, start_time, proc)
         self._log = log
+        #: where the box's console log writer is recorded (logwriter.json)
+        self.box_dir = Path(box_dir) if box_dir is not None else Path(log).parent
 
     def exit_reason(self) -> str | None:
         if self.is_running():
             return None
+        wait_writer(self.box_dir, 1.0)  # it copies the launcher's last stderr lines
         parts = []
         rc = self.returncode()
         if rc is not None:
@@ -87,5 +93,24 @@ class LibkrunHandle(ProcessVmHandle):
             parts.append(error)
         return ": ".join(parts)
 
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        self._finish_console()
+
+    def kill(self) -> None:
+        super().kill()
+        self._finish_console()
+
     def release(self) -> None:
-        """Nothing to drop: the agent socket belongs to libkrun inside the launcher."""
+        """The agent socket belongs to libkrun inside the launcher; once the launcher has
+        exited, its console log writer is ended too."""
+        self._finish_console()
+
+    def _finish_console(self) -> None:
+        """The launcher is gone: let its console writer drain the last bytes and exit (it
+        does so by itself when the pipes close), then make sure it has — by pid + start
+        time, so a recycled pid is never signalled."""
+        if self.is_running():
+            return
+        wait_writer(self.box_dir, 2.0)
+        stop_writer(self.box_dir)

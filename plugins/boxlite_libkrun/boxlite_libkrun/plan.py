@@ -24,6 +24,7 @@ from typing import Any
 
 from boxlite_core.errors import ConfigError
 from boxlite_core.models import Capability, VmSpec
+from boxlite_core.vmm.consolelog import CONSOLE_FIFO
 
 from . import AGENT_PORT
 from .binding import KRUN_DISK_FORMAT, KRUN_FEATURE_BLK, KRUN_KERNEL_FORMAT
@@ -99,7 +100,8 @@ def libkrun_cmdline(cmdline: str) -> str:
     and ``boxlite.agent_vsock=AGENT_PORT`` appended unless already there.
 
     libkrun has no 16550 UART for ``console=ttyS0``; its console device is virtio-console,
-    which ``krun_set_console_output`` writes to the box's console log. libkrun has no
+    which ``krun_set_console_output`` writes into the capped log writer's pipe (see
+    :func:`console_fifo`), and from there into the box's console log. libkrun has no
     virtio-serial port either, so the agent must serve on vsock: the key tells it (and /init,
     which loads the vsock modules only then) to listen on the port ``krun_add_vsock_port2`` uses.
     """
@@ -214,6 +216,18 @@ def krun_calls(spec: VmSpec) -> list[Call]:
         *_disk_calls(spec),
         *_share_calls(spec),
         *_vsock_calls(spec),
-        _call("krun_set_console_output", str(spec.console_log)),
+        # never the log file itself: libkrun appends whatever the guest writes, without limit.
+        # The capped writer reads this named pipe into spec.console_log (see launch()).
+        _call("krun_set_console_output", str(console_fifo(spec))),
         _call("krun_start_enter"),
     ]
+
+
+def console_fifo(spec: VmSpec) -> Path:
+    """The named pipe libkrun writes the guest console into (``BOXDIR/console.fifo``).
+
+    Why a pipe: ``krun_set_console_output`` only takes a path, and a regular file there
+    grows as fast as a root guest writes to hvc0. The box's log writer
+    (:mod:`boxlite_core.vmm.logwriter` ``--fifo``) drains the pipe into ``console.log`` under
+    ``VmSpec.console_log_max_bytes``, rotating to ``console.log.1`` and ``.2``."""
+    return Path(spec.box_dir) / CONSOLE_FIFO

@@ -16,6 +16,7 @@ import attrs
 
 from boxlite_core.errors import ConfigError
 from boxlite_core.models import ShareSpec, VmSpec
+from boxlite_core.vmm.consolelog import CONSOLE_SOCKET
 
 QMP_SOCKET = "qmp.sock"
 PIDFILE = "qemu.pid"
@@ -68,11 +69,37 @@ def machine_of(spec: VmSpec, arch: str) -> tuple[str, str]:
     return machine, transport
 
 
+#: host modes of what a guest creates through a writable 9p share (mapped-xattr), less QEMU's
+#: umask (022 in the qemu backend): readable by the volume's owner, never executable or setuid
+NINEP_FMODE = "0644"
+NINEP_DMODE = "0755"
+
+
 def ninep_security_model(share: ShareSpec, euid: int) -> str:
-    """passthrough as root (guest uids/gids land on the host as-is, so ownership maps);
-    none otherwise (files are created as the QEMU user, who owns the volume anyway —
-    passthrough would fail every chown)."""
+    """The 9p ``security_model`` of one share. A writable user volume (owner recorded):
+    ``mapped-xattr`` whoever runs QEMU — guest owners, modes (setuid included), device nodes
+    and symlinks live in ``user.virtfs.*`` xattrs, and the host file is a plain file or
+    directory of QEMU's user with :data:`NINEP_FMODE`/:data:`NINEP_DMODE`; ``passthrough`` (as
+    root) landed a guest's setuid-root binary and device nodes on the host as they were,
+    ``none`` a setuid binary of QEMU's user. The price: QEMU then reads every symlink as a
+    file holding its target, so a symlink made on the host reads as ELOOP in the guest.
+    Read-only (``readonly=on``: nothing is written) and rootfs shares (no owner: the box's
+    own tree under the private boxlite home, full of host-made symlinks): as before,
+    ``passthrough`` as root, ``none`` unprivileged."""
+    if not share.read_only and share.uid is not None:
+        return "mapped-xattr"
     return "passthrough" if euid == 0 else "none"
+
+
+def ninep_fsdev_options(share: ShareSpec, fsdev: str, euid: int) -> str:
+    """The ``-fsdev local,...`` option string of one 9p share (see ninep_security_model)."""
+    model = ninep_security_model(share, euid)
+    opts = f"local,id={fsdev},path={qopt(share.host_path)},security_model={model}"
+    if model.startswith("mapped"):
+        opts += f",fmode={NINEP_FMODE},dmode={NINEP_DMODE}"
+    if share.read_only:
+        opts += ",readonly=on"
+    return opts
 
 
 def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]:
@@ -125,8 +152,13 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
     for glob in (spec.hints or {}).get("qemu_globals") or ():
         argv += ["-global", str(glob)]
 
+    # the console goes through the capped writer (boxlite_core.vmm.logwriter): QEMU serves it
+    # on a socket and waits (wait=on) for the writer before the guest runs, so no boot line
+    # is lost; a file chardev would grow without limit at the guest's will
+    console_socket = box / CONSOLE_SOCKET
+    _check_socket("console", console_socket)
     argv += [
-        "-chardev", f"file,id=console,path={qopt(spec.console_log)}",
+        "-chardev", f"socket,id=console,path={qopt(console_socket)},server=on,wait=on",
         "-serial", "chardev:console",
         "-qmp", f"unix:{qopt(qmp_socket)},server=on,wait=off",
         "-pidfile", str(pidfile),
@@ -154,12 +186,7 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
     for index, share in enumerate(spec.shares):
         if share.kind == "9p":
             fsdev = f"fs{index}"
-            opts = (
-                f"local,id={fsdev},path={qopt(share.host_path)},"
-                f"security_model={ninep_security_model(share, host.euid)}"
-            )
-            if share.read_only:
-                opts += ",readonly=on"
+            opts = ninep_fsdev_options(share, fsdev, host.euid)
             argv += [
                 "-fsdev", opts,
                 "-device", f"virtio-9p-{dev},fsdev={fsdev},mount_tag={qopt(share.tag)}",
@@ -196,5 +223,8 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
         "log": str(box / QEMU_LOG),
         "state_file": str(box / VM_STATE),
         "sandbox": host.sandbox,
+        "console_socket": str(console_socket),
+        "console_log": str(spec.console_log),
+        "console_log_max_bytes": spec.console_log_max_bytes,
     }
     return argv, facts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import platform
 import re
@@ -20,15 +21,26 @@ from pathlib import Path
 import attrs
 
 from boxlite_core import tools
-from boxlite_core.errors import ConfigError, EngineError, ToolMissingError
+from boxlite_core.errors import BoxliteError, ConfigError, EngineError, ToolMissingError
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend
+from boxlite_core.vmm.consolelog import (
+    WRITER_LOG,
+    ensure_writer,
+    start_writer,
+    stop_writer,
+    wait_writer,
+    writer_running,
+    writer_tail,
+)
 from boxlite_core.vmm.procstat import log_tail, start_time
 
 from .accel import AccelChoice, host_accel
 from .argv import QEMU_BINARY, QemuHost, build_argv
 from .handle import QemuHandle, write_state
 from .qmp import QmpError, qmp_command
+
+log = logging.getLogger(__name__)
 
 QMP_READY_TIMEOUT = 30.0
 _FIX_PACKAGE = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm"}
@@ -172,10 +184,35 @@ class QemuBackend(VmmBackend):
         box.mkdir(parents=True, exist_ok=True)
         qmp_socket = Path(plan.data["qmp_socket"])
         log_path = Path(plan.data["log"])
-        for stale in (qmp_socket, Path(spec.agent.socket), Path(plan.data["pidfile"])):
-            stale.unlink(missing_ok=True)
+        console = plan.data.get("console_socket")
+        console_socket = Path(console) if console else None
+        for stale in (qmp_socket, Path(spec.agent.socket), Path(plan.data["pidfile"]),
+                      console_socket):
+            if stale is not None:
+                stale.unlink(missing_ok=True)
         argv = [str(a) for a in plan.data["argv"]]
-        with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
+        stderr_w: int | None = None
+        if console_socket is not None:
+            # first: QEMU waits (wait=on) for the writer before it runs the guest. The same
+            # writer caps QEMU's stderr (qemu.log): a guest can provoke QEMU's error lines
+            stop_writer(box)  # a writer left from an earlier boot of this box
+            stderr_r, stderr_w = os.pipe()
+            try:
+                start_writer(
+                    box, console_socket, Path(spec.console_log),
+                    int(plan.data.get("console_log_max_bytes") or spec.console_log_max_bytes),
+                    stdin_fd=stderr_r, stdin_out=log_path,
+                )
+            except BaseException:
+                os.close(stderr_w)
+                raise
+            finally:
+                os.close(stderr_r)
+        log_target = (
+            open(log_path, "wb")  # noqa: SIM115 - closed by the with below
+            if stderr_w is None else os.fdopen(stderr_w, "wb")
+        )
+        with log_target as log, open(os.devnull, "rb") as devnull:
             try:
                 popen = subprocess.Popen(
                     argv,
@@ -183,10 +220,15 @@ class QemuBackend(VmmBackend):
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # survives our exit and our terminal's signals
-                    umask=0o077,  # sockets, console log and pidfile are the owner's only
+                    # 022, not 077: the box dir (0700) already keeps QEMU's sockets and
+                    # pidfile private; this umask also shapes what a guest creates through
+                    # a writable 9p share (mapped-xattr fmode/dmode), which the volume's
+                    # owner must be able to read (0644/0755, never executable or setuid)
+                    umask=0o022,
                     close_fds=True,
                 )
             except FileNotFoundError as exc:
+                stop_writer(box)
                 raise ToolMissingError(argv[0], _FIX_PACKAGE.get(host_arch())) from exc
         handle = QemuHandle(
             box, popen.pid, start_time(popen.pid), qmp_socket, Path(spec.console_log),
@@ -196,9 +238,10 @@ class QemuBackend(VmmBackend):
             self._wait_qmp(handle, popen)
         except BaseException:
             handle.kill()
+            stop_writer(box)
             raise
-        for sock in (qmp_socket, Path(spec.agent.socket)):
-            if sock.exists():
+        for sock in (qmp_socket, Path(spec.agent.socket), console_socket):
+            if sock is not None and sock.exists():
                 os.chmod(sock, 0o600)
         write_state(box / "vm.json", {
             **handle.state(),
@@ -228,10 +271,15 @@ class QemuBackend(VmmBackend):
             f"QEMU (pid {popen.pid}) did not open its QMP socket {handle.qmp_socket} within "
             f"{QMP_READY_TIMEOUT:.0f}s ({last or 'no socket'}); QEMU log:\n"
             + log_tail(handle.log or Path(os.devnull))
+            # QEMU waits for the console writer (wait=on) before QMP: say if it is the culprit
+            + ("\nconsole log writer not running: " + writer_tail(handle.box_dir)
+               if (handle.box_dir / WRITER_LOG).exists() and not writer_running(handle.box_dir)
+               else "")
         )
 
     @staticmethod
     def _death_message(handle: QemuHandle, returncode: int) -> str:
+        wait_writer(handle.box_dir, 2.0)  # it copies QEMU's last stderr lines into the log
         log = log_tail(handle.log) if handle.log else ""
         console = handle.console_tail()
         msg = f"QEMU exited during start-up with status {returncode}"
@@ -252,4 +300,8 @@ class QemuBackend(VmmBackend):
         handle = QemuHandle.from_state(Path(box_dir), state)
         if not handle.is_running():
             return None
+        try:
+            ensure_writer(Path(box_dir))  # a console writer that died: QEMU reconnects it
+        except BoxliteError as exc:
+            log.warning("box dir %s: could not restart the console log writer: %s", box_dir, exc)
         return handle

@@ -17,6 +17,7 @@ from typing import Any
 
 from boxlite_core.errors import EngineError
 from boxlite_core.vmm.base import VmHandle
+from boxlite_core.vmm.consolelog import neutralise, stop_writer, tail_bytes, wait_writer
 from boxlite_core.vmm.procstat import alive, log_tail, reap
 
 from .qmp import QmpError, qmp_command
@@ -182,17 +183,28 @@ class QemuHandle(VmHandle):
         self._host_action = _signal_text(signal.SIGKILL) + ", sent by boxlite"
         self._signal(signal.SIGKILL)
         self.wait(5.0)
+        self._finish_console()
+
+    def _finish_console(self) -> None:
+        """QEMU is gone: let its console writer drain the last bytes and exit (it does so by
+        itself on the socket's end), then make sure it has (pid + start time checked)."""
+        if self.is_running():
+            return
+        wait_writer(self.box_dir, 2.0)
+        stop_writer(self.box_dir)
 
     def release(self) -> None:
-        """Nothing to drop: QMP connections are per command. Reap if QEMU already exited."""
+        """Nothing to drop: QMP connections are per command. Reap if QEMU already exited,
+        and then end its console writer too."""
         self._reap()
+        self._finish_console()
 
     # -- diagnosis ---------------------------------------------------------------------------
 
     def _panic_line(self) -> str | None:
         if self.console_log is None:
             return None
-        for line in reversed(log_tail(self.console_log, 60).splitlines()):
+        for line in reversed(self.console_tail(60).splitlines()):
             if any(m in line for m in _PANIC_MARKERS):
                 return line.strip()
         return None
@@ -223,7 +235,13 @@ class QemuHandle(VmHandle):
         )
 
     def console_tail(self, lines: int = 20) -> str:
-        return log_tail(self.console_log, lines) if self.console_log else ""
+        """The guest console's last lines, across rotation, with control characters shown
+        as text (error messages carry it to terminals; the guest wrote it)."""
+        if not self.console_log:
+            return ""
+        if not self.is_running():
+            wait_writer(self.box_dir, 1.0)  # it writes a dead VM's last bytes, then exits
+        return neutralise(tail_bytes(self.console_log, lines, 64 * 1024)).rstrip()
 
     # -- persistence -------------------------------------------------------------------------
 

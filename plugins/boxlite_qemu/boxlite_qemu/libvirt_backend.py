@@ -19,12 +19,16 @@ import contextlib
 import json
 import os
 import platform
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
+from boxlite_core import envvars
 from boxlite_core.errors import ConfigError, EngineError, StateError
+from boxlite_core.kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_problem
 from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
 
@@ -38,6 +42,13 @@ DAEMON_FIX = (
     "if it is not installed: apt-get install libvirt-daemon-system"
 )
 _POLL = 0.1
+#: bound on every call into libvirt (seconds); libvirt-python blocks in C with no timeout
+ENV_TIMEOUT = "BOXLITE_LIBVIRT_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0
+#: close() may wait on a stuck daemon too; it is best effort
+_CLOSE_TIMEOUT = 5.0
+
+T = TypeVar("T")
 
 # libvirt domain states (virDomainState) and shutoff/crashed reasons, for exit_reason()
 _STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown",
@@ -67,6 +78,74 @@ def is_session(uri: str) -> bool:
     return urlsplit(uri).path.rstrip("/") == "/session"
 
 
+class LibvirtTimeout(EngineError):
+    """A call into libvirt did not return within its bound (the daemon is stuck or slow)."""
+
+
+def call_timeout(env: dict[str, str] | None = None) -> float:
+    """``BOXLITE_LIBVIRT_TIMEOUT`` (seconds, > 0) or 60: the bound of each libvirt call."""
+    return envvars.seconds(ENV_TIMEOUT, DEFAULT_TIMEOUT, env)
+
+
+def _stall_hint(uri: str) -> str:
+    hint = (f"the daemon is stuck or overloaded: check `virsh -c {uri} list` and libvirtd's "
+            f"log; on a slow host raise {ENV_TIMEOUT} (seconds)")
+    if is_local(uri) and not is_session(uri):
+        problem = kvm_access_problem(KVM_DEV, QEMU_CONF)
+        if problem:
+            hint = f"likely cause: {problem}; fix: {KVM_FIX}; else {hint}"
+    return hint
+
+
+def bounded(what: str, uri: str, fn: Callable[..., T], *args: Any,
+            timeout: float | None = None,
+            on_abandoned: Callable[[T], None] | None = None) -> T:
+    """Run one libvirt-python call in a worker thread and wait at most ``timeout`` seconds
+    (default :func:`call_timeout`); LibvirtTimeout naming ``what`` and ``uri`` otherwise.
+
+    Why a thread: libvirt-python calls block in C (a daemon that accepts and never answers
+    stalls them forever, and keepalive needs an event loop boxlite does not own). A call
+    that times out is abandoned on its daemon thread; if it returns later anyway, its result
+    goes to ``on_abandoned`` (createXML: destroy the domain nobody will track) and is
+    otherwise dropped. The call's own exceptions (libvirt.libvirtError) are re-raised.
+    """
+    bound = call_timeout() if timeout is None else timeout
+    box: dict[str, Any] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def runner() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            with lock:
+                done.set()
+                late = box.get("abandoned", False)
+        if late and on_abandoned is not None and "result" in box:
+            with contextlib.suppress(Exception):
+                on_abandoned(box["result"])
+
+    threading.Thread(target=runner, name=f"libvirt {what}", daemon=True).start()
+    finished = done.wait(bound)
+    if not finished:
+        with lock:
+            finished = done.is_set()
+            box["abandoned"] = not finished
+    if not finished:
+        raise LibvirtTimeout(f"libvirt {what} on {uri} did not answer in {bound:g} s; "
+                             f"{_stall_hint(uri)}")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _close(uri: str, conn: Any) -> None:
+    with contextlib.suppress(Exception):
+        bounded("virConnectClose", uri, conn.close, timeout=_CLOSE_TIMEOUT)
+
+
 def _import_libvirt() -> Any:
     import libvirt
 
@@ -78,7 +157,7 @@ def _import_libvirt() -> Any:
 def _open(uri: str) -> Any:
     libvirt = _import_libvirt()
     try:
-        return libvirt.open(uri)
+        return bounded("virConnectOpen", uri, libvirt.open, uri)
     except libvirt.libvirtError as exc:
         raise EngineError(f"cannot connect to libvirt at {uri}: {exc}; {DAEMON_FIX}") from exc
 
@@ -155,10 +234,9 @@ class LibvirtHandle(VmHandle):
     def _connection(self) -> Any:
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                if self._conn.isAlive():
+                if bounded("virConnectIsAlive", self.uri, self._conn.isAlive):
                     return self._conn
-            with contextlib.suppress(Exception):
-                self._conn.close()
+            _close(self.uri, self._conn)
             self._conn = None
         self._conn = _open(self.uri)
         return self._conn
@@ -166,15 +244,25 @@ class LibvirtHandle(VmHandle):
     def _domain(self) -> Any | None:
         """This boot's domain, or None when it is gone (or another boot holds the name)."""
         libvirt = _import_libvirt()
+        conn = self._connection()
         try:
-            dom = self._connection().lookupByUUIDString(self.uuid)
+            dom = self._call("virDomainLookupByUUIDString", conn.lookupByUUIDString, self.uuid)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise EngineError(f"libvirt domain {self.name}: lookup failed: {exc}") from exc
-        if dom.ID() != self.dom_id:
+        if self._call("virDomainGetID", dom.ID) != self.dom_id:
             return None
         return dom
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """A bounded libvirt call; on a timeout the connection is dropped (a fresh one is
+        opened next time) since the stuck call still holds it."""
+        try:
+            return bounded(what, self.uri, fn, *args)
+        except LibvirtTimeout:
+            self._conn = None
+            raise
 
     def _note_gone(self) -> None:
         if self._reason is None:
@@ -193,9 +281,10 @@ class LibvirtHandle(VmHandle):
         if dom is None:
             self._note_gone()
             return False
+        libvirt = _import_libvirt()
         try:
-            active = bool(dom.isActive())
-        except Exception:  # vanished between lookup and the call
+            active = bool(self._call("virDomainIsActive", dom.isActive))
+        except libvirt.libvirtError:  # vanished between lookup and the call
             active = False
         if not active:
             self._note_state(dom)
@@ -205,7 +294,9 @@ class LibvirtHandle(VmHandle):
         if self._reason is not None:
             return
         try:
-            state, reason = dom.state()
+            state, reason = self._call("virDomainGetState", dom.state)
+        except LibvirtTimeout:
+            raise
         except Exception:
             self._note_gone()
             return
@@ -226,8 +317,9 @@ class LibvirtHandle(VmHandle):
         if dom is None:
             self._note_gone()
             return
-        with contextlib.suppress(Exception):
-            dom.shutdown()
+        libvirt = _import_libvirt()
+        with contextlib.suppress(libvirt.libvirtError):
+            self._call("virDomainShutdown", dom.shutdown)
         if self.wait(timeout):
             return
         self._destroy("stopped: did not power off within "
@@ -243,7 +335,7 @@ class LibvirtHandle(VmHandle):
             self._note_gone()
             return
         try:
-            dom.destroy()
+            self._call("virDomainDestroy", dom.destroy)
         except libvirt.libvirtError as exc:
             if self._domain() is not None:
                 raise EngineError(f"libvirt domain {self.name}: destroy failed: {exc}") from exc
@@ -259,18 +351,17 @@ class LibvirtHandle(VmHandle):
         dom = self._domain()
         if dom is None:
             raise StateError(f"libvirt domain {self.name} is not running; cannot pause it")
-        dom.suspend()
+        self._call("virDomainSuspend", dom.suspend)
 
     def resume(self) -> None:
         dom = self._domain()
         if dom is None:
             raise StateError(f"libvirt domain {self.name} is not running; cannot resume it")
-        dom.resume()
+        self._call("virDomainResume", dom.resume)
 
     def release(self) -> None:
         if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
+            _close(self.uri, self._conn)
             self._conn = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,6 +381,9 @@ class LibvirtBackend(VmmBackend):
         self._domain_type_reason = "given by the caller" if domain_type else ""
         self.arch = arch or platform.machine()
         self.virtiofsd = virtiofsd
+        #: where the daemon's QEMU user/group come from (a test points it elsewhere)
+        self.qemu_conf = QEMU_CONF
+        self.kvm_dev = KVM_DEV
 
     @property
     def domain_type(self) -> str:
@@ -319,21 +413,29 @@ class LibvirtBackend(VmmBackend):
         except ImportError as exc:
             return ProbeResult(False, reason=f"libvirt-python is not installed ({exc})",
                                fix=INSTALL_FIX, details=details)
+        uri = self.uri
         try:
-            conn = libvirt.open(self.uri)
+            conn = bounded("virConnectOpen", uri, libvirt.open, uri)
         except libvirt.libvirtError as exc:
             return ProbeResult(
-                False, reason=f"libvirt daemon not reachable at {self.uri}: {exc}",
+                False, reason=f"libvirt daemon not reachable at {uri}: {exc}",
                 fix=DAEMON_FIX, details=details)
+        except LibvirtTimeout as exc:
+            return ProbeResult(False, reason=str(exc), fix=DAEMON_FIX, details=details)
         try:
-            details["libvirt_version"] = _version(conn.getLibVersion())
-            with contextlib.suppress(Exception):
-                details["hypervisor_version"] = _version(conn.getVersion())
+            details["libvirt_version"] = _version(
+                bounded("virConnectGetLibVersion", uri, conn.getLibVersion))
+            with contextlib.suppress(libvirt.libvirtError):
+                details["hypervisor_version"] = _version(
+                    bounded("virConnectGetVersion", uri, conn.getVersion))
             details["domain_type"] = self.domain_type
             details["domain_type_reason"] = self._domain_type_reason
-            details["local"] = is_local(self.uri)
+            details["local"] = is_local(uri)
             try:
-                conn.getDomainCapabilities(None, self.arch, None, self.domain_type, 0)
+                bounded("virConnectGetDomainCapabilities", uri, conn.getDomainCapabilities,
+                        None, self.arch, None, self.domain_type, 0)
+            except LibvirtTimeout as exc:
+                return ProbeResult(False, reason=str(exc), fix=DAEMON_FIX, details=details)
             except libvirt.libvirtError as exc:
                 return ProbeResult(
                     False,
@@ -342,9 +444,21 @@ class LibvirtBackend(VmmBackend):
                     fix="apt-get install qemu-system-x86 (and restart libvirtd)",
                     details=details)
         finally:
-            with contextlib.suppress(Exception):
-                conn.close()
+            _close(uri, conn)
+        problem = self._kvm_access_problem()
+        if problem:
+            # usable, but every call re-probes QEMU and stalls: say so, and the fix
+            details["kvm_access"] = problem
+            return ProbeResult(True, reason=f"usable but slow: {problem}", fix=KVM_FIX,
+                               details=details)
         return ProbeResult(True, details=details)
+
+    def _kvm_access_problem(self) -> str | None:
+        """Only a local system daemon runs QEMU as libvirt's QEMU user on this host's
+        /dev/kvm; a session daemon runs it as the caller."""
+        if not is_local(self.uri) or is_session(self.uri):
+            return None
+        return kvm_access_problem(self.kvm_dev, self.qemu_conf)
 
     def plan(self, spec: VmSpec) -> LaunchPlan:
         xml = build_domain_xml(spec, domain_type=self.domain_type, arch=self.arch,
@@ -371,23 +485,33 @@ class LibvirtBackend(VmmBackend):
         conn = _open(uri)
         try:
             with contextlib.suppress(libvirt.libvirtError):
-                old = conn.lookupByName(name)
+                old = bounded("virDomainLookupByName", uri, conn.lookupByName, name)
+                state = bounded("virDomainGetState", uri, old.state)[0]
                 raise StateError(
                     f"libvirt domain {name} already exists at {uri} (state "
-                    f"{_STATES.get(old.state()[0], '?')}); stop that box first, or remove it: "
+                    f"{_STATES.get(state, '?')}); stop that box first, or remove it: "
                     f"virsh -c {uri} destroy {name}")
             # a stale socket would make connecting clients race the new QEMU's listen()
             spec.agent.socket.unlink(missing_ok=True)
             try:
-                dom = conn.createXML(plan.data["xml"], 0)
+                # a createXML that answers after we gave up would leave an untracked VM;
+                # the abandoned call still uses conn, so its late handler closes it
+                late_conn = conn
+                dom = bounded("createXML", uri, conn.createXML, plan.data["xml"], 0,
+                              on_abandoned=lambda d: _destroy_late_domain(d, late_conn))
+            except LibvirtTimeout:
+                conn = None
+                raise
             except libvirt.libvirtError as exc:
                 raise EngineError(f"libvirt could not start domain {name} at {uri}: {exc}"
                                   ) from exc
-            handle = LibvirtHandle(uri, name, dom.UUIDString(), dom.ID(),
+            handle = LibvirtHandle(uri, name, bounded("virDomainGetUUIDString", uri,
+                                                      dom.UUIDString),
+                                   bounded("virDomainGetID", uri, dom.ID),
                                    _read_pid(uri, name), spec.box_dir)
         finally:
-            with contextlib.suppress(Exception):
-                conn.close()
+            if conn is not None:
+                _close(uri, conn)
         if is_local(uri):
             with contextlib.suppress(OSError):
                 os.chmod(spec.agent.socket, 0o600)
@@ -407,6 +531,14 @@ class LibvirtBackend(VmmBackend):
             handle.release()
             return None
         return handle
+
+
+def _destroy_late_domain(dom: Any, conn: Any) -> None:
+    """The domain of a createXML we stopped waiting for: nobody tracks it, so it goes."""
+    with contextlib.suppress(Exception):
+        dom.destroy()
+    with contextlib.suppress(Exception):
+        conn.close()
 
 
 def _version(number: int) -> str:

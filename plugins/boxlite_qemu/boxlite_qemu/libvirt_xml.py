@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from boxlite_core.errors import ConfigError
 from boxlite_core.models import DiskSpec, ShareSpec, VmSpec
 
+from .argv import NINEP_DMODE, NINEP_FMODE
+
 #: virtio-serial port name the guest agent opens (/dev/virtio-ports/org.boxlite.agent)
 AGENT_PORT_NAME = "org.boxlite.agent"
 #: libvirt starts this virtiofsd when a virtiofs share comes without its own socket
@@ -77,11 +79,18 @@ def _disk(devices: ET.Element, index: int, disk: DiskSpec) -> None:
 
 def _share(devices: ET.Element, share: ShareSpec, virtiofsd: str, seclabel: str) -> None:
     if share.kind == "9p":
-        # QEMU as root: passthrough, so guest uids/gids (the volume owner's) land on the host
-        # as-is, like the qemu backend. Non-root QEMU: squash (chown failures are ignored;
-        # passthrough would fail with EPERM)
-        mode = "passthrough" if seclabel == "root" else "squash"
-        el = _sub(devices, "filesystem", type="mount", accessmode=mode)
+        # a writable user volume: "mapped" (QEMU's mapped-xattr), like the qemu backend —
+        # guest owners, modes and device nodes stay in xattrs, so no setuid bit or device
+        # node reaches the host. Read-only and rootfs shares (no owner) as before:
+        # passthrough as root, squash unprivileged (see argv.ninep_security_model)
+        if not share.read_only and share.uid is not None:
+            el = _sub(
+                devices, "filesystem", type="mount", accessmode="mapped",
+                fmode=NINEP_FMODE, dmode=NINEP_DMODE,
+            )
+        else:
+            mode = "passthrough" if seclabel == "root" else "squash"
+            el = _sub(devices, "filesystem", type="mount", accessmode=mode)
         _sub(el, "driver", type="path")
         _sub(el, "source", dir=str(share.host_path))
         _sub(el, "target", dir=share.tag)

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from boxlite_core import envvars
 from boxlite_core.errors import EngineError
 
 
@@ -20,13 +21,36 @@ class QmpError(EngineError):
     """A QMP command failed or QEMU's monitor could not be reached."""
 
 
+#: a slow host may raise every QMP bound to at least this many seconds
+ENV_TIMEOUT = "BOXLITE_QMP_TIMEOUT"
+
+
+class QmpTimeout(QmpError):
+    """QEMU's monitor did not greet or did not answer within the bound."""
+
+
+def _bound(timeout: float) -> float:
+    return max(timeout, envvars.seconds(ENV_TIMEOUT, timeout))
+
+
 async def _execute(socket: Path, command: str, args: dict[str, Any] | None, timeout: float) -> Any:
     from qemu.qmp import QMPClient
 
     client = QMPClient("boxlite")
-    await asyncio.wait_for(client.connect(str(socket)), timeout)
     try:
-        return await asyncio.wait_for(client.execute(command, args), timeout)
+        await asyncio.wait_for(client.connect(str(socket)), timeout)
+    except TimeoutError:
+        raise QmpTimeout(
+            f"QMP monitor {socket} did not greet within {timeout:g} s (waited to run "
+            f"{command}); QEMU is stuck or something else listens there; on a slow host "
+            f"raise {ENV_TIMEOUT} (seconds)") from None
+    try:
+        try:
+            return await asyncio.wait_for(client.execute(command, args), timeout)
+        except TimeoutError:
+            raise QmpTimeout(
+                f"QMP {command} on {socket} did not answer within {timeout:g} s; QEMU is "
+                f"stuck; on a slow host raise {ENV_TIMEOUT} (seconds)") from None
     finally:
         try:
             await asyncio.wait_for(client.disconnect(), timeout)
@@ -47,6 +71,7 @@ def qmp_command(
 
     ``quit`` may lose its reply when QEMU exits first: that counts as success.
     """
+    timeout = _bound(timeout)
     box: dict[str, Any] = {}
 
     def runner() -> None:
@@ -59,10 +84,12 @@ def qmp_command(
     thread.start()
     thread.join(timeout * 3)
     if thread.is_alive():
-        raise QmpError(f"QMP {command} on {socket} did not answer within {timeout * 3:.0f}s")
+        raise QmpTimeout(f"QMP {command} on {socket} did not answer within {timeout * 3:.0f}s")
     if "error" in box:
         exc = box["error"]
         if command == "quit" and _is_disconnect(exc):
             return {}
+        if isinstance(exc, QmpTimeout):
+            raise exc
         raise QmpError(f"QMP {command} on {socket} failed: {type(exc).__name__}: {exc}") from exc
     return box.get("result")

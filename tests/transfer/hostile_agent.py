@@ -1,0 +1,35 @@
+"""Test double of a guest that replaced its agent: the real agent, except that Download of a
+path for which a crafted tar exists in $BOXLITE_TEST_STREAMS streams those bytes instead.
+
+Everything else is real: the gRPC server, the serial-port stand-in, the host's shim and
+client. File name of a crafted stream: the requested path with '/' as '__' plus '.tar'.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.environ["BOXLITE_TEST_REPO"])
+
+from tarcraft import crafted_name
+
+from boxlite_core.guest.agent import files
+
+STREAMS = Path(os.environ["BOXLITE_TEST_STREAMS"])
+_real_download = files.download
+
+
+def download(reaper, root, path):  # the signature of files.download
+    crafted = STREAMS / crafted_name(path)
+    if not crafted.exists():
+        return _real_download(reaper, root, path)
+    data = crafted.read_bytes()
+    return iter([data[i : i + 65536] for i in range(0, len(data), 65536)])
+
+
+files.download = download
+sys.argv[0] = "boxlite_core.guest.agent"
+runpy.run_module("boxlite_core.guest.agent", run_name="__main__", alter_sys=True)
