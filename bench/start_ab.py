@@ -29,7 +29,9 @@ RUN_TIMEOUT = 1800
 
 
 def pythonpath(tree: Path) -> str:
-    parts = [tree, tree / "plugins" / "boxlite_qemu", tree / "conformance"]
+    # every distribution of the checkout: an installed (editable) plugin of the other tree
+    # must not be what the entry points load
+    parts = [tree, *sorted((tree / "plugins").glob("boxlite_*")), tree / "conformance"]
     return os.pathsep.join(str(p.resolve()) for p in parts)
 
 

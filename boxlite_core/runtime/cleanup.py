@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BoxliteError, EngineError, NotFoundError, StateError
 from ..guest.transport import stop_shim
 from ..models import BoxStatus
-from ..vmm.procstat import alive
+from ..vmm.procstat import alive, stat_fields
 from ..vmm.procstat import start_time as proc_start_time
 
 if TYPE_CHECKING:
@@ -52,16 +52,6 @@ PLAN_FILE = "plan.json"  # pipeline.PLAN_FILE (not imported: pipeline imports th
 
 
 # -- processes a box directory names ----------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/PID/stat ([0] state, [2] pgrp, [3] session, [19] start time)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    return fields if len(fields) >= 20 else None
 
 
 def _argv_names(cmdline: bytes, box_dir: bytes) -> bool:
@@ -151,8 +141,8 @@ def session_leaders_naming(root: Path) -> dict[str, list[tuple[int, int]]]:
         names = _named_children(cmdline, needle) if needle in cmdline else set()
         if not names and not sockets:
             continue
-        fields = _stat(pid)
-        if fields is None or fields[0] in ("Z", "X"):
+        fields = stat_fields(pid)  # [0] state, [3] session, [19] start time
+        if fields is None or len(fields) < 20 or fields[0] in ("Z", "X"):
             continue
         session = int(fields[3])
         if session != pid or session == my_session:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     """Fields 3.. of /proc/PID/stat (fields[0] is the state), None if there is no such pid."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -34,7 +34,7 @@ def start_time(pid: int) -> int | None:
     """When ``pid`` started (clock ticks since boot), None if there is no such process.
 
     A zombie still has one, so a record written right after a quick death stays exact."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None or len(fields) < 20:
         return None
     return int(fields[19])
@@ -44,7 +44,7 @@ def alive(pid: int, started: int | None) -> bool:
     """``pid`` runs, is not a zombie, and (when ``started`` is known) is the same process."""
     if pid <= 0:
         return False
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None or len(fields) < 20 or fields[0] in ("Z", "X"):
         return False
     return started is None or int(fields[19]) == started

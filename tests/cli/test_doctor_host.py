@@ -7,7 +7,6 @@ node as libvirt's QEMU user through setpriv.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import os
 import pwd
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from test_cli_plugins import boxlite
+from tmpfs_helper import small_tmpfs
 
 from boxlite_core.cli.doctor import _libvirt_kvm
 from boxlite_core.kvm_access import QEMU_CONF, daemon_running, libvirt_qemu_identity
@@ -27,15 +27,6 @@ from boxlite_core.kvm_access import QEMU_CONF, daemon_running, libvirt_qemu_iden
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mount/mknod/setpriv need root")
 
 
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str = "20m"):
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-                   check=True, timeout=30)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False, timeout=30)
 
 
 @root_only

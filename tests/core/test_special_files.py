@@ -6,14 +6,13 @@ function, a real tmpfs as the destination so that a regression fills 16 MiB, not
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tmpfs_helper import small_tmpfs
 
 from boxlite_core.errors import ConfigError, ImageError
 from boxlite_core.fscopy import copy_file, copy_tree, open_regular
@@ -22,15 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mknod and mount need root")
 
 
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str = "16m"):
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-                   check=True, timeout=30)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False, timeout=30)
 
 
 def _special_tree(root: Path) -> Path:
@@ -51,7 +41,7 @@ def _special_tree(root: Path) -> Path:
 @pytest.mark.timeout(60)
 def test_copy_tree_makes_nodes_as_nodes_and_skips_the_fifo_without_blocking(tmp_path):
     src = _special_tree(tmp_path / "src")
-    with small_tmpfs(tmp_path / "dst") as dst:
+    with small_tmpfs(tmp_path / "dst", "16m") as dst:
         report = copy_tree(src, dst / "root")
         out = dst / "root"
         assert (out / "etc/hostname").read_text() == "guest\n"
@@ -117,7 +107,7 @@ def test_bench_seed_kit_copies_a_base_root_with_device_nodes_without_reading_the
     monkeypatch.setattr(run_overhead, "find_kit",
                         lambda home, *a, **k: Kit() if home == source else None)
     monkeypatch.setenv("BOXLITE_DISK_RESERVE_MIB", "1")
-    with small_tmpfs(tmp_path / "bench-home") as home:
+    with small_tmpfs(tmp_path / "bench-home", "16m") as home:
         run_overhead.seed_kit(home, source)
         base = kit_cache_dir(home) / "base" / "root"
         assert stat.S_ISCHR(os.lstat(base / "dev/full").st_mode)

@@ -7,14 +7,13 @@ filesystem is usable at all.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 from oci_fixtures import f, layer_tar, oci_layout_files, write_dir, write_tar
+from tmpfs_helper import small_tmpfs
 
 from boxlite_core.diskspace import DiskSpaceError
 from boxlite_core.images.store import ImageStore
@@ -24,15 +23,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs need
 MIB = 1024 * 1024
 
 
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str = "20m"):
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-                   check=True, timeout=30)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False, timeout=30)
 
 
 @pytest.fixture(autouse=True)
