@@ -6,6 +6,7 @@ Skipped (with the reason) when libvirtd is not reachable; CI starts it (scripts/
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -180,3 +181,34 @@ def test_boxlite_run_end_to_end(
     assert "hello-from-host" in out.stdout
     assert "ro-ok" in out.stdout
     assert not (vol / "new").exists()
+
+
+def test_a_domain_whose_launch_was_cut_short_is_still_found(
+    tmp_path: Path, libvirt_uri: str, kit, make_spec
+) -> None:
+    """The process running launch() is killed after createXML created the domain but before
+    the full vm.json was written (issue 12, finding 4): libvirt keeps the transient domain,
+    so a later process (rm -f, recovery) must still find it by the name launch() recorded
+    first, and be able to kill it."""
+    box_dir = tmp_path / "box"
+    box_dir.mkdir()
+    spec = make_spec(box_dir, kernel=kit.kernel, initrd=kit.initrd,
+                     root_image=kit.root_image, cmdline=kit.cmdline, box_id="lvtcut")
+    backend = LibvirtBackend(libvirt_uri)
+    handle = backend.launch(backend.plan(spec))
+    try:
+        vm_file = box_dir / "vm.json"
+        # what launch() leaves when it dies right after createXML: only the domain's name
+        vm_file.write_text(json.dumps({"backend": "libvirt", "uri": libvirt_uri,
+                                       "name": handle.name, "uuid": None}))
+        adopted = LibvirtBackend(libvirt_uri).attach(box_dir)
+        assert adopted is not None, "a running domain named in the box dir was not found"
+        assert adopted.uuid == handle.uuid and adopted.is_running()
+        assert json.loads(vm_file.read_text())["uuid"] == handle.uuid  # full record again
+        adopted.kill()
+        assert not handle.is_running()
+        vm_file.write_text(json.dumps({"backend": "libvirt", "uri": libvirt_uri,
+                                       "name": handle.name, "uuid": None}))
+        assert LibvirtBackend(libvirt_uri).attach(box_dir) is None  # gone: nothing to adopt
+    finally:
+        _cleanup(handle)

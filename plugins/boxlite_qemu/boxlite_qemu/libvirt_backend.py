@@ -493,6 +493,11 @@ class LibvirtBackend(VmmBackend):
                     f"virsh -c {uri} destroy {name}")
             # a stale socket would make connecting clients race the new QEMU's listen()
             spec.agent.socket.unlink(missing_ok=True)
+            # Name the domain in the box dir *before* createXML: a process killed between the
+            # domain's creation and the full record below would otherwise leave a VM that no
+            # later `rm -f`/recovery can find (libvirt keeps transient domains after we go).
+            _write_vm_record(spec.box_dir, {"backend": self.name, "uri": uri, "name": name,
+                                            "uuid": None})
             try:
                 # a createXML that answers after we gave up would leave an untracked VM;
                 # the abandoned call still uses conn, so its late handler closes it
@@ -525,6 +530,12 @@ class LibvirtBackend(VmmBackend):
             return None
         if info.get("backend") != self.name:
             return None
+        if info.get("uuid") is None:  # launch() was cut short right after createXML
+            found = _adopt_by_name(info["uri"], info["name"], Path(box_dir))
+            if found is None:
+                return None
+            _write_vm_file(box_dir, found)
+            return found
         handle = LibvirtHandle(info["uri"], info["name"], info["uuid"], int(info["id"]),
                                info.get("pid"), Path(box_dir))
         if not handle.is_running():
@@ -545,8 +556,30 @@ def _version(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
 
 
+def _adopt_by_name(uri: str, name: str, box_dir: Path) -> LibvirtHandle | None:
+    """The running domain ``name`` (``boxlite-<box id>``: one box's alone), or None."""
+    libvirt = _import_libvirt()
+    conn = _open(uri)
+    try:
+        try:
+            dom = bounded("virDomainLookupByName", uri, conn.lookupByName, name)
+        except libvirt.libvirtError:
+            return None
+        if not bounded("virDomainIsActive", uri, dom.isActive):
+            return None
+        return LibvirtHandle(uri, name, bounded("virDomainGetUUIDString", uri, dom.UUIDString),
+                             bounded("virDomainGetID", uri, dom.ID), _read_pid(uri, name),
+                             box_dir)
+    finally:
+        _close(uri, conn)
+
+
 def _write_vm_file(box_dir: Path, handle: LibvirtHandle) -> None:
+    _write_vm_record(box_dir, handle.to_dict())
+
+
+def _write_vm_record(box_dir: Path, record: dict[str, Any]) -> None:
     path = Path(box_dir) / VM_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(handle.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
