@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from orphans import naming
 from runtime_doubles import make_runtime, opts
 
 from boxlite_core.errors import GuestError, StateError
@@ -39,26 +40,6 @@ rt.get(sys.argv[3]).start()
 #: the ``boxlite`` command, run from this interpreter
 BOXLITE = [sys.executable, "-c", "from boxlite_core.cli.main import main; main()"]
 POLL_LIMIT = 60.0  # seconds; a bound on a wait for an event, not a timing
-
-
-def naming(box_dir: Path, box_id: str) -> list[tuple[int, str]]:
-    """Every process (but this one) whose command line names the box directory or id."""
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state in ("Z", "X"):
-            continue
-        text = raw.replace(b"\0", b" ").decode(errors="replace")
-        if str(box_dir) in text or box_id in text:
-            found.append((int(entry), text[:160]))
-    return found
 
 
 def wait_for(what: str, check, limit: float = POLL_LIMIT):
