@@ -115,13 +115,12 @@ def _silence_stdout() -> None:
 
 
 def _inert(text: str) -> str:
-    """``text`` with every non-printable character written as an escape (``\\x1b``,
-    ``\\u202e``). Error lines carry text the guest chose (agent error details, console
-    tails): raw, an escape sequence in them would drive the user's terminal."""
-    return "".join(
-        ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
-        for ch in text.replace("\t", " ")
-    )
+    """One line of an error with every non-printable character written as an escape. Error
+    lines carry text the guest chose (agent error details, console tails): raw, an escape
+    sequence in them would drive the user's terminal. The same rule as ``boxlite logs``."""
+    from ..vmm.consolelog import inert
+
+    return inert(text.replace("\t", " "))
 
 
 def _one_line(message: str) -> str:

@@ -223,14 +223,7 @@ def wait_writer(box_dir: Path, timeout: float = 2.0) -> bool:
     """Wait until the box's writer has exited (after its VMM did, it drains and goes), so
     the console files are complete. True if it is gone."""
     state = _read_state(box_dir)
-    if state is None:
-        return True
-    deadline = time.monotonic() + timeout
-    while alive(int(state["pid"]), state.get("start_time")):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return state is None or wait_gone(state, timeout)
 
 
 def writer_tail(box_dir: Path) -> str:
@@ -396,7 +389,7 @@ _SUSPECT = re.compile("[^\x20-\x7e\n\t]")
 
 
 def _escape(match: re.Match[str]) -> str:
-    """The same rule as the CLI's error lines: what ``str.isprintable`` refuses (C0, DEL,
+    """What ``str.isprintable`` refuses (C0, DEL,
     C1, bidi and other format characters, line/paragraph separators) becomes an escape."""
     ch = match.group(0)
     if ch.isprintable():
@@ -430,6 +423,12 @@ class TerminalSafe:
         text = self._decoder.decode(b"", final=True) + ("\r" if self._cr else "")
         self._cr = False
         return _SUSPECT.sub(_escape, text.replace("\r\n", "\n"))
+
+
+def inert(text: str) -> str:
+    """``text`` with every character ``str.isprintable`` refuses but LF and TAB written as an
+    escape (``\\x1b``, ``\\u202e``): guest-chosen text that is safe to print."""
+    return _SUSPECT.sub(_escape, text)
 
 
 def neutralise(data: bytes) -> str:
