@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from boxlite_core.guest.kit import EXEC_MARKER, START_MARKER, ensure_kit
-from boxlite_core.guest.kit.smoke import boot_until, smoke_argv
+from boxlite_core.kit import EXEC_MARKER, START_MARKER, ensure_kit
+from boxlite_core.kit.smoke import boot_until, smoke_argv
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "boxlite_qemu"))
 
-from boxlite_core.guest.kit import ROOT_SERIAL, ensure_kit
+from boxlite_core.kit import ROOT_SERIAL, ensure_kit
 from boxlite_core.models import AgentEndpoint, DiskSpec, VmSpec
 from boxlite_qemu.backend import QemuBackend
 

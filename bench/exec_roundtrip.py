@@ -29,8 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from boxlite_core.guest.client import AgentClient  # noqa: E402
-from boxlite_core.guest.transport import stop_shim  # noqa: E402
+from boxlite_core.channel.client import AgentClient  # noqa: E402
+from boxlite_core.channel.transport import stop_shim  # noqa: E402
 
 
 def direct(box: Path, n: int, **kw) -> dict:
@@ -76,7 +76,7 @@ def _start_native(box: Path, importtime: bool = False) -> subprocess.Popen:
             "private",
             *py,
             "-m",
-            "boxlite_core.guest.agent",
+            "boxlite_core.agent",
             "--serial-listen",
             str(box / "agent.port"),
             "--state-dir",

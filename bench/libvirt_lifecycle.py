@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from boxlite_core.guest.kit import ROOT_SERIAL, ensure_kit
-from boxlite_core.guest.transport import open_port
+from boxlite_core.channel.transport import open_port
+from boxlite_core.kit import ROOT_SERIAL, ensure_kit
 from boxlite_core.models import AgentEndpoint, DiskSpec, VmSpec
 from boxlite_qemu.libvirt_backend import LibvirtBackend
 

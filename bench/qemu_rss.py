@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from boxlite_core.guest.kit import ROOT_SERIAL, ensure_kit
+from boxlite_core.kit import ROOT_SERIAL, ensure_kit
 from boxlite_core.models import AgentEndpoint, DiskSpec, VmSpec
 from boxlite_qemu.backend import QemuBackend
 

@@ -46,8 +46,8 @@ import qemu_rss  # noqa: E402
 
 from boxlite_core.diskspace import ensure_free  # noqa: E402
 from boxlite_core.fscopy import copy_tree  # noqa: E402
-from boxlite_core.guest.kit import EXEC_MARKER, START_MARKER  # noqa: E402
-from boxlite_core.guest.kit.builder import find_kit, kit_cache_dir  # noqa: E402
+from boxlite_core.kit import EXEC_MARKER, START_MARKER  # noqa: E402
+from boxlite_core.kit.builder import find_kit, kit_cache_dir  # noqa: E402
 from boxlite_core.rootfs.util import tree_usage  # noqa: E402
 
 DEFAULT_HOME = Path("/var/tmp/boxlite-bench-home")

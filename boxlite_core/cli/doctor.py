@@ -123,7 +123,7 @@ def run_checks() -> list[Check]:
                             f"failed in {failure.where}: {failure.error}",
                             "reinstall or remove the plugin, or exclude it with BOXLITE_PLUGINS"))
     try:
-        from ..guest.kit import find_kit
+        from ..kit import find_kit
 
         kit = find_kit(home)
     except Exception as exc:

@@ -268,7 +268,7 @@ def guest() -> None:
 @click.option("--force", is_flag=True, help="rebuild even if the kit is cached")
 def guest_build(force: bool) -> int:
     """Build (or find) the guest kit in the cache."""
-    from ..guest.kit import build_kit
+    from ..kit import build_kit
     from ..runtime.runtime import default_home
 
     with Reporter() as progress:

@@ -500,7 +500,7 @@ class Box:
             return None
 
     def _connect(self, handle: VmHandle, timeout: float) -> Any:
-        from ..guest.client import AgentClient
+        from ..channel.client import AgentClient
 
         record = self._record
         agent = dict(record.state.get("agent") or {})

@@ -30,8 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ..channel.transport import stop_shim
 from ..errors import BoxliteError, EngineError, NotFoundError, StateError
-from ..guest.transport import stop_shim
 from ..models import BoxStatus
 from ..vmm.procstat import alive, stat_fields
 from ..vmm.procstat import start_time as proc_start_time

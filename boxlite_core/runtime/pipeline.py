@@ -52,7 +52,7 @@ ProgressFn = Callable[[str, "float | None"], None]
 
 #: Default seconds to wait for the guest agent; generous because TCG boots are slow.
 DEFAULT_BOOT_TIMEOUT = 120.0
-ROOT_SERIAL = "bxguest"  # matches boxlite_core.guest.kit.ROOT_SERIAL (the initramfs looks for it)
+ROOT_SERIAL = "bxguest"  # matches boxlite_core.kit.ROOT_SERIAL (the initramfs looks for it)
 #: preferred volume sharers, in order, when the user names none
 SHARER_PREFERENCE = ("virtiofs", "9p")
 
@@ -267,7 +267,7 @@ def record_vmm_identity(ctx: StartContext) -> None:
 
 
 def guest_connect(ctx: StartContext) -> None:
-    from ..guest.client import AgentClient
+    from ..channel.client import AgentClient
 
     assert ctx.spec is not None and ctx.handle is not None
     handle = ctx.handle

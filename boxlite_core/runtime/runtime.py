@@ -48,7 +48,7 @@ def default_home() -> Path:
 
 
 def _default_kit_provider(home: Path, progress: Any) -> Any:
-    from ..guest.kit import ensure_kit
+    from ..kit import ensure_kit
 
     return ensure_kit(home, progress=progress)
 

@@ -84,7 +84,7 @@ class NativeAgent:
                 "private",
                 sys.executable,
                 "-m",
-                "boxlite_core.guest.agent",
+                "boxlite_core.agent",
                 *channel,
                 "--state-dir",
                 str(box_dir / "run"),
@@ -104,7 +104,7 @@ class NativeAgent:
             return ""
 
     def stop(self) -> None:
-        from boxlite_core.guest.transport import stop_shim
+        from boxlite_core.channel.transport import stop_shim
 
         if self.proc.poll() is None:
             self.proc.kill()
@@ -139,7 +139,7 @@ def agent_factory(tmp_path_factory, busybox_root):
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, busybox_root):
     """One initialised agent shared by a module's tests (they do not change global state)."""
-    from boxlite_core.guest.client import AgentClient
+    from boxlite_core.channel.client import AgentClient
 
     agent = NativeAgent(tmp_path_factory.mktemp("box"))
     c = AgentClient.connect(

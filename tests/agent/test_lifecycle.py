@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from boxlite_core.channel.client import AgentClient
 from boxlite_core.errors import GuestError
-from boxlite_core.guest.client import AgentClient
 
 
 def _connect(agent, **kw) -> AgentClient:

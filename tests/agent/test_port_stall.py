@@ -17,8 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from boxlite_core.guest.client import AgentClient
-from boxlite_core.guest.transport import READY
+from boxlite_core.channel.client import AgentClient
+from boxlite_core.channel.transport import READY
 
 
 class ChardevStandIn:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from boxlite_core.channel import transport
+from boxlite_core.channel.client import AgentClient
 from boxlite_core.errors import GuestError
-from boxlite_core.guest import transport
-from boxlite_core.guest.client import AgentClient
 from boxlite_core.vmm.procstat import alive, start_time
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def _shim_pids(box_dir: Path) -> list[int]:
         except OSError:
             continue
         if (
-            b"boxlite_core.guest.shim" in argv
+            b"boxlite_core.channel.shim" in argv
             and str(box_dir).encode() in argv
             and alive(int(entry.name), None)
         ):
@@ -96,7 +96,7 @@ def test_client_in_another_process_while_this_one_holds_the_box(ready_agent):
     mine = _connect(ready_agent)
     script = textwrap.dedent(
         f"""
-        from boxlite_core.guest.client import AgentClient
+        from boxlite_core.channel.client import AgentClient
         c = AgentClient.connect({str(ready_agent.box_dir)!r}, timeout=30)
         outs = [c.run(["echo", f"other-{{i}}"])[3].decode() for i in range(10)]
         print("".join(outs), end="")

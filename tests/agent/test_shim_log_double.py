@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from boxlite_core.guest import transport
+from boxlite_core.channel import transport
 
 #: the tree whose boxlite_core this test imported: the shim child runs the same code
 REPO = Path(transport.__file__).resolve().parents[2]
-#: the shim's default cap of shim.log (boxlite_core.guest.shim.LOG_MAX_BYTES)
+#: the shim's default cap of shim.log (boxlite_core.channel.shim.LOG_MAX_BYTES)
 SHIM_LOG_CAP = 1024 * 1024
 
 
@@ -62,7 +62,7 @@ def _start_shim(box: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=path)
     with open(box / transport.SHIM_LOG, "ab") as log:  # as transport._spawn_shim does
         proc = subprocess.Popen(
-            [sys.executable, "-m", "boxlite_core.guest.shim", "--box-dir", str(box),
+            [sys.executable, "-m", "boxlite_core.channel.shim", "--box-dir", str(box),
              "--port", str(box / transport.PORT_NAME), "--timeout", "20", *extra],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from boxlite_core.guest.agent.vsock import cmdline_port
-from boxlite_core.guest.client import AgentClient
+from boxlite_core.agent.vsock import cmdline_port
+from boxlite_core.channel.client import AgentClient
 
 
 def _stream(agent, path=None, **kw) -> AgentClient:

@@ -116,7 +116,7 @@ class _StalledFilesDouble:
 
 @pytest.fixture
 def stalled_agent_double(tmp_path: Path):
-    from boxlite_core.guest.proto import agent_pb2_grpc as rpc
+    from boxlite_core.proto import agent_pb2_grpc as rpc
 
     servicer = _StalledFilesDouble()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -130,7 +130,7 @@ def stalled_agent_double(tmp_path: Path):
 
 
 def _client(target: str):
-    from boxlite_core.guest.client import AgentClient
+    from boxlite_core.channel.client import AgentClient
 
     class _Transport:
         def __init__(self, target: str) -> None:
@@ -174,8 +174,8 @@ def test_upload_to_a_stalled_agent_double_fails_in_the_bound(stalled_agent_doubl
 def test_a_mistyped_bound_is_refused_by_name(monkeypatch, name: str, value: str) -> None:
     """A setting meant to lengthen a bound on a slow host must not be silently ignored."""
     from boxlite_core import tools
+    from boxlite_core.channel import client
     from boxlite_core.errors import ConfigError
-    from boxlite_core.guest import client
     from boxlite_core.runtime import pipeline
     from boxlite_qemu import libvirt_backend, qmp
 

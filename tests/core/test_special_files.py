@@ -94,7 +94,7 @@ def test_bench_seed_kit_copies_a_base_root_with_device_nodes_without_reading_the
         import run_overhead
     finally:
         sys.path.remove(str(REPO / "bench"))
-    from boxlite_core.guest.kit.builder import kit_cache_dir
+    from boxlite_core.kit.builder import kit_cache_dir
 
     source = tmp_path / "source-home"
     _special_tree(kit_cache_dir(source) / "base" / "root")

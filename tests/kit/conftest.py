@@ -20,12 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def make_source_tree(root: Path, agent_main: bytes = PLACEHOLDER_AGENT) -> Path:
-    """A minimal `boxlite_core/guest/{agent,proto}` tree the kit can be built from."""
-    guest = root / "boxlite_core" / "guest"
+    """A minimal `boxlite_core/{agent,proto}` tree the kit can be built from."""
+    guest = root / "boxlite_core"
     (guest / "agent").mkdir(parents=True, exist_ok=True)
     (guest / "proto").mkdir(parents=True, exist_ok=True)
     (root / "boxlite_core" / "__init__.py").write_text("import attrs  # host-only\n")
-    (guest / "__init__.py").write_text("")
     (guest / "agent" / "__init__.py").write_text("")
     (guest / "agent" / "__main__.py").write_bytes(agent_main)
     (guest / "proto" / "__init__.py").write_text("")
@@ -55,6 +54,6 @@ def kit_source_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def built_kit(kit_home: Path, kit_source_root: Path):
-    from boxlite_core.guest.kit import ensure_kit
+    from boxlite_core.kit import ensure_kit
 
     return ensure_kit(kit_home, source_root=kit_source_root)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from boxlite_core.guest.kit import EXEC_MARKER, START_MARKER, GuestKit
-from boxlite_core.guest.kit.smoke import boot_until, smoke_argv
+from boxlite_core.kit import EXEC_MARKER, START_MARKER, GuestKit
+from boxlite_core.kit.smoke import boot_until, smoke_argv
 
 pytestmark = pytest.mark.vm
 

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 from boxlite_core import tools
-from boxlite_core.guest.kit.cpio import CpioWriter
-from boxlite_core.guest.kit.initramfs import build_initramfs, init_script
+from boxlite_core.kit.cpio import CpioWriter
+from boxlite_core.kit.initramfs import build_initramfs, init_script
 
 
 def _archive() -> bytes:
@@ -57,7 +57,7 @@ def test_init_script_is_valid_shell_and_loads_modules_in_order() -> None:
     assert 'echo "boxlite-init: start"' in script.splitlines()[2]
     assert "for m in a/dep.ko b/user.ko; do" in script
     assert "boxlite.init=marker" in script
-    assert "exec switch_root /newroot /usr/bin/python3 -m boxlite_core.guest.agent" in script
+    assert "exec switch_root /newroot /usr/bin/python3 -m boxlite_core.agent" in script
 
 
 def test_initramfs_holds_busybox_modules_and_init(tmp_path: Path) -> None:

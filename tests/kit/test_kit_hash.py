@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.guest.kit import KitRecipe, find_kit, kit_cache_dir
-from boxlite_core.guest.kit.builder import agent_files
+from boxlite_core.kit import KitRecipe, find_kit, kit_cache_dir
+from boxlite_core.kit.builder import agent_files
 
 
 def kit_id(root: Path) -> str:
@@ -21,31 +21,31 @@ def test_same_inputs_same_id(source_tree: Path) -> None:
 
 def test_agent_edit_changes_id(source_tree: Path) -> None:
     before = kit_id(source_tree)
-    main = source_tree / "boxlite_core/guest/agent/__main__.py"
+    main = source_tree / "boxlite_core/agent/__main__.py"
     main.write_text(main.read_text() + "\n# edited\n")
     assert kit_id(source_tree) != before
 
 
 def test_new_proto_file_changes_id(source_tree: Path) -> None:
     before = kit_id(source_tree)
-    (source_tree / "boxlite_core/guest/proto/agent_pb2.py").write_text("X = 1\n")
+    (source_tree / "boxlite_core/proto/agent_pb2.py").write_text("X = 1\n")
     assert kit_id(source_tree) != before
 
 
 def test_pycache_and_non_python_files_do_not_change_id(source_tree: Path) -> None:
     before = kit_id(source_tree)
-    cache = source_tree / "boxlite_core/guest/agent/__pycache__"
+    cache = source_tree / "boxlite_core/agent/__pycache__"
     cache.mkdir()
     (cache / "x.cpython-311.py").write_text("junk")
-    (source_tree / "boxlite_core/guest/agent/README.txt").write_text("notes")
+    (source_tree / "boxlite_core/agent/README.txt").write_text("notes")
     assert kit_id(source_tree) == before
 
 
 def test_host_package_init_is_replaced_by_an_empty_one(source_tree: Path) -> None:
     files = agent_files(source_tree)
     assert files["boxlite_core/__init__.py"] == b""
-    assert "boxlite_core/guest/agent/__main__.py" in files
-    assert all(not k.startswith("boxlite_core/guest/kit") for k in files)
+    assert "boxlite_core/agent/__main__.py" in files
+    assert all(not k.startswith("boxlite_core/kit") for k in files)
 
 
 def test_missing_agent_is_a_clear_error(tmp_path: Path) -> None:

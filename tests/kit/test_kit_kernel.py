@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from boxlite_core.errors import ImageError
-from boxlite_core.guest.kit.kernel import extract_vmlinux, payload_format
+from boxlite_core.kit.kernel import extract_vmlinux, payload_format
 
 ELF = b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 64
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from boxlite_core.errors import ImageError
-from boxlite_core.guest.kit import modules
+from boxlite_core.kit import modules
 
 
 def fake_module(depends: str, name: str) -> bytes:

@@ -9,10 +9,10 @@ import subprocess
 import pytest
 
 from boxlite_core import tools
-from boxlite_core.guest.kit import EXEC_MARKER, GuestKit
-from boxlite_core.guest.kit.initramfs import VSOCK_MARKER, init_script
-from boxlite_core.guest.kit.modules import GUEST_MODULES, VSOCK_MODULES, split_vsock
-from boxlite_core.guest.kit.smoke import boot_until, smoke_argv
+from boxlite_core.kit import EXEC_MARKER, GuestKit
+from boxlite_core.kit.initramfs import VSOCK_MARKER, init_script
+from boxlite_core.kit.modules import GUEST_MODULES, VSOCK_MODULES, split_vsock
+from boxlite_core.kit.smoke import boot_until, smoke_argv
 
 VSOCK_KO = [
     "kernel/net/vmw_vsock/vsock.ko",

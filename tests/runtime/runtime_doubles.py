@@ -15,8 +15,8 @@ import tarfile
 from pathlib import Path
 
 from boxlite_core.errors import EngineError
-from boxlite_core.guest.kit import GuestKit
 from boxlite_core.hookspecs import hookimpl
+from boxlite_core.kit import GuestKit
 from boxlite_core.models import Capability, DiskSpec, ProbeResult, ShareSpec
 from boxlite_core.rootfs.base import RootfsArtifact, RootfsStrategy
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend

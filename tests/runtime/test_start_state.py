@@ -71,7 +71,7 @@ def kill_during_guest_connect(rt, tmp_path: Path, name: str):
         wait_for(
             "the VM double and the agent shim",
             lambda: child.poll() is None
-            and any("boxlite_core.guest.shim" in t for _, t in naming(box.dir, box.id))
+            and any("boxlite_core.channel.shim" in t for _, t in naming(box.dir, box.id))
             and any("time.sleep" in t for _, t in naming(box.dir, box.id)),
         )
     finally:

@@ -40,7 +40,7 @@ class CodeAgent(agent_fixtures.NativeAgent):
         self.log = box_dir / "agent.log"
         env = dict(os.environ, PYTHONPATH=str(CODE), BOXLITE_TEST_REPO=str(CODE),
                    BOXLITE_TEST_STREAMS=str(streams))
-        entry = [str(HERE / "hostile_agent.py")] if streams else ["-m", "boxlite_core.guest.agent"]
+        entry = [str(HERE / "hostile_agent.py")] if streams else ["-m", "boxlite_core.agent"]
         self._logf = open(self.log, "wb")  # noqa: SIM115 - lives as long as the agent
         self.proc = subprocess.Popen(
             ["unshare", "--mount", "--uts", "--propagation", "private", sys.executable,
@@ -65,7 +65,7 @@ def streams(tmp_path_factory) -> Path:
 
 
 def _connect(agent, root: Path):
-    from boxlite_core.guest.client import AgentClient
+    from boxlite_core.channel.client import AgentClient
 
     client = AgentClient.connect(agent.box_dir, timeout=60, is_alive=agent.is_alive,
                                  console_tail=agent.console_tail)

@@ -16,7 +16,7 @@ sys.path.insert(0, os.environ["BOXLITE_TEST_REPO"])
 
 from tarcraft import crafted_name
 
-from boxlite_core.guest.agent import files
+from boxlite_core.agent import files
 
 STREAMS = Path(os.environ["BOXLITE_TEST_STREAMS"])
 _real_download = files.download
@@ -31,5 +31,5 @@ def download(reaper, root, path):  # the signature of files.download
 
 
 files.download = download
-sys.argv[0] = "boxlite_core.guest.agent"
-runpy.run_module("boxlite_core.guest.agent", run_name="__main__", alter_sys=True)
+sys.argv[0] = "boxlite_core.agent"
+runpy.run_module("boxlite_core.agent", run_name="__main__", alter_sys=True)

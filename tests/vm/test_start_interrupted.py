@@ -87,8 +87,8 @@ KILL_POINTS = [
     ("vmm_spawn", "vmm_spawn", ("virtiofsd",)),
     ("qemu_just_spawned", None, ("qemu-system",)),
     ("guest_connect", "waiting for the guest agent", ("qemu-system", "virtiofsd")),
-    ("shim_waiting_for_ready", None, ("qemu-system", "virtiofsd", "boxlite_core.guest.shim")),
-    ("guest_init", "guest_init", ("qemu-system", "virtiofsd", "boxlite_core.guest.shim")),
+    ("shim_waiting_for_ready", None, ("qemu-system", "virtiofsd", "boxlite_core.channel.shim")),
+    ("guest_init", "guest_init", ("qemu-system", "virtiofsd", "boxlite_core.channel.shim")),
 ]
 
 

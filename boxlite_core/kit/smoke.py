@@ -15,7 +15,7 @@ from pathlib import Path
 
 import attrs
 
-from ... import tools
+from .. import tools
 from .initramfs import ROOT_SERIAL
 from .model import GuestKit
 

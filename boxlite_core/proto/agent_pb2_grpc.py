@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from boxlite_core.guest.proto import agent_pb2 as boxlite__core_dot_guest_dot_proto_dot_agent__pb2
+from boxlite_core.proto import agent_pb2 as boxlite__core_dot_proto_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in boxlite_core/guest/proto/agent_pb2_grpc.py depends on'
+        + ' but the generated code in boxlite_core/proto/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,23 +38,23 @@ class GuestStub:
         """
         self.Ping = channel.unary_unary(
                 '/boxlite.agent.v1.Guest/Ping',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.PingRequest.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.PingReply.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.PingRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.PingReply.FromString,
                 _registered_method=True)
         self.Init = channel.unary_unary(
                 '/boxlite.agent.v1.Guest/Init',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.InitRequest.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.InitReply.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.InitRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.InitReply.FromString,
                 _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/boxlite.agent.v1.Guest/Shutdown',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ShutdownRequest.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ShutdownReply.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ShutdownReply.FromString,
                 _registered_method=True)
         self.Probe = channel.unary_unary(
                 '/boxlite.agent.v1.Guest/Probe',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ProbeRequest.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ProbeReply.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ProbeReply.FromString,
                 _registered_method=True)
 
 
@@ -96,23 +96,23 @@ def add_GuestServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Ping': grpc.unary_unary_rpc_method_handler(
                     servicer.Ping,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.PingRequest.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.PingReply.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.PingRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.PingReply.SerializeToString,
             ),
             'Init': grpc.unary_unary_rpc_method_handler(
                     servicer.Init,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.InitRequest.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.InitReply.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.InitRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.InitReply.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ShutdownRequest.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ShutdownReply.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ShutdownRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.ShutdownReply.SerializeToString,
             ),
             'Probe': grpc.unary_unary_rpc_method_handler(
                     servicer.Probe,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ProbeRequest.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ProbeReply.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ProbeRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,8 +142,8 @@ class Guest:
             request,
             target,
             '/boxlite.agent.v1.Guest/Ping',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.PingRequest.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.PingReply.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.PingRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.PingReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -169,8 +169,8 @@ class Guest:
             request,
             target,
             '/boxlite.agent.v1.Guest/Init',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.InitRequest.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.InitReply.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.InitRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.InitReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -196,8 +196,8 @@ class Guest:
             request,
             target,
             '/boxlite.agent.v1.Guest/Shutdown',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ShutdownRequest.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ShutdownReply.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.ShutdownRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.ShutdownReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +223,8 @@ class Guest:
             request,
             target,
             '/boxlite.agent.v1.Guest/Probe',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ProbeRequest.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ProbeReply.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.ProbeRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -249,28 +249,28 @@ class ExecutionStub:
         """
         self.Exec = channel.unary_unary(
                 '/boxlite.agent.v1.Execution/Exec',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ExecRequest.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ExecReply.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.ExecRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ExecReply.FromString,
                 _registered_method=True)
         self.Output = channel.unary_stream(
                 '/boxlite.agent.v1.Execution/Output',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.OutputRequest.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.OutputChunk.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.OutputRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.OutputChunk.FromString,
                 _registered_method=True)
         self.Stdin = channel.stream_unary(
                 '/boxlite.agent.v1.Execution/Stdin',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.StdinChunk.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.StdinReply.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.StdinChunk.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.StdinReply.FromString,
                 _registered_method=True)
         self.Wait = channel.unary_unary(
                 '/boxlite.agent.v1.Execution/Wait',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.WaitRequest.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.WaitReply.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.WaitRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.WaitReply.FromString,
                 _registered_method=True)
         self.Kill = channel.unary_unary(
                 '/boxlite.agent.v1.Execution/Kill',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.KillRequest.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.KillReply.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.KillRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.KillReply.FromString,
                 _registered_method=True)
 
 
@@ -320,28 +320,28 @@ def add_ExecutionServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Exec': grpc.unary_unary_rpc_method_handler(
                     servicer.Exec,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ExecRequest.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ExecReply.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ExecRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.ExecReply.SerializeToString,
             ),
             'Output': grpc.unary_stream_rpc_method_handler(
                     servicer.Output,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.OutputRequest.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.OutputChunk.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.OutputRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.OutputChunk.SerializeToString,
             ),
             'Stdin': grpc.stream_unary_rpc_method_handler(
                     servicer.Stdin,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.StdinChunk.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.StdinReply.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.StdinChunk.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.StdinReply.SerializeToString,
             ),
             'Wait': grpc.unary_unary_rpc_method_handler(
                     servicer.Wait,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.WaitRequest.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.WaitReply.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.WaitRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.WaitReply.SerializeToString,
             ),
             'Kill': grpc.unary_unary_rpc_method_handler(
                     servicer.Kill,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.KillRequest.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.KillReply.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.KillRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.KillReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -371,8 +371,8 @@ class Execution:
             request,
             target,
             '/boxlite.agent.v1.Execution/Exec',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ExecRequest.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.ExecReply.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.ExecRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.ExecReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -398,8 +398,8 @@ class Execution:
             request,
             target,
             '/boxlite.agent.v1.Execution/Output',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.OutputRequest.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.OutputChunk.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.OutputRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.OutputChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -425,8 +425,8 @@ class Execution:
             request_iterator,
             target,
             '/boxlite.agent.v1.Execution/Stdin',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.StdinChunk.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.StdinReply.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.StdinChunk.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.StdinReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -452,8 +452,8 @@ class Execution:
             request,
             target,
             '/boxlite.agent.v1.Execution/Wait',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.WaitRequest.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.WaitReply.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.WaitRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.WaitReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -479,8 +479,8 @@ class Execution:
             request,
             target,
             '/boxlite.agent.v1.Execution/Kill',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.KillRequest.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.KillReply.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.KillRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.KillReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -505,13 +505,13 @@ class FilesStub:
         """
         self.Upload = channel.stream_unary(
                 '/boxlite.agent.v1.Files/Upload',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.UploadChunk.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.UploadReply.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.UploadChunk.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.UploadReply.FromString,
                 _registered_method=True)
         self.Download = channel.unary_stream(
                 '/boxlite.agent.v1.Files/Download',
-                request_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.DownloadRequest.SerializeToString,
-                response_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.DownloadChunk.FromString,
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.DownloadRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.DownloadChunk.FromString,
                 _registered_method=True)
 
 
@@ -540,13 +540,13 @@ def add_FilesServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Upload': grpc.stream_unary_rpc_method_handler(
                     servicer.Upload,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.UploadChunk.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.UploadReply.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.UploadChunk.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.UploadReply.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
-                    request_deserializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.DownloadRequest.FromString,
-                    response_serializer=boxlite__core_dot_guest_dot_proto_dot_agent__pb2.DownloadChunk.SerializeToString,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.DownloadRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.DownloadChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -576,8 +576,8 @@ class Files:
             request_iterator,
             target,
             '/boxlite.agent.v1.Files/Upload',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.UploadChunk.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.UploadReply.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.UploadChunk.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.UploadReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -603,8 +603,8 @@ class Files:
             request,
             target,
             '/boxlite.agent.v1.Files/Download',
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.DownloadRequest.SerializeToString,
-            boxlite__core_dot_guest_dot_proto_dot_agent__pb2.DownloadChunk.FromString,
+            boxlite__core_dot_proto_dot_agent__pb2.DownloadRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.DownloadChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,8 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ... import tools
-from ...errors import ConfigError, ImageError
+from .. import tools
+from ..errors import ConfigError, ImageError
 
 #: boxlite arch name → Debian architecture
 DEBIAN_ARCH: dict[str, str] = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}

@@ -1,4 +1,4 @@
-"""Entry point: `python3 -m boxlite_core.guest.agent` (PID 1 in the guest).
+"""Entry point: `python3 -m boxlite_core.agent` (PID 1 in the guest).
 
 Host channels: the virtio-serial port named org.boxlite.agent (QEMU), and/or AF_VSOCK when the
 kernel cmdline has ``boxlite.agent_vsock=PORT`` (libkrun, hvf). Both may serve at once; with

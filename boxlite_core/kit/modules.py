@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from ...errors import ImageError
+from ..errors import ImageError
 
 #: Modules the guest needs, by module name (dashes and underscores are equivalent).
 #: Transports for both machine types are included (virtio_mmio for microvm, virtio_pci for

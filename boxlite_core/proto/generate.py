@@ -1,8 +1,8 @@
 """Regenerate agent_pb2.py / agent_pb2_grpc.py from agent.proto.
 
-Run from anywhere: `python -m boxlite_core.guest.proto.generate` (needs grpcio-tools).
+Run from anywhere: `python -m boxlite_core.proto.generate` (needs grpcio-tools).
 The proto is compiled relative to the repository root so the generated gRPC module imports
-`boxlite_core.guest.proto.agent_pb2` by its full path, which works both on the host and in the
+`boxlite_core.proto.agent_pb2` by its full path, which works both on the host and in the
 guest (PYTHONPATH=/opt/boxlite). Stubs are committed: the guest has no grpcio-tools.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 def main() -> int:
     from grpc_tools import protoc  # only needed by whoever regenerates
 
-    root = Path(__file__).resolve().parents[3]
+    root = Path(__file__).resolve().parents[2]
     proto = Path(__file__).with_name("agent.proto").relative_to(root)
     include = Path(protoc.__file__).parent / "_proto"
     return protoc.main(

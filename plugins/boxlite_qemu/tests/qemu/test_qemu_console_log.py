@@ -28,7 +28,7 @@ from boxlite_qemu.argv import QemuHost
 from boxlite_qemu.backend import QemuBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "tests" / "runtime"))
 import runtime_doubles as doubles
 from test_qemu_plan import make_spec, values
 

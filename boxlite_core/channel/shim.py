@@ -7,8 +7,8 @@ of host clients, forwarding every method generically: requests and responses pas
 bytes (no (de)serializers), and unary and streaming RPCs are the same on the wire, so one
 stream-stream handler fits all and the shim never needs the agent's protos.
 
-Run: ``python -m boxlite_core.guest.shim --box-dir DIR [--port PATH] [--timeout S]``
-(guest/transport.connect_shim starts it). It writes BOXDIR/shim.json {pid, start_time,
+Run: ``python -m boxlite_core.channel.shim --box-dir DIR [--port PATH] [--timeout S]``
+(channel/transport.connect_shim starts it). It writes BOXDIR/shim.json {pid, start_time,
 socket} once READY was seen and it serves; it exits on SIGTERM or when the port is gone for
 good (the VM exited), removing its sockets and shim.json.
 """
@@ -78,7 +78,7 @@ def _unary_request_methods() -> set[str]:
     """Full names of the agent's methods whose request is a single message. Only a speed-up
     (no request-iterator thread per call); any other method is forwarded as a stream."""
     try:
-        from .proto import agent_pb2
+        from ..proto import agent_pb2
     except Exception:  # stubs unusable here: the generic path still forwards everything
         return set()
     names = set()

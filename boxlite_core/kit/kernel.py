@@ -13,9 +13,9 @@ import struct
 import zlib
 from pathlib import Path
 
-from ... import tools
-from ...errors import ImageError
-from ...fscopy import copy_file
+from .. import tools
+from ..errors import ImageError
+from ..fscopy import copy_file
 
 #: payload magic → format name, as the kernel's boot/compressed Makefile writes them
 _MAGICS: tuple[tuple[bytes, str], ...] = (

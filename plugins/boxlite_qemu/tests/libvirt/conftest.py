@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from boxlite_core.guest.kit import ROOT_SERIAL
+from boxlite_core.kit import ROOT_SERIAL
 from boxlite_core.models import AgentEndpoint, DiskSpec, ShareSpec, VmSpec
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[4]
 
 
 def make_spec(box_dir: Path, *, kernel: Path = Path("/k/vmlinux"),
@@ -54,7 +54,7 @@ def libvirt_uri() -> str:
 @pytest.fixture(scope="session")
 def kit():
     """The real guest kit (built once into BOXLITE_TEST_HOME, shared with tests/kit)."""
-    from boxlite_core.guest.kit import ensure_kit
+    from boxlite_core.kit import ensure_kit
 
     home = Path(os.environ.get("BOXLITE_TEST_HOME", "/var/tmp/boxlite-test-home"))
     home.mkdir(parents=True, exist_ok=True)

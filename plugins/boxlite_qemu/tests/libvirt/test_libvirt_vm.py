@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from boxlite_core.channel.transport import open_port
 from boxlite_core.errors import StateError
-from boxlite_core.guest.transport import open_port
 from boxlite_core.models import DiskSpec, ShareSpec
 from boxlite_core.tools import require_tool
 from boxlite_qemu.libvirt_backend import LibvirtBackend, LibvirtHandle

@@ -33,10 +33,10 @@ from typing import Any
 
 import attrs
 
-from ...diskspace import GIB, ensure_free
-from ...errors import ConfigError, ImageError
-from ...fscopy import copy_file
-from ...state.home import secure_home
+from ..diskspace import GIB, ensure_free
+from ..errors import ConfigError, ImageError
+from ..fscopy import copy_file
+from ..state.home import secure_home
 from . import debian, guestroot, initramfs, kernel, modules
 from .model import PROFILES, GuestKit, MachineProfile
 
@@ -76,25 +76,28 @@ def _digest(obj: Any) -> str:
 
 def _default_source_root() -> Path:
     """The directory holding the `boxlite_core` package this code runs from."""
-    return Path(__file__).resolve().parents[3]
+    return Path(__file__).resolve().parents[2]
+
+
+#: the packages that run in the guest: the agent and the wire protocol it shares with the host
+GUEST_PACKAGES = ("agent", "proto")
 
 
 def agent_files(source_root: Path | None = None) -> dict[str, bytes]:
     """Guest-side sources, keyed by their path under /opt/boxlite.
 
     `boxlite_core/__init__.py` is written empty: the host's one imports attrs and friends,
-    which the guest does not have.
+    which the guest does not have. Only :data:`GUEST_PACKAGES` are copied: nothing else of
+    boxlite_core exists in the guest.
     """
     root = Path(source_root) if source_root is not None else _default_source_root()
-    guest = root / "boxlite_core" / "guest"
-    if not (guest / "agent").is_dir():
-        raise ConfigError(f"guest kit: no guest agent at {guest / 'agent'}; the kit needs "
-                          "boxlite_core/guest/agent (python3 -m boxlite_core.guest.agent)")
+    core = root / "boxlite_core"
+    if not (core / "agent").is_dir():
+        raise ConfigError(f"guest kit: no guest agent at {core / 'agent'}; the kit needs "
+                          "boxlite_core/agent (python3 -m boxlite_core.agent)")
     files: dict[str, bytes] = {"boxlite_core/__init__.py": b""}
-    if (guest / "__init__.py").is_file():
-        files["boxlite_core/guest/__init__.py"] = (guest / "__init__.py").read_bytes()
-    for sub in ("agent", "proto"):
-        for path in sorted((guest / sub).rglob("*.py")):
+    for sub in GUEST_PACKAGES:
+        for path in sorted((core / sub).rglob("*.py")):
             if "__pycache__" not in path.parts:
                 files[path.relative_to(root).as_posix()] = path.read_bytes()
     return files

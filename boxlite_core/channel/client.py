@@ -22,9 +22,9 @@ from google.protobuf import json_format
 
 from .. import envvars
 from ..errors import GuestError
+from ..proto import agent_pb2 as pb
+from ..proto import agent_pb2_grpc as rpc
 from . import transport as _transport
-from .proto import agent_pb2 as pb
-from .proto import agent_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 

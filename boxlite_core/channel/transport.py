@@ -5,7 +5,7 @@ Two channel kinds, chosen by the backend:
 * ``virtio-serial`` (QEMU, libvirt): BOXDIR/agent.port is a QEMU chardev socket server; the
   guest writes ``READY\\n`` when it sees a host attach, then the stream carries one HTTP/2
   connection. Only one host can hold that stream, so a per-box *shim* process
-  (guest/shim.py) owns it and serves real gRPC at BOXDIR/agent.grpc.sock (mode 0600) to any
+  (channel/shim.py) owns it and serves real gRPC at BOXDIR/agent.grpc.sock (mode 0600) to any
   number of host processes. connect() dials a live shim or starts one (under BOXDIR/shim.lock
   so racing processes never start two). Closing a client leaves the shim running; stop_shim()
   (the runtime's stop/kill/cleanup) and the VM's death end it.
@@ -357,7 +357,7 @@ def _spawn_shim(box_dir: Path, port_path: Path, timeout: float) -> subprocess.Po
     argv = [
         sys.executable,
         "-m",
-        "boxlite_core.guest.shim",
+        "boxlite_core.channel.shim",
         "--box-dir",
         str(box_dir.absolute()),
         "--port",

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.vm
 def kit():
     if not QemuBackend().probe().available:
         pytest.skip(f"qemu backend unavailable: {QemuBackend().probe().reason}")
-    from boxlite_core.guest.kit import ensure_kit
+    from boxlite_core.kit import ensure_kit
 
     home = Path(os.environ.get("BOXLITE_TEST_HOME", "/var/tmp/boxlite-test-home"))
     home.mkdir(parents=True, exist_ok=True)
@@ -32,7 +32,7 @@ def kit():
 
 
 def kit_spec(kit, box: Path, *, extra_cmdline: str = "", shares=(), memory_mib: int = 256):
-    from boxlite_core.guest.kit import ROOT_SERIAL
+    from boxlite_core.kit import ROOT_SERIAL
 
     box.mkdir(parents=True, exist_ok=True)
     return VmSpec(

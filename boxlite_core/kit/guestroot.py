@@ -27,9 +27,9 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ... import tools
-from ...errors import ImageError
-from ...fscopy import copy_tree
+from .. import tools
+from ..errors import ImageError
+from ..fscopy import copy_tree
 from .debian import installed_packages
 
 #: libstdc++6: the grpcio manylinux wheel links the system C++ runtime (not bundled).
