@@ -1,9 +1,12 @@
-"""Bare guest boot time: QEMU launch → `boxlite-init: start` (first line of /init), as JSON.
+"""Bare guest boot time: backend launch() → `boxlite-init: start` (first line of /init), as JSON.
 
 Boots the cached guest kit (building it if needed) with `boxlite.init=marker`, so /init prints
 its marker and powers off at once: this measures QEMU + kernel + initramfs only, not the agent.
 `--until exec` instead times a normal boot up to `boxlite-init: exec agent` (guest root found,
-mounted, switch_root next) and kills QEMU there.
+mounted, switch_root next) and kills QEMU there. The boot goes through a registered backend
+(kit.smoke: a VmSpec, planned and launched by `--backend`, default qemu), so the time runs from
+launch() (QMP up, console writer attached) to the marker in the box's console log. `--accel`
+sets BOXLITE_ACCEL for the qemu backend.
 
     python3 bench/boot_bare.py -n 5 --machine microvm --machine q35 [--home DIR] [--accel tcg]
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -19,7 +23,7 @@ import time
 from pathlib import Path
 
 from boxlite_core.kit import EXEC_MARKER, START_MARKER, ensure_kit
-from boxlite_core.kit.smoke import boot_until, smoke_argv
+from boxlite_core.kit.smoke import boot_until, smoke_backend, smoke_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-root", type=Path, default=None,
                         help="directory holding boxlite_core/ (default: this checkout)")
     parser.add_argument("--accel", default="tcg")
+    parser.add_argument("--backend", default="qemu")
     parser.add_argument("--until", choices=["start", "exec"], default="start")
     args = parser.parse_args(argv)
+    os.environ["BOXLITE_ACCEL"] = args.accel
+    backend = smoke_backend(args.backend)
 
     started = time.monotonic()
     kit = ensure_kit(args.home, source_root=args.source_root,
@@ -45,14 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         times: list[float] = []
         failures = 0
         with tempfile.TemporaryDirectory() as tmp:
-            for _ in range(args.runs):
+            for run in range(args.runs):
+                box = Path(tmp) / f"b{run}"  # a fresh console log per boot
                 if args.until == "start":
-                    cmd = smoke_argv(mkit, accel=args.accel, extra_cmdline="boxlite.init=marker")
-                    res = boot_until(cmd, START_MARKER, timeout=120)
+                    spec = smoke_spec(mkit, box, extra_cmdline="boxlite.init=marker")
+                    res = boot_until(spec, START_MARKER, timeout=120, backend=backend)
                 else:
-                    cmd = smoke_argv(mkit, accel=args.accel,
-                                     agent_socket=Path(tmp) / "agent.port")
-                    res = boot_until(cmd, EXEC_MARKER, timeout=120, kill_after_marker=True)
+                    spec = smoke_spec(mkit, box)
+                    res = boot_until(spec, EXEC_MARKER, timeout=120, kill_after_marker=True,
+                                     backend=backend)
                 if res.seconds_to_marker is None:
                     failures += 1
                     print(res.console[-1500:], file=sys.stderr)

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "boxlite_qemu"))
 
 from boxlite_core.kit import ROOT_SERIAL, ensure_kit
-from boxlite_core.models import AgentEndpoint, DiskSpec, VmSpec
+from boxlite_core.vmm.spec import AgentChannel, ChannelKind, DiskSpec, VmSpec
 from boxlite_qemu.backend import QemuBackend
 
 
@@ -32,10 +32,9 @@ def spec_for(kit, box: Path) -> VmSpec:
     return VmSpec(
         box_id=box.name, box_dir=box, cpus=1, memory_mib=256, kernel=kit.kernel,
         initrd=kit.initrd, cmdline=kit.cmdline, console_log=box / "console.log",
-        agent=AgentEndpoint(box / "agent.port"),
+        agent=AgentChannel(ChannelKind.VIRTIO_SERIAL, box / "agent.port"),
         disks=(DiskSpec(kit.root_image, "raw", read_only=True, serial=ROOT_SERIAL),),
-        hints={"machine": kit.machine, "qemu_globals": list(kit.qemu_globals),
-               "virtio_transport": kit.virtio_transport},
+        guest=kit.guest_hints(),
     )
 
 

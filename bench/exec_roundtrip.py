@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from boxlite_core.channel.client import AgentClient  # noqa: E402
-from boxlite_core.channel.transport import stop_shim  # noqa: E402
+from boxlite_core.channel.shimctl import stop_shim  # noqa: E402
 
 
 def direct(box: Path, n: int, **kw) -> dict:

@@ -15,15 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent.parent / "tests" / "hvf"
+HERE = Path(__file__).resolve().parent.parent / "plugins" / "boxlite_hvf" / "tests"
 sys.path.insert(0, str(HERE))
 os.environ["BOXLITE_HVF_API_FACTORY"] = "hvf_vz_double:recording"
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH"))
                                            if p)
 
-from conftest import make_spec  # noqa: E402
+from hvf_specs import make_spec  # noqa: E402
 
-from boxlite_core.models import DiskSpec  # noqa: E402
+from boxlite_core.vmm.spec import DiskSpec  # noqa: E402
 from boxlite_hvf.backend import HvfBackend  # noqa: E402
 
 

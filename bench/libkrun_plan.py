@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from boxlite_core.models import AgentEndpoint, DiskSpec, ShareSpec, VmSpec
+from boxlite_core.vmm.spec import AgentChannel, ChannelKind, DiskSpec, ShareSpec, VmSpec
 from boxlite_libkrun.backend import LibkrunBackend
 
-DOUBLE_SRC = Path(__file__).resolve().parent.parent / "tests" / "libkrun" / "krun_double.c"
+DOUBLE_SRC = (Path(__file__).resolve().parent.parent / "plugins" / "boxlite_libkrun" / "tests"
+              / "krun_double.c")
 
 
 def _spec(box: Path) -> VmSpec:
@@ -36,9 +37,9 @@ def _spec(box: Path) -> VmSpec:
         memory_mib=512,
         kernel=kit / "vmlinux",
         initrd=kit / "initrd",
-        cmdline="console=ttyS0 quiet",
+        cmdline="console=ttyS0 quiet boxlite.agent_vsock=1024",  # as the core builds it
         console_log=box / "console.log",
-        agent=AgentEndpoint(box / "agent.sock", kind="stream"),
+        agent=AgentChannel(ChannelKind.VSOCK, box / "agent.sock"),
         disks=(
             DiskSpec(box / "root.qcow2", serial="rootfs"),
             DiskSpec(kit / "guest.raw", format="raw", read_only=True, serial="guestroot"),

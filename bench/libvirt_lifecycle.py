@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from boxlite_core.channel.transport import open_port
+from boxlite_core.channel.port import open_port
 from boxlite_core.kit import ROOT_SERIAL, ensure_kit
-from boxlite_core.models import AgentEndpoint, DiskSpec, VmSpec
+from boxlite_core.vmm.spec import AgentChannel, ChannelKind, DiskSpec, VmSpec
 from boxlite_qemu.libvirt_backend import LibvirtBackend
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,9 +27,10 @@ def one(backend: LibvirtBackend, kit, box_dir: Path, index: int, memory: int) ->
     spec = VmSpec(
         box_id=f"bench{index}", box_dir=box_dir, cpus=1, memory_mib=memory,
         kernel=kit.kernel, initrd=kit.initrd, cmdline=kit.cmdline,
-        console_log=box_dir / "console.log", agent=AgentEndpoint(box_dir / "agent.port"),
+        console_log=box_dir / "console.log",
+        agent=AgentChannel(ChannelKind.VIRTIO_SERIAL, box_dir / "agent.port"),
         disks=(DiskSpec(kit.root_image, "raw", read_only=True, serial=ROOT_SERIAL),),
-        hints={"machine": kit.machine},
+        guest=kit.guest_hints(),
     )
     plan = backend.plan(spec)
     t0 = time.monotonic()

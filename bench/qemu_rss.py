@@ -4,7 +4,7 @@ READY (guest fully booted, agent idle), settle, read VmRSS/VmHWM from /proc/PID/
     python3 bench/qemu_rss.py [-n 3] [--memory 512] [--tb-size 0 --tb-size 64] [--home DIR]
 
 ``--tb-size 0`` means QEMU's default TCG translation cache; other values set
-``tcg_tb_size_mib`` in the spec hints (``-accel tcg,tb-size=N``). Prints JSON.
+``tcg_tb_size_mib`` in the spec's backend_options (``-accel tcg,tb-size=N``). Prints JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from boxlite_core.kit import ROOT_SERIAL, ensure_kit
-from boxlite_core.models import AgentEndpoint, DiskSpec, VmSpec
+from boxlite_core.vmm.spec import AgentChannel, ChannelKind, DiskSpec, VmSpec
 from boxlite_qemu.backend import QemuBackend
 
 
@@ -50,14 +50,12 @@ def wait_ready(path: Path, timeout: float) -> float:
 def one_run(kit, backend: QemuBackend, box: Path, memory: int, tb_size: int,
             settle: float) -> dict:
     box.mkdir(parents=True)
-    hints = {"machine": kit.machine, "qemu_globals": list(kit.qemu_globals),
-             "virtio_transport": kit.virtio_transport}
-    if tb_size:
-        hints["tcg_tb_size_mib"] = tb_size
+    options = {"tcg_tb_size_mib": tb_size} if tb_size else {}
     spec = VmSpec(box_id=box.name, box_dir=box, cpus=1, memory_mib=memory, kernel=kit.kernel,
                   initrd=kit.initrd, cmdline=kit.cmdline, console_log=box / "console.log",
-                  agent=AgentEndpoint(box / "agent.port"),
-                  disks=(DiskSpec(kit.root_image, "raw", True, ROOT_SERIAL),), hints=hints)
+                  agent=AgentChannel(ChannelKind.VIRTIO_SERIAL, box / "agent.port"),
+                  disks=(DiskSpec(kit.root_image, "raw", True, ROOT_SERIAL),),
+                  guest=kit.guest_hints(), backend_options=options)
     started = time.monotonic()
     handle = backend.launch(backend.plan(spec))
     try:

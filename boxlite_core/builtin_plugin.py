@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .hookspecs import hookimpl
-from .models import BoxOptions, ProbeResult
+from .models import BoxOptions
+from .vmm.spec import ProbeResult
 
 #: preference order for the default backend choice
 DEFAULT_BACKEND_ORDER = ("qemu", "libvirt", "libkrun", "hvf")

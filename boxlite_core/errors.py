@@ -39,6 +39,19 @@ class EngineError(BoxliteError):
     """The VMM or a host-side program failed."""
 
 
+class UnsupportedError(BoxliteError):
+    """The operation is not offered by this backend (e.g. pause on a backend without it).
+
+    Raised by a VMM backend or its handle when asked for something it does not declare in
+    its capabilities; the message names the backend and the operation. Nothing is wrong with
+    the box or the host: the user should pick a backend that offers the operation (``boxlite
+    backends`` lists each backend's capabilities) or do without it. Exit code 2, like a
+    ConfigError: the fix is the user's choice of backend.
+    """
+
+    exit_code = 2
+
+
 class GuestError(BoxliteError):
     """The guest agent failed, or the VM died while we talked to it."""
 

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import TypeVar, cast
 
 import attrs
 import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, NotFoundError, PluginError
-from .models import BoxOptions, ProbeResult
+from .models import BoxOptions
 from .rootfs.base import RootfsStrategy
 from .vmm.base import VmmBackend
+from .vmm.spec import ProbeResult
 from .volumes.base import VolumeSharer
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ALWAYS_LOADED = frozenset({"core"})
 ENV_ALLOWLIST = "BOXLITE_PLUGINS"
+#: seconds a backend's probe result is reused. Why cache at all: one ``boxlite run`` asks
+#: twice (create picks a backend from every probe, then start checks the chosen one) and a
+#: probe may spawn tools (``qemu-system-* --version``, a libvirt connection). Why not for
+#: ever: a long-lived program should notice a host change (KVM loaded, libvirtd started).
+PROBE_TTL = 30.0
 
 
 @attrs.frozen
@@ -45,8 +53,8 @@ class PluginFailure:
 @attrs.define
 class _Registered:
     plugin: str
-    factory: Callable[[], Any]
-    instance: Any = None
+    factory: Callable[[], object]  # checked against the kind's base class on first use
+    instance: object | None = None
 
 
 def allowlist_from_env(env: Mapping[str, str] | None = None) -> frozenset[str] | None:
@@ -73,6 +81,8 @@ class PluginRegistry:
         self._backends: dict[str, _Registered] = {}
         self._strategies: dict[str, _Registered] = {}
         self._sharers: dict[str, _Registered] = {}
+        self._probes: dict[str, tuple[float, ProbeResult]] = {}
+        self._probe_lock = threading.Lock()
         if load_entry_points:
             self._load_entry_points()
         else:
@@ -120,7 +130,7 @@ class PluginRegistry:
         log.warning("boxlite plugin %r failed in %s: %s", plugin, where, message)
         self.failures.append(PluginFailure(plugin, where, message))
 
-    def _call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+    def _call_each(self, hook_name: str, **kwargs: object) -> list[tuple[str, object]]:
         """Call every implementation of a hook separately, recording failures by plugin."""
         hook = getattr(self.pm.hook, hook_name)
         results = []
@@ -142,7 +152,8 @@ class PluginRegistry:
                 plugin = impl.plugin_name
 
                 def register(
-                    name: str, factory: Callable[[], Any], _p: str = plugin, _t: dict = table
+                    name: str, factory: Callable[[], object], _p: str = plugin,
+                    _t: dict[str, _Registered] = table
                 ) -> None:
                     if not isinstance(name, str) or not name:
                         raise PluginError(f"plugin {_p!r} registered an empty name")
@@ -174,7 +185,7 @@ class PluginRegistry:
                     f"{type(obj).__name__}, not a {base.__name__}"
                 )
             entry.instance = obj
-        return entry.instance
+        return cast(T, entry.instance)  # checked isinstance(base) when it was made
 
     def backend_names(self) -> list[str]:
         return sorted(self._backends)
@@ -197,19 +208,31 @@ class PluginRegistry:
     def volume_sharer(self, name: str) -> VolumeSharer:
         return self._instance(self._sharers, name, "volume sharer", VolumeSharer)
 
-    def probe_all(self) -> dict[str, ProbeResult]:
-        """Probe every backend; a backend whose factory or probe raises is unavailable."""
-        out: dict[str, ProbeResult] = {}
-        for name in self.backend_names():
+    def probe(self, name: str) -> ProbeResult:
+        """Backend ``name``'s probe, reused for :data:`PROBE_TTL` seconds; a backend whose
+        factory or probe raises is unavailable (the result says so and names its plugin).
+
+        Raises NotFoundError: no backend ``name``."""
+        if name not in self._backends:
+            self.backend(name)  # raises NotFoundError with the known names
+        with self._probe_lock:  # concurrent starts probe once, not once each
+            cached = self._probes.get(name)
+            if cached is not None and time.monotonic() - cached[0] < PROBE_TTL:
+                return cached[1]
             try:
-                out[name] = self.backend(name).probe()
+                result = self.backend(name).probe()
             except Exception as exc:
-                out[name] = ProbeResult(
+                result = ProbeResult(
                     False,
                     reason=f"backend raised while probing: {type(exc).__name__}: {exc}",
                     fix=f"report this to the maker of plugin {self._backends[name].plugin!r}",
                 )
-        return out
+            self._probes[name] = (time.monotonic(), result)
+            return result
+
+    def probe_all(self) -> dict[str, ProbeResult]:
+        """Probe every backend (see :meth:`probe`: results are reused for a short while)."""
+        return {name: self.probe(name) for name in self.backend_names()}
 
     def select_backend(self, options: BoxOptions) -> str:
         """The backend a box gets: the one named in options, else the hook's choice."""
@@ -225,6 +248,6 @@ class PluginRegistry:
             )
         return choice
 
-    def notify(self, event: str, **kwargs: Any) -> None:
+    def notify(self, event: str, **kwargs: object) -> None:
         """Fire a lifecycle hook; a failing listener is logged and never stops the box."""
         self._call_each(f"boxlite_box_{event}", **kwargs)

@@ -1,8 +1,9 @@
 """Entry point: `python3 -m boxlite_core.agent` (PID 1 in the guest).
 
 Host channels: the virtio-serial port named org.boxlite.agent (QEMU), and/or AF_VSOCK when the
-kernel cmdline has ``boxlite.agent_vsock=PORT`` (libkrun, hvf). Both may serve at once; with
-neither the agent fails naming the missing port.
+kernel cmdline has ``boxlite.agent_vsock=PORT`` (the core adds it for a vsock channel: libkrun,
+hvf). Both names live in proto/wire.py. Both may serve at once; with neither the agent fails
+naming the missing port.
 
 Options exist for running the agent natively in tests, where listening unix sockets play
 the part of the virtio-serial port and of the vsock port:

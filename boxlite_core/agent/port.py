@@ -15,15 +15,14 @@ import select
 import socket
 from pathlib import Path
 
+from ..proto.wire import AGENT_PORT_NAME, READY
 from .pid1 import log
 
-PORT_NAME = "org.boxlite.agent"
-READY = b"READY\n"
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024
 
 
-def find_virtio_port(name: str = PORT_NAME) -> str:
+def find_virtio_port(name: str = AGENT_PORT_NAME) -> str:
     """/sys/class/virtio-ports/vportNpM/name == name → /dev/vportNpM (devtmpfs, no udev)."""
     base = Path("/sys/class/virtio-ports")
     for entry in sorted(base.glob("vport*")) if base.is_dir() else []:

@@ -6,8 +6,9 @@ line (the host's first Ping is its readiness check) and no re-attach reset; seve
 may be live at once (a new host process while an old stream drains). Each gets its own relay
 thread and its own connection to the local gRPC server, reusing the serial path's poll relay.
 
-The port comes from the kernel cmdline (``boxlite.agent_vsock=PORT``, which the libkrun and
-hvf backends add). Natively, tests listen on a unix socket path instead: the relay is the same.
+The port comes from the kernel cmdline (``boxlite.agent_vsock=PORT``, proto/wire.py's
+AGENT_VSOCK_CMDLINE_KEY, which the core adds for a backend whose channel is vsock).
+Natively, tests listen on a unix socket path instead: the relay is the same.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import socket
 import threading
 import time
 
+from ..proto.wire import AGENT_VSOCK_CMDLINE_KEY
 from .pid1 import log
 from .port import _relay
 
-CMDLINE_KEY = "boxlite.agent_vsock"
 BACKLOG = 16
 
 
@@ -28,7 +29,7 @@ def cmdline_port(cmdline: str) -> int | None:
     port = None
     for word in cmdline.split():
         key, sep, value = word.partition("=")
-        if key == CMDLINE_KEY and sep:
+        if key == AGENT_VSOCK_CMDLINE_KEY and sep:
             try:
                 port = int(value, 0)
             except ValueError as exc:

@@ -16,15 +16,20 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import grpc
 from google.protobuf import json_format
 
 from .. import envvars
 from ..errors import GuestError
+from ..models import ExitStatus
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as rpc
+from ..proto.wire import AGENT_VSOCK_PORT
+from ..vmm.spec import Handshake
 from . import transport as _transport
+from .port import dead_error
+from .shimctl import ShimTransport, stop_shim
+from .target import MAX_GUEST_MESSAGE, Transport
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ _CONNECTION_CODES = {
 }
 _CHANNEL_OPTIONS = [
     # what the guest sends is hostile input: bounded (see MAX_GUEST_MESSAGE)
-    ("grpc.max_receive_message_length", _transport.MAX_GUEST_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_GUEST_MESSAGE),
     ("grpc.max_send_message_length", -1),
     ("grpc.enable_retries", 0),
     ("grpc.initial_reconnect_backoff_ms", 50),
@@ -66,22 +71,6 @@ DEFAULT_TRANSFER_TIMEOUT = 3600.0
 def transfer_timeout() -> float:
     """``BOXLITE_AGENT_TRANSFER_TIMEOUT`` (seconds, > 0) or 3600."""
     return envvars.seconds(ENV_TRANSFER_TIMEOUT, DEFAULT_TRANSFER_TIMEOUT)
-
-
-@attrs.frozen
-class ExitStatus:
-    """How a process ended: exit_code for a normal exit, signal when killed by one.
-
-    timed_out is set when the exec's own timeout fired (signal then tells how it died).
-    """
-
-    exit_code: int | None
-    signal: int | None
-    timed_out: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
 
 
 class ExecSession:
@@ -204,7 +193,7 @@ class AgentClient:
 
     def __init__(
         self,
-        transport: _transport.Transport,
+        transport: Transport,
         *,
         is_alive: Callable[[], bool],
         console_tail: Callable[[], str],
@@ -227,8 +216,14 @@ class AgentClient:
         timeout: float = 60.0,
         is_alive: Callable[[], bool] = lambda: True,
         console_tail: Callable[[], str] = lambda: "",
+        handshake: str = Handshake.NONE,
+        vsock_port: int = AGENT_VSOCK_PORT,
     ) -> AgentClient:
-        """Wait for the agent (racing VM death and timeout), then check it answers a Ping."""
+        """Wait for the agent (racing VM death and timeout), then check it answers a Ping.
+
+        ``kind``, ``socket_path``, ``handshake`` and ``vsock_port`` are the spec's
+        :class:`~boxlite_core.vmm.spec.AgentChannel` (see transport.connect).
+        """
         deadline = time.monotonic() + timeout
         resets = 0
         while True:
@@ -239,6 +234,8 @@ class AgentClient:
                 timeout=max(1.0, deadline - time.monotonic()),
                 is_alive=is_alive,
                 console_tail=console_tail,
+                handshake=handshake,
+                vsock_port=vsock_port,
             )
             client = cls(t, is_alive=is_alive, console_tail=console_tail)
             try:
@@ -258,7 +255,7 @@ class AgentClient:
                 "guest agent of %s said READY but did not answer for %.0fs; reconnecting (%d)",
                 box_dir, STALL_RESET_SECONDS, resets,
             )
-            _transport.stop_shim(Path(box_dir))
+            stop_shim(Path(box_dir))
 
     def _first_ping(
         self,
@@ -281,17 +278,19 @@ class AgentClient:
                 return True
             except grpc.RpcError as exc:
                 if not self._alive():
-                    raise _transport._dead_error(
+                    raise dead_error(
                         "before its guest agent answered", console_tail
                     ) from None
                 now = time.monotonic()
                 if now >= deadline:
+                    behind = self._transport.last_error
                     raise GuestError(
                         f"the guest agent of {box_dir} did not answer a Ping within "
                         f"{timeout}s: {exc.details() if hasattr(exc, 'details') else exc}"
+                        + (f" (last channel error: {behind})" if behind else "")
                     ) from None
                 if (
-                    isinstance(self._transport, _transport.ShimTransport)
+                    isinstance(self._transport, ShimTransport)
                     and now >= stall_at
                     and deadline - now > STALL_RESET_SECONDS / 2
                 ):
@@ -306,7 +305,7 @@ class AgentClient:
             return False
 
     def _dead(self, what: str, details: str) -> GuestError:
-        err = _transport._dead_error(f"during {what}: {details}", self._console_tail)
+        err = dead_error(f"during {what}: {details}", self._console_tail)
         return err
 
     def _error(self, exc: grpc.RpcError, what: str) -> GuestError:
@@ -326,7 +325,7 @@ class AgentClient:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return GuestError(f"the guest agent did not answer {what} in time: {details}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            limit = _transport.MAX_GUEST_MESSAGE // (1024 * 1024)
+            limit = MAX_GUEST_MESSAGE // (1024 * 1024)
             return GuestError(
                 f"the guest agent sent a message larger than {limit} MiB during {what}; the "
                 f"real agent never does, so code in the box is misbehaving ({details})"

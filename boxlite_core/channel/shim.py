@@ -8,7 +8,7 @@ bytes (no (de)serializers), and unary and streaming RPCs are the same on the wir
 stream-stream handler fits all and the shim never needs the agent's protos.
 
 Run: ``python -m boxlite_core.channel.shim --box-dir DIR [--port PATH] [--timeout S]``
-(channel/transport.connect_shim starts it). It writes BOXDIR/shim.json {pid, start_time,
+(channel/shimctl.connect_shim starts it). It writes BOXDIR/shim.json {pid, start_time,
 socket} once READY was seen and it serves; it exits on SIGTERM or when the port is gone for
 good (the VM exited), removing its sockets and shim.json.
 """
@@ -32,7 +32,10 @@ import grpc
 from ..errors import GuestError
 from ..vmm.cappedio import CappedOutput
 from ..vmm.procstat import start_time
-from . import transport as t
+from .bridge import SerialBridge
+from .port import PORT_NAME, open_port
+from .shimctl import PRIVATE_BRIDGE_NAME, SHIM_JSON, SHIM_LOG, SHIM_SOCK_NAME
+from .target import MAX_GUEST_MESSAGE
 
 #: worker threads: each exec holds ~3 concurrent streams (Output, Stdin, Wait) for its life
 WORKERS = 64
@@ -44,7 +47,7 @@ READY_RETRY = 3.0
 NO_DEADLINE = 10 * 365 * 86400.0
 _CHANNEL_OPTIONS = [
     # the guest's replies are hostile input: one message may not make the shim allocate more
-    ("grpc.max_receive_message_length", t.MAX_GUEST_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_GUEST_MESSAGE),
     ("grpc.max_send_message_length", -1),
     ("grpc.enable_retries", 0),
     ("grpc.initial_reconnect_backoff_ms", 50),
@@ -159,11 +162,11 @@ class Shim:
         self.box_dir = box_dir.absolute()
         self.port = port.absolute()
         self.timeout = timeout
-        self.socket_path = self.box_dir / t.SHIM_SOCK_NAME
-        self.bridge_path = self.box_dir / t.PRIVATE_BRIDGE_NAME
+        self.socket_path = self.box_dir / SHIM_SOCK_NAME
+        self.bridge_path = self.box_dir / PRIVATE_BRIDGE_NAME
         self.done = threading.Event()
         self.exit_reason = ""
-        self.bridge: t.SerialBridge | None = None
+        self.bridge: SerialBridge | None = None
         self.channel: grpc.Channel | None = None
         self.server: grpc.Server | None = None
 
@@ -178,14 +181,14 @@ class Shim:
         for path in (self.socket_path, self.bridge_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        first = t.open_port(
+        first = open_port(
             self.port,
             deadline=time.monotonic() + self.timeout,
             is_alive=self._alive,
             console_tail=lambda: "",
         )
         _log(f"READY on {self.port}")
-        self.bridge = t.SerialBridge(
+        self.bridge = SerialBridge(
             self.port,
             self.bridge_path,
             first,
@@ -213,14 +216,14 @@ class Shim:
             "start_time": start_time(os.getpid()),
             "socket": str(self.socket_path),
         }
-        tmp = self.box_dir / f".{t.SHIM_JSON}.{os.getpid()}"
+        tmp = self.box_dir / f".{SHIM_JSON}.{os.getpid()}"
         tmp.write_text(json.dumps(info))
-        os.replace(tmp, self.box_dir / t.SHIM_JSON)  # readers never see half a file
+        os.replace(tmp, self.box_dir / SHIM_JSON)  # readers never see half a file
         _log(f"serving on {self.socket_path}")
 
     def close(self) -> None:
         self.done.set()
-        json_path = self.box_dir / t.SHIM_JSON
+        json_path = self.box_dir / SHIM_JSON
         with contextlib.suppress(OSError, ValueError):
             if json.loads(json_path.read_text()).get("pid") == os.getpid():
                 json_path.unlink()
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o177)  # its sockets and shim.json are for this user only
     output: CappedOutput | None = None
     try:
-        output = CappedOutput(args.box_dir / t.SHIM_LOG, args.log_max_bytes, LOG_BACKUPS)
+        output = CappedOutput(args.box_dir / SHIM_LOG, args.log_max_bytes, LOG_BACKUPS)
     except OSError as exc:  # keep the inherited (uncapped) output rather than not serve
         _log(f"shim.log not capped: {exc}")
     try:
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    shim = Shim(args.box_dir, args.port or args.box_dir / t.PORT_NAME, args.timeout)
+    shim = Shim(args.box_dir, args.port or args.box_dir / PORT_NAME, args.timeout)
 
     def on_signal(signum: int, _frame: object) -> None:
         shim.exit_reason = f"signal {signal.Signals(signum).name}"

@@ -5,14 +5,14 @@ Levels: ok, warn (works, but slower or with fewer features), fail (boxes cannot 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import attrs
 
-from ..kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_problem
 from ..tools import PACKAGES, find_tool
+from ..vmm.accel import kvm_usable
+from ..vmm.kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_problem
 
 MIN_FREE_GIB = 1.0
 WARN_FREE_GIB = 5.0
@@ -36,35 +36,12 @@ def _tool(name: str, *, required: bool, why: str) -> Check:
 
 
 def _kvm() -> Check:
-    """Use the qemu plugin's real probe when installed: /dev/kvm can exist and be unusable."""
-    try:
-        from boxlite_qemu.accel import kvm_usable  # type: ignore[import-not-found]
-    except Exception:
-        kvm_usable = None
-    if kvm_usable is not None:
-        try:
-            usable, why = kvm_usable()
-        except Exception as exc:
-            return Check("kvm", "warn", f"the qemu plugin's KVM probe raised {exc}", "")
-        if usable:
-            return Check("kvm", "ok", "KVM usable (boxlite-qemu probe)")
-        return Check("kvm", "warn", f"KVM not usable: {why}; boxes use TCG (slow boots)",
-                     "enable VT-x/AMD-V (or nested virtualisation) and load kvm_intel/kvm_amd")
-    dev = Path("/dev/kvm")
-    if not dev.exists():
-        return Check("kvm", "warn", "/dev/kvm missing; boxes will use TCG (slow)",
-                     "enable virtualisation and load kvm_intel or kvm_amd")
-    if not os.access(dev, os.R_OK | os.W_OK):
-        return Check("kvm", "warn", "/dev/kvm not accessible to this user; TCG will be used",
-                     "add the user to the kvm group")
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    if " vmx" not in flags and " svm" not in flags:
-        return Check("kvm", "warn", "/dev/kvm exists but the CPU shows no vmx/svm; it may not "
-                     "boot stock guests (TCG fallback)", "install boxlite-qemu for a real probe")
-    return Check("kvm", "ok", "/dev/kvm present, CPU has vmx/svm")
+    """The core's acceleration probe (vmm/accel.py): /dev/kvm can exist and be unusable."""
+    usable, why = kvm_usable()
+    if usable:
+        return Check("kvm", "ok", "KVM usable (/dev/kvm opens, hardware KVM, vmx/svm)")
+    return Check("kvm", "warn", f"KVM not usable: {why}; boxes use TCG (slow boots)",
+                 "enable VT-x/AMD-V (or nested virtualisation) and load kvm_intel/kvm_amd")
 
 
 def _libvirt_kvm(dev: Path = KVM_DEV, qemu_conf: Path = QEMU_CONF,

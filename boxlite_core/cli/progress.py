@@ -10,7 +10,10 @@ from __future__ import annotations
 import sys
 import threading
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 
 class Reporter:
@@ -23,7 +26,7 @@ class Reporter:
         self.mode = mode
         self._lock = threading.Lock()
         self._last: str | None = None
-        self._status: Any = None
+        self._status: Status | None = None  # rich is imported only on a terminal
 
     def __enter__(self) -> Reporter:
         if self.mode == "rich":

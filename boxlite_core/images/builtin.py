@@ -4,6 +4,10 @@
 files a shell expects (/etc/passwd, /tmp, …), packed as one deterministic layer (sorted
 entries, fixed mtime, root-owned) so the same binary always yields the same image digest.
 It goes through the ordinary OCI-layout importer: the built-in path tests the real one.
+
+Below the store (see the package docstring for the dependency direction): a builder writes an
+OCI image layout into a directory it is given and returns its path; the store imports it
+like any other layout. So this module never sees the index.
 """
 
 from __future__ import annotations
@@ -12,20 +16,20 @@ import json
 import os
 import struct
 import tarfile
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeAlias
 
 from ..errors import ToolMissingError
 from ..fscopy import copy_file
+from ..models import JsonObject, JsonValue
 from ..tools import find_tool, run
 from .blobs import sha256_bytes, sha256_file
-from .importers import OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, canonical_json, host_arch
+from .oci import OCI_CONFIG, OCI_INDEX, OCI_LAYER_TAR, OCI_MANIFEST, canonical_json, host_arch
 
-if TYPE_CHECKING:
-    from .model import Image
-    from .store import ImageStore
+#: a built-in image's builder: writes an OCI image layout under the (empty, private) work
+#: directory it is given and returns the layout's path
+BuiltinBuilder: TypeAlias = Callable[[Path], Path]
 
 FIXED_MTIME = 946684800  # 2000-01-01: deterministic layers
 BUSYBOX_PACKAGE = "busybox-static"
@@ -131,13 +135,13 @@ def deterministic_layer(root: Path, out: Path) -> None:
 
 
 def write_oci_layout(
-    dest: Path, layer_tars: list[Path], config: dict, ref_name: str | None = None
+    dest: Path, layer_tars: list[Path], config: JsonObject, ref_name: str | None = None
 ) -> str:
     """Write an OCI image layout with uncompressed tar layers; return the manifest digest."""
     blobs = dest / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
-    layers = []
-    diff_ids = []
+    layers: list[JsonValue] = []
+    diff_ids: list[JsonValue] = []
     for tar_path in layer_tars:
         digest = sha256_file(tar_path)
         copy_file(tar_path, blobs / digest[7:], "built-in image layer", preserve=False)
@@ -158,18 +162,18 @@ def write_oci_layout(
     raw = canonical_json(manifest)
     digest = sha256_bytes(raw)
     (blobs / digest[7:]).write_bytes(raw)
-    desc: dict = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(raw)}
+    desc: JsonObject = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(raw)}
     if ref_name:
         desc["annotations"] = {"org.opencontainers.image.ref.name": ref_name}
     (dest / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     (dest / "index.json").write_text(
-        json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
                     "manifests": [desc]})
     )  # fmt: skip
     return digest
 
 
-def busybox_config() -> dict:
+def busybox_config() -> JsonObject:
     return {
         "architecture": host_arch(),
         "os": "linux",
@@ -178,25 +182,32 @@ def busybox_config() -> dict:
     }
 
 
-def build_busybox_image(store: ImageStore) -> Image:
-    """Make ``busybox:latest`` from the host's busybox-static and import it."""
-    tmp_parent = store.root / "tmp"
-    tmp_parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=tmp_parent, prefix="builtin-") as tmp:
-        work = Path(tmp)
-        busybox = find_static_busybox(work)
-        root = work / "rootfs"
-        root.mkdir()
-        build_busybox_rootfs(busybox, root)
-        layer = work / "layer.tar"
-        deterministic_layer(root, layer)
-        layout = work / "layout"
-        write_oci_layout(layout, [layer], busybox_config(), "busybox:latest")
-        return store.import_path(layout, name="busybox:latest")
+def build_busybox_layout(work: Path) -> Path:
+    """Lay out ``busybox:latest`` (from the host's busybox-static) as an OCI layout in ``work``.
+
+    Raises:
+        ToolMissingError: no static busybox on the host and none to download.
+    """
+    busybox = find_static_busybox(work)
+    root = work / "rootfs"
+    root.mkdir()
+    build_busybox_rootfs(busybox, root)
+    layer = work / "layer.tar"
+    deterministic_layer(root, layer)
+    layout = work / "layout"
+    write_oci_layout(layout, [layer], busybox_config(), "busybox:latest")
+    return layout
 
 
-BUILTIN_IMAGES: dict[str, Callable[[ImageStore], Image]] = {
-    "busybox:latest": build_busybox_image,
+#: built-in images by normalised reference; the store builds one on first use
+BUILTIN_IMAGES: dict[str, BuiltinBuilder] = {
+    "busybox:latest": build_busybox_layout,
 }
 
-__all__ = ["BUILTIN_IMAGES", "build_busybox_image", "deterministic_layer", "write_oci_layout"]
+__all__ = [
+    "BUILTIN_IMAGES",
+    "BuiltinBuilder",
+    "build_busybox_layout",
+    "deterministic_layer",
+    "write_oci_layout",
+]

@@ -15,10 +15,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import ImageError
-from .importers import OCI_INDEX, OCI_MANIFEST, canonical_json
+from ..models import JsonObject
+from .oci import OCI_INDEX, OCI_MANIFEST, canonical_json
 
 if TYPE_CHECKING:
     from .model import Image
@@ -64,7 +65,7 @@ def export_image(store: ImageStore, ref: str, directory: Path | str) -> Path:
         blobs_dir = tmp / "blobs" / "sha256"
         blobs_dir.mkdir(parents=True)
         manifest_raw = _manifest_bytes(store, image)
-        manifest: dict[str, Any] = json.loads(manifest_raw)
+        manifest: JsonObject = json.loads(manifest_raw)
         (blobs_dir / image.digest.split(":", 1)[1]).write_bytes(manifest_raw)
         digests = [image.config_digest, *(layer.digest for layer in image.layers)]
         for digest in dict.fromkeys(digests):
@@ -78,7 +79,7 @@ def export_image(store: ImageStore, ref: str, directory: Path | str) -> Path:
             tag = _tag_of(image.reference)
             if tag:
                 annotations["org.opencontainers.image.ref.name"] = tag
-        entry: dict[str, Any] = {
+        entry: JsonObject = {
             "mediaType": manifest.get("mediaType") or OCI_MANIFEST,
             "digest": image.digest,
             "size": len(manifest_raw),

@@ -4,6 +4,9 @@ Every importer ends the same way — an OCI manifest, its config and layer blobs
 store — so everything downstream (rootfs strategies, the index) only ever sees OCI. Importers
 touch no database rows: the store writes the index in one transaction once an importer has
 returned, so a failure half way leaves at most verified blobs (a harmless cache) behind.
+
+Below the store (see the package docstring for the dependency direction): importers know
+blobs, media types and local names, never the index.
 """
 
 from __future__ import annotations
@@ -11,33 +14,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import attrs
 
 from ..diskspace import ensure_free
 from ..errors import ConfigError, ImageError
 from ..fscopy import open_regular
+from ..models import JsonObject, JsonValue
 from .blobs import BlobStore, check_digest
-from .layers import LAYER_MEDIA_TYPES
+from .oci import (
+    INDEX_TYPES,
+    LAYER_MEDIA_TYPES,
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    REF_ANNOTATIONS,
+    canonical_json,
+    host_arch,
+)
+from .reference import normalize_reference
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
-REF_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
 #: a manifest or config bigger than this is not an image we want to parse
 MAX_JSON = 8 * 1024 * 1024
 
@@ -49,20 +52,13 @@ class Imported:
     """An image whose blobs are all in the store; what the index needs to record it."""
 
     manifest_digest: str
-    manifest: dict[str, Any]
+    manifest: JsonObject
     manifest_bytes: bytes
     config_digest: str
-    config: dict[str, Any]
+    config: JsonObject
     config_bytes: bytes
     #: reference names the archive itself carries (docker RepoTags, OCI ref annotations)
     names: tuple[str, ...] = ()
-
-
-def host_arch() -> str:
-    machine = platform.machine().lower()
-    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
-        machine, machine
-    )
 
 
 # -- sources: a directory or a tar, read by relative path ----------------------------------
@@ -77,7 +73,7 @@ class _Source:
         raise NotImplementedError
         yield  # pragma: no cover
 
-    def read_json(self, rel: str) -> Any:
+    def read_json(self, rel: str) -> JsonValue:
         if not self.exists(rel):
             raise ImageError(f"{self.label}: {rel} is missing; this is not a complete image")
         with self.open(rel) as fh:
@@ -166,7 +162,7 @@ def _blob_rel(digest: str) -> str:
     return f"blobs/{algo}/{hexpart}"
 
 
-def _descriptor(desc: Any, where: str) -> tuple[str, str, int]:
+def _descriptor(desc: JsonValue, where: str) -> tuple[str, str, int]:
     if not isinstance(desc, dict):
         raise ImageError(f"{where}: descriptor is not an object")
     try:
@@ -194,7 +190,9 @@ def _copy_blob(src: _Source, blobs: BlobStore, digest: str, size: int) -> None:
         raise ImageError(f"{src.label}: blob {digest} has {got} bytes, descriptor says {size}")
 
 
-def _read_blob_json(src: _Source, blobs: BlobStore, digest: str, size: int) -> tuple[Any, bytes]:
+def _read_blob_json(
+    src: _Source, blobs: BlobStore, digest: str, size: int
+) -> tuple[JsonValue, bytes]:
     _copy_blob(src, blobs, digest, size)
     data = blobs.read_bytes(digest)
     if len(data) > MAX_JSON:
@@ -205,14 +203,14 @@ def _read_blob_json(src: _Source, blobs: BlobStore, digest: str, size: int) -> t
         raise ImageError(f"{src.label}: blob {digest} is not valid JSON ({exc})") from exc
 
 
-def _platform_ok(desc: dict[str, Any], arch: str) -> bool:
+def _platform_ok(desc: JsonObject, arch: str) -> bool:
     plat = desc.get("platform")
     if not isinstance(plat, dict):
         return True
     return plat.get("os", "linux") == "linux" and plat.get("architecture") == arch
 
 
-def _entry_names(desc: dict[str, Any]) -> tuple[str, ...]:
+def _entry_names(desc: JsonObject) -> tuple[str, ...]:
     notes = desc.get("annotations") or {}
     out = []
     for key in REF_ANNOTATIONS:
@@ -222,7 +220,7 @@ def _entry_names(desc: dict[str, Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _pick(entries: list[Any], where: str, arch: str, want: str | None) -> dict[str, Any]:
+def _pick(entries: JsonValue, where: str, arch: str, want: str | None) -> JsonObject:
     """Choose one manifest: the host architecture's, or the one whose ref annotation matches."""
     if not isinstance(entries, list) or not entries:
         raise ImageError(f"{where}: index lists no manifests")
@@ -238,8 +236,6 @@ def _pick(entries: list[Any], where: str, arch: str, want: str | None) -> dict[s
             f"export the image for linux/{arch}"
         )
     if want and len(usable) > 1:
-        from .store import normalize_reference
-
         named = [
             e
             for e in usable
@@ -293,10 +289,6 @@ def import_oci(
 
 
 # -- docker save -----------------------------------------------------------------------------
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
 def _sniff_layer_type(blobs: BlobStore, digest: str) -> str:
     with open(blobs.path(digest), "rb") as fh:
         head = fh.read(4)
@@ -315,8 +307,6 @@ def import_docker_save(
         raise ImageError(f"{src.label}: manifest.json lists no images")
     entry = entries[0]
     if len(entries) > 1:
-        from .store import normalize_reference
-
         matches = [
             e
             for e in entries

@@ -34,10 +34,11 @@ import attrs
 
 from ..diskspace import ensure_free
 from ..errors import ImageError
+from .oci import LAYER_MEDIA_TYPES
 
 if TYPE_CHECKING:
+    from .blobs import BlobStore
     from .model import Image
-    from .store import ImageStore
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -48,20 +49,6 @@ SPACE_CHECK_EVERY = 32 * 1024 * 1024
 #: xattrs a layer may set. trusted.* (overlayfs metadata!) and security.selinux are refused:
 #: a layer must not be able to forge overlay redirects or host security labels.
 _ALLOWED_XATTR_PREFIXES = ("user.", "security.capability")
-
-LAYER_MEDIA_TYPES = frozenset(
-    {
-        "application/vnd.oci.image.layer.v1.tar",
-        "application/vnd.oci.image.layer.v1.tar+gzip",
-        "application/vnd.oci.image.layer.v1.tar+zstd",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-        "application/vnd.docker.image.rootfs.diff.tar",
-        "application/vnd.docker.image.rootfs.diff.tar.gzip",
-        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-    }
-)
 
 
 @attrs.define
@@ -439,19 +426,23 @@ def apply_layer(
 
 def apply_layers_merged(
     image: Image,
-    store: ImageStore,
+    blobs: BlobStore,
     target: Path,
     *,
     size_limit: int | None = None,
     progress: Callable[[str, float | None], None] | None = None,
 ) -> list[ApplyStats]:
-    """Apply every layer of ``image`` in order into one directory (blobs verified on read)."""
+    """Apply every layer of ``image`` in order into one directory (blobs verified on read).
+
+    ``blobs`` is the image store's blob store (``ImageStore.blobs``): unpacking needs the
+    bytes, never the index.
+    """
     out = []
     n = len(image.layers)
     for i, layer in enumerate(image.layers):
         if progress:
             progress(f"unpacking layer {i + 1}/{n} {layer.digest[7:19]}", i / max(n, 1))
-        with store.blobs.open(layer.digest) as fh:
+        with blobs.open(layer.digest) as fh:
             out.append(
                 apply_layer_stream(
                     fh, target, layer_name=layer.digest, mode="merged", size_limit=size_limit
@@ -463,10 +454,10 @@ def apply_layers_merged(
 
 
 def unpack_layer_for_overlay(
-    store: ImageStore, digest: str, target: Path, *, size_limit: int | None = None
+    blobs: BlobStore, digest: str, target: Path, *, size_limit: int | None = None
 ) -> ApplyStats:
     """Unpack one layer into its own (empty) directory with overlayfs-style whiteouts."""
-    with store.blobs.open(digest) as fh:
+    with blobs.open(digest) as fh:
         return apply_layer_stream(
             fh, target, layer_name=digest, mode="overlay", size_limit=size_limit
         )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import attrs
+
+from ..models import JsonObject, JsonValue
 
 
 @attrs.frozen
@@ -19,7 +20,7 @@ class ImageConfig:
     user: str = ""
 
     @classmethod
-    def from_oci(cls, config: Mapping[str, Any]) -> ImageConfig:
+    def from_oci(cls, config: Mapping[str, JsonValue]) -> ImageConfig:
         """Build from an OCI/docker image config JSON (the ``config`` object inside it)."""
         cfg = config.get("config") or {}
         return cls(
@@ -37,7 +38,7 @@ class ImageConfig:
             out[key] = value
         return out
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return {
             "env": list(self.env),
             "entrypoint": list(self.entrypoint),
@@ -47,7 +48,7 @@ class ImageConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ImageConfig:
+    def from_dict(cls, data: Mapping[str, JsonValue]) -> ImageConfig:
         return cls(
             env=tuple(data.get("env", ())),
             entrypoint=tuple(data.get("entrypoint", ())),
@@ -65,7 +66,7 @@ class Layer:
     media_type: str
     size: int
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return {"digest": self.digest, "media_type": self.media_type, "size": self.size}
 
 
@@ -85,7 +86,7 @@ class Image:
     def short_id(self) -> str:
         return self.digest.split(":", 1)[-1][:12]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return {
             "reference": self.reference,
             "digest": self.digest,

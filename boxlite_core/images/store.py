@@ -3,6 +3,10 @@
 Rows live in the runtime's sqlite (tables ``images`` and ``image_refs``); bytes live in the
 content-addressed blob store. An import writes blobs first and the rows last, in one
 transaction, so an image is either fully in the index or not at all.
+
+The top of ``images/`` (see the package docstring for the dependency direction): the store
+runs an importer or a built-in builder — which write blobs or a layout and know nothing of
+the index — and records what they return. Nothing below it imports it.
 """
 
 from __future__ import annotations
@@ -12,51 +16,27 @@ import fcntl
 import json
 import re
 import shutil
+import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError, ImageError, NotFoundError, StateError
+from ..models import JsonObject
 from ..state.db import Database
 from .blobs import BlobStore
+from .builtin import BUILTIN_IMAGES
 from .importers import Imported, import_any
 from .model import Image, ImageConfig, Layer
+from .reference import check_local_reference, normalize_reference
 
 ProgressFn = Callable[[str, float | None], None]
 _HEX_RE = re.compile(r"^[0-9a-f]{4,64}$")
-_REF_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
 _NOT_FOUND_HINT = "run `boxlite images import PATH` or see `boxlite images ls`"
 
 
-def normalize_reference(ref: str) -> str:
-    """'busybox' → 'busybox:latest'; 'docker.io/library/x:1' → 'x:1'. Digests pass through."""
-    ref = ref.strip()
-    if ref.startswith("sha256:"):
-        return ref
-    for prefix in ("docker.io/library/", "index.docker.io/library/", "docker.io/"):
-        if ref.startswith(prefix):
-            ref = ref[len(prefix) :]
-            break
-    name, _, digest = ref.partition("@")
-    if digest:
-        return ref
-    last = name.rsplit("/", 1)[-1]
-    if ":" not in last:
-        name += ":latest"
-    return name
-
-
-def _check_reference(ref: str) -> str:
-    norm = normalize_reference(ref)
-    if not _REF_RE.match(norm):
-        raise ConfigError(
-            f"image reference {ref!r} is not valid: use lowercase NAME[:TAG] (e.g. 'busybox:1.36')"
-        )
-    return norm
-
-
-def _image_from_row(row: Any, reference: str) -> Image:
+def _image_from_row(row: sqlite3.Row, reference: str) -> Image:
     manifest = json.loads(row["manifest_json"])
     config = json.loads(row["config_json"])
     layers = tuple(
@@ -92,13 +72,13 @@ class ImageStore:
         ``name`` tags it (else the archive's own tag, else it is reachable by digest only).
         On any failure no index row is written.
         """
-        reference = _check_reference(name) if name else None
+        reference = check_local_reference(name) if name else None
         # the gc lock: a concurrent remove must not collect a blob this import reuses
         with self.lock("gc"):
             imported = import_any(Path(path), self.blobs, want=reference, progress=progress)
             if reference is None and imported.names:
                 with contextlib.suppress(ConfigError):
-                    reference = _check_reference(imported.names[0])
+                    reference = check_local_reference(imported.names[0])
             image = self._record(imported, reference)
         if progress:
             progress(f"imported {reference or image.digest}", 1.0)
@@ -182,8 +162,6 @@ class ImageStore:
         image = self._lookup(ref_or_digest)
         if image is not None:
             return image
-        from .builtin import BUILTIN_IMAGES
-
         if normalize_reference(ref_or_digest) in BUILTIN_IMAGES:
             return self.ensure_builtin(ref_or_digest)
         raise NotFoundError(f"image {ref_or_digest!r} is not in the local store; {_NOT_FOUND_HINT}")
@@ -200,7 +178,7 @@ class ImageStore:
             out.extend(_image_from_row(row, ref) for ref in refs)
         return out
 
-    def config_json(self, image: Image) -> dict[str, Any]:
+    def config_json(self, image: Image) -> JsonObject:
         row = (
             self.db.connection()
             .execute("SELECT config_json FROM images WHERE digest = ?", (image.digest,))
@@ -227,8 +205,12 @@ class ImageStore:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def ensure_builtin(self, name: str = "busybox") -> Image:
-        from .builtin import BUILTIN_IMAGES
+        """The built-in image ``name``, built and imported on first use (under a lock).
 
+        Raises:
+            NotFoundError: ``name`` is not a built-in image.
+            ToolMissingError: the host lacks what the builder needs (e.g. busybox-static).
+        """
         ref = normalize_reference(name)
         builder = BUILTIN_IMAGES.get(ref)
         if builder is None:
@@ -239,7 +221,10 @@ class ImageStore:
             image = self._lookup(ref)
             if image is not None:
                 return image
-            return builder(self)
+            tmp_parent = self.root / "tmp"
+            tmp_parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=tmp_parent, prefix="builtin-") as tmp:
+                return self.import_path(builder(Path(tmp)), name=ref)
 
     # -- removal --------------------------------------------------------------------------
     def remove(

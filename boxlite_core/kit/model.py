@@ -8,6 +8,8 @@ from typing import Any
 
 import attrs
 
+from ..vmm.spec import GuestHints
+
 
 @attrs.frozen
 class MachineProfile:
@@ -85,6 +87,16 @@ class GuestKit:
             "manifest": str(self.manifest),
             "virtio_transport": self.virtio_transport,
         }
+
+    def guest_hints(self) -> GuestHints:
+        """The facts about this kit a VmSpec carries to the backend (``VmSpec.guest``)."""
+        return GuestHints(
+            arch=self.arch,
+            machine=self.machine,
+            virtio_transport=self.virtio_transport,
+            qemu_globals=self.qemu_globals,
+            kit_id=self.kit_id,
+        )
 
     def read_manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest.read_text())

@@ -41,7 +41,8 @@ GUEST_MODULES: tuple[str, ...] = (
 
 #: The guest end of virtio-vsock. libkrun and hvf have no virtio-serial port, so the agent
 #: serves on vsock there; /init loads these only when the cmdline carries
-#: ``boxlite.agent_vsock=PORT`` (those backends add it), so QEMU boots pay nothing for them.
+#: ``boxlite.agent_vsock=PORT`` (proto/wire.py AGENT_VSOCK_CMDLINE_KEY; the core adds it for a
+#: vsock channel), so QEMU boots pay nothing for them.
 VSOCK_MODULES: frozenset[str] = frozenset(
     {"vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"}
 )

@@ -1,5 +1,6 @@
 """Generated gRPC stubs for agent.proto.
 
-Regenerate with `python -m boxlite_core.proto.generate`. Kept free of imports: the
-guest image ships this package without the rest of boxlite_core.
+Regenerate with `scripts/generate-proto`. ``wire`` holds the channel's fixed names (port
+name, vsock port, cmdline key, READY). Kept free of imports: the guest image ships this
+package without the rest of boxlite_core.
 """

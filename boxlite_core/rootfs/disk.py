@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 from ..diskspace import ensure_free
 from ..errors import ImageError
 from ..images.layers import apply_layers_merged
-from ..models import DiskSpec
 from ..tools import require_tool, run
-from .base import RootfsArtifact, RootfsContext, RootfsStrategy
+from ..vmm.spec import DiskSpec
+from .base import DiskRootfs, RootfsArtifact, RootfsContext, RootfsStrategy
 from .util import MIB, ext4_size_for, file_lock, make_ext4, temp_dir_in, tree_usage
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def ensure_base(image: Image, ctx: RootfsContext) -> Path:
         with temp_dir_in(cache, f"build-{base.stem[:12]}-") as work:
             root = work / "root"
             root.mkdir()
-            apply_layers_merged(image, ctx.image_store, root, progress=ctx.progress)
+            apply_layers_merged(image, ctx.image_store.blobs, root, progress=ctx.progress)
             content, inodes = tree_usage(root)
             size = ext4_size_for(content, inodes)
             # the image is sparse: mkfs writes the content plus metadata and journal
@@ -95,7 +95,7 @@ class DiskStrategy(RootfsStrategy):
                 "the box's disk cannot be used: remove the box and create it again"
             )
         return RootfsArtifact(
-            guest={"disk": {"serial": SERIAL, "fstype": "ext4"}},
+            guest=DiskRootfs(SERIAL, "ext4"),
             disks=(DiskSpec(overlay, "qcow2", serial=SERIAL),),
         )
 

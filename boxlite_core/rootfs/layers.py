@@ -17,8 +17,15 @@ from typing import TYPE_CHECKING
 
 from ..diskspace import ensure_free
 from ..images.layers import unpack_layer_for_overlay
-from ..models import DiskSpec, HostShare
-from .base import RootfsArtifact, RootfsContext, RootfsStrategy
+from ..models import HostShare
+from ..vmm.spec import DiskSpec
+from .base import (
+    GuestShare,
+    LayersRootfs,
+    RootfsArtifact,
+    RootfsContext,
+    RootfsStrategy,
+)
 from .util import MIB, file_lock, make_ext4, temp_dir_in
 
 if TYPE_CHECKING:
@@ -48,7 +55,7 @@ def ensure_layer_dir(ctx: RootfsContext, digest: str) -> Path:
         with temp_dir_in(cache, f"build-{hexpart[:12]}-") as work:
             tree = work / "tree"
             tree.mkdir(mode=0o755)
-            unpack_layer_for_overlay(ctx.image_store, digest, tree)
+            unpack_layer_for_overlay(ctx.image_store.blobs, digest, tree)
             os.replace(tree, final)
     return final
 
@@ -78,7 +85,7 @@ class LayersStrategy(RootfsStrategy):
                 make_ext4(tmp, skel, size, label="boxupper")
                 os.replace(tmp, upper)
         return RootfsArtifact(
-            guest={"layers": {"lower": [s.tag for s in shares], "upper_disk": SERIAL}},
+            guest=LayersRootfs(tuple(GuestShare(s.tag) for s in shares), SERIAL),
             disks=(DiskSpec(upper, "raw", serial=SERIAL),),
             shares=tuple(shares),
         )

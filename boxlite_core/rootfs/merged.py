@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ..diskspace import ensure_free
 from ..images.layers import apply_layers_merged
 from ..models import HostShare
-from .base import RootfsArtifact, RootfsContext, RootfsStrategy
+from .base import GuestShare, RootfsArtifact, RootfsContext, RootfsStrategy
 from .util import file_lock
 
 if TYPE_CHECKING:
@@ -45,11 +45,11 @@ class MergedStrategy(RootfsStrategy):
                 tmp.mkdir(mode=0o755)
                 ensure_free(box_dir, sum(layer.size for layer in image.layers),
                             f"unpacking image {image.digest} for the box")
-                apply_layers_merged(image, ctx.image_store, tmp, progress=ctx.progress)
+                apply_layers_merged(image, ctx.image_store.blobs, tmp, progress=ctx.progress)
                 os.replace(tmp, root)
                 marker.write_text(image.digest + "\n")
         return RootfsArtifact(
-            guest={"share": {"tag": TAG}},
+            guest=GuestShare(TAG),
             shares=(HostShare(TAG, root, read_only=False),),
         )
 

@@ -13,16 +13,21 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TypeAlias
 
-from ..models import BoxOptions, BoxStatus, ExecResult, ExitStatus
-from .box import Box, Execution
+from ..models import BoxOptions, BoxStatus, ExecResult, ExitStatus, JsonValue
+from ..plugins import PluginRegistry
+from .box import Box, BoxMetrics, Execution
 from .records import BoxRecord
 from .runtime import Runtime
+from .services import KitProvider, ProgressFn
 
 _DONE = object()
+#: what the event pump hands the consumer: an output chunk, the error, or the end
+_Item: TypeAlias = "tuple[str, bytes] | BaseException | object"
 
 
 class AsyncExecution:
@@ -30,17 +35,17 @@ class AsyncExecution:
 
     def __init__(self, execution: Execution) -> None:
         self._ex = execution
-        self._queue: asyncio.Queue[Any] | None = None
+        self._queue: asyncio.Queue[_Item] | None = None
         self._thread: threading.Thread | None = None
 
-    def _start_pump(self) -> asyncio.Queue[Any]:
+    def _start_pump(self) -> asyncio.Queue[_Item]:
         if self._queue is not None:
             return self._queue
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+        queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=64)
         self._queue = queue
 
-        def put(item: Any) -> None:
+        def put(item: _Item) -> None:
             asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
 
         def pump() -> None:
@@ -67,6 +72,7 @@ class AsyncExecution:
                 return
             if isinstance(item, BaseException):
                 raise item
+            assert isinstance(item, tuple)
             yield item
 
     async def write_stdin(self, data: bytes) -> None:
@@ -94,10 +100,10 @@ class AsyncBox:
     async def status(self) -> BoxStatus:
         return await asyncio.to_thread(lambda: self.sync.status)
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, JsonValue]:
         return await asyncio.to_thread(self.sync.info)
 
-    async def start(self, progress: Any = None) -> AsyncBox:
+    async def start(self, progress: ProgressFn | None = None) -> AsyncBox:
         await asyncio.to_thread(self.sync.start, progress)
         return self
 
@@ -106,6 +112,12 @@ class AsyncBox:
 
     async def kill(self) -> None:
         await asyncio.to_thread(self.sync.kill)
+
+    async def pause(self) -> None:
+        await asyncio.to_thread(self.sync.pause)
+
+    async def resume(self) -> None:
+        await asyncio.to_thread(self.sync.resume)
 
     async def remove(self, force: bool = False) -> None:
         await asyncio.to_thread(self.sync.remove, force)
@@ -144,13 +156,13 @@ class AsyncBox:
     async def copy_in(self, host_path: str | os.PathLike[str], guest_path: str) -> None:
         await asyncio.to_thread(self.sync.copy_in, host_path, guest_path)
 
-    async def copy_out(self, guest_path: str, host_path: str | os.PathLike[str]) -> Any:
+    async def copy_out(self, guest_path: str, host_path: str | os.PathLike[str]) -> Path:
         return await asyncio.to_thread(self.sync.copy_out, guest_path, host_path)
 
     async def logs(self) -> str:
         return await asyncio.to_thread(self.sync.logs)
 
-    async def metrics(self) -> dict[str, Any]:
+    async def metrics(self) -> BoxMetrics:
         return await asyncio.to_thread(self.sync.metrics)
 
     async def __aenter__(self) -> AsyncBox:
@@ -169,14 +181,26 @@ class AsyncBox:
 class AsyncRuntime:
     """``async with AsyncRuntime() as rt: box = await rt.create(image="busybox")``."""
 
-    def __init__(self, home: str | os.PathLike[str] | None = None, **kw: Any) -> None:
-        self._init = (home, kw)
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        plugins: PluginRegistry | Iterable[tuple[str, object]] | None = None,
+        kit_provider: KitProvider | None = None,
+        recover: bool = True,
+    ) -> None:
+        self._home = home
+        self._plugins = plugins
+        self._kit_provider = kit_provider
+        self._recover = recover
         self.sync: Runtime | None = None
 
     async def open(self) -> AsyncRuntime:
         if self.sync is None:
-            home, kw = self._init
-            self.sync = await asyncio.to_thread(lambda: Runtime(home, **kw))
+            self.sync = await asyncio.to_thread(
+                lambda: Runtime(self._home, plugins=self._plugins,
+                                kit_provider=self._kit_provider, recover=self._recover)
+            )
         return self
 
     def _rt(self) -> Runtime:
@@ -200,7 +224,7 @@ class AsyncRuntime:
             await asyncio.to_thread(self.sync.close)
             self.sync = None
 
-    async def create(self, options: BoxOptions | None = None, **kw: Any) -> AsyncBox:
+    async def create(self, options: BoxOptions | None = None, **kw: object) -> AsyncBox:
         rt = self._rt()
         return AsyncBox(await asyncio.to_thread(lambda: rt.create(options, **kw)))
 

@@ -25,22 +25,18 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
 
-from ..channel.transport import stop_shim
+from ..channel.shimctl import stop_shim
 from ..errors import BoxliteError, EngineError, NotFoundError, StateError
 from ..models import BoxStatus
+from ..vmm.base import VmHandle
 from ..vmm.procstat import alive, stat_fields
 from ..vmm.procstat import start_time as proc_start_time
-
-if TYPE_CHECKING:
-    from ..vmm.base import VmHandle
-    from .pipeline import StartContext
-    from .records import BoxRecord
-    from .runtime import Runtime
+from .pipeline import PLAN_FILE, StartContext
+from .records import BoxRecord, identity_alive
+from .services import Services
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +44,6 @@ log = logging.getLogger(__name__)
 LEFTOVER_GRACE = 3.0
 #: seconds to wait for a process to disappear after SIGKILL
 KILL_WAIT = 5.0
-PLAN_FILE = "plan.json"  # pipeline.PLAN_FILE (not imported: pipeline imports this module)
 
 
 # -- processes a box directory names ----------------------------------------------------------
@@ -217,7 +212,7 @@ def _pidfile_process(box_dir: Path) -> tuple[int, int] | None:
     return (pid, started)
 
 
-def kill_vmm(runtime: Runtime, record: BoxRecord, box_dir: Path,
+def kill_vmm(services: Services, record: BoxRecord, box_dir: Path,
              handle: VmHandle | None = None) -> list[str]:
     """Kill the box's VM by every name the box has for it: ``handle`` (this process's),
     the backend's attach (its state file in the box directory), the VMM identity in the
@@ -227,7 +222,7 @@ def kill_vmm(runtime: Runtime, record: BoxRecord, box_dir: Path,
     handles: list[VmHandle] = [handle] if handle is not None else []
     if record.backend:
         try:
-            attached = runtime.plugins.backend(record.backend).attach(box_dir)
+            attached = services.plugins.backend(record.backend).attach(box_dir)
         except Exception as exc:  # a broken state file must not keep a VM alive
             log.warning("box %s: attach failed while stopping it: %s", record.name, exc)
             attached = None
@@ -254,7 +249,7 @@ def kill_vmm(runtime: Runtime, record: BoxRecord, box_dir: Path,
     return stopped
 
 
-def stop_helpers(runtime: Runtime, record: BoxRecord, box_dir: Path,
+def stop_helpers(services: Services, record: BoxRecord, box_dir: Path,
                  sharer_name: str | None = None) -> None:
     """Stop the agent shim and the volume sharer's helpers (virtiofsd) from their records in
     the box directory. The sharer in use is in the record before its helpers start."""
@@ -266,34 +261,34 @@ def stop_helpers(runtime: Runtime, record: BoxRecord, box_dir: Path,
     name = sharer_name or record.state.get("sharer")
     if name:
         try:
-            runtime.plugins.volume_sharer(name).stop(box_dir)
+            services.plugins.volume_sharer(name).stop(box_dir)
         except Exception as exc:
             log.warning("box %s: stopping sharer %s failed: %s", record.name, name, exc)
 
 
-def stop_box_processes(runtime: Runtime, record: BoxRecord, box_dir: Path,
+def stop_box_processes(services: Services, record: BoxRecord, box_dir: Path,
                        handle: VmHandle | None = None) -> list[str]:
     """Stop everything the box directory names, whatever the record's status: the VM
     (:func:`kill_vmm`), the shim and sharer helpers (:func:`stop_helpers`), then any session
     leader still naming the directory. Returns what was found running. Never raises for a
     process that is already gone; each step is independent."""
     box_dir = Path(box_dir)
-    stopped = kill_vmm(runtime, record, box_dir, handle)
-    stop_helpers(runtime, record, box_dir)
+    stopped = kill_vmm(services, record, box_dir, handle)
+    stop_helpers(services, record, box_dir)
     stopped += [f"leftover pid {pid}" for pid in stop_leftovers(leftover_processes(box_dir))]
     if stopped:
         log.info("box %s: stopped %s", record.name, ", ".join(stopped))
     return stopped
 
 
-def settle_abandoned(runtime: Runtime, record: BoxRecord) -> BoxRecord:
+def settle_abandoned(services: Services, record: BoxRecord) -> BoxRecord:
     """A Starting record whose starter is gone: stop what its box directory names, then mark
     it Failed, saying which stage the start died in and which process ran it.
 
     Call with the box's lock held (Box.exclusive), so no live start can be undone."""
     starter = record.starter or {}
     stage = record.stage or "start"
-    stopped = stop_box_processes(runtime, record, runtime.box_dir(record.id))
+    stopped = stop_box_processes(services, record, services.box_dir(record.id))
     error = (
         f"{stage}: start abandoned: the process that ran it (pid {starter.get('pid', '?')}) "
         "is gone"
@@ -301,25 +296,23 @@ def settle_abandoned(runtime: Runtime, record: BoxRecord) -> BoxRecord:
         + "; `boxlite start` retries"
     )
     try:
-        record = runtime.store.set_status(
+        record = services.store.set_status(
             record.id, BoxStatus.FAILED, expect={BoxStatus.STARTING}, error=error,
             failures=record.failures + 1, pid=None, stopped_at=time.time(),
             state={"failed_stage": stage, "stop_reason": "start abandoned"},
         )
     except StateError:  # settled by another process first
-        return runtime.store.get(record.id)
+        return services.store.get(record.id)
     with contextlib.suppress(Exception):
-        runtime.db.bump("boxes_failed")
-    runtime.plugins.notify("failed", box=record.to_dict(), error=error, stage=stage)
+        services.db.bump("boxes_failed")
+    services.plugins.notify("failed", box=record.to_dict(), error=error, stage=stage)
     return record
 
 
 def starter_is_elsewhere(record: BoxRecord) -> bool:
     """Starting, and the starter is a live process other than this one. (This process holds
     the box lock when it asks, so a start of its own cannot be in flight.)"""
-    from .records import identity_alive
-
-    starter: Mapping[str, Any] = record.starter or {}
+    starter = record.starter or {}
     return (
         record.status is BoxStatus.STARTING
         and identity_alive(starter)
@@ -366,9 +359,9 @@ class CleanupGuard:
         if isinstance(exc, KeyboardInterrupt):
             reason = "interrupted"
         record = ctx.record
-        rt = ctx.runtime
+        services = ctx.services
         try:
-            record = rt.store.set_status(
+            record = services.store.set_status(
                 record.id,
                 BoxStatus.FAILED,
                 error=f"{stage}: {reason}",
@@ -380,8 +373,8 @@ class CleanupGuard:
         except (NotFoundError, StateError) as err:  # removed or changed under us: say so
             log.warning("box %s: could not mark failed: %s", record.name, err)
         with contextlib.suppress(Exception):
-            rt.db.bump("boxes_failed")
-        rt.plugins.notify("failed", box=record.to_dict(), error=reason, stage=stage)
+            services.db.bump("boxes_failed")
+        services.plugins.notify("failed", box=record.to_dict(), error=reason, stage=stage)
         if isinstance(exc, Exception):
             new = annotate(exc, f"box {record.name}: start failed in {stage}: ")
             if new is not exc:

@@ -20,35 +20,29 @@ import concurrent.futures
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .. import envvars
 from ..errors import ConfigError, GuestError
-from ..models import (
-    AgentEndpoint,
-    Capability,
-    DiskSpec,
-    HostShare,
-    ResolvedVolume,
-    ShareSpec,
-    VmSpec,
-)
+from ..models import HostShare, JsonObject
 from ..rootfs.base import RootfsArtifact, RootfsContext
 from ..vmm.consolelog import log_files, neutralise, tail_bytes, wait_writer
 from ..vmm.procstat import start_time as proc_start_time
+from ..vmm.spec import AgentChannel, Capability, ChannelKind, DiskSpec, ShareSpec, VmSpec
 from ..volumes.resolve import resolve_user_volumes
+from .services import ProgressFn, Services
 
 if TYPE_CHECKING:
+    from ..channel.client import AgentClient
+    from ..images.model import Image
+    from ..kit.model import GuestKit
     from ..vmm.base import LaunchPlan, VmHandle, VmmBackend
     from ..volumes.base import VolumeSharer
     from .records import BoxRecord
-    from .runtime import Runtime
-
-ProgressFn = Callable[[str, "float | None"], None]
 
 #: Default seconds to wait for the guest agent; generous because TCG boots are slow.
 DEFAULT_BOOT_TIMEOUT = 120.0
@@ -58,8 +52,9 @@ SHARER_PREFERENCE = ("virtiofs", "9p")
 
 CONSOLE_LOG = "console.log"
 PLAN_FILE = "plan.json"
-AGENT_PORT = "agent.port"
-AGENT_STREAM = "agent.sock"
+#: the agent channel's socket in the box dir, by channel kind (the backend serves it)
+AGENT_PORT = "agent.port"  # virtio-serial
+AGENT_STREAM = "agent.sock"  # vsock
 
 
 def boot_timeout() -> float:
@@ -83,25 +78,24 @@ def console_tail(box_dir: Path, lines: int = 25, max_bytes: int = 64 * 1024) -> 
 class StartContext:
     """Everything the stages produce for each other, and what cleanup must undo."""
 
-    runtime: Runtime
+    services: Services
     record: BoxRecord
     box_dir: Path
     backend: VmmBackend
     progress: ProgressFn | None = None
     stage: str | None = None
     timings: dict[str, float] = attrs.field(factory=dict)
-    image: Any = None
+    image: Image | None = None
     artifact: RootfsArtifact | None = None
-    kit: Any = None
-    volumes: tuple[ResolvedVolume, ...] = ()
+    kit: GuestKit | None = None
+    volumes: tuple[HostShare, ...] = ()
     sharer: VolumeSharer | None = None
     sharer_name: str | None = None
     shares: tuple[ShareSpec, ...] = ()
     spec: VmSpec | None = None
     plan: LaunchPlan | None = None
     handle: VmHandle | None = None
-    client: Any = None
-    init_reply: Any = None
+    client: AgentClient | None = None
 
     def report(self, message: str, fraction: float | None = None) -> None:
         if self.progress is not None:
@@ -132,15 +126,15 @@ def filesystem_setup(ctx: StartContext) -> None:
 
 
 def container_rootfs_prep(ctx: StartContext) -> None:
-    rt = ctx.runtime
+    services = ctx.services
     options = ctx.record.options
     ctx.report(f"image {options.image}")
     # The digest recorded at create, not the tag: a re-tagged image must not change a box.
-    ctx.image = rt.images.get(ctx.record.image_digest or options.image)
-    strategy = rt.plugins.rootfs_strategy(options.rootfs)
+    ctx.image = services.images.get(ctx.record.image_digest or options.image)
+    strategy = services.plugins.rootfs_strategy(options.rootfs)
     rctx = RootfsContext(
-        home=rt.home,
-        image_store=rt.images,
+        home=services.home,
+        image_store=services.images,
         disk_size_mib=options.disk_size_mib,
         progress=ctx.progress,
     )
@@ -148,13 +142,13 @@ def container_rootfs_prep(ctx: StartContext) -> None:
 
 
 def guest_kit_prep(ctx: StartContext) -> None:
-    ctx.kit = ctx.runtime.kit_provider(ctx.runtime.home, ctx.progress)
+    ctx.kit = ctx.services.kit_provider(ctx.services.home, ctx.progress)
 
 
 def pick_sharer(ctx: StartContext, caps: frozenset[Capability]) -> tuple[str, VolumeSharer]:
     """The user's sharer, checked against the backend; else the first preferred one that
     this backend can attach and this host can serve."""
-    rt = ctx.runtime
+    rt = ctx.services
     backend_name = ctx.record.backend
     named = ctx.record.options.volume_sharer
     if named:
@@ -190,11 +184,11 @@ def pick_sharer(ctx: StartContext, caps: frozenset[Capability]) -> tuple[str, Vo
 def volumes(ctx: StartContext) -> None:
     assert ctx.artifact is not None
     ctx.volumes = resolve_user_volumes(ctx.record.options.volumes)
-    wanted: list[HostShare] = [*ctx.artifact.shares, *(v.share() for v in ctx.volumes)]
+    wanted: list[HostShare] = [*ctx.artifact.shares, *ctx.volumes]
     if not wanted:
         return
     ctx.sharer_name, ctx.sharer = pick_sharer(ctx, ctx.backend.capabilities())
-    ctx.runtime.store.update(ctx.record.id, state={"sharer": ctx.sharer_name})
+    ctx.services.store.update(ctx.record.id, state={"sharer": ctx.sharer_name})
     ctx.shares = tuple(ctx.sharer.start(wanted, ctx.box_dir))
 
 
@@ -202,18 +196,19 @@ def build_spec(ctx: StartContext) -> VmSpec:
     assert ctx.artifact is not None and ctx.kit is not None
     kit = ctx.kit
     options = ctx.record.options
-    kind = ctx.backend.agent_kind
-    agent_socket = ctx.box_dir / (AGENT_PORT if kind == "virtio-serial" else AGENT_STREAM)
+    kind = ctx.backend.channel_kind
+    agent = AgentChannel(
+        kind=kind,
+        socket=ctx.box_dir / (AGENT_PORT if kind is ChannelKind.VIRTIO_SERIAL else AGENT_STREAM),
+        handshake=ctx.backend.channel_handshake,
+    )
     disks = (
         DiskSpec(Path(kit.root_image), "raw", read_only=True, serial=ROOT_SERIAL),
         *ctx.artifact.disks,
     )
-    hints = {
-        "machine": getattr(kit, "machine", ""),
-        "qemu_globals": list(getattr(kit, "qemu_globals", ())),
-        "virtio_transport": getattr(kit, "virtio_transport", ""),
-        "kit_id": getattr(kit, "kit_id", ""),
-    }
+    # the guest listens on vsock only when its cmdline names the port: the core says so,
+    # so no backend has to know the key (proto/wire.py AGENT_VSOCK_CMDLINE_KEY)
+    cmdline = " ".join(w for w in (kit.cmdline, agent.cmdline_word) if w)
     return VmSpec(
         box_id=ctx.record.id,
         box_dir=ctx.box_dir,
@@ -221,14 +216,14 @@ def build_spec(ctx: StartContext) -> VmSpec:
         memory_mib=options.memory_mib,
         kernel=Path(kit.kernel),
         initrd=Path(kit.initrd),
-        cmdline=kit.cmdline,
+        cmdline=cmdline,
         console_log=ctx.box_dir / CONSOLE_LOG,
-        agent=AgentEndpoint(agent_socket, kind),
+        agent=agent,
         disks=disks,
         shares=ctx.shares,
         name=ctx.record.name,
         network=options.network,
-        hints=hints,
+        guest=kit.guest_hints(),
         console_log_max_bytes=options.console_log_max_mib * 1024 * 1024,
     )
 
@@ -245,7 +240,7 @@ def vmm_spawn(ctx: StartContext) -> None:
     record_vmm_identity(ctx)
 
 
-def vmm_identity(handle: VmHandle) -> dict[str, Any] | None:
+def vmm_identity(handle: VmHandle) -> dict[str, int | None] | None:
     """``{"pid", "start_time"}`` of a launched VM's process, None for a backend without one
     (libvirt: libvirtd owns the process; attach() by box directory finds it)."""
     pid = handle.pid
@@ -263,7 +258,7 @@ def record_vmm_identity(ctx: StartContext) -> None:
     assert ctx.handle is not None
     identity = vmm_identity(ctx.handle)
     if identity is not None:
-        ctx.runtime.store.record_vmm(ctx.record.id, identity)
+        ctx.services.store.record_vmm(ctx.record.id, identity)
 
 
 def guest_connect(ctx: StartContext) -> None:
@@ -278,54 +273,45 @@ def guest_connect(ctx: StartContext) -> None:
             box_dir,
             kind=ctx.spec.agent.kind,
             socket_path=ctx.spec.agent.socket,
+            handshake=ctx.spec.agent.handshake,
+            vsock_port=ctx.spec.agent.vsock_port,
             timeout=boot_timeout(),
             is_alive=handle.is_running,
             console_tail=lambda: console_tail(box_dir),
         )
-    except GuestError:
-        raise
+    except GuestError as exc:
+        raise explain_agent_wait(exc, handle, boot_timeout()) from exc
     except Exception as exc:
         raise GuestError(f"could not reach the guest agent: {type(exc).__name__}: {exc}") from exc
 
 
-def rootfs_request(guest: Mapping[str, Any], fstype: str) -> dict[str, Any]:
-    """Translate a RootfsArtifact's ``guest`` part into the rootfs field of InitRequest.
+def explain_agent_wait(exc: GuestError, handle: VmHandle, waited: float) -> GuestError:
+    """``exc`` with what only the caller knows: how the VM died, or which setting the wait was.
 
-    The strategy speaks in its own terms (``lower`` tags, ``upper_disk``); the agent's proto
-    wants shares with their filesystem type, which only the volume sharer knows.
+    A VMM that refuses an option may exit after its sockets exist (QEMU builds chardevs before
+    devices), so the channel sees only a silent death; the backend's ``exit_reason()`` quotes
+    the VMM. A VM still running means the wait ran out: name the setting that bounds it.
     """
-    if "disk" in guest:
-        disk = dict(guest["disk"])
-        return {"disk": {"serial": disk["serial"], "fstype": disk.get("fstype") or "ext4",
-                         "read_only": bool(disk.get("read_only", False))}}
-    if "share" in guest:
-        share = dict(guest["share"])
-        out = {"tag": share["tag"], "fstype": share.get("fstype") or fstype}
-        if share.get("options"):
-            out["options"] = share["options"]
-        return {"share": out}
-    if "layers" in guest:
-        layers = dict(guest["layers"])
-        lower = layers.get("lower", layers.get("layers", []))
-        shares = [
-            {"tag": item, "fstype": fstype} if isinstance(item, str)
-            else {"tag": item["tag"], "fstype": item.get("fstype") or fstype}
-            for item in lower
-        ]
-        return {"layers": {
-            "layers": shares,
-            "upper_serial": layers.get("upper_disk") or layers.get("upper_serial") or "",
-            "upper_fstype": layers.get("upper_fstype") or "ext4",
-        }}
-    raise ConfigError(f"rootfs artifact names no disk, share or layers: {dict(guest)!r}")
+    try:
+        running = handle.is_running()
+        reason = None if running else handle.exit_reason()
+    except Exception:  # diagnosis only: never mask the real error
+        return exc
+    if reason:
+        return GuestError(f"{reason}; {exc}")
+    if running:
+        return GuestError(f"{exc}\n(waited {waited:g} s for the agent: set BOXLITE_BOOT_TIMEOUT "
+                          "to wait longer on a slow host)")
+    return exc
 
 
-def init_config(ctx: StartContext) -> dict[str, Any]:
+def init_config(ctx: StartContext) -> JsonObject:
     """The agent's Init request, as the dict AgentClient.init takes (InitRequest's shape)."""
     assert ctx.artifact is not None
     fstype = ctx.sharer.guest_fstype if ctx.sharer is not None else ""
     return {
-        **rootfs_request(ctx.artifact.guest, fstype),
+        # the strategy's typed answer in InitRequest's shape; shares take the sharer's fstype
+        **ctx.artifact.guest.init_request(fstype),
         "volumes": [
             {"tag": v.tag, "fstype": fstype, "guest_path": v.guest_path, "read_only": v.read_only}
             for v in ctx.volumes
@@ -335,7 +321,8 @@ def init_config(ctx: StartContext) -> dict[str, Any]:
 
 
 def guest_init(ctx: StartContext) -> None:
-    ctx.init_reply = ctx.client.init(init_config(ctx))
+    assert ctx.client is not None
+    ctx.client.init(init_config(ctx))
 
 
 STAGES: tuple[Stage, ...] = (
@@ -377,7 +364,7 @@ def run_stages(ctx: StartContext, stages: Sequence[Stage] = STAGES) -> None:
     for stage in stages:
         ctx.stage = stage.name
         # in the record before the stage runs: a start killed here says where it was
-        ctx.runtime.store.record_stage(ctx.record.id, stage.name)
+        ctx.services.store.record_stage(ctx.record.id, stage.name)
         if not stage.parallel:
             _run_one(ctx, stage)
             continue

@@ -7,12 +7,15 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Mapping
-from typing import Any
+from typing import TypeAlias
 
 import attrs
 
-from ..models import BoxOptions, BoxStatus
+from ..models import BoxOptions, BoxStatus, JsonObject, JsonValue
 from ..vmm.procstat import alive, start_time
+
+#: a column value as sqlite stores it
+Column: TypeAlias = "str | int | float | None"
 
 ID_BYTES = 6  # 12 hex characters: short enough to type, long enough not to collide
 
@@ -35,7 +38,7 @@ def process_identity(pid: int | None = None) -> dict[str, int | None]:
     return {"pid": pid, "start_time": start_time(pid)}
 
 
-def identity_alive(identity: Mapping[str, Any] | None) -> bool:
+def identity_alive(identity: Mapping[str, JsonValue] | None) -> bool:
     """Is the process an identity names (see :func:`process_identity`) still running?
 
     False for a missing or malformed identity, a dead pid, a zombie, and a recycled pid
@@ -43,9 +46,9 @@ def identity_alive(identity: Mapping[str, Any] | None) -> bool:
     if not identity:
         return False
     try:
-        pid = int(identity["pid"])
-        started = identity.get("start_time")
-        started = None if started is None else int(started)
+        pid = int(identity["pid"])  # malformed values: caught below
+        raw = identity.get("start_time")
+        started = None if raw is None else int(raw)
     except (KeyError, TypeError, ValueError):
         return False
     if started is None:  # never recorded without one; do not trust a bare pid
@@ -87,28 +90,30 @@ class BoxRecord:
     pid: int | None = None
     error: str | None = None
     failures: int = 0
-    state: Mapping[str, Any] = attrs.field(factory=dict)
+    state: Mapping[str, JsonValue] = attrs.field(factory=dict)
 
     @property
     def stage_timings(self) -> dict[str, float]:
-        return dict(self.state.get("stage_timings") or {})
+        timings = self.state.get("stage_timings")
+        return {str(k): float(v) for k, v in timings.items()} if isinstance(timings, dict) else {}
 
     @property
     def stage(self) -> str | None:
         """The init-pipeline stage a Starting box is in (kept after a failure: where it died)."""
-        return self.state.get("stage")
+        stage = self.state.get("stage")
+        return stage if isinstance(stage, str) else None
 
     @property
-    def starter(self) -> dict[str, Any] | None:
+    def starter(self) -> JsonObject | None:
         """``{"pid", "start_time"}`` of the process running (or that ran) the last start."""
         starter = self.state.get("starter")
-        return dict(starter) if starter else None
+        return dict(starter) if isinstance(starter, dict) and starter else None
 
     @property
-    def vmm(self) -> dict[str, Any] | None:
+    def vmm(self) -> JsonObject | None:
         """``{"pid", "start_time"}`` of the VMM process, recorded right after launch."""
         vmm = self.state.get("vmm")
-        return dict(vmm) if vmm else None
+        return dict(vmm) if isinstance(vmm, dict) and vmm else None
 
     @property
     def abandoned(self) -> bool:
@@ -117,7 +122,7 @@ class BoxRecord:
         once whatever its box directory names has been stopped."""
         return self.status is BoxStatus.STARTING and not identity_alive(self.starter)
 
-    def _scalar_columns(self) -> dict[str, Any]:
+    def _scalar_columns(self) -> dict[str, Column]:
         """The columns stored as themselves, shared by to_dict() and to_row()."""
         return {
             "id": self.id,
@@ -136,7 +141,8 @@ class BoxRecord:
             "failures": self.failures,
         }
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
+        """The record as JSON (``boxlite inspect``, the lifecycle hooks' ``box``)."""
         return {
             **self._scalar_columns(),
             "options": self.options.to_dict(),
@@ -144,7 +150,7 @@ class BoxRecord:
         }
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row | Mapping[str, Any]) -> BoxRecord:
+    def from_row(cls, row: sqlite3.Row | Mapping[str, Column]) -> BoxRecord:
         return cls(
             id=row["id"],
             name=row["name"],
@@ -164,7 +170,7 @@ class BoxRecord:
             state=json.loads(row["state_json"] or "{}"),
         )
 
-    def to_row(self) -> dict[str, Any]:
+    def to_row(self) -> dict[str, Column]:
         return {
             **self._scalar_columns(),
             "options_json": json.dumps(self.options.to_dict(), sort_keys=True),

@@ -11,12 +11,11 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -30,8 +29,13 @@ from ..volumes.resolve import resolve_user_volumes
 from .box import Box
 from .capacity import check_capacity
 from .cleanup import session_leaders_naming, settle_abandoned, stop_box_processes, stop_leftovers
+from .link import BoxLink, gone_unwatched
 from .records import BoxRecord, generated_name, new_box_id
+from .services import KitProvider, Services, default_kit_provider
 from .store import BoxStore
+
+if TYPE_CHECKING:
+    from ..images.store import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +44,13 @@ DEFAULT_HOME = "~/.boxlite"
 COUNTERS = ("boxes_created", "boxes_started", "boxes_failed", "boxes_stopped", "execs",
             "exec_errors")
 
-KitProvider = Callable[[Path, Any], Any]
+#: statuses recovery checks for a VM that died while nobody watched
+_WATCHED = frozenset({BoxStatus.RUNNING, BoxStatus.PAUSED, BoxStatus.STOPPING})
 
 
 def default_home() -> Path:
+    """``$BOXLITE_HOME``, else ``~/.boxlite``."""
     return Path(os.environ.get("BOXLITE_HOME") or DEFAULT_HOME).expanduser()
-
-
-def _default_kit_provider(home: Path, progress: Any) -> Any:
-    from ..kit import ensure_kit
-
-    return ensure_kit(home, progress=progress)
 
 
 class Runtime:
@@ -69,21 +69,23 @@ class Runtime:
         kit_provider: KitProvider | None = None,
         recover: bool = True,
     ) -> None:
-        self.home = (Path(home).expanduser() if home else default_home()).absolute()
+        home_dir = (Path(home).expanduser() if home else default_home()).absolute()
         # private: the db holds -e values; an existing 0755 home is tightened with a notice
-        secure_home(self.home)
+        secure_home(home_dir)
         for sub in ("boxes", "locks"):
-            (self.home / sub).mkdir(mode=0o700, exist_ok=True)
-        self.db = Database(self.home / "boxlite.db")
-        self.store = BoxStore(self.db)
+            (home_dir / sub).mkdir(mode=0o700, exist_ok=True)
+        db = Database(home_dir / "boxlite.db")
         if plugins is None:
-            self.plugins = PluginRegistry()
+            registry = PluginRegistry()
         elif isinstance(plugins, PluginRegistry):
-            self.plugins = plugins
+            registry = plugins
         else:
-            self.plugins = PluginRegistry(extra_plugins=list(plugins))
-        self.kit_provider: KitProvider = kit_provider or _default_kit_provider
-        self._images: Any = None
+            registry = PluginRegistry(extra_plugins=list(plugins))
+        #: what boxes, the init pipeline and cleanup use; built once, handed down
+        self.services = Services(
+            home=home_dir, db=db, store=BoxStore(db), plugins=registry,
+            kit_provider=kit_provider or default_kit_provider,
+        )
         self._boxes: dict[str, Box] = {}
         if recover:
             self.recover()
@@ -91,19 +93,41 @@ class Runtime:
     # -- plumbing --------------------------------------------------------------------------
 
     @property
-    def images(self) -> Any:
-        """The image store (boxlite_core.images.store.ImageStore), opened on first use."""
-        if self._images is None:
-            from ..images.store import ImageStore
+    def home(self) -> Path:
+        return self.services.home
 
-            self._images = ImageStore(self.home, self.db)
-        return self._images
+    @property
+    def db(self) -> Database:
+        return self.services.db
+
+    @property
+    def store(self) -> BoxStore:
+        return self.services.store
+
+    @property
+    def plugins(self) -> PluginRegistry:
+        return self.services.plugins
+
+    @property
+    def kit_provider(self) -> KitProvider:
+        return self.services.kit_provider
+
+    @kit_provider.setter
+    def kit_provider(self, provider: KitProvider) -> None:
+        """Boxes created or first got afterwards use ``provider`` (tests fail that stage);
+        Box objects already handed out keep the services they were made with."""
+        self.services = attrs.evolve(self.services, kit_provider=provider)
+
+    @property
+    def images(self) -> ImageStore:
+        """The image store, opened on first use."""
+        return self.services.images
 
     def box_dir(self, box_id: str) -> Path:
-        return self.home / "boxes" / box_id
+        return self.services.box_dir(box_id)
 
     def lock_path(self, box_id: str) -> Path:
-        return self.home / "locks" / f"{box_id}.lock"
+        return self.services.lock_path(box_id)
 
     def __enter__(self) -> Runtime:
         return self
@@ -125,7 +149,7 @@ class Runtime:
 
     # -- boxes -----------------------------------------------------------------------------
 
-    def create(self, options: BoxOptions | None = None, **kw: Any) -> Box:
+    def create(self, options: BoxOptions | None = None, **kw: object) -> Box:
         """Persist a Configured box. Cheap checks happen here, so a typo fails before a boot."""
         if options is None:
             options = BoxOptions(**kw)
@@ -169,7 +193,7 @@ class Runtime:
         record = self.store.insert(record)
         self.db.bump("boxes_created")
         self.plugins.notify("created", box=record.to_dict())
-        box = Box(self, record)
+        box = Box(self.services, record)
         self._boxes[record.id] = box
         return box
 
@@ -177,7 +201,7 @@ class Runtime:
         record = self.store.get(id_or_name)
         box = self._boxes.get(record.id)
         if box is None:
-            box = self._boxes[record.id] = Box(self, record)
+            box = self._boxes[record.id] = Box(self.services, record)
         return box
 
     def list(self, *, all: bool = True) -> list[BoxRecord]:
@@ -187,39 +211,14 @@ class Runtime:
         return records
 
     def remove(self, id_or_name: str, force: bool = False) -> None:
-        """Delete a box: its VM (only with ``force`` if running), files and record.
+        """Delete a box: its VM (only with ``force`` if it has one), files and record.
 
-        Whatever the status, everything the box directory names (VM, agent shim, virtiofsd,
-        any session leader whose argv names the directory) is stopped before the directory
-        and the record go, so nothing is left running that ``ls`` can no longer show. A box
-        another live process is starting is waited for (the per-box lock); one whose starter
-        died is treated as failed. StateError for a running box without ``force``."""
+        The work is the box's own (see :func:`boxlite_core.runtime.lifecycle.remove`); the
+        runtime only forgets its Box object. Raises NotFoundError (no such box), StateError
+        (running, paused or stopping, without ``force``)."""
         box = self.get(id_or_name)
-        record = box.record
-        with box.exclusive():
-            record = box.refresh()
-            if record.status is BoxStatus.STARTING:
-                record = box._settle_abandoned(record)
-            if record.status in (BoxStatus.RUNNING, BoxStatus.STOPPING):
-                if not force:
-                    raise StateError(
-                        f"box {record.name} is {record.status.value}; stop it first "
-                        f"(`boxlite stop {record.name}`) or remove with -f"
-                    )
-                box.stop(timeout=5)
-            box_dir = self.box_dir(record.id)
-            box.detach()
-            stop_box_processes(self, box.refresh(), box_dir)
-            with contextlib.suppress(NotFoundError):
-                strategy = self.plugins.rootfs_strategy(record.rootfs)
-                try:
-                    strategy.remove(box_dir)
-                except Exception as exc:
-                    log.warning("box %s: rootfs strategy remove failed: %s", record.name, exc)
-            shutil.rmtree(box_dir, ignore_errors=True)
-            self.store.delete(record.id)
-        self._boxes.pop(record.id, None)
-        self.lock_path(record.id).unlink(missing_ok=True)
+        box.remove(force=force)
+        self._boxes.pop(box.id, None)
 
     def metrics(self) -> dict[str, int]:
         counters = {name: 0 for name in COUNTERS}
@@ -270,7 +269,7 @@ class Runtime:
                     self.lock_path(box_id).unlink(missing_ok=True)  # opened just for this
                     changed.append(box_id)
                     continue
-                stopped = stop_box_processes(self, record, self.box_dir(box_id))
+                stopped = stop_box_processes(self.services, record, self.box_dir(box_id))
                 if stopped:
                     log.warning("box %s (%s): stopped %s", record.name, record.status.value,
                                 ", ".join(stopped))
@@ -284,8 +283,9 @@ class Runtime:
         Runs at startup: a host reboot or a killed QEMU leaves records saying Running; a
         killed starter leaves one saying Starting (abandoned: settled Failed after stopping
         what its box directory names); an older boxlite could leave a VM behind a Configured
-        record or none. A Running record whose backend plugin is not loaded is left alone (it
-        may be alive; we cannot tell). Boxes whose lock another process holds are skipped.
+        record or none. A Running (or Paused) record whose VM is gone becomes Failed, a
+        Stopping one Stopped; one whose backend plugin is not loaded is left alone (it may be
+        alive; we cannot tell). Boxes whose lock another process holds are skipped.
         """
         changed = []
         records = {r.id: r for r in self.store.list()}
@@ -298,10 +298,10 @@ class Runtime:
                 with contextlib.suppress(NotFoundError):
                     current = self.store.get(record.id)
                     if current.abandoned:
-                        settle_abandoned(self, current)
+                        settle_abandoned(self.services, current)
                         changed.append(record.name)
         changed += self._recover_leftovers(records)
-        for record in self.store.list({BoxStatus.RUNNING, BoxStatus.STOPPING}):
+        for record in self.store.list(set(_WATCHED)):
             try:
                 backend = self.plugins.backend(record.backend or "")
             except Exception:
@@ -316,19 +316,22 @@ class Runtime:
                 with contextlib.suppress(Exception):
                     handle.release()
                 continue
-            self.get(record.id).teardown_host_side()
+            BoxLink(self.services, record).teardown_host_side()
+            unknown = gone_unwatched(record)
             try:
                 if record.status is BoxStatus.STOPPING:
                     self.store.set_status(
                         record.id, BoxStatus.STOPPED, pid=None, stopped_at=time.time(),
-                        state={"stop_reason": "VM is gone (found at startup, was stopping)"},
+                        state={"stop_reason": f"VM is gone (found at startup, was stopping): "
+                                              f"{unknown}"},
                     )
                     self.db.bump("boxes_stopped")
                 else:
                     self.store.set_status(
                         record.id, BoxStatus.FAILED, pid=None, stopped_at=time.time(),
                         error="VM is gone (found at startup)", failures=record.failures + 1,
-                        state={"stop_reason": "VM is gone (found at startup)"},
+                        state={"stop_reason": f"VM is gone (found at startup, was "
+                                              f"{record.status.value}): {unknown}"},
                     )
                     self.db.bump("boxes_failed")
                 changed.append(record.name)

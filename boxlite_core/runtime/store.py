@@ -11,14 +11,13 @@ import json
 import sqlite3
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import attrs
 
 from ..errors import ConfigError, NotFoundError, StateError
-from ..models import BoxStatus
+from ..models import BoxStatus, JsonValue
 from ..state.db import Database
-from .records import BoxRecord
+from .records import BoxRecord, Column
 
 _COLUMNS = (
     "id", "name", "status", "backend", "image", "image_digest", "rootfs", "created_at",
@@ -115,8 +114,8 @@ class BoxStore:
         )
         return record
 
-    def update(self, box_id: str, *, state: Mapping[str, Any] | None = None,
-               **fields: Any) -> BoxRecord:
+    def update(self, box_id: str, *, state: Mapping[str, JsonValue] | None = None,
+               **fields: Column) -> BoxRecord:
         """Change non-status fields; ``state`` is merged key by key into the stored state."""
         unknown = set(fields) - _UPDATABLE
         if unknown:
@@ -128,7 +127,8 @@ class BoxStore:
             return self._write(tx, attrs.evolve(record, **fields))
 
     def set_status(self, box_id: str, status: BoxStatus, *, expect: set[BoxStatus] | None = None,
-                   state: Mapping[str, Any] | None = None, **fields: Any) -> BoxRecord:
+                   state: Mapping[str, JsonValue] | None = None,
+                   **fields: Column) -> BoxRecord:
         """Move the box to ``status``; StateError if the transition is not allowed.
 
         ``expect`` narrows the allowed starting states further (e.g. stop only from Running).
@@ -144,7 +144,7 @@ class BoxStore:
                 fields["state"] = {**record.state, **state}
             return self._write(tx, attrs.evolve(record, status=status, **fields))
 
-    def begin_start(self, box_id: str, starter: Mapping[str, Any]) -> BoxRecord:
+    def begin_start(self, box_id: str, starter: Mapping[str, JsonValue]) -> BoxRecord:
         """Configured/Stopped/Failed → Starting, naming the process that runs the start.
 
         Written before anything is spawned, so a process killed at any later point leaves a
@@ -163,7 +163,7 @@ class BoxStore:
         """Say which init-pipeline stage is running (``inspect`` answers "where is it")."""
         self.update(box_id, state={"stage": stage})
 
-    def record_vmm(self, box_id: str, identity: Mapping[str, Any]) -> None:
+    def record_vmm(self, box_id: str, identity: Mapping[str, JsonValue]) -> None:
         """Remember the launched VMM's pid + start time before the guest is waited for."""
         self.update(box_id, pid=identity.get("pid"), state={"vmm": dict(identity)})
 

@@ -1,14 +1,21 @@
 """What a VMM backend is, for the vendor who writes one.
 
-A backend turns a :class:`~boxlite_core.models.VmSpec` into a running VM. It is split in two
+A backend turns a :class:`~boxlite_core.vmm.spec.VmSpec` into a running VM. It is split in two
 so tests can check it without a hypervisor:
 
 * :meth:`VmmBackend.plan` is pure: spec in, serialisable :class:`LaunchPlan` out (QEMU argv,
-  libvirt XML, the list of krun calls). Same spec, same plan — byte for byte.
+  libvirt XML, the list of krun calls). Same spec, same plan — byte for byte. It may read the
+  host (find a binary, use facts its probe cached) but writes nothing; the core saves the plan
+  as ``BOXDIR/plan.json`` (the first file to read when a boot goes wrong).
 * :meth:`VmmBackend.launch` executes a plan and returns a :class:`VmHandle`.
 
 The handle's state must be recoverable from the box directory alone (:meth:`VmmBackend.attach`),
 because a box outlives the host process that started it.
+
+Errors: every method says what it raises. The classes come from :mod:`boxlite_core.errors`
+(``ConfigError`` for a spec or setting the backend cannot do, ``EngineError`` when the VMM
+fails, ``UnsupportedError`` for an operation the backend does not offer); anything else
+escaping a backend is a bug in it and reaches the user as such.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ import abc
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 
-from ..models import Capability, ProbeResult, VmSpec
+from ..errors import UnsupportedError
+from ..models import JsonValue
+from .spec import Capability, ChannelKind, Handshake, ProbeResult, VmSpec
 
 
 @attrs.frozen
@@ -34,9 +43,9 @@ class LaunchPlan:
 
     backend: str
     spec: VmSpec
-    data: Mapping[str, Any]
+    data: Mapping[str, JsonValue]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, JsonValue]:
         return {"backend": self.backend, "spec": self.spec.to_dict(), "data": dict(self.data)}
 
     def to_json(self) -> str:
@@ -44,45 +53,111 @@ class LaunchPlan:
 
 
 class VmHandle(abc.ABC):
-    """A launched VM. Every method must be safe to call after the VM has died."""
+    """A launched VM. Every method must be safe to call after the VM has died.
+
+    A VM that is gone is a state, not an error: ``is_running``/``wait`` answer False/True,
+    ``stop``/``kill``/``release`` do nothing. Methods raise only when the backend cannot
+    find out or cannot act (its daemon or monitor does not answer).
+    """
 
     @property
     @abc.abstractmethod
     def pid(self) -> int | None:
-        """The host process that holds the VM (QEMU, the krun launcher), if there is one."""
+        """The host process that holds the VM (QEMU, the krun launcher), if there is one.
+
+        None when the VM runs in a process we do not know (e.g. a remote libvirtd's).
+        Never raises.
+        """
 
     @abc.abstractmethod
     def is_running(self) -> bool:
-        """True while the VM exists. Cheap: called in wait loops."""
+        """True while the VM exists. Cheap: called in wait loops.
+
+        Raises:
+            EngineError: only when the backend cannot tell (e.g. libvirtd does not answer
+                within its bound); a dead VM is False, never an error.
+        """
 
     @abc.abstractmethod
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the VM has gone; True if it did within ``timeout``."""
+        """Block until the VM has gone; True if it did within ``timeout`` (seconds; None:
+        no bound).
+
+        Raises:
+            EngineError: as :meth:`is_running`, when the backend cannot tell.
+        """
 
     @abc.abstractmethod
     def stop(self, timeout: float = 10.0) -> None:
-        """Ask the guest to power off, then force it after ``timeout``. Idempotent.
+        """Ask the guest to power off, then force it after ``timeout`` seconds. Idempotent.
 
         The runtime asks the agent to shut down first; this is the VMM-level part
         (ACPI/QMP powerdown, then SIGTERM, then SIGKILL).
+
+        Raises:
+            EngineError: the VMM could not end the VM (e.g. libvirt's destroy failed while
+                the domain still exists). A VM already gone is not an error.
         """
 
     @abc.abstractmethod
     def kill(self) -> None:
-        """Stop the VM at once, no questions asked. Idempotent."""
+        """Stop the VM at once, no questions asked. Idempotent.
+
+        Raises:
+            EngineError: as :meth:`stop`, when the VMM refuses and the VM is still there.
+        """
 
     def exit_reason(self) -> str | None:
-        """Why the VM went away, if the backend knows (e.g. "killed by signal 9")."""
+        """Why the VM went away, if the backend knows (e.g. "killed by signal 9").
+
+        Who reads it: the runtime puts it first in the error of a start whose VM died before
+        the agent answered (``start failed in guest_connect: <your reason>; ...``), and in the
+        record of a box whose VM went away (``boxlite inspect``: ``error``/``stop_reason``).
+        It is often the only place a user learns why: a VMM that refuses an option may exit
+        after its sockets exist, so quote the VMM's own last error line (its stderr or log)
+        when it exited non-zero, and the signal when it was killed.
+
+        None while the VM runs, or when the backend cannot say. Should not raise: it is read
+        while an error message is being built (an ``EngineError`` from a backend that cannot
+        reach its daemon is tolerated by the runtime).
+        """
         return None
 
     def pause(self) -> None:
-        raise NotImplementedError("this backend does not support pause")
+        """Freeze the VM's vCPUs; its memory and devices stay. Only for backends declaring
+        :attr:`~boxlite_core.vmm.spec.Capability.PAUSE` (the runtime checks that, and that the
+        box is running, before it calls).
+
+        Raises:
+            UnsupportedError: this backend does not offer pause (this default).
+            StateError: the VM is not running (a backend may say so instead of EngineError).
+            EngineError: the VMM did not pause it (monitor error or timeout, VM gone).
+        """
+        raise UnsupportedError(self._unsupported("pause"))
 
     def resume(self) -> None:
-        raise NotImplementedError("this backend does not support resume")
+        """Let a paused VM run again.
+
+        Raises:
+            UnsupportedError: this backend does not offer pause/resume (this default).
+            StateError: the VM is not running.
+            EngineError: the VMM did not resume it.
+        """
+        raise UnsupportedError(self._unsupported("resume"))
+
+    def _unsupported(self, operation: str) -> str:
+        cls = type(self)
+        return (
+            f"{cls.__name__} (backend package {cls.__module__.partition('.')[0]}) cannot "
+            f"{operation} a VM: the backend does not declare the 'pause' capability; use a "
+            "backend that does (`boxlite backends` lists them)"
+        )
 
     def release(self) -> None:
-        """Drop host-side resources (sockets, connections) without touching the VM."""
+        """Drop host-side resources (sockets, connections) without touching the VM.
+
+        Must not raise: it runs on every exit path of the runtime.
+        """
 
 
 class VmmBackend(abc.ABC):
@@ -95,31 +170,71 @@ class VmmBackend(abc.ABC):
     #: registry name users type (``--backend NAME``)
     name: ClassVar[str] = ""
 
+    #: how the backend maps the agent socket into the guest; the core builds ``spec.agent``
+    #: (an :class:`~boxlite_core.vmm.spec.AgentChannel`) from it
+    channel_kind: ClassVar[ChannelKind] = ChannelKind.VIRTIO_SERIAL
+
+    #: what the core must say on a fresh stream before it is the agent's (VSOCK channels:
+    #: ``FIRECRACKER_CONNECT`` for Firecracker-style hybrid vsock)
+    channel_handshake: ClassVar[Handshake] = Handshake.NONE
+
     @abc.abstractmethod
     def capabilities(self) -> frozenset[Capability]:
-        """What this backend can do on a host where :meth:`probe` says available."""
+        """What this backend can do on a host where :meth:`probe` says available.
+
+        Declare only what works here: an accelerator the host lacks is not a capability
+        (:func:`boxlite_core.vmm.accel.host_acceleration` says which the host gives).
+        Cheap: it is asked at every start (sharer choice, pause) and for every backend by
+        ``boxlite backends``, even one whose probe says unavailable.
+
+        Raises:
+            Nothing on purpose: a missing library or binary belongs in :meth:`probe`; answer
+            what the backend would do. (``boxlite backends`` shows a raising backend as
+            unavailable, naming the exception; during a start the exception fails the start.)
+        """
 
     @abc.abstractmethod
     def probe(self) -> ProbeResult:
         """Check the host without booting: binaries, libraries, daemons, acceleration.
 
-        Never raises for a missing dependency: return ``ProbeResult(False, reason, fix)``.
+        Raises:
+            Nothing for a missing dependency or an unusable host: return
+            ``ProbeResult(False, reason, fix)`` instead. An exception that escapes anyway is
+            reported as the backend being unavailable, naming its plugin as the one to fix.
         """
-
-    @property
-    def agent_kind(self) -> str:
-        """How this backend maps the agent socket: "virtio-serial" or "stream"."""
-        return "virtio-serial"
 
     @abc.abstractmethod
     def plan(self, spec: VmSpec) -> LaunchPlan:
-        """Pure: the complete launch recipe for ``spec``. Deterministic and JSON-serialisable."""
+        """Pure: the complete launch recipe for ``spec``. Deterministic and JSON-serialisable.
+
+        It may read the host (find the VMM binary or library, use the facts :meth:`probe`
+        found) but must not write anything: no files, directories, sockets or processes;
+        the box directory may not exist yet. :meth:`launch` does the writing.
+
+        Raises:
+            ConfigError: the spec asks for what this backend cannot do (a disk format,
+                share kind or channel kind it lacks, a socket path over the unix limit, too
+                many vCPUs, an unknown ``backend_options`` key), naming the field and the fix.
+            ToolMissingError: (a ConfigError) the VMM program this plan names is not installed.
+        """
 
     @abc.abstractmethod
     def launch(self, plan: LaunchPlan) -> VmHandle:
         """Start the VM described by ``plan`` and return at once (do not wait for the guest).
 
+        Returns when the VMM runs (e.g. QEMU answers QMP), before the guest has booted. The
+        agent socket (``plan.spec.agent.socket``), which the backend creates as a server, may
+        appear only after this returns: the core waits for it, and for the agent behind it,
+        up to its boot timeout, while polling the handle's :meth:`VmHandle.is_running`.
         Must record in ``plan.spec.box_dir`` whatever :meth:`attach` needs later.
+
+        Raises:
+            ConfigError: the plan is another backend's.
+            ToolMissingError: (a ConfigError) the VMM program or a helper is not installed.
+            EngineError: the VMM failed to start (exited during start-up, its monitor never
+                answered, the daemon refused the domain or did not answer in time); the
+                message carries the VMM's last log lines. Nothing of this VM is left running.
+            StateError: a VM of this box is already running under the VMM's name for it.
         """
 
     @abc.abstractmethod
@@ -127,5 +242,11 @@ class VmmBackend(abc.ABC):
         """Re-adopt the VM launched from ``box_dir`` by another process.
 
         Return None when no VM of this box is running any more (check the process identity,
-        e.g. pid + start time, so a recycled pid is never taken for the VM).
+        e.g. pid + start time, so a recycled pid is never taken for the VM), or when the box
+        directory holds no record of this backend (never launched, another backend's).
+
+        Raises:
+            EngineError: the backend cannot tell (e.g. its daemon is unreachable). The
+                runtime logs it and treats the VM as unknown; a missing or unreadable state
+                file is None, not an error.
         """

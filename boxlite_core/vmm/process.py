@@ -10,9 +10,15 @@ import os
 import signal
 import subprocess
 import time
+from typing import TypeAlias
 
 from .base import VmHandle
 from .procstat import alive, start_time
+
+#: a process's identity beside its pid, only ever compared for equality: the start time in
+#: clock ticks (:func:`.procstat.start_time`), or a backend's own string where there is no
+#: /proc (the hvf plugin's ``ps`` fingerprint)
+Fingerprint: TypeAlias = int | str
 
 
 class ProcessVmHandle(VmHandle):
@@ -31,7 +37,7 @@ class ProcessVmHandle(VmHandle):
     def __init__(
         self,
         pid: int,
-        started: object | None,
+        started: Fingerprint | None,
         popen: subprocess.Popen[bytes] | None = None,
     ) -> None:
         self._pid = pid
@@ -44,7 +50,7 @@ class ProcessVmHandle(VmHandle):
     def pid(self) -> int | None:
         return self._pid
 
-    def _identity(self) -> object | None:
+    def _identity(self) -> Fingerprint | None:
         """The running process's fingerprint, comparable with ``started``; None when gone."""
         return start_time(self._pid) if alive(self._pid, None) else None
 

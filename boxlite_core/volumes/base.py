@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from ..models import Capability, HostShare, ShareSpec
+from ..models import HostShare
+from ..vmm.spec import Capability, ShareSpec
 
 
 class VolumeSharer(abc.ABC):
@@ -29,12 +30,39 @@ class VolumeSharer(abc.ABC):
     idmap: ClassVar[bool] = False
 
     def check(self) -> None:
-        """Raise ToolMissingError/ConfigError if the host cannot serve shares (no virtiofsd…)."""
+        """Check that the host can serve shares, before any box relies on it. Cheap; no
+        process is started.
+
+        Raises:
+            ToolMissingError: (a ConfigError) the helper program is not installed (virtiofsd).
+            ConfigError: it is installed but cannot serve here (e.g. QEMU's C virtiofsd
+                without root); the message names the fix or another sharer.
+            EngineError: the helper is there but does not run.
+        """
 
     @abc.abstractmethod
     def start(self, shares: Sequence[HostShare], box_dir: Path) -> tuple[ShareSpec, ...]:
-        """Prepare every share of a box (start helper processes); return their specs in order."""
+        """Prepare every share of a box (start helper processes); return their specs in order.
+
+        ``shares`` holds the rootfs strategy's shares first (``guest_path`` None), then the
+        user's volumes as resolved for this start (``guest_path`` set, owner's uid/gid known).
+
+        Returns once every share is ready for the VMM to attach (e.g. each virtiofsd socket
+        accepts). On failure, whatever was started for this box is stopped again.
+
+        Raises:
+            ToolMissingError, ConfigError: as :meth:`check` (the host cannot serve shares), or a
+                share the sharer cannot serve as asked (e.g. a socket path over the unix limit,
+                an owner id that cannot be mapped).
+            EngineError: a helper process exited or did not get ready in time; the message
+                carries its log's last lines.
+        """
 
     def stop(self, box_dir: Path) -> None:
         """Stop whatever :meth:`start` left running for this box. Idempotent; must work from
-        another process (read pids from ``box_dir``)."""
+        another process (read pids from ``box_dir``).
+
+        Raises:
+            Nothing on purpose: it runs on every teardown path, after the VM is gone; a helper
+            already gone or a missing state file is not an error.
+        """

@@ -37,7 +37,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..models import Capability, HostShare, ShareSpec
+from ..models import HostShare
+from ..vmm.spec import Capability, ShareSpec
 from .base import VolumeSharer
 
 

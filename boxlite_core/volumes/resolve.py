@@ -1,5 +1,8 @@
 """Turn the user's ``-v HOST:GUEST[:ro]`` specs into checked, canonical shares.
 
+A :class:`~boxlite_core.models.VolumeSpec` (what the user said, stored in the record) becomes
+a :class:`~boxlite_core.models.HostShare` (what a sharer receives) here, once per start.
+
 Why check on the host before anything boots: a typo in a volume path should fail in
 milliseconds with the path in the message, not as a mount error in the guest after a boot.
 The owner's uid/gid is recorded so sharers can map guest writes back to the volume's owner
@@ -13,18 +16,22 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..models import ResolvedVolume, VolumeSpec
+from ..models import HostShare, VolumeSpec
 
 TAG_PREFIX = "uservol"
 
 
-def resolve_user_volumes(specs: Iterable[VolumeSpec | str]) -> tuple[ResolvedVolume, ...]:
+def resolve_user_volumes(specs: Iterable[VolumeSpec | str]) -> tuple[HostShare, ...]:
     """Check each volume's host directory and return them tagged ``uservol0``, ``uservol1``…
 
-    Raises ConfigError naming the path and the fix when a host path is missing, is not a
-    directory, or cannot be read.
+    Each share carries the canonical host path, the directory owner's uid/gid and the
+    volume's ``guest_path``; a string is parsed as ``HOST:GUEST[:ro]``.
+
+    Raises:
+        ConfigError: naming the path and the fix, when a host path is missing, is not a
+            directory, or cannot be read (or a string is not ``HOST:GUEST[:ro]``).
     """
-    out: list[ResolvedVolume] = []
+    out: list[HostShare] = []
     for index, spec in enumerate(specs):
         if isinstance(spec, str):
             spec = VolumeSpec.parse(spec)
@@ -49,13 +56,13 @@ def resolve_user_volumes(specs: Iterable[VolumeSpec | str]) -> tuple[ResolvedVol
             raise ConfigError(f"{where}: host directory {real} is not readable by this user")
         st = real.stat()
         out.append(
-            ResolvedVolume(
+            HostShare(
                 tag=f"{TAG_PREFIX}{index}",
                 host_path=real,
-                guest_path=spec.guest_path,
                 read_only=spec.read_only,
                 uid=st.st_uid,
                 gid=st.st_gid,
+                guest_path=spec.guest_path,
             )
         )
     return tuple(out)

@@ -53,15 +53,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import attrs
 
 from .. import tools
 from ..errors import ConfigError, EngineError, ToolMissingError
-from ..models import Capability, HostShare, ShareSpec
+from ..models import HostShare
 from ..vmm.consolelog import start_pipe_writer, wait_gone
 from ..vmm.procstat import alive, log_tail, reap, start_time
+from ..vmm.spec import Capability, ShareSpec
 from .base import VolumeSharer
 from .virtiofsd_launcher import EXPOSED_SOURCE
 
@@ -75,6 +76,23 @@ _ID_COUNT = 4294967295
 #: allow a setgid bit for a foreign group), MKNOD (device nodes), SETFCAP (file capabilities)
 MODCAPS = "-fsetid:-mknod:-setfcap"
 _LAUNCHER = str(Path(__file__).with_name("virtiofsd_launcher.py"))
+
+
+class DaemonRecord(TypedDict):
+    """One virtiofsd as BOXDIR/virtiofsd.json records it (so any process can stop it)."""
+
+    tag: str
+    pid: int
+    #: /proc start time (clock ticks since boot): never signal a recycled pid
+    start_time: int | None
+    socket: str
+    log: str
+    argv: list[str]
+    read_only: bool
+    #: "flag" (--readonly) | "ro-bind-mount" (C virtiofsd) | None (a writable share)
+    read_only_enforced_by: str | None
+    #: {"uid", "gid"} ns id 0 maps to (every guest id squashed to it), None: no user namespace
+    idmap: dict[str, int] | None
 
 
 @attrs.frozen
@@ -241,7 +259,7 @@ class VirtiofsSharer(VolumeSharer):
         box_dir = Path(box_dir)
         box_dir.mkdir(parents=True, exist_ok=True)
         self.stop(box_dir)  # leftovers of an earlier start of this box
-        records: list[dict[str, Any]] = []
+        records: list[DaemonRecord] = []
         specs: list[ShareSpec] = []
         try:
             for share in shares:
@@ -264,7 +282,7 @@ class VirtiofsSharer(VolumeSharer):
             raise
         return tuple(specs)
 
-    def _start_one(self, info: VirtiofsdInfo, share: HostShare, box_dir: Path) -> dict[str, Any]:
+    def _start_one(self, info: VirtiofsdInfo, share: HostShare, box_dir: Path) -> DaemonRecord:
         socket = box_dir / f"virtiofs-{share.tag}.sock"
         if len(os.fsencode(socket)) > _MAX_SOCKET_PATH:
             raise ConfigError(
@@ -321,7 +339,7 @@ class VirtiofsSharer(VolumeSharer):
             if listener is not None:
                 listener.close()
         self._children[proc.pid] = proc
-        record = {
+        record: DaemonRecord = {
             "tag": share.tag,
             "pid": proc.pid,
             "start_time": start_time(proc.pid),
@@ -354,14 +372,14 @@ class VirtiofsSharer(VolumeSharer):
         return record
 
     @staticmethod
-    def _write_state(box_dir: Path, records: list[dict[str, Any]]) -> None:
+    def _write_state(box_dir: Path, records: list[DaemonRecord]) -> None:
         path = box_dir / STATE_FILE
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"processes": records}, indent=2) + "\n")
         os.replace(tmp, path)
 
     @staticmethod
-    def read_state(box_dir: Path) -> list[dict[str, Any]]:
+    def read_state(box_dir: Path) -> list[DaemonRecord]:
         try:
             return list(json.loads((Path(box_dir) / STATE_FILE).read_text())["processes"])
         except (OSError, ValueError, KeyError, TypeError):

@@ -10,14 +10,26 @@ A vendor's whole integration is two files (see the README)::
 
 and a backend name (``--boxlite-backend NAME`` or a ``backend_name`` fixture). Tests are
 tiered (``conformance_tier(0..3)``) and gated on the backend's declared capabilities with
-:func:`requires`, so a backend is only ever held to what it says it can do.
+:func:`requires` (and on named host requirements with :func:`needs_host`), so a backend is
+only ever held to what it says it can do.
 """
 
 from __future__ import annotations
 
-from .markers import REQUIRES_MARK, TIER_MARK, requires, tier
-from .requirements import Requirements
+from .markers import HOST_MARK, REQUIRES_MARK, TIER_MARK, needs_host, requires, tier
+from .requirements import HOST_REQUIREMENTS, HostRequirement, Requirements
 
 __version__ = "0.1.0"
 
-__all__ = ["REQUIRES_MARK", "TIER_MARK", "Requirements", "__version__", "requires", "tier"]
+__all__ = [
+    "HOST_MARK",
+    "HOST_REQUIREMENTS",
+    "REQUIRES_MARK",
+    "TIER_MARK",
+    "HostRequirement",
+    "Requirements",
+    "__version__",
+    "needs_host",
+    "requires",
+    "tier",
+]

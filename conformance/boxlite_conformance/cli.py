@@ -19,8 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from boxlite_core.vmm.spec import Capability, CapabilityGroup
+
 from . import report as report_mod
 from .markers import TIERS
+from .requirements import HOST_REQUIREMENTS
 
 VENDOR_CONFTEST = 'pytest_plugins = ["boxlite_conformance.plugin"]\n'
 VENDOR_TEST_MODULE = "from boxlite_conformance.suite import *  # noqa: F403\n"
@@ -160,6 +163,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         caps = t["requires"]
         print(f"T{t['tier']:<4} {caps:<{width}}  {t['test']}")
     print(f"\n{len(tests)} tests. Tiers: " + "; ".join(f"T{k}: {v}" for k, v in TIERS.items()))
+    print("\nCapabilities by group (tests gated on each):")
+    for group in CapabilityGroup:
+        gated = [f"{c.value} ({sum(c.value in t['capabilities'] for t in tests)})"
+                 for c in Capability if c.group is group]
+        print(f"  {group.value}: {', '.join(gated)}")
+    print("Host requirements (host:NAME above):")
+    for req in HOST_REQUIREMENTS.values():
+        print(f"  {req.name}: {req.promise}")
     return 0
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from boxlite_core.models import Capability
+from boxlite_core.vmm.spec import Capability
 
 TIER_MARK = "conformance_tier"
 REQUIRES_MARK = "conformance_requires"
+HOST_MARK = "conformance_host"
 
 #: tier → what it proves; tiers >= 1 boot VMs
 TIERS = {
@@ -43,6 +44,27 @@ def requires(*capabilities: Capability, any_of: bool = False) -> pytest.MarkDeco
     return getattr(pytest.mark, REQUIRES_MARK)(*caps, any_of=any_of)
 
 
+def needs_host(*names: str) -> pytest.MarkDecorator:
+    """Run the test only where the named host requirements hold
+    (:data:`~boxlite_conformance.requirements.HOST_REQUIREMENTS`: e.g. "auto-idmap",
+    "sharer-on-host"); they are checked with the test's parameters (e.g. ``sharer``).
+
+    Raises:
+        ValueError: no name given.
+    """
+    if not names:
+        raise ValueError("needs_host() needs at least one requirement name")
+    return getattr(pytest.mark, HOST_MARK)(*names)
+
+
+def item_host_requirements(item: pytest.Item) -> list[str]:
+    """The host requirement names on the item (class, function and parameter marks)."""
+    seen: list[str] = []
+    for mark in item.iter_markers(HOST_MARK):
+        seen += [str(n) for n in mark.args if str(n) not in seen]
+    return seen
+
+
 def item_tier(item: pytest.Item) -> int | None:
     mark = item.get_closest_marker(TIER_MARK)
     return int(mark.args[0]) if mark is not None else None
@@ -70,4 +92,5 @@ def item_capability_text(item: pytest.Item) -> str:
     """Human form for ``list``: ``qcow2, 9p|virtiofs`` (``|`` joins an any_of group)."""
     groups = [("|" if any_of else ", ").join(c.value for c in caps)
               for caps, any_of in item_requirements(item)]
-    return ", ".join(reversed(groups)) or "-"
+    hosts = [f"host:{name}" for name in item_host_requirements(item)]
+    return ", ".join([*reversed(groups), *hosts]) or "-"

@@ -11,7 +11,10 @@ vendor may override (like fsspec's ``fs``):
 
 Gates run in an autouse fixture, before any box is asked for, so a test closed by a capability
 never boots a VM; tier >= 1 tests also need an available backend and an importable runtime
-(skipped with the probe's reason, or failed under ``--conformance-strict``).
+(skipped with the probe's reason, or failed under ``--conformance-strict``). Last, a test's
+named host requirements (``needs_host``, see ``requirements.HOST_REQUIREMENTS``) are checked
+with its parameters: skipped naming the requirement and why (failed under strict for the
+ones a certified host should meet, e.g. virtiofsd installed when 'virtiofs' is declared).
 """
 
 from __future__ import annotations
@@ -26,23 +29,25 @@ from typing import Any
 import pytest
 
 from boxlite_core.errors import NotFoundError
-from boxlite_core.models import Capability, ProbeResult
 from boxlite_core.plugins import PluginRegistry
 from boxlite_core.vmm.base import VmmBackend
+from boxlite_core.vmm.spec import Capability, ProbeResult
 
 from . import report as report_mod
 from .boxes import BoxPool, conformance_home, import_runtime
 from .markers import (
     FIRST_VM_TIER,
+    HOST_MARK,
     REQUIRES_MARK,
     TIER_MARK,
     TIERS,
     item_capabilities,
     item_capability_text,
+    item_host_requirements,
     item_requirements,
     item_tier,
 )
-from .requirements import Requirements
+from .requirements import HOST_REQUIREMENTS, Requirements
 
 ENV_BACKEND = "BOXLITE_CONFORMANCE_BACKEND"
 
@@ -112,6 +117,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{REQUIRES_MARK}(*capabilities, any_of=False): skip unless the backend declares them",
     )
+    config.addinivalue_line(
+        "markers", f"{HOST_MARK}(*names): skip unless these named host requirements hold"
+    )
     config.addinivalue_line("markers", "vm: boots a real VM (slow under TCG)")
     _state(config)
 
@@ -162,6 +170,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             "test": _short_name(item),
             "tier": level,
             "capabilities": item_capabilities(item),
+            "host_requirements": item_host_requirements(item),
             "requires": item_capability_text(item),
             "outcome": "not run",
             "duration": 0.0,
@@ -314,9 +323,11 @@ def backend_probe(backend: VmmBackend) -> ProbeResult:
 
 @pytest.fixture(scope="session")
 def conformance_requirements(
-    backend_name: str, backend_capabilities: frozenset[Capability]
+    backend_name: str,
+    backend_capabilities: frozenset[Capability],
+    boxlite_registry: PluginRegistry,
 ) -> Requirements:
-    return Requirements(backend_name, backend_capabilities)
+    return Requirements(backend_name, backend_capabilities, boxlite_registry)
 
 
 @pytest.fixture(scope="session")
@@ -352,18 +363,22 @@ def _conformance_gate(request: pytest.FixtureRequest) -> None:
         reason = requirements.closed_reason(caps, any_of)
         if reason:
             pytest.skip(reason)
-    if level < FIRST_VM_TIER:
-        return
     strict = request.config.getoption("--conformance-strict")
-    name = requirements.backend_name
-    probe: ProbeResult = request.getfixturevalue("backend_probe")
-    if not probe.available:
-        fix = f" (fix: {probe.fix})" if probe.fix else ""
-        _close(strict, f"backend {name!r} is not available on this host: {probe.reason}{fix}")
-    try:
-        import_runtime()
-    except ImportError as exc:
-        _close(strict, f"the boxlite runtime cannot be imported ({exc}); VM tiers need it")
+    if level >= FIRST_VM_TIER:
+        name = requirements.backend_name
+        probe: ProbeResult = request.getfixturevalue("backend_probe")
+        if not probe.available:
+            fix = f" (fix: {probe.fix})" if probe.fix else ""
+            _close(strict, f"backend {name!r} is not available on this host: {probe.reason}{fix}")
+        try:
+            import_runtime()
+        except ImportError as exc:
+            _close(strict, f"the boxlite runtime cannot be imported ({exc}); VM tiers need it")
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    for host in item_host_requirements(item):
+        reason = requirements.host_unmet(host, params)
+        if reason:
+            _close(strict and HOST_REQUIREMENTS[host].strict, reason)
 
 
 def _close(strict: bool, reason: str) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from boxlite_core.models import Capability
+from boxlite_core.vmm.spec import Capability, CapabilityGroup
 
 CORE = "core"  # the column for tests that need no capability
 FAILING = ("failed", "error")
@@ -66,6 +66,29 @@ def verdict_of(counts: Mapping[str, int]) -> str:
     return "—"
 
 
+def group_of(name: str) -> str:
+    """The capability's group ("devices", "operations", "acceleration"); "" for the core
+    column or a name this core does not know."""
+    try:
+        return Capability(name).group.value
+    except ValueError:
+        return ""
+
+
+def grouped(names: Iterable[str]) -> str:
+    """``devices: 9p, raw; operations: attach`` — names in group order, unknown ones last."""
+    names = set(names)
+    parts = []
+    for group in CapabilityGroup:
+        members = [c.value for c in Capability if c.group is group and c.value in names]
+        if members:
+            parts.append(f"{group.value}: {', '.join(members)}")
+    other = sorted(n for n in names if not group_of(n))
+    if other:
+        parts.append(f"other: {', '.join(other)}")
+    return "; ".join(parts)
+
+
 def _cap_order(names: Iterable[str]) -> list[str]:
     known = [c.value for c in Capability]
     return sorted(set(names), key=lambda n: (n != CORE, known.index(n) if n in known else 99, n))
@@ -79,7 +102,7 @@ def markdown(data: Mapping[str, Any]) -> str:
         "",
         f"- verdict: **{data['verdict'].upper()}**",
         f"- plugin: `{data.get('plugin')}`",
-        f"- declared capabilities: {', '.join(sorted(declared)) or '(none)'}",
+        f"- declared capabilities: {grouped(declared) or '(none)'}",
     ]
     if probe:
         state = "available" if probe.get("available") else f"unavailable — {probe.get('reason')}"
@@ -89,8 +112,8 @@ def markdown(data: Mapping[str, Any]) -> str:
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(data["summary"].items()))
     lines += [f"- tests: {summary or 'none'} in {data['duration']}s", ""]
     lines += [
-        "| tier | capability | declared | passed | failed | skipped | result |",
-        "|---|---|---|---|---|---|---|",
+        "| tier | capability | declared | passed | failed | skipped | result | group |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     table = cells(data)
     for tier in sorted({t for t, _ in table}):
@@ -100,7 +123,7 @@ def markdown(data: Mapping[str, Any]) -> str:
             bad = counts.get("failed", 0) + counts.get("error", 0)
             lines.append(
                 f"| T{tier} | {cap} | {is_declared} | {counts.get('passed', 0)} | {bad} | "
-                f"{counts.get('skipped', 0)} | {verdict_of(counts)} |"
+                f"{counts.get('skipped', 0)} | {verdict_of(counts)} | {group_of(cap) or '—'} |"
             )
     failures = [t for t in data["tests"] if t["outcome"] in FAILING]
     if failures:

@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from boxlite_core.models import AgentEndpoint, Capability, DiskSpec, ShareSpec, VmSpec
+from boxlite_core.vmm.spec import (
+    AgentChannel,
+    Capability,
+    ChannelKind,
+    DiskSpec,
+    Handshake,
+    ShareSpec,
+    VmSpec,
+)
 
 #: share kinds the core knows; a plan for a kind the backend does not declare must be refused
 KNOWN_SHARE_KINDS: dict[str, Capability] = {
@@ -39,15 +47,20 @@ def share(root: Path, kind: str, tag: str, read_only: bool = False) -> ShareSpec
 def build_spec(
     root: Path,
     *,
-    agent_kind: str,
+    channel_kind: ChannelKind,
     capabilities: frozenset[Capability],
+    channel_handshake: Handshake = Handshake.NONE,
     cpus: int = 1,
     memory_mib: int = 256,
     disk_read_only: bool = False,
     shares: Iterable[ShareSpec] = (),
     with_disk: bool = True,
 ) -> VmSpec:
-    """A complete VmSpec rooted in ``root``; files the backend may look at exist (empty)."""
+    """A complete VmSpec rooted in ``root``; files the backend may look at exist (empty).
+
+    The agent channel is built as the core builds it from the backend's ``channel_kind`` and
+    ``channel_handshake`` (runtime/pipeline.py build_spec), the vsock cmdline key included.
+    """
     box_dir = root / "box"
     kit = root / "kit"
     box_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +73,10 @@ def build_spec(
         disk_path = box_dir / f"rootfs.{fmt}"
         disk_path.touch()
         disks = (DiskSpec(disk_path, fmt, disk_read_only, "rootfs"),)
+    agent = AgentChannel(
+        kind=channel_kind, socket=box_dir / "agent.sock", handshake=channel_handshake
+    )
+    cmdline = "console=ttyS0 quiet boxlite.conformance=1"
     return VmSpec(
         box_id="c0nf0rmance0000000000000000000001",
         box_dir=box_dir,
@@ -67,9 +84,9 @@ def build_spec(
         memory_mib=memory_mib,
         kernel=kit / "vmlinuz",
         initrd=kit / "initrd.img",
-        cmdline="console=ttyS0 quiet boxlite.conformance=1",
+        cmdline=" ".join(w for w in (cmdline, agent.cmdline_word) if w),
         console_log=box_dir / "console.log",
-        agent=AgentEndpoint(box_dir / "agent.sock", agent_kind),
+        agent=agent,
         disks=disks,
         shares=tuple(shares),
         name="conformance",

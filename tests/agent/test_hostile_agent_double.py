@@ -20,10 +20,12 @@ import grpc
 import pytest
 
 from boxlite_core.channel.client import AgentClient
-from boxlite_core.channel.transport import MAX_GUEST_MESSAGE, READY, stop_shim
+from boxlite_core.channel.shimctl import stop_shim
+from boxlite_core.channel.target import MAX_GUEST_MESSAGE
 from boxlite_core.errors import GuestError
 from boxlite_core.proto import agent_pb2 as pb
 from boxlite_core.proto import agent_pb2_grpc as rpc
+from boxlite_core.proto.wire import READY
 
 OVERSIZED = MAX_GUEST_MESSAGE + 1024 * 1024
 

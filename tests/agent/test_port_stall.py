@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from boxlite_core.channel.client import AgentClient
-from boxlite_core.channel.transport import READY
+from boxlite_core.proto.wire import READY
 
 
 class ChardevStandIn:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from boxlite_core.channel import transport
+from boxlite_core.channel import shimctl
 from boxlite_core.channel.client import AgentClient
 from boxlite_core.errors import GuestError
 from boxlite_core.vmm.procstat import alive, start_time
@@ -148,7 +148,7 @@ def test_closing_one_client_leaves_the_shim_and_others_working(ready_agent):
     assert b.run(["echo", "after"])[3] == b"after\n"
     assert b"".join(d for _, d in running.events()) == b"still-here\n"
     b.close()
-    assert transport.live_shim(ready_agent.box_dir)["pid"] == pid  # outlives its clients
+    assert shimctl.live_shim(ready_agent.box_dir)["pid"] == pid  # outlives its clients
     with _connect(ready_agent) as c:
         assert c._transport.pid == pid
 
@@ -229,11 +229,11 @@ def test_stop_shim_ends_it_and_removes_its_files(agent_factory):
     pid = c._transport.pid
     info = json.loads((agent.box_dir / "shim.json").read_text())
     assert info["pid"] == pid and info["start_time"] == start_time(pid)
-    assert transport.stop_shim(agent.box_dir) is True
+    assert shimctl.stop_shim(agent.box_dir) is True
     assert _wait_gone(pid, 1)
     for name in ("shim.json", "agent.grpc.sock", "agent.bridge.sock"):
         assert not (agent.box_dir / name).exists()
-    assert transport.stop_shim(agent.box_dir) is False
+    assert shimctl.stop_shim(agent.box_dir) is False
     with pytest.raises(GuestError):
         c.ping()
     c.close()

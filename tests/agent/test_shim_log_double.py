@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from boxlite_core.channel import transport
+from boxlite_core.channel import port as channel_port
+from boxlite_core.channel import shimctl
 
 #: the tree whose boxlite_core this test imported: the shim child runs the same code
-REPO = Path(transport.__file__).resolve().parents[2]
+REPO = Path(shimctl.__file__).resolve().parents[2]
 #: the shim's default cap of shim.log (boxlite_core.channel.shim.LOG_MAX_BYTES)
 SHIM_LOG_CAP = 1024 * 1024
 
@@ -48,7 +49,7 @@ class HangUpPort:
             self.attaches += 1
             with conn:
                 try:
-                    conn.sendall(transport.READY)
+                    conn.sendall(channel_port.READY)
                     conn.recv(1)  # the host spoke (or left): hang up
                 except OSError:
                     pass
@@ -60,20 +61,20 @@ class HangUpPort:
 def _start_shim(box: Path, *extra: str) -> subprocess.Popen:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path)
-    with open(box / transport.SHIM_LOG, "ab") as log:  # as transport._spawn_shim does
+    with open(box / shimctl.SHIM_LOG, "ab") as log:  # as shimctl._spawn_shim does
         proc = subprocess.Popen(
             [sys.executable, "-m", "boxlite_core.channel.shim", "--box-dir", str(box),
-             "--port", str(box / transport.PORT_NAME), "--timeout", "20", *extra],
+             "--port", str(box / channel_port.PORT_NAME), "--timeout", "20", *extra],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
         )
     deadline = time.monotonic() + 60
-    while not (box / transport.SHIM_JSON).exists():
+    while not (box / shimctl.SHIM_JSON).exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"shim did not serve: {(box / transport.SHIM_LOG).read_bytes()[-2000:]!r}")
+            pytest.fail(f"shim did not serve: {(box / shimctl.SHIM_LOG).read_bytes()[-2000:]!r}")
         time.sleep(0.05)
-    assert json.loads((box / transport.SHIM_JSON).read_text())["pid"] == proc.pid
+    assert json.loads((box / shimctl.SHIM_JSON).read_text())["pid"] == proc.pid
     return proc
 
 
@@ -82,7 +83,7 @@ def _force_reopens(box: Path, count: int) -> None:
     for _ in range(count):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(10)
-            client.connect(str(box / transport.PRIVATE_BRIDGE_NAME))
+            client.connect(str(box / shimctl.PRIVATE_BRIDGE_NAME))
             client.sendall(b"x")
             assert client.recv(16) == b""  # relay torn down: the guest hung up
 
@@ -93,14 +94,14 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _logs(box: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(box.glob(transport.SHIM_LOG + "*"))}
+    return {p.name: p.stat().st_size for p in sorted(box.glob(shimctl.SHIM_LOG + "*"))}
 
 
 @pytest.fixture
 def box(tmp_path: Path):
     box = tmp_path / "box"
     box.mkdir()
-    port = HangUpPort(box / transport.PORT_NAME)
+    port = HangUpPort(box / channel_port.PORT_NAME)
     yield box
     port.close()
 

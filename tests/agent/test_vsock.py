@@ -1,7 +1,7 @@
 """The agent's vsock channel (libkrun, hvf): no READY line, one gRPC stream per connection.
 
 Natively a unix socket stands in for the AF_VSOCK port (``--vsock-listen``; the relay code is
-the same), and the host side is the client's real ``kind="stream"`` transport, exactly what
+the same), and the host side is the client's real ``kind="vsock"`` transport, exactly what
 the libkrun/hvf backends use. A real AF_VSOCK round trip runs where the host kernel has
 vsock loopback (VMADDR_CID_LOCAL).
 """
@@ -24,7 +24,7 @@ from boxlite_core.channel.client import AgentClient
 def _stream(agent, path=None, **kw) -> AgentClient:
     return AgentClient.connect(
         agent.box_dir,
-        kind="stream",
+        kind="vsock",
         socket_path=path or agent.vsock,
         timeout=30,
         is_alive=agent.is_alive,

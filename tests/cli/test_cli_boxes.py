@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from test_cli_plugins import boxlite
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))
-import runtime_doubles as doubles
 
 from boxlite_core.errors import EngineError
+from boxlite_testing import runtime_doubles as doubles
+from boxlite_testing.cli import boxlite
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli_plugins import boxlite
+
+from boxlite_testing.cli import boxlite
 
 
 @pytest.mark.parametrize(

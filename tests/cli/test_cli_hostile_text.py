@@ -8,17 +8,14 @@ console printed such sequences leaves behind (no VM: the backend double fails th
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from test_cli_plugins import boxlite
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))
-import runtime_doubles as doubles
 
 from boxlite_core.errors import EngineError
 from boxlite_core.models import BoxStatus
+from boxlite_testing import runtime_doubles as doubles
+from boxlite_testing.cli import boxlite
 
 #: OSC 0 (window title), OSC 52 (clipboard), CSI clear screen, a C1 CSI, a bidi override
 HOSTILE = "boot\x1b]0;pwned\x07 \x1b]52;c;Y3VybCBldmlsfHNo\x07\x1b[2J\x9b1m \u202etxt.exe"

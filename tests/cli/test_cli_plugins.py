@@ -5,16 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from boxlite_testing.cli import boxlite
+
 GOOD = textwrap.dedent("""
     from boxlite_core.hookspecs import hookimpl
-    from boxlite_core.models import Capability, ProbeResult
+    from boxlite_core.vmm.spec import Capability, ProbeResult
     from boxlite_core.vmm.base import LaunchPlan, VmmBackend
 
 
@@ -62,22 +62,6 @@ def site(tmp_path):
     _dist(site, "boxlite_echo_double", "echo_double", GOOD)
     _dist(site, "boxlite_broken_double", "broken_double", BROKEN)
     return site
-
-
-def boxlite(
-    *args: str, env: dict[str, str] | None = None, home: Path, input: bytes | None = None
-) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, "BOXLITE_HOME": str(home), **(env or {})}
-    full.pop("BOXLITE_DEBUG", None)
-    if env and "BOXLITE_PLUGINS" not in env:
-        full.pop("BOXLITE_PLUGINS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "boxlite_core.cli.main", *args],
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def _backends(site: Path, tmp_path: Path, **env: str) -> dict:

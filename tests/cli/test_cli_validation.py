@@ -11,7 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_cli_plugins import boxlite
+
+from boxlite_testing.cli import boxlite
 
 
 def _mem_total_mib() -> int:
@@ -107,14 +108,14 @@ def test_exec_and_stop_refuse_negative_timeouts(tmp_path):
 # cannot be made to fail on purpose); everything else (CLI, runtime, store, rootfs) is real.
 _FAILING_KIT_DOUBLE = textwrap.dedent("""
     import sys
-    from boxlite_core.cli import main as cli_main
+    from boxlite_core.cli import context, main as cli_main
     from boxlite_core.errors import EngineError
     from boxlite_core.runtime.runtime import Runtime
 
     def failing_kit(home, progress):
         raise EngineError("guest kit double: kernel missing (apt-get install linux-image-amd64)")
 
-    cli_main._runtime = lambda: Runtime(kit_provider=failing_kit)
+    context.factory = lambda: Runtime(kit_provider=failing_kit)
     cli_main.main(sys.argv[1:])
 """)
 
@@ -147,10 +148,8 @@ def test_rm_removes_a_box_whose_start_failed_kit_double(tmp_path, auto_remove):
 def test_api_refuses_bad_timeouts_before_touching_the_box(tmp_path):
     """Box.exec / exec_stream / stop name the bad timeout (ConfigError) instead of ignoring it
     or failing on something else first (the box here was never started)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))
-    import runtime_doubles as doubles
-
     from boxlite_core.errors import ConfigError
+    from boxlite_testing import runtime_doubles as doubles
 
     layout = doubles.make_oci_layout(tmp_path / "layout", {"bin/x": b"x"}, {"Cmd": ["/bin/x"]})
     with doubles.make_runtime(tmp_path) as rt:

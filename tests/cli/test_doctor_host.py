@@ -18,11 +18,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_cli_plugins import boxlite
-from tmpfs_helper import small_tmpfs
 
 from boxlite_core.cli.doctor import _libvirt_kvm
-from boxlite_core.kvm_access import QEMU_CONF, daemon_running, libvirt_qemu_identity
+from boxlite_core.vmm.kvm_access import QEMU_CONF, daemon_running, libvirt_qemu_identity
+from boxlite_testing.cli import boxlite
+from boxlite_testing.tmpfs import small_tmpfs
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mount/mknod/setpriv need root")
 

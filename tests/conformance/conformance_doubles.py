@@ -15,8 +15,8 @@ from typing import Any
 
 from boxlite_core.errors import ConfigError, EngineError
 from boxlite_core.hookspecs import hookimpl
-from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
+from boxlite_core.vmm.spec import Capability, ProbeResult, VmSpec
 from boxlite_qemu.backend import QemuBackend
 from boxlite_qemu.handle import QemuHandle
 
@@ -27,7 +27,9 @@ class GoodPlanOnlyDouble(VmmBackend):
     """Follows every T0 rule; the control that proves the suite passes a correct backend."""
 
     name = "double-good"
-    caps = frozenset({Capability.NINEP, Capability.QCOW2, Capability.TCG})
+    caps = frozenset(
+        {Capability.NINEP, Capability.QCOW2, Capability.VIRTIO_SERIAL, Capability.TCG}
+    )
 
     def capabilities(self) -> frozenset[Capability]:
         return self.caps

@@ -118,3 +118,22 @@ def test_list_shows_tiers_and_capabilities(doubles_env) -> None:
     )
     listed = json.loads(cli("list", "--json", env=doubles_env).stdout)
     assert {t["tier"] for t in listed} == {0, 1, 2, 3}
+
+
+def test_list_and_report_show_capability_groups(doubles_env, tmp_path: Path) -> None:
+    done = cli("list", env=doubles_env)
+    assert done.returncode == 0, done.stderr
+    assert "Capabilities by group" in done.stdout
+    for line in ("  devices: 9p (", "  operations: pause (", "  acceleration: kvm ("):
+        assert line in done.stdout, done.stdout[-1500:]
+    assert "host:auto-idmap" in done.stdout and "host:sharer-on-host" in done.stdout
+    listed = json.loads(cli("list", "--json", env=doubles_env).stdout)
+    owner = next(t for t in listed if "as_the_volume_owner[9p]" in t["test"])
+    assert set(owner["host_requirements"]) == {"sharer-on-host", "auto-idmap"}
+
+    reports = tmp_path / "reports"
+    cli("run", "--backend", "double-good", "--tier", "0", "--report", str(reports),
+        env=doubles_env)
+    md = (reports / "double-good.md").read_text()
+    assert "declared capabilities: devices: 9p, qcow2, virtio-serial; acceleration: tcg" in md
+    assert "| T0 | 9p | yes | 2 | 0 | 0 | pass | devices |" in md

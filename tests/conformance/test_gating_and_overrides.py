@@ -65,3 +65,42 @@ def test_unknown_backend_name_errors_naming_the_registered_ones(run_suite) -> No
     assert "no VMM backend named 'no-such-backend'" in run.output
     assert "double-good" in run.output  # the message lists what is registered
     assert run.report["verdict"] == "fail"
+
+
+def test_host_requirements_are_named_with_their_reason() -> None:
+    """'auto-idmap' and 'sharer-on-host' are named gates, not capabilities: the reason says
+    which requirement, which sharer, and why; a sharer that meets them opens the gate."""
+    from boxlite_conformance.requirements import (
+        AUTO_IDMAP,
+        HOST_REQUIREMENTS,
+        SHARER_SERVES,
+        Requirements,
+    )
+    from boxlite_core.errors import ToolMissingError
+    from boxlite_core.plugins import PluginRegistry
+    from boxlite_core.vmm.spec import Capability
+
+    assert set(HOST_REQUIREMENTS) == {AUTO_IDMAP.name, SHARER_SERVES.name}
+    assert SHARER_SERVES.strict and not AUTO_IDMAP.strict
+    caps = frozenset({Capability.NINEP, Capability.VIRTIOFS})
+    req = Requirements("b", caps, PluginRegistry(load_entry_points=False))
+    reason = req.host_unmet("auto-idmap", {"sharer": "9p"})
+    assert reason is not None and reason.startswith("host requirement 'auto-idmap' not met: ")
+    assert "'9p'" in reason
+    assert req.host_unmet("auto-idmap", {"sharer": "virtiofs"}) is None
+    assert req.host_unmet("sharer-on-host", {"sharer": "9p"}) is None  # nothing to install
+
+    def no_daemon() -> None:
+        raise ToolMissingError("virtiofsd", "qemu-system-common", "share dirs")
+
+    class NoDaemon(Requirements):
+        def sharer(self, name):  # a host without virtiofsd
+            sharer = super().sharer(name)
+            sharer.check = no_daemon
+            return sharer
+
+    missing = NoDaemon("b", caps, PluginRegistry(load_entry_points=False))
+    reason = missing.host_unmet("sharer-on-host", {"sharer": "virtiofs"})
+    assert reason is not None
+    assert "capability 'virtiofs' declared, but this host cannot serve a virtiofs share" in reason
+    assert "apt-get install qemu-system-common" in reason

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "images"))
-from oci_fixtures import f, layer_tar, oci_layout_files, write_dir
-
 from boxlite_core.runtime.runtime import Runtime
+from boxlite_testing.oci import f, layer_tar, oci_layout_files, write_dir
 
 SECRET = "sk-test-0123456789abcdef"
 

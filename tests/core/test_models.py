@@ -12,13 +12,14 @@ from boxlite_core.errors import ConfigError
 from boxlite_core.models import (
     BoxOptions,
     BoxStatus,
-    DiskSpec,
     ExecResult,
+    ExitStatus,
     VolumeSpec,
     check_timeout,
     normal_guest_path,
 )
 from boxlite_core.runtime.capacity import check_capacity, host_capacity
+from boxlite_core.vmm.spec import DiskSpec
 
 
 @pytest.mark.parametrize(
@@ -156,3 +157,12 @@ def test_exec_result_returncode_follows_shell_convention():
     assert ExecResult(exit_code=42).returncode == 42
     assert ExecResult(exit_code=None, signal=9).returncode == 137
     assert ExecResult(exit_code=None, timed_out=True).returncode == 124
+
+
+def test_one_exit_status_from_the_channel_to_the_user():
+    from boxlite_core.channel.client import ExitStatus as ChannelExitStatus
+
+    assert ChannelExitStatus is ExitStatus
+    assert ExitStatus(0).ok and not ExitStatus(0, timed_out=True).ok
+    assert not ExitStatus(None, 9).ok and ExitStatus(None, 9).returncode == 137
+    assert ExecResult(exit_code=3, signal=None).status == ExitStatus(3)

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tmpfs_helper import small_tmpfs
 
 from boxlite_core.errors import ConfigError, ImageError
 from boxlite_core.fscopy import copy_file, copy_tree, open_regular
+from boxlite_testing.tmpfs import small_tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mknod and mount need root")

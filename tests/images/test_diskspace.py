@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 
 import pytest
-from oci_fixtures import f, layer_tar, oci_layout_files, write_dir, write_tar
-from tmpfs_helper import small_tmpfs
 
 from boxlite_core.diskspace import DiskSpaceError
 from boxlite_core.images.store import ImageStore
 from boxlite_core.state.db import Database
+from boxlite_testing.oci import f, layer_tar, oci_layout_files, write_dir, write_tar
+from boxlite_testing.tmpfs import small_tmpfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 MIB = 1024 * 1024

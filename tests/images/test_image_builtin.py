@@ -19,7 +19,7 @@ def test_busybox_auto_created_with_sh(store, tmp_path: Path):
     assert image.config.cmd == ("sh",)
     assert image.config.env_dict()["PATH"] == "/usr/sbin:/usr/bin:/sbin:/bin"
     root = tmp_path / "root"
-    apply_layers_merged(image, store, root)
+    apply_layers_merged(image, store.blobs, root)
     assert os.readlink(root / "bin" / "sh") == "/bin/busybox"
     assert _is_static_elf(root / "bin" / "busybox")
     assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777

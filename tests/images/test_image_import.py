@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from oci_fixtures import (
+
+from boxlite_core.errors import ImageError
+from boxlite_core.images.layers import apply_layers_merged
+from boxlite_testing.oci import (
     d,
     docker_save_files,
     f,
@@ -21,9 +24,6 @@ from oci_fixtures import (
     write_tar,
 )
 
-from boxlite_core.errors import ImageError
-from boxlite_core.images.layers import apply_layers_merged
-
 L1 = layer_tar(
     [d("bin"), f("bin/hello", "#!/bin/sh\necho hi\n", mode=0o755), d("etc"), f("etc/os", "one")]
 )
@@ -32,7 +32,7 @@ L2 = layer_tar([f("etc/os", "two"), sym("bin/hi", "hello"), f("etc/.wh.gone")])
 
 def unpacked(store, image, tmp_path: Path) -> Path:
     root = tmp_path / "unpacked"
-    apply_layers_merged(image, store, root)
+    apply_layers_merged(image, store.blobs, root)
     return root
 
 

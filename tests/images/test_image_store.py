@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-from oci_fixtures import d, f, index_rows, layer_tar, oci_layout_files, write_dir
 
 from boxlite_core.errors import ImageError, NotFoundError, StateError
 from boxlite_core.images.blobs import BlobStore
 from boxlite_core.images.layers import apply_layers_merged
-from boxlite_core.images.store import normalize_reference
+from boxlite_core.images.reference import normalize_reference
+from boxlite_testing.oci import d, f, index_rows, layer_tar, oci_layout_files, write_dir
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ def test_corrupted_blob_detected_on_read(store, tmp_path: Path):
     # flip file content (tar checksums only headers): only the sha256 can notice
     blob.write_bytes(blob.read_bytes().replace(b"original", b"0riginal"))
     with pytest.raises(ImageError, match=r"is corrupt \(expected sha256:.*got sha256:.*re-import"):
-        apply_layers_merged(image, store, tmp_path / "root")
+        apply_layers_merged(image, store.blobs, tmp_path / "root")
 
 
 def test_blob_store_put_verify_and_open(tmp_path: Path):

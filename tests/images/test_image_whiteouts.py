@@ -8,9 +8,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from oci_fixtures import d, f, layer_tar
 
 from boxlite_core.images.layers import OVERLAY_OPAQUE_XATTR, apply_layer_stream
+from boxlite_testing.oci import d, f, layer_tar
 
 
 def apply(entries, target: Path, **kw):

@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from oci_fixtures import chrdev, d, f, hard, layer_tar, sym
 
 from boxlite_core.errors import ImageError
 from boxlite_core.images.layers import apply_layer, apply_layer_stream
+from boxlite_testing.oci import chrdev, d, f, hard, layer_tar, sym
 
 is_root = os.geteuid() == 0
 

@@ -1,8 +1,11 @@
-"""Fixtures for the guest kit tests: a placeholder agent tree and a shared, cached kit home."""
+"""Fixtures for the guest kit tests: a placeholder agent tree to hash and build from.
+
+The real kit of this repository (``built_kit``, built once into the shared test home) is a
+fixture of boxlite_testing.plugin, shared with the libvirt tests.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,8 +18,6 @@ print("placeholder-agent: pid", os.getpid(), flush=True)
 os.sync()
 ctypes.CDLL(None).reboot(0x4321FEDC)
 '''
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def make_source_tree(root: Path, agent_main: bytes = PLACEHOLDER_AGENT) -> Path:
@@ -34,26 +35,3 @@ def make_source_tree(root: Path, agent_main: bytes = PLACEHOLDER_AGENT) -> Path:
 @pytest.fixture
 def source_tree(tmp_path: Path) -> Path:
     return make_source_tree(tmp_path / "src")
-
-
-@pytest.fixture(scope="session")
-def kit_home() -> Path:
-    """BOXLITE_TEST_HOME, else a fixed dir under /var/tmp so reruns reuse the kit cache."""
-    home = Path(os.environ.get("BOXLITE_TEST_HOME", "/var/tmp/boxlite-test-home"))
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
-@pytest.fixture(scope="session")
-def kit_source_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The repo when its agent is runnable, else a placeholder tree (agent not written yet)."""
-    if (REPO / "boxlite_core" / "guest" / "agent" / "__main__.py").is_file():
-        return REPO
-    return make_source_tree(tmp_path_factory.mktemp("kit-src"))
-
-
-@pytest.fixture(scope="session")
-def built_kit(kit_home: Path, kit_source_root: Path):
-    from boxlite_core.kit import ensure_kit
-
-    return ensure_kit(kit_home, source_root=kit_source_root)

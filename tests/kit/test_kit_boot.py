@@ -1,4 +1,5 @@
-"""Real boots of the built kit under QEMU (TCG): bench marker, full init, init failure."""
+"""Real boots of the built kit through the qemu backend (TCG): bench marker, full init, init
+failure. kit.smoke builds the VmSpec; the registered backend plans and launches it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import pytest
 
 from boxlite_core.kit import EXEC_MARKER, START_MARKER, GuestKit
-from boxlite_core.kit.smoke import boot_until, smoke_argv
+from boxlite_core.kit.smoke import boot_until, smoke_spec
 
 pytestmark = pytest.mark.vm
 
@@ -25,9 +26,11 @@ def test_manifest_lists_packages_and_wheels(built_kit: GuestKit) -> None:
         assert path.parent == built_kit.directory
 
 
-def test_bench_mode_reaches_start_marker_and_powers_off(built_kit: GuestKit) -> None:
+def test_bench_mode_reaches_start_marker_and_powers_off(built_kit: GuestKit, tmp_path) -> None:
     result = boot_until(
-        smoke_argv(built_kit, extra_cmdline="boxlite.init=marker"), START_MARKER, timeout=120
+        smoke_spec(built_kit, tmp_path / "b", extra_cmdline="boxlite.init=marker"),
+        START_MARKER,
+        timeout=120,
     )
     assert result.seconds_to_marker is not None, result.console[-2000:]
     assert result.returncode == 0, result.console[-2000:]
@@ -36,7 +39,7 @@ def test_bench_mode_reaches_start_marker_and_powers_off(built_kit: GuestKit) -> 
 
 def test_full_init_mounts_guest_root_and_execs_agent(built_kit: GuestKit, tmp_path) -> None:
     result = boot_until(
-        smoke_argv(built_kit, agent_socket=tmp_path / "agent.port"),
+        smoke_spec(built_kit, tmp_path / "b"),
         EXEC_MARKER,
         timeout=120,
         kill_after_marker=True,
@@ -45,11 +48,9 @@ def test_full_init_mounts_guest_root_and_execs_agent(built_kit: GuestKit, tmp_pa
     assert "boxlite-init: error" not in result.console
 
 
-def test_missing_root_disk_prints_error_and_powers_off(built_kit: GuestKit) -> None:
-    argv = smoke_argv(built_kit)
-    i = argv.index("-drive")
-    del argv[i : i + 4]  # -drive ... -device virtio-blk-...
-    result = boot_until(argv, "boxlite-init: error", timeout=120)
+def test_missing_root_disk_prints_error_and_powers_off(built_kit: GuestKit, tmp_path) -> None:
+    spec = smoke_spec(built_kit, tmp_path / "b", root_disk=False)  # no virtio-blk at all
+    result = boot_until(spec, "boxlite-init: error", timeout=120)
     assert result.seconds_to_marker is not None, result.console[-2000:]
     assert "serial bxguest" in result.console
     assert result.returncode == 0  # QEMU exited by itself (poweroff -f): no hang

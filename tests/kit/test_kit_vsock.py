@@ -1,5 +1,9 @@
 """vsock guest modules: in the kit, loaded by /init only when the cmdline asks for the agent
-on vsock (libkrun, hvf add ``boxlite.agent_vsock=PORT``), so QEMU boots pay nothing."""
+on vsock (the core adds ``boxlite.agent_vsock=PORT`` for a vsock channel: libkrun, hvf), so
+QEMU boots pay nothing.
+
+The boot test adds the key to a QEMU boot by hand: the qemu backend has no vsock device, but
+/init's choice depends on the cmdline only (the agent then serves on virtio-serial)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from boxlite_core import tools
 from boxlite_core.kit import EXEC_MARKER, GuestKit
 from boxlite_core.kit.initramfs import VSOCK_MARKER, init_script
 from boxlite_core.kit.modules import GUEST_MODULES, VSOCK_MODULES, split_vsock
-from boxlite_core.kit.smoke import boot_until, smoke_argv
+from boxlite_core.kit.smoke import boot_until, smoke_spec
 
 VSOCK_KO = [
     "kernel/net/vmw_vsock/vsock.ko",
@@ -74,11 +78,7 @@ def test_kit_ships_vsock_modules(built_kit: GuestKit) -> None:
 @pytest.mark.vm
 def test_boot_with_agent_vsock_loads_the_modules(built_kit: GuestKit, tmp_path) -> None:
     result = boot_until(
-        smoke_argv(
-            built_kit,
-            extra_cmdline="boxlite.agent_vsock=1024",
-            agent_socket=tmp_path / "agent.port",
-        ),
+        smoke_spec(built_kit, tmp_path / "b", extra_cmdline="boxlite.agent_vsock=1024"),
         EXEC_MARKER,
         timeout=120,
         kill_after_marker=True,
@@ -91,7 +91,7 @@ def test_boot_with_agent_vsock_loads_the_modules(built_kit: GuestKit, tmp_path) 
 @pytest.mark.vm
 def test_plain_boot_skips_the_vsock_modules(built_kit: GuestKit, tmp_path) -> None:
     result = boot_until(
-        smoke_argv(built_kit, agent_socket=tmp_path / "agent.port"),
+        smoke_spec(built_kit, tmp_path / "b"),
         EXEC_MARKER,
         timeout=120,
         kill_after_marker=True,

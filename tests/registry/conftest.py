@@ -1,19 +1,25 @@
+"""Fixtures for the registry tests: a real registry on 127.0.0.1 (with and without a
+password), the push side, and settings that ignore the developer's own docker config.
+
+``home``/``store`` come from boxlite_testing.plugin; the registry helpers and the in-test
+registry double from boxlite_testing.registry / .registry_double.
+"""
+
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from registry_helpers import REGISTRY_BIN, LocalRegistry, Pusher, make_htpasswd
-
 from boxlite_core.images.registry import RegistrySettings
-from boxlite_core.images.store import ImageStore
-from boxlite_core.state.db import Database
-
-USER, PASSWORD = "boxuser", "s3cret-pw"
+from boxlite_testing.registry import (
+    PASSWORD,
+    REGISTRY_BIN,
+    USER,
+    LocalRegistry,
+    Pusher,
+    make_htpasswd,
+)
 
 
 def _need_registry() -> None:
@@ -42,18 +48,6 @@ def auth_registry(tmp_path_factory):
 @pytest.fixture
 def pusher(registry):
     return Pusher(registry.url)
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    path = tmp_path / "home"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def store(home: Path) -> ImageStore:
-    return ImageStore(home, Database(home / "boxlite.db"))
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ import base64
 import json
 
 import pytest
-from conftest import PASSWORD, USER
-from registry_double import RegistryDouble
-from registry_helpers import Pusher, build_image, index_rows, ref_rows
 
 from boxlite_core.errors import ImageError
 from boxlite_core.images.registry import Credentials, RegistrySettings, pull
+from boxlite_testing.registry import PASSWORD, USER, Pusher, build_image, index_rows, ref_rows
+from boxlite_testing.registry_double import RegistryDouble
 
 
 def _docker_config(dir_, host, user, password):

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from registry_helpers import build_image
+from boxlite_testing.registry import build_image
 
 
 def boxlite(*args, home, env=None):

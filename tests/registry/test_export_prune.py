@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from registry_helpers import Pusher, build_image, sha
 
 from boxlite_core.errors import ImageError, NotFoundError, ToolMissingError
 from boxlite_core.images.export import export_image
@@ -14,6 +13,7 @@ from boxlite_core.images.prune import prune
 from boxlite_core.images.registry import pull
 from boxlite_core.images.store import ImageStore
 from boxlite_core.state.db import Database
+from boxlite_testing.registry import Pusher, build_image, sha
 
 
 def _fresh_store(path: Path) -> ImageStore:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from registry_helpers import build_image, index_rows, ref_rows, sha
 
 from boxlite_core.errors import ImageError, NotFoundError
-from boxlite_core.images.importers import host_arch
 from boxlite_core.images.model import Image
+from boxlite_core.images.oci import host_arch
 from boxlite_core.images.registry import RegistrySettings, ensure_image, pull
+from boxlite_testing.registry import build_image, index_rows, ref_rows, sha
 
 
 class Recorder:
@@ -143,7 +143,7 @@ def test_mirror_tried_first_for_docker_hub(registry, pusher, store, no_docker_co
 
 
 def test_dead_mirror_falls_back_to_origin(registry, pusher, store, no_docker_config):
-    from registry_helpers import free_port
+    from boxlite_testing.registry import free_port
 
     img = build_image([{"fallback": b"origin"}])
     pusher.image("library/fallback", "v1", img)

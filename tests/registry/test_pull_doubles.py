@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from registry_double import RegistryDouble
-from registry_helpers import build_image, index_rows, ref_rows, sha
 
 from boxlite_core.errors import ImageError
 from boxlite_core.images.registry import RegistrySettings, pull
+from boxlite_testing.registry import build_image, index_rows, ref_rows, sha
+from boxlite_testing.registry_double import RegistryDouble
 
 
 @pytest.fixture

@@ -1,28 +1,14 @@
+"""Fixtures for the rootfs tests: a strategy context on the shared ``home``/``store``
+(boxlite_testing.plugin) and an image with whiteouts to build roots from."""
+
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-# the tarfile/json image builders live with the image tests
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "images"))
-
 from boxlite_core.images.store import ImageStore
 from boxlite_core.rootfs.base import RootfsContext
-from boxlite_core.state.db import Database
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    path = tmp_path / "home"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def store(home: Path) -> ImageStore:
-    return ImageStore(home, Database(home / "boxlite.db"))
 
 
 @pytest.fixture
@@ -34,7 +20,7 @@ def ctx(home: Path, store: ImageStore) -> RootfsContext:
 def two_layer_image(store: ImageStore, tmp_path: Path):
     """lower: etc/{keep,gone}, opt/{a,b}, a setuid file owned by 1000; upper deletes
     etc/gone, makes opt opaque with opt/c."""
-    from oci_fixtures import d, f, layer_tar, oci_layout_files, write_dir
+    from boxlite_testing.oci import d, f, layer_tar, oci_layout_files, write_dir
 
     lower = layer_tar(
         [d("etc"), f("etc/keep", "k"), f("etc/gone", "g"), d("opt"), f("opt/a", "a"),

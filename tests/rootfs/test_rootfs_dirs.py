@@ -7,10 +7,11 @@ import stat
 from pathlib import Path
 
 import pytest
-from ext4_helpers import debugfs
 
+from boxlite_core.rootfs.base import GuestShare, LayersRootfs
 from boxlite_core.rootfs.layers import LayersStrategy, layer_cache_dir
 from boxlite_core.rootfs.merged import MergedStrategy
+from boxlite_testing.ext4 import debugfs
 
 is_root = os.geteuid() == 0
 
@@ -19,7 +20,7 @@ def test_merged_applies_layers_and_shares_dir(ctx, two_layer_image, tmp_path: Pa
     box = tmp_path / "box"
     art = MergedStrategy().prepare(two_layer_image, box, ctx)
     root = box / "rootfs"
-    assert art.guest == {"share": {"tag": "rootfs"}}
+    assert art.guest == GuestShare("rootfs")
     assert [s.to_dict() for s in art.shares] == [
         {"tag": "rootfs", "host_path": str(root), "read_only": False, "uid": None, "gid": None}
     ]
@@ -54,7 +55,7 @@ def test_layers_per_layer_dirs_upper_disk(ctx, two_layer_image, tmp_path: Path):
     cache = layer_cache_dir(ctx.home)
     lower_dir = cache / two_layer_image.layers[0].digest[7:]
     upper_dir = cache / two_layer_image.layers[1].digest[7:]
-    assert art.guest == {"layers": {"lower": ["layer0", "layer1"], "upper_disk": "bxupper"}}
+    assert art.guest == LayersRootfs((GuestShare("layer0"), GuestShare("layer1")), "bxupper")
     assert [(s.tag, s.host_path, s.read_only) for s in art.shares] == [
         ("layer0", lower_dir, True),
         ("layer1", upper_dir, True),

@@ -10,10 +10,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from ext4_helpers import debugfs
 
+from boxlite_core.rootfs.base import DiskRootfs
 from boxlite_core.rootfs.disk import DiskStrategy, base_image_path, ensure_base
 from boxlite_core.tools import find_tool, require_tool
+from boxlite_testing.ext4 import debugfs
 
 is_root = os.geteuid() == 0
 
@@ -37,7 +38,7 @@ def test_busybox_base_has_sh_and_artifact_shape(ctx, store, tmp_path: Path):
     image = store.get("busybox")
     art = DiskStrategy().prepare(image, tmp_path / "box", ctx)
     overlay = tmp_path / "box" / "rootfs.qcow2"
-    assert art.guest == {"disk": {"serial": "bxrootfs", "fstype": "ext4"}}
+    assert art.guest == DiskRootfs("bxrootfs", "ext4")
     assert [d.to_dict() for d in art.disks] == [
         {"path": str(overlay), "format": "qcow2", "read_only": False, "serial": "bxrootfs"}
     ]

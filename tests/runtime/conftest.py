@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import pytest
-import runtime_doubles as doubles
-from runtime_doubles import TINY, make_runtime
+
+from boxlite_testing import runtime_doubles as doubles
+from boxlite_testing.runtime_doubles import TINY, make_runtime
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,6 @@ import asyncio
 import json
 
 import pytest
-import runtime_doubles as doubles
-from runtime_doubles import TINY, make_runtime, opts
 
 from boxlite_core.errors import (
     ConfigError,
@@ -18,6 +16,8 @@ from boxlite_core.errors import (
 )
 from boxlite_core.models import BoxStatus
 from boxlite_core.runtime.aio import AsyncRuntime
+from boxlite_testing import runtime_doubles as doubles
+from boxlite_testing.runtime_doubles import TINY, make_runtime, opts
 
 
 def test_create_persists_configured_record(rt):

@@ -19,21 +19,20 @@ import time
 from pathlib import Path
 
 import pytest
-from orphans import naming
-from runtime_doubles import make_runtime, opts
 
 from boxlite_core.errors import GuestError, StateError
 from boxlite_core.models import BoxStatus
 from boxlite_core.runtime.records import identity_alive, process_identity
 from boxlite_core.vmm.procstat import start_time
+from boxlite_testing.orphans import naming
+from boxlite_testing.runtime_doubles import make_runtime, opts
 
 HERE = Path(__file__).resolve().parent
 #: the process that runs a start, killed by the tests: the doubles' runtime on the test's home
 CHILD = r"""
 import sys
-sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-import runtime_doubles
+from boxlite_testing import runtime_doubles
 rt = runtime_doubles.make_runtime(Path(sys.argv[2]))
 rt.get(sys.argv[3]).start()
 """
@@ -263,7 +262,7 @@ def test_start_waits_for_a_live_starter_and_ls_shows_starting(tmp_path, rt, clea
 def test_live_starter_without_the_lock_is_refused_clearly(tmp_path, rt, monkeypatch):
     """A Starting record whose starter lives but holds no lock (only a damaged home gets
     there): start/stop/rm refuse, naming the process, instead of undoing its work."""
-    monkeypatch.setattr("boxlite_core.runtime.box.STARTER_EXIT_GRACE", 0.1)
+    monkeypatch.setattr("boxlite_core.runtime.lifecycle.STARTER_EXIT_GRACE", 0.1)
     box = rt.create(opts(name="odd"))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

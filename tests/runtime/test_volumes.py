@@ -5,7 +5,7 @@ import os
 import pytest
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import VolumeSpec
+from boxlite_core.models import HostShare, VolumeSpec
 from boxlite_core.volumes.resolve import resolve_user_volumes
 
 
@@ -43,7 +43,7 @@ def test_canonical_path_owner_and_tags(tmp_path):
     assert vols[0].host_path == real.resolve()
     assert vols[0].uid == os.stat(real).st_uid and vols[0].gid == os.stat(real).st_gid
     assert vols[1].read_only and not vols[0].read_only
-    assert vols[1].share().read_only is True
+    assert isinstance(vols[1], HostShare) and vols[1].read_only is True
 
 
 def test_bad_spec_syntax():

@@ -1,62 +1,44 @@
 """Fixtures for copy tests: a native guest agent (real, or the hostile double) and a Box
 wired to it.
 
-The agent runs as in tests/agent (private mount + UTS namespaces, chroot into a busybox
-root, the serial-port stand-in, the real shim and gRPC client). The Box is a real Box on a
-real Runtime home whose agent connection is that native agent instead of a VM's: the code
-under test (Box.copy_out, boxlite_core.transfer) is unchanged.
+The agent runs as in tests/agent (boxlite_testing.native_agent: private mount + UTS
+namespaces, chroot into a busybox root, the serial-port stand-in, the real shim and gRPC
+client). The Box is a real Box on a real Runtime home whose agent connection is that native
+agent instead of a VM's: the code under test (Box.copy_out, boxlite_core.transfer) is
+unchanged.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import boxlite_core
+from boxlite_testing.homes import REPO
+from boxlite_testing.native_agent import NativeAgent, build_busybox_root, missing_requirement
 
-HERE = Path(__file__).resolve().parent
 #: the tree whose boxlite_core is imported (the old tree when PYTHONPATH points at one)
 CODE = Path(boxlite_core.__file__).resolve().parents[1]
 
-_spec = importlib.util.spec_from_file_location(
-    "boxlite_agent_fixtures", HERE.parent / "agent" / "conftest.py"
-)
-agent_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(agent_fixtures)
 
-
-class CodeAgent(agent_fixtures.NativeAgent):
+def code_agent(box_dir: Path, streams: Path | None = None) -> NativeAgent:
     """The agent of the tree under test (CODE), natively; ``streams`` set: the hostile
-    double (hostile_agent.py) serving crafted Download streams from that directory."""
-
-    def __init__(self, box_dir: Path, streams: Path | None = None) -> None:
-        self.box_dir = box_dir
-        self.port = box_dir / "agent.port"
-        self.log = box_dir / "agent.log"
-        env = dict(os.environ, PYTHONPATH=str(CODE), BOXLITE_TEST_REPO=str(CODE),
-                   BOXLITE_TEST_STREAMS=str(streams))
-        entry = [str(HERE / "hostile_agent.py")] if streams else ["-m", "boxlite_core.agent"]
-        self._logf = open(self.log, "wb")  # noqa: SIM115 - lives as long as the agent
-        self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--uts", "--propagation", "private", sys.executable,
-             *entry, "--serial-listen", str(self.port),
-             "--vsock-port", "0", "--state-dir", str(box_dir / "run")],
-            env=env, stdout=self._logf, stderr=subprocess.STDOUT,
-        )
+    double (boxlite_testing.hostile_agent_double) serving crafted Download streams from
+    that directory."""
+    if streams is None:
+        return NativeAgent(box_dir, pythonpath=(CODE,))
+    return NativeAgent(box_dir, module="boxlite_testing.hostile_agent_double",
+                       pythonpath=(CODE, REPO), env={"BOXLITE_TEST_STREAMS": str(streams)})
 
 
 @pytest.fixture(scope="session")
 def guest_root(tmp_path_factory) -> Path:
     """The container root the native agent chroots into (the guest's files)."""
-    reason = agent_fixtures._requirements()
+    reason = missing_requirement()
     if reason:
         pytest.skip(reason)
-    return agent_fixtures.build_busybox_root(tmp_path_factory.mktemp("guestroot") / "root")
+    return build_busybox_root(tmp_path_factory.mktemp("guestroot") / "root")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +64,7 @@ def _box(home: Path, client):
     rt = Runtime(home)
     record = BoxRecord(id="native0", name="native", status=BoxStatus.RUNNING,
                        options=BoxOptions(image="busybox"))
-    box = Box(rt, record)
+    box = Box(rt.services, record)
     box._live_client = lambda: client  # the native agent stands in for the VM's
     return rt, box
 
@@ -90,7 +72,7 @@ def _box(home: Path, client):
 @pytest.fixture(scope="module")
 def double_box(tmp_path_factory, guest_root, streams):
     """A Box whose agent is the hostile double; write crafted streams into ``streams``."""
-    agent = CodeAgent(tmp_path_factory.mktemp("dbox"), streams)
+    agent = code_agent(tmp_path_factory.mktemp("dbox"), streams)
     client = _connect(agent, guest_root)
     rt, box = _box(tmp_path_factory.mktemp("dhome"), client)
     yield box
@@ -102,7 +84,7 @@ def double_box(tmp_path_factory, guest_root, streams):
 @pytest.fixture(scope="module")
 def native_box(tmp_path_factory, guest_root):
     """A Box whose agent is the real (honest) agent, run natively."""
-    agent = CodeAgent(tmp_path_factory.mktemp("nbox"))
+    agent = code_agent(tmp_path_factory.mktemp("nbox"))
     client = _connect(agent, guest_root)
     rt, box = _box(tmp_path_factory.mktemp("nhome"), client)
     yield box

@@ -12,9 +12,9 @@ import stat
 import uuid
 
 import pytest
-from tarcraft import Craft, crafted_name, cve_2025_4517
 
 from boxlite_core.errors import BoxliteError, GuestError
+from boxlite_testing.tarcraft import Craft, crafted_name, cve_2025_4517
 
 
 def _serve(streams, path: str, data: bytes) -> None:

@@ -21,12 +21,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from tarcraft import Craft, crafted_name
 
 from boxlite_core.diskspace import DiskSpaceError
 from boxlite_core.errors import BoxliteError, ConfigError, GuestError
 from boxlite_core.transfer import parse_guest_path, receive_tree
 from boxlite_core.transfer.untar import MAX_DEPTH
+from boxlite_testing.tarcraft import Craft, crafted_name
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -291,8 +291,7 @@ def test_disk_full_mid_copy_is_a_disk_space_error(staging, other_fs, monkeypatch
 
 _UNPRIVILEGED = r"""
 import os, sys, tempfile
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests/transfer"]
-from tarcraft import Craft
+from boxlite_testing.tarcraft import Craft
 from boxlite_core.errors import ConfigError
 from boxlite_core.transfer import parse_guest_path, receive_tree
 base, staging = sys.argv[2], sys.argv[3]
@@ -397,8 +396,7 @@ def test_disk_filling_up_while_staging_is_not_blamed_on_the_guest(tmp_path, stag
 
 _UNPRIVILEGED_INTERRUPTED = r"""
 import os, sys
-sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests/transfer"]
-from tarcraft import Craft
+from boxlite_testing.tarcraft import Craft
 import boxlite_core.transfer.place as place_mod
 from boxlite_core.transfer import parse_guest_path, receive_tree
 dest, staging = sys.argv[2], sys.argv[3]

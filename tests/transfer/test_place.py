@@ -8,10 +8,10 @@ import stat
 from pathlib import Path
 
 import pytest
-from tarcraft import Craft
 
 from boxlite_core.errors import ConfigError
 from boxlite_core.transfer import parse_guest_path, receive_tree
+from boxlite_testing.tarcraft import Craft
 
 
 def tree() -> bytes:

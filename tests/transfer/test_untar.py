@@ -11,12 +11,12 @@ import stat
 import tarfile
 
 import pytest
-from tarcraft import Craft, cve_2025_4517
 
 from boxlite_core.diskspace import DiskSpaceError
 from boxlite_core.errors import GuestError
 from boxlite_core.transfer import SpecialBitsStripped, parse_guest_path, receive_tree
 from boxlite_core.transfer.untar import MAX_EXTENDED_HEADER
+from boxlite_testing.tarcraft import Craft, cve_2025_4517
 
 
 @pytest.fixture

@@ -1,31 +1,25 @@
 """VM tests: real boxes booted by the installed backend (slow under TCG; `-m vm`).
 
-The home is shared across runs (BOXLITE_TEST_HOME, default /var/tmp/boxlite-test-home) so the
-guest kit and the built-in images are built once, not per test run.
+The home is the suite's shared one (``shared_home``, boxlite_testing.plugin: BOXLITE_TEST_HOME,
+default /var/tmp/boxlite-test-home) so the guest kit and the built-in images are built once,
+not per test run. Box names come from ``boxlite_testing.homes.unique``; a ``boxlite``
+subprocess's environment from ``boxlite_testing.cli.boxlite_env``.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import pytest
 
 from boxlite_core.models import BoxOptions
 from boxlite_core.runtime.runtime import Runtime
-
-HOME = Path(os.environ.get("BOXLITE_TEST_HOME") or "/var/tmp/boxlite-test-home")
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(3)}"
+from boxlite_testing.homes import unique
 
 
 @pytest.fixture(scope="module")
-def vm_home():
-    HOME.mkdir(parents=True, exist_ok=True)
-    return HOME
+def vm_home(shared_home: Path) -> Path:
+    return shared_home
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +54,3 @@ def box(runtime, volumes):
     b.start()
     yield b
     runtime.remove(b.id, force=True)
-
-
-def boxlite_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["BOXLITE_HOME"] = str(home)
-    env.pop("BOXLITE_DEBUG", None)
-    return env

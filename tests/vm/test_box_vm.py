@@ -9,11 +9,12 @@ import threading
 import time
 
 import pytest
-from conftest import boxlite_env, unique
 
 from boxlite_core.errors import GuestError
 from boxlite_core.models import BoxOptions, BoxStatus
 from boxlite_core.tools import find_tool
+from boxlite_testing.cli import boxlite_env
+from boxlite_testing.homes import unique
 
 pytestmark = pytest.mark.vm
 

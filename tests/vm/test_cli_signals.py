@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import boxlite_env, unique
 
 from boxlite_core.runtime.box import BoxGoneError
 from boxlite_core.runtime.runtime import Runtime
+from boxlite_testing.cli import boxlite_env
+from boxlite_testing.homes import unique
 
 pytestmark = pytest.mark.vm
 

@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HOME, unique
 
 from boxlite_core.models import BoxOptions
 from boxlite_core.runtime.runtime import Runtime
 from boxlite_core.vmm import consolelog
+from boxlite_testing.homes import SHARED_HOME as HOME
+from boxlite_testing.homes import unique
 
 pytestmark = pytest.mark.vm
 

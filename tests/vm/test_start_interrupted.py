@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import boxlite_env, unique
-from orphans import naming
 
 from boxlite_core.models import BoxOptions
 from boxlite_core.runtime.runtime import Runtime
 from boxlite_core.tools import find_tool
+from boxlite_testing.cli import boxlite_env
+from boxlite_testing.homes import unique
+from boxlite_testing.orphans import naming
 
 pytestmark = pytest.mark.vm
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from boxlite_core.models import Capability, HostShare
+from boxlite_core.models import HostShare
 from boxlite_core.plugins import PluginRegistry
+from boxlite_core.vmm.spec import Capability
 from boxlite_core.volumes.ninep import NinePSharer
 
 

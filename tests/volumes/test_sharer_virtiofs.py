@@ -13,8 +13,9 @@ import pytest
 
 from boxlite_core import tools
 from boxlite_core.errors import EngineError, ToolMissingError
-from boxlite_core.models import Capability, HostShare
+from boxlite_core.models import HostShare
 from boxlite_core.plugins import PluginRegistry
+from boxlite_core.vmm.spec import Capability
 from boxlite_core.volumes import virtiofsd_launcher as launcher
 from boxlite_core.volumes.virtiofs import (
     VirtiofsdInfo,

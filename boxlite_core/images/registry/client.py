@@ -20,12 +20,13 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 import requests
 
 from ...errors import ImageError
+from ...models import JsonValue
 from .reference import Reference
 from .settings import Credentials, RegistrySettings, hub_credentials_hint
 
@@ -286,7 +287,7 @@ def _short(exc: BaseException) -> str:
 def _error_text(resp: requests.Response) -> str:
     """The registry's own error code/message (JSON ``errors``), else the reason phrase."""
     try:
-        data: Any = resp.json()
+        data: JsonValue = resp.json()
         errors = data.get("errors") if isinstance(data, dict) else None
         if errors:
             return "; ".join(

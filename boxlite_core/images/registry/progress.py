@@ -9,7 +9,10 @@ from __future__ import annotations
 import sys
 import threading
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 
 class PullProgress(Protocol):
@@ -60,7 +63,7 @@ class RichPullProgress:
             console=Console(stderr=True),
             transient=False,
         )
-        self._tasks: dict[str, Any] = {}
+        self._tasks: dict[str, TaskID] = {}
         self._lock = threading.Lock()
 
     def __enter__(self) -> RichPullProgress:
@@ -93,6 +96,6 @@ class RichPullProgress:
         )
 
 
-def default_progress() -> Any:
+def default_progress() -> RichPullProgress | QuietProgress:
     """Rich bars when stderr is a terminal, else quiet (CI logs stay clean)."""
     return RichPullProgress() if sys.stderr.isatty() else QuietProgress()

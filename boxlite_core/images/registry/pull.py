@@ -14,8 +14,9 @@ import io
 import json
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 import attrs
 import requests
@@ -23,19 +24,19 @@ import urllib3
 
 from ...diskspace import ensure_free
 from ...errors import BoxliteError, ConfigError, ImageError, NotFoundError
+from ...models import JsonObject, JsonValue
 from ..blobs import check_digest
-from ..importers import (
+from ..importers import MAX_JSON, Imported
+from ..oci import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     INDEX_TYPES,
+    LAYER_MEDIA_TYPES,
     MANIFEST_TYPES,
-    MAX_JSON,
     OCI_INDEX,
     OCI_MANIFEST,
-    Imported,
     host_arch,
 )
-from ..layers import LAYER_MEDIA_TYPES
 from ..prune import gc_guard
 from .client import Endpoint, RegistryClient, RegistryError
 from .progress import PullProgress, QuietProgress
@@ -73,7 +74,7 @@ class Platform:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
-def _platform_of(entry: dict[str, Any]) -> Platform | None:
+def _platform_of(entry: JsonObject) -> Platform | None:
     plat = entry.get("platform")
     if not isinstance(plat, dict):
         return None
@@ -82,7 +83,7 @@ def _platform_of(entry: dict[str, Any]) -> Platform | None:
     )
 
 
-def select_manifest(index: dict[str, Any], want: Platform, where: str) -> dict[str, Any]:
+def select_manifest(index: JsonObject, want: Platform, where: str) -> JsonObject:
     """The index entry for ``want``; ImageError listing the platforms there are otherwise.
 
     An entry without a platform matches (OCI makes the field optional); an exact variant
@@ -109,7 +110,7 @@ def select_manifest(index: dict[str, Any], want: Platform, where: str) -> dict[s
             f"pull it on a matching host or pass --platform {have[0] if have else 'OS/ARCH'}"
         )
 
-    def rank(entry: dict[str, Any]) -> int:
+    def rank(entry: JsonObject) -> int:
         plat = _platform_of(entry)
         variant = plat.variant if plat else ""
         if want.variant:
@@ -122,7 +123,7 @@ def select_manifest(index: dict[str, Any], want: Platform, where: str) -> dict[s
 @attrs.frozen
 class _Fetched:
     raw: bytes
-    doc: dict[str, Any]
+    doc: JsonObject
     media_type: str
     digest: str
 
@@ -140,7 +141,7 @@ class _BlobStream(io.RawIOBase):
         ep: Endpoint,
         digest: str,
         size: int,
-        on_bytes: Any,
+        on_bytes: Callable[[int], None],
         cancel: threading.Event,
     ) -> None:
         super().__init__()
@@ -167,7 +168,7 @@ class _BlobStream(io.RawIOBase):
     def _what(self) -> str:
         return f"blob {self._digest} of {self._client.ref} from {self._ep}"
 
-    def readinto(self, buffer: Any) -> int:
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         if self._cancel.is_set():
             raise ImageError(f"download of {self._what()} cancelled: another download failed")
         view = memoryview(buffer)
@@ -294,7 +295,7 @@ class Puller:
             return fetched
         raise ImageError(f"{self.ref}: image indexes nest too deeply")
 
-    def _descriptor(self, desc: Any, what: str) -> tuple[str, str, int]:
+    def _descriptor(self, desc: JsonValue, what: str) -> tuple[str, str, int]:
         if not isinstance(desc, dict):
             raise ImageError(f"{self.ref}: {what} descriptor is not an object")
         try:
@@ -360,7 +361,7 @@ class Puller:
             )
             return _add_imported(self.store, imported, self.ref.store_name)
 
-    def _check_config_platform(self, config: dict[str, Any]) -> None:
+    def _check_config_platform(self, config: JsonObject) -> None:
         arch, os_name = config.get("architecture"), config.get("os")
         wrong_arch = bool(arch) and arch != self.platform.architecture
         if wrong_arch or (bool(os_name) and os_name != self.platform.os):
@@ -392,6 +393,16 @@ class Puller:
 def _add_imported(store: ImageStore, imported: Imported, reference: str) -> Image:
     """Write the index row through the store (blobs are all present and verified)."""
     return store.add_imported(imported, reference)
+
+
+class PullOptions(TypedDict, total=False):
+    """The keyword options of :func:`pull_image`, as :func:`ensure_image` passes them on."""
+
+    settings: RegistrySettings | None
+    platform: Platform | str | None
+    progress: PullProgress | None
+    session: requests.Session | None
+    insecure: bool
 
 
 def pull_image(
@@ -428,7 +439,7 @@ def ensure_image(
     store: ImageStore,
     ref: str,
     pull: bool = True,
-    **pull_options: Any,
+    **pull_options: Unpack[PullOptions],
 ) -> Image:
     """``store.get(ref)``, pulling the image first when it is missing and ``ref`` is pullable.
 

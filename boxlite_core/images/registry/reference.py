@@ -13,6 +13,7 @@ import re
 import attrs
 
 from ...errors import ConfigError
+from ..reference import normalize_reference
 
 DOCKER_HUB = "docker.io"
 #: the host that really answers the distribution API for docker.io
@@ -70,8 +71,6 @@ class Reference:
         The store's own normalisation is reused so `store.get('busybox')` and a pull of
         `docker.io/library/busybox` meet on one row.
         """
-        from ..store import normalize_reference
-
         if self.digest:  # a pinned pull is found again by the same pinned name
             return normalize_reference(f"{self.registry}/{self.repository}@{self.digest}")
         return normalize_reference(f"{self.registry}/{self.repository}:{self.tag or 'latest'}")

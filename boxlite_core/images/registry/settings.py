@@ -18,11 +18,11 @@ import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import attrs
 
 from ...errors import ConfigError
+from ...models import JsonValue
 from .reference import DOCKER_HUB, canonical_host
 
 ENV_MIRRORS = "BOXLITE_REGISTRY_MIRRORS"
@@ -174,7 +174,7 @@ def _read_toml(path: Path) -> tuple[dict[str, list[str]], set[str], dict[str, Cr
 
 def _docker_config_credentials(path: Path, host: str) -> Credentials | None:
     try:
-        data: Any = json.loads(path.read_text())
+        data: JsonValue = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:

@@ -1,7 +1,8 @@
 """Tier 0: the backend contract, checked without booting anything.
 
 What every backend owes the runtime before it may launch a VM: a stable name it is registered
-under, honest capabilities, a probe that explains itself, and a plan that is a pure,
+under, honest capabilities, a typed agent channel (``channel_kind``/``channel_handshake``)
+whose device it declares, a probe that explains itself, and a plan that is a pure,
 deterministic, JSON-serialisable function of the spec — one that refuses share kinds the
 backend has not declared instead of silently dropping them.
 """
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend
+from boxlite_core.vmm.spec import Capability, ChannelKind, Handshake, ProbeResult, VmSpec
 
 from ..markers import requires, tier
 from ..specs import BOGUS_SHARE_KIND, KNOWN_SHARE_KINDS, build_spec, share, tree_snapshot
@@ -29,7 +30,13 @@ _SHARE_PARAMS = [
 
 def _spec(root: Path, backend: VmmBackend, **kwargs) -> VmSpec:
     caps = frozenset(c for c in backend.capabilities() if isinstance(c, Capability))
-    return build_spec(root, agent_kind=backend.agent_kind, capabilities=caps, **kwargs)
+    return build_spec(
+        root,
+        channel_kind=type(backend).channel_kind,
+        channel_handshake=type(backend).channel_handshake,
+        capabilities=caps,
+        **kwargs,
+    )
 
 
 def _plan_json(backend: VmmBackend, spec: VmSpec) -> str:
@@ -66,9 +73,35 @@ class TestBackendIdentity:
             "capabilities() must not change between calls"
         )
 
-    def test_agent_kind_is_known(self, backend: VmmBackend) -> None:
-        assert backend.agent_kind in ("virtio-serial", "stream"), (
-            f"agent_kind must be 'virtio-serial' or 'stream', got {backend.agent_kind!r}"
+    def test_channel_kind_and_handshake_are_typed(self, backend: VmmBackend) -> None:
+        """The core builds ``spec.agent`` from these two class attributes; a plain string
+        (or the old ``agent_kind`` property) would reach the channel code untyped."""
+        kind = type(backend).channel_kind
+        handshake = type(backend).channel_handshake
+        assert isinstance(kind, ChannelKind), (
+            f"{type(backend).__name__}.channel_kind must be a boxlite_core.vendor.ChannelKind "
+            f"(VIRTIO_SERIAL or VSOCK), got {kind!r}"
+        )
+        assert isinstance(handshake, Handshake), (
+            f"{type(backend).__name__}.channel_handshake must be a boxlite_core.vendor."
+            f"Handshake (NONE or FIRECRACKER_CONNECT), got {handshake!r}"
+        )
+        if kind is ChannelKind.VIRTIO_SERIAL:
+            assert handshake is Handshake.NONE, (
+                f"a virtio-serial channel takes no handshake, got {handshake.value!r}: "
+                "a handshake is said on a vsock stream"
+            )
+
+    def test_channel_kind_is_a_declared_capability(self, backend: VmmBackend) -> None:
+        """The channel device is a device capability like any other: a backend whose agent
+        channel is vsock declares 'vsock', a virtio-serial one 'virtio-serial'."""
+        kind = type(backend).channel_kind
+        if not isinstance(kind, ChannelKind):
+            pytest.fail(f"channel_kind is {kind!r}, not a ChannelKind (see the test above)")
+        wanted = Capability(kind.value)
+        assert wanted in backend.capabilities(), (
+            f"channel_kind is {kind.value!r} but capabilities() lacks Capability."
+            f"{wanted.name}: declare the device the agent channel uses"
         )
 
 
@@ -77,7 +110,7 @@ class TestProbeContract:
     def test_probe_returns_probe_result(self, backend: VmmBackend) -> None:
         result = backend.probe()
         assert isinstance(result, ProbeResult), (
-            f"probe() returned {type(result).__name__}, not a boxlite_core.models.ProbeResult"
+            f"probe() returned {type(result).__name__}, not a boxlite_core.vmm.spec.ProbeResult"
         )
 
     def test_unavailable_probe_says_why_and_how_to_fix(self, backend: VmmBackend) -> None:
@@ -151,7 +184,10 @@ class TestPlanContract:
     def test_plan_follows_disk_read_only(self, backend: VmmBackend, tmp_path: Path) -> None:
         rw = _spec(tmp_path, backend, disk_read_only=False)
         if not rw.disks:
-            pytest.skip(f"backend {backend.name!r} declares neither 'qcow2' nor 'raw' disks")
+            pytest.skip(
+                f"no disk to check: backend {backend.name!r} declares neither capability "
+                "'qcow2' nor 'raw'"
+            )
         ro = _spec(tmp_path, backend, disk_read_only=True)
         assert json.loads(_plan_json(backend, rw))["data"] != json.loads(
             _plan_json(backend, ro)
@@ -177,7 +213,11 @@ class TestPlanContract:
         ro_data = json.loads(_plan_json(backend, ro))["data"]
         if kind == "virtiofs" and rw_data == ro_data:
             # virtiofs read-only is enforced by the sharer's daemon, not the device
-            pytest.skip("virtiofs read-only is the sharer's job (virtiofsd), not the plan's")
+            pytest.skip(
+                "capability 'virtiofs': read-only is enforced by the virtiofs sharer "
+                "(virtiofsd), not by the backend's device, so an equal plan is correct here; "
+                "T2 TestVolumes checks the guest cannot write"
+            )
         assert rw_data != ro_data, (
             f"plan.data is the same for a read-only and a writable {kind} share: "
             "read_only is ignored, so the guest could write to a read-only volume"
@@ -189,7 +229,10 @@ class TestPlanContract:
     ) -> None:
         cap = KNOWN_SHARE_KINDS.get(kind)
         if cap is not None and cap in backend.capabilities():
-            pytest.skip(f"backend {backend.name!r} declares capability {cap.value!r}")
+            pytest.skip(
+                f"{cap.value} is declared: refusing a {kind} share is not expected; "
+                "test_plan_attaches_declared_share covers it"
+            )
         spec = _spec(tmp_path, backend, shares=[share(tmp_path, kind, "vol0")])
         with pytest.raises(ConfigError):
             backend.plan(spec)

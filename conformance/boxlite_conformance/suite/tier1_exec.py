@@ -7,18 +7,21 @@ so sharing does not weaken them. Stopping is tested on a box of its own.
 from __future__ import annotations
 
 import signal
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from boxlite_core.errors import BoxliteError
+from boxlite_core.vmm import consolelog
 
 from .. import guest_probe
 from ..boxes import DEFAULT_MEMORY_MIB, BoxPool, default_cpus
 from ..markers import tier
 from ..requirements import Requirements
 
-__all__ = ["TestExec", "TestGuestResources", "TestStop"]
+__all__ = ["TestConsoleLog", "TestExec", "TestGuestResources", "TestStop"]
 
 
 @tier(1)
@@ -129,3 +132,46 @@ class TestStop:
         with pytest.raises(BoxliteError):
             box.exec(["true"], timeout=30)
         box.stop()  # idempotent
+
+
+MIB = 1024 * 1024
+#: 47-byte lines (48 with the tty's CR): ~5.5 MiB, more than the 1 MiB cap and its rotations
+FLOOD_LINES = 120_000
+
+
+@tier(1)
+@pytest.mark.vm
+class TestConsoleLog:
+    def test_a_flooding_guest_stays_within_the_console_cap(
+        self, box_pool: BoxPool, conformance_requirements: Requirements
+    ) -> None:
+        """The guest is root and writes what it likes to its console: the host keeps
+        console.log (+ rotations) within spec.console_log_max_bytes per file."""
+        box = box_pool.fresh(memory_mib=256, rootfs=conformance_requirements.default_rootfs,
+                             console_log_max_mib=1)
+        log = Path(str(box.info()["dir"])) / "console.log"
+        awk = ("BEGIN { for (i = 1; i <= LINES; i++) "
+               'printf "flood-%08d-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\\n", i }')
+        script = ("mknod /dev/bx-console c 5 1 2>/dev/null; "  # /dev/console: the kernel's
+                  f"awk '{awk.replace('LINES', str(FLOOD_LINES))}' > /dev/bx-console; "
+                  "echo FLOOD-END > /dev/bx-console")
+        try:
+            result = box.exec(["sh", "-c", script], timeout=900)
+            assert result.exit_code == 0, result
+            deadline = time.monotonic() + 60
+            while b"FLOOD-END" not in consolelog.tail_bytes(log, 3):
+                assert time.monotonic() < deadline, (
+                    f"the flood's end marker never reached {log}: "
+                    f"{consolelog.tail_bytes(log, 3)!r}"
+                )
+                time.sleep(0.2)
+            files = {p.name: p.stat().st_size for p in consolelog.log_files(log)}
+            assert len(files) > 1, f"~5 MiB into a 1 MiB cap, yet nothing rotated: {files}"
+            assert all(size <= MIB for size in files.values()), (
+                f"a console file grew past its 1 MiB cap (console_log_max_mib=1): {files}; "
+                "serve the console on a socket and copy it with the core's start_writer"
+            )
+            assert sum(files.values()) <= (consolelog.BACKUPS + 1) * MIB, files
+            assert box.exec(["echo", "still here"], timeout=120).stdout == b"still here\n"
+        finally:
+            box.stop()

@@ -16,23 +16,24 @@ from typing import Any
 import attrs
 import pytest
 
-from boxlite_core.models import Capability
-from boxlite_core.plugins import PluginRegistry
+from boxlite_core.vmm.spec import Capability
 
 from .. import guest_probe
 from ..boxes import BoxPool
-from ..markers import requires, tier
-from ..requirements import Requirements
+from ..markers import needs_host, requires, tier
+from ..requirements import AUTO_IDMAP, SHARER_SERVES, Requirements
 from ..share_privilege import PLANT_SCRIPT, build_privilege_helper, privilege_problems
 
 __all__ = ["TestCopy", "TestRootfsStrategies", "TestVolumes"]
 
 _ANY_SHARER = requires(Capability.NINEP, Capability.VIRTIOFS, any_of=True)
+#: a rootfs through a share needs one of the declared sharers to work on this host
+_SHARER_HERE = needs_host(SHARER_SERVES.name)
 #: strategy → (marks, fstypes the guest may show for it)
 _STRATEGIES = {
     "disk": ([requires(Capability.QCOW2)], {"ext4"}),
-    "merged": ([_ANY_SHARER], {"9p", "virtiofs"}),
-    "layers": ([requires(Capability.QCOW2), _ANY_SHARER], {"overlay"}),
+    "merged": ([_ANY_SHARER, _SHARER_HERE], {"9p", "virtiofs"}),
+    "layers": ([requires(Capability.QCOW2), _ANY_SHARER, _SHARER_HERE], {"overlay"}),
 }
 _STRATEGY_PARAMS = [pytest.param(n, marks=m, id=n) for n, (m, _f) in _STRATEGIES.items()]
 _SHARER_PARAMS = [
@@ -112,6 +113,7 @@ def _volume_box(pool: BoxPool, sharer: str) -> tuple[Any, _VolumeDirs]:
 
 @tier(2)
 @pytest.mark.vm
+@needs_host(SHARER_SERVES.name)
 @pytest.mark.parametrize("sharer", _SHARER_PARAMS)
 class TestVolumes:
     conformance_group_by = "sharer"
@@ -149,14 +151,10 @@ class TestVolumes:
         )
         assert result.exit_code != 0, "the write after the remount reported success"
 
+    @needs_host(AUTO_IDMAP.name)
     def test_guest_writes_reach_the_host_as_the_volume_owner(
         self, box_pool: BoxPool, sharer: str
     ) -> None:
-        if not PluginRegistry().volume_sharer(sharer).idmap:
-            pytest.skip(
-                f"volume sharer {sharer!r} does not declare auto-idmap (VolumeSharer.idmap): "
-                "files the box writes belong to its file server's user (9p: QEMU's)"
-            )
         box, dirs = _volume_box(box_pool, sharer)
         guest_probe.run(box, ["sh", "-c", "echo from guest > /data/rw/guest.txt"])
         host_file = dirs.rw / "guest.txt"
@@ -168,7 +166,11 @@ class TestVolumes:
         )
 
     def test_nothing_privileged_crosses_a_share(
-        self, box_pool: BoxPool, sharer: str, tmp_path: Path
+        self,
+        box_pool: BoxPool,
+        conformance_requirements: Requirements,
+        sharer: str,
+        tmp_path: Path,
     ) -> None:
         """The guest is root in its VM and may have replaced the agent: what it writes into
         a volume must never be host privilege — no setuid/setgid bit, device node or file
@@ -195,7 +197,7 @@ class TestVolumes:
                 user=f"{owner}:{owner}", timeout=60,
             )
             assert as_owner.exit_code == 0, f"guest uid {owner} could not write: {as_owner!r}"
-            idmap = PluginRegistry().volume_sharer(sharer).idmap
+            idmap = conformance_requirements.sharer(sharer).idmap
             problems = privilege_problems(planted, owner if idmap else None)
             assert not problems, "\n".join([*problems, log])
             assert (planted / "own0").read_text() == "x\n", log

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from boxlite_core.errors import BoxliteError, GuestError
-from boxlite_core.models import Capability
+from boxlite_core.vmm.spec import Capability
 
 from .. import guest_probe
 from ..boxes import BoxPool
@@ -118,31 +118,48 @@ class TestReattach:
 @pytest.mark.vm
 @requires(Capability.PAUSE)
 class TestPauseResume:
-    #: how long a paused box must run nothing; an exec on a running box takes ~40 ms under TCG
+    #: how long a paused box must run nothing; the command in flight needs GUEST_WORK s of
+    #: guest time, so with running vCPUs it would finish well inside this
     PAUSED_FOR = 3.0
+    GUEST_WORK = 2
 
     def test_a_paused_box_runs_nothing_until_resumed(
         self, box_pool: BoxPool, conformance_requirements: Requirements
     ) -> None:
+        """A command already running in the guest when the box is paused must not finish
+        until it is resumed (pause freezes the vCPUs), then finish normally. The command
+        is started before the pause because the runtime refuses a new exec on a paused box
+        (StateError naming `boxlite resume`)."""
         box = box_pool.fresh(memory_mib=256, rootfs=conformance_requirements.default_rootfs)
         if not hasattr(box, "pause"):
-            pytest.skip("the boxlite runtime's Box has no pause(); nothing to drive 'pause'")
-        guest_probe.run(box, ["sh", "-c", "echo kept > /root/paused"])
+            pytest.skip(
+                "capability 'pause' declared, but this boxlite runtime's Box has no pause() "
+                "to drive it; nothing was tested"
+            )
+        guest_probe.run(box, ["sh", "-c", "echo kept > /root/paused; rm -f /root/started"])
         outcome: dict[str, Any] = {}
         finished = threading.Event()
 
-        def exec_while_paused() -> None:
+        def exec_across_the_pause() -> None:
             try:
-                outcome["result"] = box.exec(["cat", "/root/paused"], timeout=120)
+                outcome["result"] = box.exec(
+                    ["sh", "-c", f"touch /root/started; sleep {self.GUEST_WORK}; "
+                     "cat /root/paused"],
+                    timeout=120,
+                )
             except BaseException as exc:  # reported by the assertion below
                 outcome["error"] = exc
             finally:
                 finished.set()
 
+        worker = threading.Thread(target=exec_across_the_pause, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while box.exec(["test", "-e", "/root/started"], timeout=60).exit_code != 0:
+            assert time.monotonic() < deadline, "the command never started in the guest"
+            assert not finished.is_set(), f"the command ended before it started: {outcome}"
         box.pause()
-        worker = threading.Thread(target=exec_while_paused, daemon=True)
         try:
-            worker.start()
             ran = finished.wait(self.PAUSED_FOR)
         finally:
             box.resume()
@@ -150,8 +167,8 @@ class TestPauseResume:
             f"an exec finished while the box was paused ({outcome}): pause() did not stop "
             "the guest's vCPUs"
         )
-        assert finished.wait(120), "the exec sent during the pause never finished after resume()"
-        assert "error" not in outcome, f"the exec sent during the pause failed: {outcome}"
+        assert finished.wait(120), "the exec running across the pause never finished"
+        assert "error" not in outcome, f"the exec running across the pause failed: {outcome}"
         assert outcome["result"].stdout == b"kept\n", outcome["result"]
         assert box.exec(["echo", "resumed"], timeout=60).stdout == b"resumed\n"
 
@@ -165,7 +182,10 @@ class TestSnapshot:
     ) -> None:
         box = box_pool.fresh(memory_mib=256, rootfs=conformance_requirements.default_rootfs)
         if not (hasattr(box, "snapshot") and hasattr(box, "restore")):
-            pytest.skip("the boxlite runtime's Box has no snapshot()/restore() yet")
+            pytest.skip(
+                "capability 'snapshot' declared, but this boxlite runtime's Box has no "
+                "snapshot()/restore() yet to drive it; nothing was tested"
+            )
         guest_probe.run(box, ["sh", "-c", "echo before > /root/snap"])
         snap = box.snapshot()
         guest_probe.run(box, ["sh", "-c", "echo after > /root/snap"])

@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from boxlite_core import tools
 from boxlite_core.errors import EngineError
-from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
 from boxlite_core.vmm.process import ProcessVmHandle
 from boxlite_core.vmm.procstat import log_tail
+from boxlite_core.vmm.spec import Capability, ChannelKind, ProbeResult, VmSpec
 
 from . import probe as probing
 from .config import WORK_DIR, normalise_arch, vz_config
@@ -56,7 +57,11 @@ class HvfHandle(ProcessVmHandle):
         what = {0: "the VM stopped", 1: "the VM ended in error",
                 2: "the VM configuration was refused"}.get(code, "the VM runner exited")
         if code is not None and code < 0:
-            what = f"the VM runner was killed by signal {-code}"
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else "?"
+            what = f"the VM runner (pid {self._pid}) was killed by signal {-code} ({name})"
+        elif code is None:
+            what = (f"the VM runner (pid {self._pid}) exited or was killed (not our child: "
+                    "its exit status is unknown)")
         tail = log_tail(self.box_dir / WORK_DIR / RUNNER_LOG, 5)
         return f"{what}" + (f": {tail}" if tail else "")
 
@@ -74,22 +79,21 @@ class HvfBackend(VmmBackend):
         return frozenset({Capability.VIRTIOFS, Capability.RAW, Capability.VSOCK,
                           Capability.ATTACH, Capability.HVF})
 
-    @property
-    def agent_kind(self) -> str:
-        return "stream"
+    #: the runner turns each connect on the agent socket into a fresh vsock stream
+    channel_kind = ChannelKind.VSOCK
 
     def probe(self) -> ProbeResult:
         return probing.judge(probing.gather())
 
     def plan(self, spec: VmSpec) -> LaunchPlan:
-        arch = normalise_arch(str(spec.hints.get("arch") or self.arch))
+        arch = normalise_arch(spec.guest.arch or self.arch)
         return LaunchPlan(
             backend=self.name,
             spec=spec,
             data={
                 "vz": vz_config(spec, arch),
                 "runner": ["python", "-m", RUNNER_MODULE],  # python resolved at launch
-                "watch_parent": bool(spec.hints.get("hvf_watch_parent", False)),
+                "watch_parent": bool(spec.backend_options.get("hvf_watch_parent", False)),
                 "stop_timeout": self.stop_timeout,
             },
         )

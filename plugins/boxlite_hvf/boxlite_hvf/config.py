@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import Capability, DiskSpec, ShareSpec, VmSpec
+from boxlite_core.vmm.spec import Capability, ChannelKind, DiskSpec, ShareSpec, VmSpec
 
-#: guest vsock port the agent listens on when the spec gives no ``agent_vsock_port`` hint.
-DEFAULT_AGENT_VSOCK_PORT = 1024
-#: kernel cmdline word that tells the guest agent to listen on vsock instead of virtio-serial.
-AGENT_CMDLINE_KEY = "boxlite.agent_vsock"
+#: ``VmSpec.backend_options`` keys this backend reads (any other key is refused, named):
+#: ``hvf_watch_parent`` (bool): the runner exits (stopping the VM) when its parent dies.
+BACKEND_OPTIONS = frozenset({"hvf_watch_parent"})
 #: share kinds this backend attaches (both served by the framework's own virtiofs server).
 VIRTIOFS_KINDS = frozenset({"virtiofs", "vz-virtiofs"})
 #: Linux virtiofs tags hold at most 36 bytes (struct virtio_fs_config.tag).
@@ -70,26 +69,43 @@ def normalise_arch(arch: str) -> str:
         ) from None
 
 
-def guest_cmdline(cmdline: str, agent_port: int) -> str:
-    """The kit's cmdline with the console moved to the virtio console and the agent on vsock.
+def guest_cmdline(cmdline: str) -> str:
+    """The spec's cmdline with the console moved to the virtio console.
 
     Every ``console=`` word goes (``ttyS0`` does not exist here: there is no UART), then
-    ``console=hvc0`` and the agent port are appended, so the result is the same for the same
-    input whatever order the kit used.
+    ``console=hvc0`` is appended, so the result is the same for the same input whatever order
+    the kit used. The agent's ``boxlite.agent_vsock=<port>`` is already there: the core adds
+    it for a vsock channel.
     """
-    words = [w for w in cmdline.split() if not _CONSOLE_RE.match(w)
-             and not w.startswith(f"{AGENT_CMDLINE_KEY}=")]
-    return " ".join([*words, "console=hvc0", f"{AGENT_CMDLINE_KEY}={agent_port}"])
+    words = [w for w in cmdline.split() if not _CONSOLE_RE.match(w)]
+    return " ".join([*words, "console=hvc0"])
 
 
 def agent_port(spec: VmSpec) -> int:
-    port = spec.hints.get("agent_vsock_port", DEFAULT_AGENT_VSOCK_PORT)
-    # vsock ports below 1024 are privileged in the guest; 0xFFFFFFFF is VMADDR_PORT_ANY.
-    if not isinstance(port, int) or isinstance(port, bool) or not 1024 <= port < 0xFFFFFFFF:
+    """The guest vsock port of the agent channel (checked by AgentChannel itself).
+
+    Raises:
+        ConfigError: the channel is not vsock (this backend has no virtio-serial port).
+    """
+    if spec.agent.kind is not ChannelKind.VSOCK:
         raise ConfigError(
-            f"hvf: hint agent_vsock_port={port!r} must be an integer in [1024, 4294967295)"
+            f"hvf: agent channel kind {spec.agent.kind.value!r}: this backend reaches the "
+            "agent over vsock only"
         )
-    return port
+    return spec.agent.vsock_port
+
+
+def check_backend_options(spec: VmSpec) -> None:
+    """Refuse ``backend_options`` keys this backend does not read.
+
+    Raises:
+        ConfigError: naming the first unknown key.
+    """
+    unknown = sorted(set(spec.backend_options) - BACKEND_OPTIONS)
+    if unknown:
+        raise ConfigError(
+            f"backend_options {unknown[0]!r}: the hvf backend reads only {sorted(BACKEND_OPTIONS)}"
+        )
 
 
 def raw_target(spec: VmSpec, index: int, disk: DiskSpec) -> Path:
@@ -149,6 +165,7 @@ def vz_config(spec: VmSpec, arch: str) -> dict[str, Any]:
         raise ConfigError(
             "hvf: networking is not supported by this backend yet; boxes run with no network"
         )
+    check_backend_options(spec)
     port = agent_port(spec)
     tags = [s.tag for s in spec.shares]
     if len(set(tags)) != len(tags):
@@ -160,7 +177,7 @@ def vz_config(spec: VmSpec, arch: str) -> dict[str, Any]:
             "kind": "linux",
             "kernel": str(spec.kernel),
             "initrd": str(spec.initrd),
-            "cmdline": guest_cmdline(spec.cmdline, port),
+            "cmdline": guest_cmdline(spec.cmdline),
             "kernel_format": KERNEL_FORMAT[arch],
         },
         "cpus": spec.cpus,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import attrs
 
-from boxlite_core.models import ProbeResult
+from boxlite_core.vmm.spec import ProbeResult
 
 #: 12: VZGenericPlatformConfiguration, virtiofs, stopWithCompletionHandler.
 #: 12.3: VZVirtioBlockDeviceConfiguration.blockDeviceIdentifier — the disk serial the agent

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from boxlite_core.models import Capability, HostShare, ShareSpec
+from boxlite_core.models import HostShare
+from boxlite_core.vmm.spec import Capability, ShareSpec
 from boxlite_core.volumes.base import VolumeSharer
 
 

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_spec
+from hvf_specs import make_spec
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import Capability, DiskSpec, ShareSpec
+from boxlite_core.proto.wire import AGENT_VSOCK_CMDLINE_KEY as AGENT_CMDLINE_KEY
+from boxlite_core.proto.wire import AGENT_VSOCK_PORT as DEFAULT_AGENT_VSOCK_PORT
+from boxlite_core.vmm.spec import Capability, ChannelKind, DiskSpec, GuestHints, ShareSpec
 from boxlite_hvf.backend import HvfBackend
-from boxlite_hvf.config import AGENT_CMDLINE_KEY, DEFAULT_AGENT_VSOCK_PORT, vz_config
+from boxlite_hvf.config import vz_config
 
 
 def test_plan_is_deterministic_and_json_serialisable(spec):
@@ -26,7 +28,7 @@ def test_plan_is_deterministic_and_json_serialisable(spec):
 def test_backend_contract_facts():
     backend = HvfBackend(arch="arm64")
     assert backend.name == "hvf"
-    assert backend.agent_kind == "stream"
+    assert backend.channel_kind is ChannelKind.VSOCK
     assert backend.capabilities() == {
         Capability.VIRTIOFS,
         Capability.RAW,
@@ -128,11 +130,11 @@ def test_vsock_agent_port_and_console(spec, tmp_path):
         "backups": 2,
     }
     assert vz["network"] is None and vz["entropy"] is True
-    custom = vz_config(make_spec(tmp_path, hints={"agent_vsock_port": 5000}), "arm64")
+    custom = vz_config(make_spec(tmp_path, vsock_port=5000), "arm64")
     assert custom["vsock"]["agent_port"] == 5000
     assert f"{AGENT_CMDLINE_KEY}=5000" in custom["boot_loader"]["cmdline"].split()
-    with pytest.raises(ConfigError, match="agent_vsock_port"):
-        vz_config(make_spec(tmp_path, hints={"agent_vsock_port": 22}), "arm64")
+    with pytest.raises(ConfigError, match="vsock_port"):
+        vz_config(make_spec(tmp_path, vsock_port=22), "arm64")
 
 
 def test_network_and_unknown_arch_are_refused(tmp_path):
@@ -144,6 +146,15 @@ def test_network_and_unknown_arch_are_refused(tmp_path):
 
 def test_arch_aliases_and_hint(tmp_path):
     assert vz_config(make_spec(tmp_path), "aarch64")["arch"] == "arm64"
-    plan = HvfBackend(arch="x86_64").plan(make_spec(tmp_path, hints={"arch": "arm64"}))
+    plan = HvfBackend(arch="x86_64").plan(make_spec(tmp_path, guest=GuestHints(arch="arm64")))
     assert plan.data["vz"]["arch"] == "arm64"
     assert plan.data["watch_parent"] is False
+
+
+def test_backend_options_unknown_key_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="'tcg_tb_size_mib'"):
+        vz_config(make_spec(tmp_path, backend_options={"tcg_tb_size_mib": 64}), "arm64")
+    plan = HvfBackend(arch="arm64").plan(
+        make_spec(tmp_path, backend_options={"hvf_watch_parent": True})
+    )
+    assert plan.data["watch_parent"] is True

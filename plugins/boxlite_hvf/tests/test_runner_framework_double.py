@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_spec
+from hvf_specs import make_spec
 
-from boxlite_core.models import DiskSpec
 from boxlite_core.tools import find_tool
+from boxlite_core.vmm.spec import DiskSpec
 from boxlite_hvf.backend import HvfBackend
 from boxlite_hvf.runner import API_FACTORY_ENV
 
@@ -174,13 +174,12 @@ def test_kill_is_immediate_and_a_recycled_pid_is_not_adopted(tmp_path):
 WATCHED_LAUNCHER = """
 import sys
 from pathlib import Path
-sys.path.insert(0, {here!r})
-from conftest import make_spec
-from boxlite_core.models import DiskSpec
+from hvf_specs import make_spec
+from boxlite_core.vmm.spec import DiskSpec
 from boxlite_hvf.backend import HvfBackend
 box = Path({box!r})
 spec = make_spec(box, disks=(DiskSpec(box / "g.raw", format="raw"),),
-                 hints={{"hvf_watch_parent": {watch}}})
+                 backend_options={{"hvf_watch_parent": {watch}}})
 handle = HvfBackend().launch(HvfBackend().plan(spec))
 print(handle.pid, flush=True)
 """

@@ -6,9 +6,5 @@ Modules: ``binding`` (cdef + dlopen), ``plan`` (VmSpec → ordered krun calls, p
 
 The package import is kept tiny: the launcher child imports only ``binding`` and ``launcher``
 (no attrs models), which keeps launch() → configured near Python's own start-up time.
+The agent's vsock port is the spec's (``VmSpec.agent.vsock_port``), not this package's.
 """
-
-#: vsock port the guest agent listens on; libkrun forwards each host connect to it.
-AGENT_PORT = 1024
-
-__all__ = ["AGENT_PORT"]

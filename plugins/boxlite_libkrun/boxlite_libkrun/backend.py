@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from boxlite_core.errors import BoxliteError, EngineError
-from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
 from boxlite_core.vmm.consolelog import ensure_writer, start_writer, stop_writer, wait_writer
+from boxlite_core.vmm.spec import Capability, ChannelKind, ProbeResult, VmSpec
 
 from . import binding
 from .handle import LOG_FILE, LibkrunHandle, launcher_error, read_state, write_state
@@ -44,10 +44,8 @@ class LibkrunBackend(VmmBackend):
         self._accel_check = accel_check
         self._lib: binding.KrunLibrary | None = None
 
-    @property
-    def agent_kind(self) -> str:
-        # Every connect to the agent socket is a fresh vsock stream (krun_add_vsock_port2).
-        return "stream"
+    #: every connect to the agent socket is a fresh vsock stream (krun_add_vsock_port2)
+    channel_kind = ChannelKind.VSOCK
 
     def _library(self) -> binding.KrunLibrary | None:
         path, _ = binding.find_library()
@@ -107,7 +105,8 @@ class LibkrunBackend(VmmBackend):
         )
         details = {
             "library": path,
-            # Only needed for hints["krun_root"] boxes: the kit's kernel boots without it.
+            # Only needed for backend_options["krun_root"] boxes: the kit's kernel boots
+            # without it.
             "libkrunfw": binding.find_firmware(path),
             "symbols": {s: lib.has(s) for s in symbols},
         }

@@ -13,26 +13,36 @@ launcher supplies it). Optional keys tell the launcher how to treat libkrun vers
 
 Boot choice: the guest kit's own kernel + initramfs through ``krun_set_kernel`` (not
 libkrunfw's bundled kernel), so the libkrun guest runs the same initramfs, agent and disk
-layout as every other backend. ``hints["krun_root"]`` selects libkrun's other mode instead
-(``krun_set_root`` a host directory + ``krun_set_exec``, booted with libkrunfw).
+layout as every other backend. ``backend_options["krun_root"]`` selects libkrun's other mode
+instead (``krun_set_root`` a host directory + ``krun_set_exec``, booted with libkrunfw).
+
+``VmSpec.backend_options`` keys this backend reads (any other key is refused, named):
+``krun_root`` (host dir), ``krun_exec`` (argv list), ``krun_env`` (str → str),
+``krun_workdir`` (guest dir) for that mode; ``krun_kernel_format`` (a KRUN_KERNEL_FORMAT
+name) to skip sniffing the kernel; ``krun_log_level`` (libkrun's 0-5, default 1).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import Capability, VmSpec
+from boxlite_core.models import JsonValue
 from boxlite_core.vmm.consolelog import CONSOLE_FIFO
+from boxlite_core.vmm.spec import Capability, ChannelKind, VmSpec
 
-from . import AGENT_PORT
 from .binding import KRUN_DISK_FORMAT, KRUN_FEATURE_BLK, KRUN_KERNEL_FORMAT
 
 #: KRUN_LOG_LEVEL_ERROR: libkrun's own messages reach the launcher log only when they matter.
 DEFAULT_LOG_LEVEL = 1
 #: tag libkrun reserves for its root filesystem (KRUN_FS_ROOT_TAG)
 ROOT_TAG = "/dev/root"
+#: the ``VmSpec.backend_options`` keys this backend reads (see the module docstring)
+BACKEND_OPTIONS = frozenset({
+    "krun_root", "krun_exec", "krun_env", "krun_workdir", "krun_kernel_format", "krun_log_level",
+})
 
 Call = dict[str, Any]
 
@@ -41,20 +51,21 @@ def _call(name: str, *args: Any, **extra: Any) -> Call:
     return {"call": name, "args": list(args), **extra}
 
 
-def kernel_format(kernel: Path, hints: dict[str, Any]) -> str:
+def kernel_format(kernel: Path, options: Mapping[str, JsonValue]) -> str:
     """Which KRUN_KERNEL_FORMAT_* the kernel file is, from its first bytes.
 
     libkrun has no bzImage loader on x86_64; it boots an ELF vmlinux (which the guest kit
     writes, for QEMU's PVH entry too), or finds a gzip/bzip2/zstd-compressed ELF inside an
     image. An xz bzImage (Debian's default) cannot boot: say so here, not at start_enter.
-    ``hints["krun_kernel_format"]`` overrides the sniffing. An unreadable file plans as ELF;
+    ``options["krun_kernel_format"]`` overrides the sniffing. An unreadable file plans as ELF;
     the launch then fails naming the path.
     """
-    forced = hints.get("krun_kernel_format")
+    forced = options.get("krun_kernel_format")
     if forced:
-        if forced not in KRUN_KERNEL_FORMAT:
+        if not isinstance(forced, str) or forced not in KRUN_KERNEL_FORMAT:
             raise ConfigError(
-                f"hints.krun_kernel_format={forced!r}: use one of {sorted(KRUN_KERNEL_FORMAT)}"
+                f"backend_options krun_kernel_format={forced!r}: use one of "
+                f"{sorted(KRUN_KERNEL_FORMAT)}"
             )
         return str(forced)
     try:
@@ -91,27 +102,31 @@ def _bzimage_format(kernel: Path, head: bytes) -> str:
     )
 
 
-#: cmdline key telling the guest agent (and /init) which vsock port to listen on
-AGENT_CMDLINE_KEY = "boxlite.agent_vsock"
-
-
 def libkrun_cmdline(cmdline: str) -> str:
-    """The kit's cmdline with the console moved to libkrun's implicit virtio console (hvc0),
-    and ``boxlite.agent_vsock=AGENT_PORT`` appended unless already there.
+    """The spec's cmdline with the console moved to libkrun's implicit virtio console (hvc0).
 
     libkrun has no 16550 UART for ``console=ttyS0``; its console device is virtio-console,
     which ``krun_set_console_output`` writes into the capped log writer's pipe (see
     :func:`console_fifo`), and from there into the box's console log. libkrun has no
-    virtio-serial port either, so the agent must serve on vsock: the key tells it (and /init,
-    which loads the vsock modules only then) to listen on the port ``krun_add_vsock_port2`` uses.
+    virtio-serial port either, so the agent serves on vsock: the core has already put
+    ``boxlite.agent_vsock=<port>`` in the cmdline (this backend's channel is VSOCK).
     """
     words = [w for w in cmdline.split() if not w.startswith("console=")]
-    if not any(w.startswith(AGENT_CMDLINE_KEY + "=") for w in words):
-        words.append(f"{AGENT_CMDLINE_KEY}={AGENT_PORT}")
     return " ".join(["console=hvc0", *words])
 
 
 def _check(spec: VmSpec) -> None:
+    unknown = sorted(set(spec.backend_options) - BACKEND_OPTIONS)
+    if unknown:
+        raise ConfigError(
+            f"backend_options {unknown[0]!r}: the libkrun backend reads only "
+            f"{sorted(BACKEND_OPTIONS)}"
+        )
+    if spec.agent.kind is not ChannelKind.VSOCK:
+        raise ConfigError(
+            f"agent channel kind {spec.agent.kind.value!r}: the libkrun backend reaches the "
+            "agent over vsock only (krun_add_vsock_port2)"
+        )
     if spec.network:
         raise ConfigError(
             f"box {spec.box_id}: networking is not supported by the libkrun backend; "
@@ -133,10 +148,10 @@ def _check(spec: VmSpec) -> None:
 
 
 def _boot_calls(spec: VmSpec) -> list[Call]:
-    hints = dict(spec.hints)
-    root = hints.get("krun_root")
+    options = spec.backend_options
+    root = options.get("krun_root")
     if not root:
-        fmt = kernel_format(spec.kernel, hints)
+        fmt = kernel_format(spec.kernel, options)
         return [
             _call(
                 "krun_set_kernel",
@@ -146,11 +161,17 @@ def _boot_calls(spec: VmSpec) -> list[Call]:
                 libkrun_cmdline(spec.cmdline),
             )
         ]
-    exec_argv = [str(a) for a in hints.get("krun_exec") or ["/sbin/init"]]
-    env = [f"{k}={v}" for k, v in sorted(dict(hints.get("krun_env") or {}).items())]
+    exec_list = options.get("krun_exec") or ["/sbin/init"]
+    env_map = options.get("krun_env") or {}
+    if not isinstance(exec_list, list) or not isinstance(env_map, dict):
+        raise ConfigError(
+            "backend_options krun_exec must be a list (argv) and krun_env a mapping"
+        )
+    exec_argv = [str(a) for a in exec_list]
+    env = [f"{k}={v}" for k, v in sorted(env_map.items())]
     calls = [_call("krun_set_root", str(root))]
-    if hints.get("krun_workdir"):
-        calls.append(_call("krun_set_workdir", str(hints["krun_workdir"])))
+    if options.get("krun_workdir"):
+        calls.append(_call("krun_set_workdir", str(options["krun_workdir"])))
     # argv excludes the program: libkrun's init passes exec_path itself as argv[0].
     calls.append(_call("krun_set_exec", exec_argv[0], exec_argv[1:], env))
     return calls
@@ -199,15 +220,18 @@ def _vsock_calls(spec: VmSpec) -> list[Call]:
         _call("krun_disable_implicit_vsock", if_present="krun_disable_implicit_vsock"),
         _call("krun_add_vsock", 0, if_present="krun_disable_implicit_vsock"),
         # listen=True: libkrun listens on the unix socket and each host connect becomes a
-        # new vsock stream to the guest's AGENT_PORT (the guest agent listens, the host dials).
-        _call("krun_add_vsock_port2", AGENT_PORT, str(spec.agent.socket), True),
+        # new vsock stream to the guest's agent port (the guest agent listens, the host dials).
+        _call("krun_add_vsock_port2", spec.agent.vsock_port, str(spec.agent.socket), True),
     ]
 
 
 def krun_calls(spec: VmSpec) -> list[Call]:
     """The ordered krun calls for ``spec``; raises ConfigError for what libkrun cannot do."""
     _check(spec)
-    log_level = int(dict(spec.hints).get("krun_log_level", DEFAULT_LOG_LEVEL))
+    level = spec.backend_options.get("krun_log_level", DEFAULT_LOG_LEVEL)
+    if isinstance(level, bool) or not isinstance(level, int):
+        raise ConfigError(f"backend_options krun_log_level={level!r}: must be an integer 0-5")
+    log_level = level
     return [
         _call("krun_set_log_level", log_level),
         _call("krun_create_ctx"),

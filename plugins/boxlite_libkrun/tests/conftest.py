@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from boxlite_core.models import AgentEndpoint, DiskSpec, ShareSpec, VmSpec
+from boxlite_core.vmm.spec import AgentChannel, ChannelKind, DiskSpec, ShareSpec, VmSpec
 
 HERE = Path(__file__).parent
 ELF_HEADER = b"\x7fELF\x02\x01\x01" + b"\0" * 57
@@ -32,9 +32,10 @@ def make_spec(box_dir: Path, **changes) -> VmSpec:
         memory_mib=768,
         kernel=kernel,
         initrd=kit / "initrd.cpio",
-        cmdline="console=ttyS0 quiet loglevel=3 panic=-1 reboot=t",
+        # as the core builds it for a vsock channel: the agent's port key appended
+        cmdline="console=ttyS0 quiet loglevel=3 panic=-1 reboot=t boxlite.agent_vsock=1024",
         console_log=box_dir / "console.log",
-        agent=AgentEndpoint(box_dir / "agent.sock", kind="stream"),
+        agent=AgentChannel(ChannelKind.VSOCK, box_dir / "agent.sock"),
         disks=(
             DiskSpec(box_dir / "rootfs.qcow2", format="qcow2", serial="rootfs"),
             DiskSpec(kit / "guestroot.raw", format="raw", read_only=True, serial="guestroot"),

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from boxlite_core.errors import EngineError
-from boxlite_core.models import DiskSpec
 from boxlite_core.vmm.procstat import start_time
+from boxlite_core.vmm.spec import DiskSpec
 from boxlite_libkrun.backend import LibkrunBackend
 
 CTX = 5  # the double's context id: every per-context call must carry it
@@ -68,7 +68,7 @@ def test_launch_c_double_root_mode_passes_exec_argv_and_env(use_c_double, spec_f
     spec = spec_factory(
         disks=(),
         shares=(),
-        hints={
+        backend_options={
             "krun_root": "/srv/rootfs",
             "krun_exec": ["/bin/agent", "--port", "1024"],
             "krun_env": {"HOME": "/root"},

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import ShareSpec
+from boxlite_core.proto.wire import AGENT_VSOCK_PORT as AGENT_PORT
+from boxlite_core.vmm.spec import AgentChannel, ChannelKind, ShareSpec
 from boxlite_libkrun.backend import LibkrunBackend
-from boxlite_libkrun.plan import AGENT_PORT, kernel_format, krun_calls, libkrun_cmdline
+from boxlite_libkrun.plan import kernel_format, krun_calls, libkrun_cmdline
 
 
 def _names(calls):
@@ -106,7 +107,7 @@ def test_root_mode_uses_set_root_and_exec(spec_factory):
     spec = spec_factory(
         disks=(),
         shares=(),
-        hints={
+        backend_options={
             "krun_root": "/srv/rootfs",
             "krun_exec": ["/bin/agent", "--port", "1024"],
             "krun_env": {"B": "2", "A": "1"},
@@ -122,11 +123,13 @@ def test_root_mode_uses_set_root_and_exec(spec_factory):
     assert "krun_set_kernel" not in _names(krun_calls(spec))
 
 
-def test_cmdline_moves_console_to_hvc0_and_names_the_agent_vsock_port():
-    assert (
-        libkrun_cmdline("console=ttyS0 quiet console=tty0 panic=-1")
-        == f"console=hvc0 quiet panic=-1 boxlite.agent_vsock={AGENT_PORT}"
+def test_cmdline_moves_console_to_hvc0_and_keeps_the_agent_vsock_port():
+    # the core appends the key for a vsock channel (runtime/pipeline.py build_spec)
+    key = f"boxlite.agent_vsock={AGENT_PORT}"
+    assert libkrun_cmdline(f"console=ttyS0 quiet console=tty0 panic=-1 {key}") == (
+        f"console=hvc0 quiet panic=-1 {key}"
     )
+    assert libkrun_cmdline("console=ttyS0 quiet") == "console=hvc0 quiet"  # never adds one
 
 
 def test_cmdline_keeps_an_explicit_agent_vsock_port():
@@ -174,3 +177,17 @@ def test_plan_sends_the_console_through_the_capped_writer_not_to_the_log(spec_fa
     assert str(spec.console_log) not in json.dumps(plan.data["calls"])
     assert plan.data["console_fifo"] == str(spec.box_dir / "console.fifo")
     assert plan.data["console_log_max_bytes"] == 1024 * 1024
+
+
+def test_backend_options_unknown_key_and_wrong_channel_are_refused(spec_factory):
+    with pytest.raises(ConfigError, match="'tcg_tb_size_mib'"):
+        krun_calls(spec_factory(backend_options={"tcg_tb_size_mib": 64}))
+    serial = AgentChannel(ChannelKind.VIRTIO_SERIAL, Path("/box/agent.port"))
+    with pytest.raises(ConfigError, match="vsock only"):
+        krun_calls(spec_factory(agent=serial))
+
+
+def test_the_agent_vsock_port_comes_from_the_channel(spec_factory, tmp_path):
+    spec = spec_factory(agent=AgentChannel(ChannelKind.VSOCK, tmp_path / "a.sock", vsock_port=5000))
+    vsock = [c for c in krun_calls(spec) if c["call"] == "krun_add_vsock_port2"]
+    assert vsock[0]["args"] == [5000, str(tmp_path / "a.sock"), True]

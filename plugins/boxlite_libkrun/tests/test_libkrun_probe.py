@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from boxlite_core.models import Capability
 from boxlite_core.plugins import PluginRegistry
+from boxlite_core.vmm.spec import Capability, ChannelKind
 from boxlite_libkrun import binding
 from boxlite_libkrun.backend import LibkrunBackend
 from boxlite_libkrun.host import AccelCheck, check_kvm
@@ -78,7 +78,7 @@ def test_capabilities(monkeypatch):
     caps = LibkrunBackend().capabilities()
     assert {Capability.VIRTIOFS, Capability.RAW, Capability.VSOCK, Capability.ATTACH} <= caps
     assert Capability.NINEP not in caps and Capability.TCG not in caps
-    assert LibkrunBackend().agent_kind == "stream"
+    assert LibkrunBackend().channel_kind is ChannelKind.VSOCK
 
 
 def _fake_host(tmp_path: Path, *, pvm: bool = False, flags: str = "fpu vmx sse") -> Path:

@@ -15,14 +15,18 @@ from typing import Any
 import attrs
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import ShareSpec, VmSpec
+from boxlite_core.models import JsonValue
 from boxlite_core.vmm.consolelog import CONSOLE_SOCKET
+from boxlite_core.vmm.spec import ChannelKind, ShareSpec, VmSpec
 
 QMP_SOCKET = "qmp.sock"
 PIDFILE = "qemu.pid"
 QEMU_LOG = "qemu.log"
 VM_STATE = "vm.json"
-AGENT_PORT_NAME = "org.boxlite.agent"
+#: ``VmSpec.backend_options`` keys the qemu backend reads (any other key is refused):
+#: ``tcg_tb_size_mib`` (int > 0): TCG's translation-block cache size, ``-accel tcg,tb-size=N``
+#: (QEMU's default is 1 GiB of host RAM per VM at most; bench/qemu_rss.py measures it)
+BACKEND_OPTIONS = frozenset({"tcg_tb_size_mib"})
 
 QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
 DEFAULT_MACHINE = {"x86_64": "q35", "aarch64": "virt"}
@@ -58,15 +62,36 @@ def _check_socket(what: str, path: Path) -> None:
 
 
 def machine_of(spec: VmSpec, arch: str) -> tuple[str, str]:
-    """(machine, virtio transport) from the kit's hints, defaulting per architecture."""
-    hints: Mapping[str, Any] = spec.hints or {}
-    machine = str(hints.get("machine") or DEFAULT_MACHINE.get(arch, "q35"))
-    transport = str(hints.get("virtio_transport") or ("mmio" if machine == "microvm" else "pci"))
-    if transport not in ("mmio", "pci"):
-        raise ConfigError(f"hints.virtio_transport={transport!r}: must be 'mmio' or 'pci'")
+    """(machine, virtio transport) from the kit's guest hints, defaulting per architecture."""
+    machine = spec.guest.machine or DEFAULT_MACHINE.get(arch, "q35")
+    transport = spec.guest.virtio_transport or ("mmio" if machine == "microvm" else "pci")
     if machine == "microvm" and transport != "mmio":
-        raise ConfigError("hints: machine 'microvm' has no PCI bus; use virtio_transport 'mmio'")
+        raise ConfigError(
+            "guest.machine 'microvm' has no PCI bus; use guest.virtio_transport 'mmio'"
+        )
     return machine, transport
+
+
+def tcg_tb_size_mib(options: Mapping[str, JsonValue]) -> int | None:
+    """The ``tcg_tb_size_mib`` backend option, checked; refuses keys this backend does not read.
+
+    Raises:
+        ConfigError: an unknown key (named), or a size that is not a whole number > 0.
+    """
+    unknown = sorted(set(options) - BACKEND_OPTIONS)
+    if unknown:
+        raise ConfigError(
+            f"backend_options {unknown[0]!r}: the qemu backend reads only "
+            f"{sorted(BACKEND_OPTIONS)}"
+        )
+    value = options.get("tcg_tb_size_mib")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"backend_options tcg_tb_size_mib={value!r}: must be a whole number of MiB > 0"
+        )
+    return value
 
 
 #: host modes of what a guest creates through a writable 9p share (mapped-xattr), less QEMU's
@@ -110,10 +135,11 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
     qmp_socket = box / QMP_SOCKET
     pidfile = box / PIDFILE
     _check_socket("QMP", qmp_socket)
-    if spec.agent.kind != "virtio-serial":
+    tb_mib = tcg_tb_size_mib(spec.backend_options)
+    if spec.agent.kind is not ChannelKind.VIRTIO_SERIAL:
         raise ConfigError(
-            f"agent kind {spec.agent.kind!r}: the qemu backend maps the agent over "
-            "virtio-serial only (no vhost-vsock here)"
+            f"agent channel kind {spec.agent.kind.value!r}: the qemu backend maps the agent "
+            "over virtio-serial only (no vhost-vsock here)"
         )
     _check_socket("agent", Path(spec.agent.socket))
 
@@ -138,9 +164,8 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
     else:
         # multi-threaded TCG: one host thread per vCPU (x86-on-x86 is safe for MTTCG)
         tcg = "tcg,thread=multi" if spec.cpus > 1 else "tcg"
-        tb_mib = (spec.hints or {}).get("tcg_tb_size_mib")
         if tb_mib:
-            tcg += f",tb-size={int(tb_mib)}"
+            tcg += f",tb-size={tb_mib}"
         argv += ["-accel", tcg]
         if host.arch == "aarch64":
             argv += ["-cpu", "max"]
@@ -149,8 +174,8 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
         argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"]
     if host.sandbox:
         argv += ["-sandbox", SANDBOX]
-    for glob in (spec.hints or {}).get("qemu_globals") or ():
-        argv += ["-global", str(glob)]
+    for glob in spec.guest.qemu_globals:
+        argv += ["-global", glob]
 
     # the console goes through the capped writer (boxlite_core.vmm.logwriter): QEMU serves it
     # on a socket and waits (wait=on) for the writer before the guest runs, so no boot line
@@ -212,7 +237,7 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
     argv += [
         "-chardev", f"socket,id=agent,path={qopt(spec.agent.socket)},server=on,wait=off",
         "-device", f"virtio-serial-{dev}",
-        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-device", f"virtserialport,chardev=agent,name={qopt(spec.agent.port_name)}",
     ]
     facts = {
         "accel": host.accel,

@@ -22,7 +22,6 @@ import attrs
 
 from boxlite_core import tools
 from boxlite_core.errors import BoxliteError, ConfigError, EngineError, ToolMissingError
-from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend
 from boxlite_core.vmm.consolelog import (
     WRITER_LOG,
@@ -34,6 +33,7 @@ from boxlite_core.vmm.consolelog import (
     writer_tail,
 )
 from boxlite_core.vmm.procstat import log_tail, start_time
+from boxlite_core.vmm.spec import Capability, ProbeResult, VmSpec
 
 from .accel import AccelChoice, host_accel
 from .argv import QEMU_BINARY, QemuHost, build_argv

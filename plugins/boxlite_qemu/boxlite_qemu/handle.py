@@ -29,18 +29,22 @@ _PANIC_MARKERS = ("Kernel panic", "end Kernel panic")
 _LAUNCHED: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def _describe_wait_status(status: int) -> str:
+def _describe_wait_status(status: int, pid: int | None = None) -> str:
     if os.WIFSIGNALED(status):
-        return _signal_text(os.WTERMSIG(status))
-    return f"QEMU exited with status {os.WEXITSTATUS(status)}"
+        return _signal_text(os.WTERMSIG(status), pid)
+    return f"{_qemu(pid)} exited with status {os.WEXITSTATUS(status)}"
 
 
-def _signal_text(signum: int) -> str:
+def _qemu(pid: int | None) -> str:
+    return f"QEMU (pid {pid})" if pid else "QEMU"
+
+
+def _signal_text(signum: int, pid: int | None = None) -> str:
     try:
         name = signal.Signals(signum).name
     except ValueError:
         name = "?"
-    return f"QEMU killed by signal {signum} ({name})"
+    return f"{_qemu(pid)} was killed by signal {signum} ({name})"
 
 
 class QemuHandle(VmHandle):
@@ -80,6 +84,15 @@ class QemuHandle(VmHandle):
     @property
     def start_time(self) -> int | None:
         return self._start_time
+
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status as subprocess spells it (-N: killed by signal N) once it has
+        exited, when this process launched it; None while it runs or when not our child."""
+        self._reap()
+        if self._wait_status is None:
+            return None
+        return os.waitstatus_to_exitcode(self._wait_status)
 
     def _reap(self) -> None:
         if self._wait_status is not None:
@@ -132,9 +145,15 @@ class QemuHandle(VmHandle):
         return str(self.qmp("query-status")["status"])
 
     def pause(self) -> None:
+        """QMP ``stop``: the vCPUs halt; QEMU, its devices and the agent socket stay.
+
+        Raises:
+            EngineError: QEMU is not running, or QMP failed or timed out (QmpError).
+        """
         self.qmp("stop")
 
     def resume(self) -> None:
+        """QMP ``cont`` (harmless on a running VM). Raises as :meth:`pause`."""
         self.qmp("cont")
 
     def _signal(self, signum: int) -> None:
@@ -180,7 +199,7 @@ class QemuHandle(VmHandle):
     def kill(self) -> None:
         if not self.is_running():
             return
-        self._host_action = _signal_text(signal.SIGKILL) + ", sent by boxlite"
+        self._host_action = _signal_text(signal.SIGKILL, self._pid) + ", sent by boxlite"
         self._signal(signal.SIGKILL)
         self.wait(5.0)
         self._finish_console()
@@ -214,7 +233,7 @@ class QemuHandle(VmHandle):
             return None
         panic = self._panic_line()
         if self._wait_status is not None:
-            text = _describe_wait_status(self._wait_status)
+            text = _describe_wait_status(self._wait_status, self._pid)
             if os.WIFEXITED(self._wait_status) and os.WEXITSTATUS(self._wait_status) == 0:
                 if panic:
                     return f"guest kernel panic ({panic}); {text}"
@@ -230,8 +249,8 @@ class QemuHandle(VmHandle):
         if panic:
             return f"guest kernel panic ({panic})"
         return (
-            f"QEMU (pid {self._pid}) exited; its exit status went to the process that "
-            "started it"
+            f"QEMU (pid {self._pid}) exited or was killed (not our child: its exit status "
+            "went to the process that started it)"
         )
 
     def console_tail(self, lines: int = 20) -> str:

@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 
 from boxlite_core import envvars
 from boxlite_core.errors import ConfigError, EngineError, StateError
-from boxlite_core.kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_problem
-from boxlite_core.models import Capability, ProbeResult, VmSpec
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
+from boxlite_core.vmm.kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_problem
+from boxlite_core.vmm.spec import Capability, ProbeResult, VmSpec
 
 from .libvirt_xml import DEFAULT_VIRTIOFSD, build_domain_xml, domain_name
 
@@ -348,16 +348,32 @@ class LibvirtHandle(VmHandle):
         return self._reason
 
     def pause(self) -> None:
+        """virDomainSuspend: the domain's vCPUs halt, its QEMU stays.
+
+        Raises:
+            StateError: this boot's domain is gone.
+            EngineError: libvirt refused the call, or did not answer in time (LibvirtTimeout).
+        """
         dom = self._domain()
         if dom is None:
             raise StateError(f"libvirt domain {self.name} is not running; cannot pause it")
-        self._call("virDomainSuspend", dom.suspend)
+        self._control("virDomainSuspend", dom.suspend)
 
     def resume(self) -> None:
+        """virDomainResume. Raises as :meth:`pause`."""
         dom = self._domain()
         if dom is None:
             raise StateError(f"libvirt domain {self.name} is not running; cannot resume it")
-        self._call("virDomainResume", dom.resume)
+        self._control("virDomainResume", dom.resume)
+
+    def _control(self, what: str, fn: Callable[[], object]) -> None:
+        """A bounded libvirt call whose refusal is the VMM's failure (EngineError), not a
+        libvirt-python exception escaping the contract."""
+        libvirt = _import_libvirt()
+        try:
+            self._call(what, fn)
+        except libvirt.libvirtError as exc:
+            raise EngineError(f"libvirt domain {self.name}: {what} failed: {exc}") from exc
 
     def release(self) -> None:
         if self._conn is not None:
@@ -470,7 +486,7 @@ class LibvirtBackend(VmmBackend):
             "domain_type": self.domain_type,
             "seclabel": self.seclabel,
         }
-        machine = spec.hints.get("machine")
+        machine = spec.guest.machine
         if machine and machine != "q35":
             data["machine_note"] = f"kit hint {machine!r} replaced by q35 (libvirt lacks microvm)"
         return LaunchPlan(backend=self.name, spec=spec, data=data)

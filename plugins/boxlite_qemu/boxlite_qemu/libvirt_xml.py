@@ -24,12 +24,10 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import DiskSpec, ShareSpec, VmSpec
+from boxlite_core.vmm.spec import ChannelKind, DiskSpec, ShareSpec, VmSpec
 
 from .argv import NINEP_DMODE, NINEP_FMODE
 
-#: virtio-serial port name the guest agent opens (/dev/virtio-ports/org.boxlite.agent)
-AGENT_PORT_NAME = "org.boxlite.agent"
 #: libvirt starts this virtiofsd when a virtiofs share comes without its own socket
 DEFAULT_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 #: machine type per guest architecture (libvirt's arch names)
@@ -143,6 +141,11 @@ def build_domain_xml(
                           f"(known: {', '.join(MACHINES)})")
     if spec.network:
         raise ConfigError("libvirt backend: networking is not supported; boxes run with none")
+    if spec.backend_options:
+        raise ConfigError(
+            f"backend_options {sorted(spec.backend_options)[0]!r}: the libvirt backend reads "
+            "no backend options"
+        )
 
     dom = ET.Element("domain", type=domain_type)
     _sub(dom, "name", domain_name(spec.box_id))
@@ -185,14 +188,14 @@ def build_domain_xml(
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(spec.console_log))
     _sub(serial, "target", port="0")
-    if spec.agent.kind != "virtio-serial":
+    if spec.agent.kind is not ChannelKind.VIRTIO_SERIAL:
         raise ConfigError(
-            f"libvirt backend: agent endpoint kind {spec.agent.kind!r} is not supported "
+            f"libvirt backend: agent channel kind {spec.agent.kind.value!r} is not supported "
             "(it maps the agent socket through a virtio-serial port)"
         )
     channel = _sub(devices, "channel", type="unix")
     _sub(channel, "source", mode="bind", path=str(spec.agent.socket))
-    _sub(channel, "target", type="virtio", name=AGENT_PORT_NAME)
+    _sub(channel, "target", type="virtio", name=spec.agent.port_name)
     _sub(devices, "memballoon", model="none")
 
     if seclabel == "root":

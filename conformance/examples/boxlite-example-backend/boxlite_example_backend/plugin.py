@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from boxlite_core.hookspecs import hookimpl
+from boxlite_core.vendor import RegisterFn, VmmBackend, hookimpl
 
 
 @hookimpl
-def boxlite_register_vmm_backends(register: Any) -> None:
+def boxlite_register_vmm_backends(register: RegisterFn) -> None:
     # Import inside the factory: `boxlite backends` stays fast and a broken import makes
     # this backend fail on its own, not the whole plugin scan.
-    def factory() -> Any:
+    def factory() -> VmmBackend:
         from .backend import ExampleBackend
 
         return ExampleBackend()

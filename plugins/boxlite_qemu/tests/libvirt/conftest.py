@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from boxlite_core.kit import ROOT_SERIAL
-from boxlite_core.models import AgentEndpoint, DiskSpec, ShareSpec, VmSpec
-
-REPO = Path(__file__).resolve().parents[4]
+from boxlite_core.kit import ROOT_SERIAL, GuestKit
+from boxlite_core.vmm.spec import (
+    AgentChannel,
+    ChannelKind,
+    DiskSpec,
+    GuestHints,
+    ShareSpec,
+    VmSpec,
+)
 
 
 def make_spec(box_dir: Path, *, kernel: Path = Path("/k/vmlinux"),
@@ -22,9 +26,9 @@ def make_spec(box_dir: Path, *, kernel: Path = Path("/k/vmlinux"),
         box_id=box_id, box_dir=box_dir, cpus=cpus, memory_mib=memory_mib,
         kernel=kernel, initrd=initrd, cmdline=cmdline,
         console_log=box_dir / "console.log",
-        agent=AgentEndpoint(box_dir / "agent.port"),
+        agent=AgentChannel(ChannelKind.VIRTIO_SERIAL, box_dir / "agent.port"),
         disks=(DiskSpec(root_image, "raw", read_only=True, serial=ROOT_SERIAL), *disks),
-        shares=shares, hints={"machine": machine},
+        shares=shares, guest=GuestHints(machine=machine),
     )
 
 
@@ -52,10 +56,6 @@ def libvirt_uri() -> str:
 
 
 @pytest.fixture(scope="session")
-def kit():
-    """The real guest kit (built once into BOXLITE_TEST_HOME, shared with tests/kit)."""
-    from boxlite_core.kit import ensure_kit
-
-    home = Path(os.environ.get("BOXLITE_TEST_HOME", "/var/tmp/boxlite-test-home"))
-    home.mkdir(parents=True, exist_ok=True)
-    return ensure_kit(home, source_root=REPO)
+def kit(built_kit: GuestKit) -> GuestKit:
+    """The real guest kit (boxlite_testing.plugin: built once into the shared test home)."""
+    return built_kit

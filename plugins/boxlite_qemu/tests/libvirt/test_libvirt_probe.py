@@ -233,7 +233,7 @@ def test_probe_names_a_kvm_node_libvirts_qemu_user_cannot_open(tmp_path):
     import tempfile
 
     libvirt = pytest.importorskip("libvirt")
-    from boxlite_core.kvm_access import daemon_running, libvirt_qemu_identity
+    from boxlite_core.vmm.kvm_access import daemon_running, libvirt_qemu_identity
 
     real = Path("/dev/kvm")
     if not real.exists() or libvirt_qemu_identity() is None or not daemon_running():

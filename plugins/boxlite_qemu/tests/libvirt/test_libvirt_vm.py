@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from boxlite_core.channel.transport import open_port
+from boxlite_core.channel.port import open_port
 from boxlite_core.errors import StateError
-from boxlite_core.models import DiskSpec, ShareSpec
 from boxlite_core.tools import require_tool
+from boxlite_core.vmm.spec import DiskSpec, ShareSpec
 from boxlite_qemu.libvirt_backend import LibvirtBackend, LibvirtHandle
 
 pytestmark = pytest.mark.vm

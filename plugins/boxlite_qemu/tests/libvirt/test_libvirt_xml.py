@@ -6,10 +6,11 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import attrs
 import pytest
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import DiskSpec, ShareSpec
+from boxlite_core.vmm.spec import DiskSpec, ShareSpec
 from boxlite_qemu.libvirt_backend import LibvirtBackend
 from boxlite_qemu.libvirt_xml import build_domain_xml, disk_target
 
@@ -180,3 +181,9 @@ def test_uri_from_environment(monkeypatch, tmp_path: Path, make_spec) -> None:
 
 def test_disk_target_names() -> None:
     assert [disk_target(i) for i in (0, 1, 25, 26, 27)] == ["vda", "vdb", "vdz", "vdaa", "vdab"]
+
+
+def test_backend_options_are_refused(make_spec, tmp_path: Path) -> None:
+    spec = attrs.evolve(make_spec(tmp_path), backend_options={"tcg_tb_size_mib": 64})
+    with pytest.raises(ConfigError, match="'tcg_tb_size_mib'"):
+        build_domain_xml(spec)

@@ -20,17 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
+from test_qemu_plan import make_spec, values
 
 from boxlite_core.errors import ConfigError
 from boxlite_core.models import BoxOptions
 from boxlite_core.vmm import consolelog
 from boxlite_qemu.argv import QemuHost
 from boxlite_qemu.backend import QemuBackend
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "tests" / "runtime"))
-import runtime_doubles as doubles
-from test_qemu_plan import make_spec, values
+from boxlite_testing import runtime_doubles as doubles
 
 HOST = QemuHost(binary="/usr/bin/qemu-system-x86_64", arch="x86_64", accel="tcg", sandbox=True)
 MIB = 1024 * 1024

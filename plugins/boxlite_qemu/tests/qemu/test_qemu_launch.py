@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from boxlite_core.errors import EngineError
-from boxlite_core.models import AgentEndpoint, DiskSpec, HostShare, VmSpec
+from boxlite_core.models import HostShare
 from boxlite_core.vmm.procstat import alive
+from boxlite_core.vmm.spec import AgentChannel, ChannelKind, DiskSpec, VmSpec
 from boxlite_qemu.backend import QemuBackend
 
 pytestmark = pytest.mark.vm
@@ -44,14 +45,10 @@ def kit_spec(kit, box: Path, *, extra_cmdline: str = "", shares=(), memory_mib: 
         initrd=kit.initrd,
         cmdline=f"{kit.cmdline} {extra_cmdline}".strip(),
         console_log=box / "console.log",
-        agent=AgentEndpoint(box / "agent.port"),
+        agent=AgentChannel(ChannelKind.VIRTIO_SERIAL, box / "agent.port"),
         disks=(DiskSpec(kit.root_image, "raw", read_only=True, serial=ROOT_SERIAL),),
         shares=tuple(shares),
-        hints={
-            "machine": kit.machine,
-            "qemu_globals": list(kit.qemu_globals),
-            "virtio_transport": kit.virtio_transport,
-        },
+        guest=kit.guest_hints(),
     )
 
 
@@ -100,7 +97,7 @@ def test_launch_qmp_stop_kill(kit, tmp_path: Path) -> None:
 
         handle.stop(timeout=4)
         assert not handle.is_running() and not other.is_running()
-        assert "QEMU exited with status 0" in handle.exit_reason()
+        assert f"QEMU (pid {handle.pid}) exited with status 0" in handle.exit_reason()
         assert QemuBackend().attach(box) is None
         handle.stop()  # idempotent
     finally:
@@ -118,7 +115,8 @@ def test_guest_poweroff_is_exit(kit, tmp_path: Path) -> None:
     handle = backend.launch(backend.plan(kit_spec(kit, tmp_path / "b2",
                                                   extra_cmdline="boxlite.init=marker")))
     assert handle.wait(120), "the marker guest should power off by itself"
-    assert handle.exit_reason() == "guest powered off (QEMU exited with status 0)"
+    expected = f"guest powered off (QEMU (pid {handle.pid}) exited with status 0)"
+    assert handle.exit_reason() == expected
 
 
 def test_bad_argv_fails_with_qemu_stderr(kit, tmp_path: Path) -> None:
@@ -164,15 +162,15 @@ def test_survives_launcher_exit_and_attach(kit, tmp_path: Path) -> None:
     code = """
 import json, sys
 from pathlib import Path
-from boxlite_core.models import AgentEndpoint, DiskSpec, VmSpec
+from boxlite_core.vmm.spec import AgentChannel, DiskSpec, GuestHints, VmSpec
 from boxlite_qemu.backend import QemuBackend
 d = json.loads(Path(sys.argv[1]).read_text())
 spec = VmSpec(box_id=d["box_id"], box_dir=Path(d["box_dir"]), cpus=d["cpus"],
     memory_mib=d["memory_mib"], kernel=Path(d["kernel"]), initrd=Path(d["initrd"]),
     cmdline=d["cmdline"], console_log=Path(d["console_log"]),
-    agent=AgentEndpoint(Path(d["agent"]["socket"])),
+    agent=AgentChannel(d["agent"]["kind"], Path(d["agent"]["socket"])),
     disks=tuple(DiskSpec(Path(x["path"]), x["format"], x["read_only"], x["serial"])
-                for x in d["disks"]), hints=d["hints"])
+                for x in d["disks"]), guest=GuestHints(**d["guest"]))
 b = QemuBackend()
 print(b.launch(b.plan(spec)).pid)
 """

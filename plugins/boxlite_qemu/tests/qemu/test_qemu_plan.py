@@ -9,7 +9,14 @@ import attrs
 import pytest
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.models import AgentEndpoint, DiskSpec, ShareSpec, VmSpec
+from boxlite_core.vmm.spec import (
+    AgentChannel,
+    ChannelKind,
+    DiskSpec,
+    GuestHints,
+    ShareSpec,
+    VmSpec,
+)
 from boxlite_qemu.argv import QemuHost
 from boxlite_qemu.backend import QemuBackend
 
@@ -17,9 +24,7 @@ HOST = QemuHost(binary="/usr/bin/qemu-system-x86_64", arch="x86_64", accel="tcg"
 
 
 def make_spec(box: Path, *, machine: str = "microvm", shares=(), disks=None, **kw) -> VmSpec:
-    hints = {"machine": machine}
-    if machine == "microvm":
-        hints["qemu_globals"] = ["virtio-mmio.force-legacy=false"]
+    globals_ = ("virtio-mmio.force-legacy=false",) if machine == "microvm" else ()
     return VmSpec(
         box_id="box1",
         box_dir=box,
@@ -29,13 +34,13 @@ def make_spec(box: Path, *, machine: str = "microvm", shares=(), disks=None, **k
         initrd=Path("/kit/initrd.img"),
         cmdline="console=ttyS0 quiet",
         console_log=box / "console.log",
-        agent=AgentEndpoint(box / "agent.port"),
+        agent=AgentChannel(ChannelKind.VIRTIO_SERIAL, box / "agent.port"),
         disks=disks if disks is not None else (
             DiskSpec(Path("/kit/guest-root.ext4"), "raw", read_only=True, serial="bxguest"),
             DiskSpec(box / "rootfs.qcow2", "qcow2", serial="bxroot"),
         ),
         shares=tuple(shares),
-        hints=hints,
+        guest=GuestHints(machine=machine, qemu_globals=globals_),
         **kw,
     )
 
@@ -179,7 +184,9 @@ def test_agent_virtio_serial_port(tmp_path: Path) -> None:
 
 
 def test_stream_agent_is_refused(tmp_path: Path) -> None:
-    spec = attrs.evolve(make_spec(tmp_path), agent=AgentEndpoint(tmp_path / "agent.sock", "stream"))
+    spec = attrs.evolve(
+        make_spec(tmp_path), agent=AgentChannel(ChannelKind.VSOCK, tmp_path / "agent.sock")
+    )
     with pytest.raises(ConfigError, match="virtio-serial"):
         argv_of(spec)
 
@@ -212,3 +219,20 @@ def test_plan_on_this_host_uses_probed_binary(tmp_path: Path) -> None:
     assert plan.data["argv"][0] == backend.facts.binary
     assert plan.data["accel"] == backend.facts.accel.accel
     assert backend.plan(make_spec(tmp_path)).to_json() == plan.to_json()
+
+
+def test_backend_options_tcg_tb_size_and_unknown_keys(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, backend_options={"tcg_tb_size_mib": 64})
+    assert values(argv_of(spec), "-accel") == ["tcg,tb-size=64"]
+    with pytest.raises(ConfigError, match="'krun_exec'"):
+        argv_of(make_spec(tmp_path, backend_options={"krun_exec": ["/bin/sh"]}))
+    with pytest.raises(ConfigError, match="tcg_tb_size_mib"):
+        argv_of(make_spec(tmp_path, backend_options={"tcg_tb_size_mib": "big"}))
+
+
+def test_agent_port_name_comes_from_the_channel(tmp_path: Path) -> None:
+    spec = attrs.evolve(
+        make_spec(tmp_path),
+        agent=AgentChannel(ChannelKind.VIRTIO_SERIAL, tmp_path / "agent.port", port_name="x.y"),
+    )
+    assert "virtserialport,chardev=agent,name=x.y" in values(argv_of(spec), "-device")

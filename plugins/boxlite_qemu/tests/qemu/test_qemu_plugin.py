@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from boxlite_core.models import Capability
 from boxlite_core.plugins import PluginRegistry
+from boxlite_core.vmm.spec import Capability
 from boxlite_qemu.backend import QemuBackend
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from boxlite_core.errors import EngineError
 from boxlite_core.hookspecs import hookimpl
 from boxlite_core.kit import GuestKit
-from boxlite_core.models import Capability, DiskSpec, ProbeResult, ShareSpec
-from boxlite_core.rootfs.base import RootfsArtifact, RootfsStrategy
+from boxlite_core.rootfs.base import DiskRootfs, RootfsArtifact, RootfsStrategy
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend
 from boxlite_core.vmm.process import ProcessVmHandle
 from boxlite_core.vmm.procstat import start_time
+from boxlite_core.vmm.spec import Capability, DiskSpec, ProbeResult, ShareSpec
 from boxlite_core.volumes.base import VolumeSharer
 
 EVENTS: list[tuple[str, dict]] = []
@@ -98,7 +98,7 @@ class MarkerStrategyDouble(RootfsStrategy):
         if not marker.exists():
             marker.write_text(image.digest)
         return RootfsArtifact(
-            guest={"disk": {"serial": "rootfs", "fstype": "ext4"}},
+            guest=DiskRootfs("rootfs", "ext4"),
             disks=(DiskSpec(marker, "qcow2", serial="rootfs"),),
         )
 

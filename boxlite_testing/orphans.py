@@ -1,7 +1,6 @@
 """Which live processes still name a box: the orphan check of the start-interruption tests.
 
-Imported by test modules (``from orphans import naming``): this folder is on sys.path (the
-suite's conftest.py lives here).
+``from boxlite_testing.orphans import naming``.
 """
 
 from __future__ import annotations

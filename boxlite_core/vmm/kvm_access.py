@@ -8,6 +8,9 @@ hung for minutes and a conformance run took 23 min instead of ~2. Debian's udev 
 node ``root:kvm 0660``; on hosts without udev nothing does, so ``scripts/setup`` does, and
 ``boxlite doctor`` and the libvirt backend's ``probe()`` report it with this module.
 
+It sits next to :mod:`.accel`, which asks whether KVM works for *this* process's VMM; this
+module asks whether libvirt's QEMU user can open the same node.
+
 The check reads only file metadata and /etc/libvirt/qemu.conf; every input is a parameter so
 tests can point it at their own device node and config. POSIX ACLs on the node are not read.
 """
@@ -19,6 +22,7 @@ import os
 import pwd
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -146,7 +150,7 @@ def kvm_access_problem(dev: Path = KVM_DEV, qemu_conf: Path = QEMU_CONF,
             "re-probes QEMU on every call and createXML/lookups stall for minutes")
 
 
-def _name(lookup, ident: int, attr: str) -> str:  # type: ignore[no-untyped-def]
+def _name(lookup: Callable[[int], object], ident: int, attr: str) -> str:
     try:
         return str(getattr(lookup(ident), attr))
     except KeyError:

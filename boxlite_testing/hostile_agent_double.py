@@ -3,6 +3,9 @@ path for which a crafted tar exists in $BOXLITE_TEST_STREAMS streams those bytes
 
 Everything else is real: the gRPC server, the serial-port stand-in, the host's shim and
 client. File name of a crafted stream: the requested path with '/' as '__' plus '.tar'.
+
+Run as ``python -m boxlite_testing.hostile_agent_double AGENT-ARGS…`` with PYTHONPATH naming
+the tree under test first (its boxlite_core is the agent that runs), then this repository.
 """
 
 from __future__ import annotations
@@ -12,11 +15,8 @@ import runpy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.environ["BOXLITE_TEST_REPO"])
-
-from tarcraft import crafted_name
-
 from boxlite_core.agent import files
+from boxlite_testing.tarcraft import crafted_name
 
 STREAMS = Path(os.environ["BOXLITE_TEST_STREAMS"])
 _real_download = files.download

@@ -1,7 +1,6 @@
 """A small tmpfs mounted for one test: a real filesystem that fills up, for disk-space tests.
 
-Imported by test modules (``from tmpfs_helper import small_tmpfs``): pytest puts this folder on
-sys.path because the suite's conftest.py lives here. Needs root.
+``from boxlite_testing.tmpfs import small_tmpfs``. Needs root.
 """
 
 from __future__ import annotations

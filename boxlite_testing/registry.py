@@ -32,6 +32,8 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 REGISTRY_BIN = "/usr/bin/docker-registry"
+#: the account of the registry that demands a password (the ``auth_registry`` fixture)
+USER, PASSWORD = "boxuser", "s3cret-pw"
 
 
 def sha(data: bytes) -> str:

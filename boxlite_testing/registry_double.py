@@ -11,7 +11,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from registry_helpers import OCI_INDEX, BuiltImage, build_index, sha
+from .registry import OCI_INDEX, BuiltImage, build_index, sha
 
 
 class RegistryDouble:

@@ -1,0 +1,168 @@
+"""Commands on boxes that already exist: ls, inspect, rm, start, stop, pause, resume, logs,
+metrics.
+
+Creating a box and running commands in it (`run`, `exec`) live in :mod:`.run`; files in and
+out (`cp`) in :mod:`.files`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import BoxliteError
+from ..models import BoxStatus, check_timeout
+from .context import runtime
+from .output import ago, emit_json, error, one_line, table
+from .progress import Reporter
+
+
+@click.command("ls")
+@click.option("-a", "--all", "show_all", is_flag=True, help="include stopped and failed boxes")
+@click.option("--json", "as_json", is_flag=True)
+def ls(show_all: bool, as_json: bool) -> int:
+    """List boxes (running ones; -a for all)."""
+    records = runtime().list(all=show_all)
+    if as_json:
+        emit_json([r.to_dict() for r in records])
+        return 0
+    rows = []
+    for r in records:
+        status = r.status.value
+        if r.status is BoxStatus.FAILED and r.error:
+            status += f" ({one_line(r.error)[:60]})"
+        elif r.status is BoxStatus.STARTING:  # where it is, or that its starter is gone
+            status += f" ({'abandoned, ' if r.abandoned else ''}{r.stage or 'queued'})"
+        rows.append([r.id, r.name, r.image, r.backend or "-", ago(r.created_at), status])
+    table(rows, ["ID", "NAME", "IMAGE", "BACKEND", "CREATED", "STATUS"])
+    return 0
+
+
+@click.command()
+@click.argument("box")
+def inspect(box: str) -> int:
+    """A box's record as JSON (options, status, error, stage timings)."""
+    emit_json(runtime().get(box).info())
+    return 0
+
+
+@click.command("rm")
+@click.option("-f", "--force", is_flag=True, help="stop running boxes first")
+@click.argument("boxes", nargs=-1, required=True)
+def rm(force: bool, boxes: tuple[str, ...]) -> int:
+    """Remove boxes (files and record)."""
+    rt = runtime()
+    code = 0
+    for ref in boxes:
+        try:
+            rt.remove(ref, force=force)
+            click.echo(ref)
+        except BoxliteError as exc:
+            error(str(exc))
+            code = max(code, exc.exit_code)
+    return code
+
+
+@click.command()
+@click.argument("box")
+def start(box: str) -> int:
+    """Start a configured, stopped or failed box."""
+    rt = runtime()
+    b = rt.get(box)
+    with Reporter(plain_off_tty=False) as progress:
+        b.start(progress=progress)
+    rt.close()  # detach: the box keeps running
+    click.echo(b.name)
+    return 0
+
+
+@click.command()
+@click.option("-t", "--timeout", default=10.0, show_default=True, help="seconds before forcing")
+@click.argument("box")
+def stop(box: str, timeout: float) -> int:
+    """Stop a running box (clean guest shutdown, then force)."""
+    check_timeout("-t/--timeout", timeout, allow_zero=True)
+    rt = runtime()
+    b = rt.get(box)
+    b.stop(timeout=timeout)
+    if b.record.options.auto_remove:
+        rt.remove(b.id, force=True)
+    click.echo(b.name)
+    return 0
+
+
+@click.command()
+@click.argument("box")
+def pause(box: str) -> int:
+    """Freeze a running box's vCPUs (it keeps its memory; execs wait); see `resume`."""
+    b = runtime().get(box)
+    b.pause()
+    click.echo(b.name)
+    return 0
+
+
+@click.command()
+@click.argument("box")
+def resume(box: str) -> int:
+    """Let a paused box run again."""
+    b = runtime().get(box)
+    b.resume()
+    click.echo(b.name)
+    return 0
+
+
+@click.command()
+@click.option("-f", "--follow", is_flag=True,
+              help="keep printing new output (across rotation) until the box stops or ^C")
+@click.option("-n", "--tail", type=click.IntRange(min=0), default=None, metavar="N",
+              help="only the last N lines (reads just the end of the log)")
+@click.option("--raw", is_flag=True,
+              help="the guest's bytes as they are, escape sequences included, even on a "
+                   "terminal (piped output is always raw)")
+@click.argument("box")
+def logs(box: str, follow: bool, tail: int | None, raw: bool) -> int:
+    """The guest's serial console log of the current (or last) boot.
+
+    The guest wrote these bytes. On a terminal, control characters (escape sequences, bare
+    carriage returns, backspaces, bidi overrides) are shown as \\xNN text so the guest cannot
+    drive your terminal; piped or with --raw, the bytes pass unchanged."""
+    from ..vmm.consolelog import TerminalSafe
+
+    chunks = runtime().get(box).log_chunks(tail=tail, follow=follow)
+    sys.stdout.flush()
+    out = sys.stdout.buffer
+    encoding = sys.stdout.encoding or "utf-8"
+    safe = None if raw or not sys.stdout.isatty() else TerminalSafe()
+    try:
+        for chunk in chunks:
+            out.write(safe.feed(chunk).encode(encoding, "replace") if safe else chunk)
+            if follow:
+                out.flush()
+        if safe is not None:
+            out.write(safe.flush().encode(encoding, "replace"))
+    except KeyboardInterrupt:
+        pass  # ^C ends a follow: not an error
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+        out.flush()
+    return 0
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+def metrics(as_json: bool) -> int:
+    """Runtime counters (boxes created/failed/stopped/running, execs)."""
+    data = runtime().metrics()
+    if as_json:
+        emit_json(data)
+    else:
+        for key in sorted(data):
+            click.echo(f"{key} {data[key]}")
+    return 0
+
+
+#: the commands this module adds to the top-level group
+COMMANDS = (ls, inspect, rm, start, stop, pause, resume, logs, metrics)

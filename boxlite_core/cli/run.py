@@ -1,0 +1,291 @@
+"""Commands that run something in a box: `run` (create, start, run, stop) and `exec`.
+
+Exit codes follow a shell: the command's own code, 128+N for a signal, 124 for a timeout, 141
+after our stdout closed (``| head``: the command in the box is SIGKILLed, as a shell pipeline's
+writer would die of SIGPIPE). A teardown signal (signals.GATE) is passed on to the command,
+which gets KILL_GRACE seconds before SIGKILL; ``run`` then stops the box (and removes it with
+--rm) under the gate's shield, so a second ^C cannot leave a VM behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import click
+
+from ..errors import BoxliteError, ConfigError, NotFoundError
+from ..models import BoxOptions, BoxStatus, check_timeout
+from .context import runtime
+from .output import EXIT_BROKEN_PIPE, MAX_ERROR_CHARS, inert, one_line, silence_stdout
+from .progress import Reporter
+from .signals import GATE, KILL_GRACE
+
+if TYPE_CHECKING:
+    from ..runtime.box import Box
+    from ..runtime.runtime import Runtime
+
+
+class ExitCode(Protocol):
+    """What `run`/`exec` read from a finished command: the shell-style code."""
+
+    @property
+    def returncode(self) -> int: ...
+
+
+class RunningCommand(Protocol):
+    """The part of :meth:`Box.exec_stream`'s result the CLI drives (stream, stdin, signals)."""
+
+    def events(self) -> Iterator[tuple[str, bytes]]: ...
+
+    def write_stdin(self, data: bytes) -> None: ...
+
+    def close_stdin(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> ExitCode: ...
+
+    def kill(self, sig: int = signal.SIGTERM) -> None: ...
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    """``-e KEY=VALUE`` options as a mapping; ``-e KEY`` takes the host's value (docker).
+
+    Raises:
+        ConfigError: an item with no key, or ``-e KEY`` for a KEY the host does not set.
+    """
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise ConfigError(f"-e {item!r}: expected KEY=VALUE")
+        if not sep:  # docker semantics: -e KEY takes the host's value
+            if key not in os.environ:
+                raise ConfigError(f"-e {key}: not set on the host; use -e {key}=VALUE")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def _command(cmd: Sequence[str]) -> list[str]:
+    """CMD as typed: click keeps a `--` that follows the first positional argument."""
+    argv = list(cmd)
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def _stream(box: Box, argv: list[str], *, interactive: bool, env: dict[str, str] | None = None,
+            cwd: str | None = None, user: str | None = None,
+            timeout: float | None = None) -> int:
+    """Run argv in the box, streaming its output to our fds; return the shell-style code."""
+    execution = box.exec_stream(argv, env=env, cwd=cwd, user=user, timeout=timeout,
+                                stdin=interactive)
+    if interactive:
+        def feed() -> None:
+            fd = sys.stdin.fileno()
+            try:
+                while True:
+                    data = os.read(fd, 64 * 1024)
+                    if not data:
+                        break
+                    execution.write_stdin(data)
+                execution.close_stdin()
+            except Exception:
+                pass  # the process exited or the box died: wait() reports that
+
+        threading.Thread(target=feed, daemon=True, name="boxlite-stdin").start()
+    out = sys.stdout.buffer
+    err = sys.stderr.buffer
+    out_closed = err_closed = False
+    try:
+        for stream, data in execution.events():
+            if stream == "stdout" and not out_closed:
+                try:
+                    out.write(data)
+                    out.flush()
+                except BrokenPipeError:
+                    # Our reader is gone (`| head`): in a shell the writer would die of
+                    # SIGPIPE. In the box it never would (its pipe is the agent's), so it is
+                    # SIGKILLed - SIGPIPE can be ignored, and then `yes` would run forever.
+                    out_closed = True
+                    silence_stdout()
+                    with GATE.shielded():
+                        execution.kill(signal.SIGKILL)
+            elif stream == "stderr" and not err_closed:
+                try:
+                    err.write(data)
+                    err.flush()
+                except BrokenPipeError:
+                    err_closed = True  # stderr is diagnostics only: keep the command running
+        status = execution.wait()
+    except KeyboardInterrupt as exc:
+        with GATE.shielded():
+            _end_command(execution, getattr(exc, "signum", signal.SIGINT))
+        raise
+    return EXIT_BROKEN_PIPE if out_closed else status.returncode
+
+
+def _end_command(execution: RunningCommand, signum: int) -> None:
+    """Pass our signal on to the command in the box; SIGKILL it if it outlives KILL_GRACE."""
+    execution.kill(signum)
+    try:
+        execution.wait(KILL_GRACE)
+        return
+    except TimeoutError:
+        pass
+    except Exception:
+        return  # the box is gone or unreachable: the caller's teardown settles it
+    execution.kill(signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        execution.wait(KILL_GRACE)
+
+
+_EXEC_CONTEXT = {"allow_interspersed_args": False}
+
+
+@click.command(context_settings=_EXEC_CONTEXT)
+@click.option("--backend", default=None, help="VMM backend (see `boxlite backends`)")
+@click.option("--rm", "auto_remove", is_flag=True, help="remove the box when it stops")
+@click.option("-d", "--detach", is_flag=True, help="start, print the box id, leave it running")
+@click.option("--name", default=None, help="box name (unique)")
+@click.option("-v", "--volume", "volumes", multiple=True, help="HOST:GUEST[:ro]")
+@click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE")
+@click.option("-w", "--workdir", default=None, help="working directory in the box")
+@click.option("-u", "--user", default=None, help="user[:group] in the box")
+@click.option("--cpus", type=int, default=1, show_default=True)
+@click.option("--memory", "memory", type=int, default=512, show_default=True, help="MiB")
+@click.option("--rootfs", default="disk", show_default=True, help="disk | merged | layers")
+@click.option("--sharer", default=None, help="volume sharer: virtiofs | 9p")
+@click.option("--timeout", type=float, default=None, help="seconds before the command is killed")
+@click.option("-i", "--interactive", is_flag=True, help="feed our stdin to the command")
+@click.option("--console-log-max-mib", "console_mib", type=int, default=4, show_default=True,
+              help="cap of each guest console file on the host (rotated, 3 kept)")
+@click.argument("image")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
+def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
+        volumes: tuple[str, ...], env: tuple[str, ...], workdir: str | None, user: str | None,
+        cpus: int, memory: int, rootfs: str, sharer: str | None, timeout: float | None,
+        interactive: bool, console_mib: int, image: str, cmd: tuple[str, ...]) -> int:
+    """Create a box from IMAGE, start it, run CMD (or the image's Entrypoint+Cmd)."""
+    check_timeout("--timeout", timeout)
+    options = BoxOptions(
+        image=image, backend=backend, cpus=cpus, memory_mib=memory, env=parse_env(env),
+        workdir=workdir, user=user, volumes=volumes, name=name, rootfs=rootfs,
+        volume_sharer=sharer, auto_remove=auto_remove, console_log_max_mib=console_mib,
+    )
+    if detach and interactive:
+        raise ConfigError("-d and -i do not mix: a detached box has no stdin")
+    rt = runtime()
+    box = rt.create(options)
+    try:
+        argv = _command(cmd) or (None if detach else box.default_command())
+        with Reporter(plain_off_tty=False) as progress:
+            box.start(progress=progress)
+        if detach:
+            if argv:
+                box.exec_stream(argv)  # started in the background; output kept by the agent
+            rt.close()
+            click.echo(box.id)
+            return 0
+        assert argv is not None
+        return _stream(box, argv, interactive=interactive, timeout=timeout)
+    except BaseException as exc:
+        # --rm removes a box whose start failed too: its console log goes with it, so the one
+        # error line must carry the reason and the console's last lines.
+        if auto_remove and isinstance(exc, BoxliteError):
+            with contextlib.suppress(Exception):
+                if box.status is BoxStatus.FAILED:
+                    _summarise_removed_failure(exc, box)
+        raise
+    finally:
+        primary = sys.exc_info()[1]
+        with GATE.shielded():
+            try:
+                _finish_run(rt, box, detach=detach, auto_remove=auto_remove)
+            except BoxliteError:
+                if primary is None:
+                    raise
+                # the run already failed: that error is the one to report
+
+
+def _finish_run(rt: Runtime, box: Box, *, detach: bool, auto_remove: bool) -> None:
+    """After `run`, on every path (success, command error, start failure, signal, closed
+    pipe): stop the box unless detached; remove it with --rm unless it is left running."""
+    try:
+        status = box.status
+    except NotFoundError:
+        return  # removed under us (`boxlite rm -f`): nothing left to stop
+    failed = status is BoxStatus.FAILED
+    if not detach:
+        try:
+            box.stop()
+        finally:
+            if auto_remove:
+                rt.remove(box.id, force=True)
+    elif auto_remove and status is not BoxStatus.RUNNING:
+        rt.remove(box.id, force=True)
+    if failed and not auto_remove:
+        click.echo(
+            f"boxlite: box {box.name} ({box.id}) failed and was kept for diagnosis: "
+            f"`boxlite logs {box.name}`, `boxlite inspect {box.name}`, "
+            f"then `boxlite rm {box.name}`",
+            err=True,
+        )
+
+
+#: how transport errors introduce the console tail in a failure message
+_CONSOLE_MARKER = "--- guest console (last lines) ---"
+#: console lines kept in the error of a box removed by --rm (its log is gone with it)
+SUMMARY_CONSOLE_LINES = 3
+
+
+def _summarise_removed_failure(exc: BoxliteError, box: Box) -> None:
+    """Rewrite ``exc``'s message for a box --rm is about to remove: the reason, then the last
+    console lines (from the message, or read from the log now, before it is deleted)."""
+    from ..runtime.pipeline import console_tail
+
+    message = str(exc)
+    reason, marker, tail = message.partition(_CONSOLE_MARKER)
+    if not marker:
+        tail = console_tail(box.dir, lines=SUMMARY_CONSOLE_LINES * 4)
+    lines = [inert(line.strip())[:160] for line in tail.splitlines() if line.strip()]
+    lines = lines[-SUMMARY_CONSOLE_LINES:]
+    suffix = f" (box {box.name} removed: --rm)"
+    console = (" | console: " + " | ".join(lines)) if lines else " | console: (empty)"
+    room = MAX_ERROR_CHARS - len(console) - len(suffix) - 1
+    head = one_line(reason)
+    if len(head) > room:
+        head = head[: max(room, 40) - 1] + "…"
+    exc.args = (head + console + suffix,)
+
+
+@click.command("exec", context_settings=_EXEC_CONTEXT)
+@click.option("-i", "--interactive", is_flag=True, help="feed our stdin to the command")
+@click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE")
+@click.option("-w", "--workdir", default=None)
+@click.option("-u", "--user", default=None)
+@click.option("--timeout", type=float, default=None, help="seconds before the command is killed")
+@click.argument("box")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(interactive: bool, env: tuple[str, ...], workdir: str | None, user: str | None,
+          timeout: float | None, box: str, cmd: tuple[str, ...]) -> int:
+    """Run CMD in a running box; exit with its code."""
+    if workdir is not None and not workdir.startswith("/"):
+        raise ConfigError(f"-w {workdir!r}: working directory must be absolute")
+    check_timeout("--timeout", timeout)
+    rt = runtime()
+    try:
+        argv = _command(cmd)
+        if not argv:
+            raise ConfigError("exec: give a command after the box (boxlite exec BOX -- CMD...)")
+        return _stream(rt.get(box), argv, interactive=interactive, env=parse_env(env),
+                       cwd=workdir, user=user, timeout=timeout)
+    finally:
+        rt.close()
+
+
+#: the commands this module adds to the top-level group
+COMMANDS = (run, exec_)

@@ -1,0 +1,315 @@
+"""Commands and files in a running box: exec, streamed exec, copy in and out.
+
+Why the failure handling lives here: a command that loses its stream has three possible
+stories — the box was stopped or removed by someone (BoxGoneError), its VM died (GuestError,
+the record settled), or the agent itself failed — and the caller should get the true one.
+Each function takes the agent connection as an argument, so the Box facade decides how it
+gets one (a live one, attached on demand).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
+
+from ..errors import BoxliteError, ConfigError, GuestError, NotFoundError, StateError
+from ..images.model import ImageConfig
+from ..models import BoxStatus, ExecResult, ExitStatus
+from .link import BoxLink
+
+if TYPE_CHECKING:  # imported when first used: gRPC is slow to import
+    from ..channel.client import AgentClient, ExecSession
+    from ..transfer.request import OutRequest
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CHUNK = 1024 * 1024
+#: stop reasons Box.stop/kill record: someone asked for the box to go down
+ON_REQUEST = ("stopped on request", "killed on request")
+#: seconds an exec that lost its command waits for a concurrent stop/remove to finish, to
+#: tell "removed" from "stopped" (a removal stops the box, then deletes, under one lock)
+SETTLE_WAIT = 30.0
+
+
+class BoxGoneError(StateError):
+    """The box was removed (``boxlite rm -f``) or stopped by someone else while a command ran
+    in it: its shutdown SIGKILLed the command. Raised instead of a bare exit status 137.
+
+    ``exit_code`` is 137 (128 + SIGKILL): what the command's status would have said, so
+    scripts that test for "killed" still see it; the error line says why.
+    """
+
+    exit_code = 137
+
+
+class ExecParams(TypedDict):
+    """How a command runs: the merged environment, working directory and user."""
+
+    env: dict[str, str]
+    cwd: str
+    user: str
+
+
+def gone_error(link: BoxLink) -> BoxGoneError | None:
+    """After a command died of SIGKILL or lost its stream: was the box stopped or removed
+    underneath it? Then the error naming that, else None (a plain kill or crash).
+
+    A stop writes Stopping before it asks the guest to shut down, so a record still
+    Running means nobody stopped it. Stopping/Stopped may be followed by a removal under
+    the same per-box lock: wait (bounded by SETTLE_WAIT) for the lock, then look again.
+    """
+    store = link.services.store
+    deadline = time.monotonic() + SETTLE_WAIT
+    while True:
+        try:
+            record = store.get(link.id)
+        except NotFoundError:
+            return BoxGoneError(
+                f"box {link.name} was removed while the command ran (boxlite rm -f); "
+                "the command was killed"
+            )
+        if record.status not in (BoxStatus.STOPPING, BoxStatus.STOPPED):
+            return None
+        if record.status is BoxStatus.STOPPED and not link.lock_busy():
+            try:  # the lock is free: a removal that followed the stop is over too
+                record = store.get(link.id)
+            except NotFoundError:
+                continue
+            if record.state.get("stop_reason") not in ON_REQUEST:
+                return None  # it went down by itself (e.g. poweroff): not a stop
+            return BoxGoneError(
+                f"box {link.name} was stopped while the command ran (boxlite stop); "
+                "the command was killed"
+            )
+        if time.monotonic() >= deadline:
+            return BoxGoneError(
+                f"box {link.name} was stopped while the command ran; the command was killed"
+            )
+        time.sleep(0.1)
+
+
+def exec_failed(link: BoxLink, exc: BaseException) -> BaseException:
+    """Turn an exec error into what the caller should see, counting it."""
+    link.count("exec_errors")
+    gone = gone_error(link)
+    if gone is not None:
+        return gone
+    handle = link.handle
+    if handle is not None:
+        ended = False
+        with contextlib.suppress(Exception):
+            ended = handle.wait(2.0)  # the VM may take a moment to be reaped
+        if ended:
+            with link.lock:
+                return link.vm_gone("during exec")
+    if isinstance(exc, BoxliteError):
+        return exc
+    return GuestError(f"box {link.name}: exec failed: {type(exc).__name__}: {exc}")
+
+
+class Execution:
+    """A running command: stream its output, feed its stdin, wait for it.
+
+    Errors from a VM that died underneath become GuestError naming the box, and the box
+    record is settled (Failed, or Stopped after a clean power-off).
+    """
+
+    def __init__(self, link: BoxLink, session: ExecSession, args: Sequence[str]) -> None:
+        self.link = link
+        self.session = session
+        self.args = list(args)
+        self._failed = False
+
+    def _wrap(self, exc: BaseException) -> BaseException:
+        if self._failed:
+            return exc
+        self._failed = True
+        return exec_failed(self.link, exc)
+
+    def events(self) -> Iterator[tuple[str, bytes]]:
+        """("stdout" | "stderr", bytes) chunks, in the order they arrive, until both close."""
+        try:
+            yield from self.session.events()
+        except GeneratorExit:
+            raise
+        except Exception as exc:
+            raise self._wrap(exc) from exc
+
+    def write_stdin(self, data: bytes) -> None:
+        try:
+            self.session.write_stdin(data)
+        except Exception as exc:
+            raise self._wrap(exc) from exc
+
+    def close_stdin(self) -> None:
+        try:
+            self.session.close_stdin()
+        except Exception as exc:
+            raise self._wrap(exc) from exc
+
+    def wait(self, timeout: float | None = None) -> ExitStatus:
+        """The command's status. TimeoutError if it still runs after ``timeout`` seconds;
+        BoxGoneError if a concurrent stop/remove of the box killed it."""
+        try:
+            status = self.session.wait(timeout)
+        except TimeoutError:
+            raise  # still running: not an exec failure
+        except Exception as exc:
+            raise self._wrap(exc) from exc
+        if status.signal == signal.SIGKILL and not status.timed_out:
+            gone = gone_error(self.link)
+            if gone is not None:
+                raise gone
+        return ExitStatus(status.exit_code, status.signal, status.timed_out)
+
+    def kill(self, sig: int = 15) -> None:
+        with contextlib.suppress(Exception):
+            self.session.kill(sig)
+
+
+# -- what a command runs with ----------------------------------------------------------------
+
+
+def image_config(link: BoxLink) -> ImageConfig:
+    """The image's config as recorded at create/start (else read from the image store)."""
+    cfg = link.record.state.get("image_config")
+    if isinstance(cfg, Mapping) and cfg:
+        return ImageConfig.from_dict(dict(cfg))
+    return link.services.images.get(link.record.image).config
+
+
+def default_command(link: BoxLink) -> list[str]:
+    """The image's Entrypoint + Cmd. ConfigError if it has neither."""
+    cfg = image_config(link)
+    argv = [*cfg.entrypoint, *cfg.cmd]
+    if not argv:
+        raise ConfigError(
+            f"image {link.record.image} has no Entrypoint or Cmd; give a command "
+            "(boxlite run IMAGE -- CMD...)"
+        )
+    return argv
+
+
+def exec_params(link: BoxLink, env: Mapping[str, str] | None, cwd: str | None,
+                user: str | None) -> ExecParams:
+    """Image config, then box options, then this call: later wins."""
+    cfg = image_config(link)
+    options = link.record.options
+    merged = {"PATH": DEFAULT_PATH, **cfg.env_dict(), **options.env, **(env or {})}
+    return {
+        "env": merged,
+        "cwd": cwd or options.workdir or cfg.working_dir or "/",
+        "user": user or options.user or cfg.user or "",
+    }
+
+
+def check_args(args: Sequence[str]) -> list[str]:
+    """The argv as a list of str. ConfigError for a bare string or an empty list."""
+    if isinstance(args, str) or not args:
+        raise ConfigError("exec: give the command as a non-empty list, e.g. ['ls', '-l']")
+    return [str(a) for a in args]
+
+
+# -- running commands ------------------------------------------------------------------------
+
+
+def run(link: BoxLink, client: AgentClient, argv: list[str], params: ExecParams, *,
+        timeout: float | None, input: bytes | None) -> ExecResult:
+    """Run ``argv`` to completion through ``client``. See Box.exec."""
+    link.count("execs")
+    try:
+        code, sig, timed_out, out, err = client.run(
+            argv, input=input, timeout=timeout, env=params["env"], cwd=params["cwd"],
+            user=params["user"],
+        )
+    except Exception as exc:
+        raise exec_failed(link, exc) from exc
+    if sig == signal.SIGKILL and not timed_out:
+        gone = gone_error(link)
+        if gone is not None:
+            raise gone
+    return ExecResult(code, out, err, sig, timed_out)
+
+
+def stream(link: BoxLink, client: AgentClient, argv: list[str], params: ExecParams, *,
+           timeout: float | None, stdin: bool) -> Execution:
+    """Start ``argv`` through ``client`` and return at once. See Box.exec_stream."""
+    link.count("execs")
+    try:
+        session = client.exec(argv, timeout=timeout, stdin=stdin, env=params["env"],
+                              cwd=params["cwd"], user=params["user"])
+    except Exception as exc:
+        raise exec_failed(link, exc) from exc
+    return Execution(link, session, argv)
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def _guest_is_dir(link: BoxLink, client: AgentClient, path: str) -> bool | None:
+    """Is ``path`` a directory in the guest (None: it does not exist)?"""
+    try:
+        reply = client.probe([path])
+    except Exception as exc:
+        raise exec_failed(link, exc) from exc
+    found = (reply.get("stats") or {}).get(path)
+    if not found or not found.get("exists"):
+        return None
+    return stat.S_ISDIR(int(found.get("mode") or 0))
+
+
+def copy_in(link: BoxLink, client: AgentClient, src: Path, guest_path: str) -> None:
+    """Tar ``src`` and unpack it in the guest. See Box.copy_in (it checks the paths)."""
+    if guest_path.endswith("/") or _guest_is_dir(link, client, guest_path.rstrip("/") or "/"):
+        target_dir, arcname = guest_path.rstrip("/") or "/", src.name
+    else:
+        target_dir = os.path.dirname(guest_path) or "/"
+        arcname = os.path.basename(guest_path)
+    with tempfile.SpooledTemporaryFile(max_size=8 * CHUNK) as spool:
+        with tarfile.open(fileobj=spool, mode="w") as tar:
+            tar.add(str(src), arcname=arcname, recursive=True)
+        spool.seek(0)
+
+        def chunks() -> Iterator[bytes]:
+            while True:
+                data = spool.read(CHUNK)
+                if not data:
+                    return
+                yield data
+
+        try:
+            client.upload_tar(target_dir, chunks())
+        except Exception as exc:
+            raise exec_failed(link, exc) from exc
+
+
+def copy_out(link: BoxLink, client: AgentClient, request: OutRequest,
+             host_path: str | os.PathLike[str]) -> Path:
+    """Receive ``request``'s guest path as hostile tar into ``host_path``. See Box.copy_out
+    (it parses and checks the paths first)."""
+    from ..diskspace import DiskSpaceError
+    from ..transfer import receive_tree, staging_root
+
+    guest_path = request.guest_path
+    try:
+        result = receive_tree(client.download_tar(request.guest_path), request, host_path,
+                              staging=staging_root(link.services.home))
+    except (ConfigError, DiskSpaceError):
+        raise
+    except GuestError as exc:  # a refused archive, or the agent/VM failing mid-copy
+        ended = False
+        with contextlib.suppress(Exception):
+            ended = link.handle is not None and bool(link.handle.wait(0.5))
+        if ended:
+            raise exec_failed(link, exc) from exc
+        raise GuestError(f"box {link.name}: copy-out of {guest_path}: {exc}") from exc
+    except Exception as exc:
+        raise exec_failed(link, exc) from exc
+    return result.path

@@ -1,0 +1,1 @@
+from boxlite_conformance.suite import *  # noqa: F403
