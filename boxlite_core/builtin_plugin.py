@@ -6,19 +6,25 @@ the built-ins get no private path into the runtime.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from .hookspecs import hookimpl
 from .models import BoxOptions
 from .vmm.spec import ProbeResult
+
+if TYPE_CHECKING:
+    from .rootfs.base import RootfsStrategy
+    from .volumes.base import VolumeSharer
 
 #: preference order for the default backend choice
 DEFAULT_BACKEND_ORDER = ("qemu", "libvirt", "libkrun", "hvf")
 
 
 @hookimpl
-def boxlite_register_rootfs_strategies(register: Any) -> None:
+def boxlite_register_rootfs_strategies(
+    register: Callable[[str, Callable[[], RootfsStrategy]], None],
+) -> None:
     from .rootfs.disk import DiskStrategy
     from .rootfs.layers import LayersStrategy
     from .rootfs.merged import MergedStrategy
@@ -29,7 +35,9 @@ def boxlite_register_rootfs_strategies(register: Any) -> None:
 
 
 @hookimpl
-def boxlite_register_volume_sharers(register: Any) -> None:
+def boxlite_register_volume_sharers(
+    register: Callable[[str, Callable[[], VolumeSharer]], None],
+) -> None:
     from .volumes.ninep import NinePSharer
     from .volumes.virtiofs import VirtiofsSharer
 

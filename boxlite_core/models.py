@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import attrs
 
@@ -210,7 +210,7 @@ class HostShare:
         return out
 
 
-def _env_validator(_inst: Any, _attr: Any, value: Mapping[str, str]) -> None:
+def _env_validator(_inst: object, _attr: object, value: Mapping[str, str]) -> None:
     for key, val in value.items():
         if not isinstance(key, str) or not _ENV_KEY_RE.match(key):
             raise invalid("env", key, "variable names must be non-empty and contain no '=' or NUL")
@@ -218,36 +218,36 @@ def _env_validator(_inst: Any, _attr: Any, value: Mapping[str, str]) -> None:
             raise invalid(f"env[{key}]", val, "value must be a string without NUL")
 
 
-def _cpus_validator(_inst: Any, _attr: Any, value: int) -> None:
+def _cpus_validator(_inst: object, _attr: object, value: int) -> None:
     # The host's count is checked by runtime.capacity when a box is created, not here: a
     # stored record must still load on a host with fewer CPUs (to be listed and removed).
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise invalid("cpus", value, "must be a whole number >= 1")
 
 
-def _memory_validator(_inst: Any, _attr: Any, value: int) -> None:
+def _memory_validator(_inst: object, _attr: object, value: int) -> None:
     if not isinstance(value, int) or value < MIN_MEMORY_MIB:
         raise invalid("memory_mib", value, f"must be at least {MIN_MEMORY_MIB} MiB")
 
 
-def _disk_validator(_inst: Any, _attr: Any, value: int | None) -> None:
+def _disk_validator(_inst: object, _attr: object, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 16):
         raise invalid("disk_size_mib", value, "must be at least 16 MiB (or None for the default)")
 
 
-def _name_validator(_inst: Any, _attr: Any, value: str | None) -> None:
+def _name_validator(_inst: object, _attr: object, value: str | None) -> None:
     if value is not None and not _NAME_RE.match(value):
         raise invalid(
             "name", value, "use 1-63 letters, digits, '_', '.' or '-', starting with a letter/digit"
         )
 
 
-def _workdir_validator(_inst: Any, _attr: Any, value: str | None) -> None:
+def _workdir_validator(_inst: object, _attr: object, value: str | None) -> None:
     if value is not None:
         _check_abs_guest_path("workdir", value)
 
 
-def _volumes_converter(value: Any) -> tuple[VolumeSpec, ...]:
+def _volumes_converter(value: object) -> tuple[VolumeSpec, ...]:
     out = []
     for item in value or ():
         if isinstance(item, str):
@@ -258,7 +258,7 @@ def _volumes_converter(value: Any) -> tuple[VolumeSpec, ...]:
     return tuple(out)
 
 
-def _volumes_validator(_inst: Any, _attr: Any, value: tuple[VolumeSpec, ...]) -> None:
+def _volumes_validator(_inst: object, _attr: object, value: tuple[VolumeSpec, ...]) -> None:
     seen: set[str] = set()
     for vol in value:
         target = normal_guest_path(vol.guest_path)
@@ -268,7 +268,7 @@ def _volumes_validator(_inst: Any, _attr: Any, value: tuple[VolumeSpec, ...]) ->
         seen.add(target)
 
 
-def _console_cap_validator(_inst: Any, _attr: Any, value: int) -> None:
+def _console_cap_validator(_inst: object, _attr: object, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
         raise invalid("console_log_max_mib", value, "must be a whole number of MiB, 1 to 65536")
 
@@ -303,14 +303,14 @@ class BoxOptions:
         if self.network:
             raise invalid("network", True, "networking is not supported yet; boxes run with none")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         data = attrs.asdict(self, recurse=True)
         data["env"] = dict(self.env)
         data["volumes"] = [v.to_dict() for v in self.volumes]
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BoxOptions:
+    def from_dict(cls, data: Mapping[str, object]) -> BoxOptions:
         known = {f.name for f in attrs.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -95,7 +95,8 @@ def stop(box: str, timeout: float) -> int:
 @click.command()
 @click.argument("box")
 def pause(box: str) -> int:
-    """Freeze a running box's vCPUs (it keeps its memory; execs wait); see `resume`."""
+    """Freeze a running box's vCPUs: it keeps its memory, commands in flight wait, new execs
+    and copies are refused until `resume`."""
     b = runtime().get(box)
     b.pause()
     click.echo(b.name)

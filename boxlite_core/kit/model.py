@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import attrs
 
+from ..models import JsonObject
 from ..vmm.spec import GuestHints
 
 
@@ -26,7 +26,7 @@ class MachineProfile:
     uncompressed_kernel: bool          # -kernel gets the ELF vmlinux (PVH entry)
     needs_tsc_khz: bool                # add tsc_early_khz=<host TSC kHz> at load time
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return attrs.asdict(self)
 
 
@@ -73,7 +73,7 @@ class GuestKit:
     manifest: Path
     virtio_transport: str = "mmio"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return {
             "kit_id": self.kit_id,
             "directory": str(self.directory),
@@ -98,5 +98,5 @@ class GuestKit:
             kit_id=self.kit_id,
         )
 
-    def read_manifest(self) -> dict[str, Any]:
+    def read_manifest(self) -> JsonObject:
         return json.loads(self.manifest.read_text())

@@ -29,9 +29,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from ..errors import ConfigError, EngineError
+from ..models import JsonObject
 from .procstat import alive, log_tail, start_time, terminate
 
 #: the console socket the VMM serves and the writer connects to
@@ -69,7 +70,7 @@ _ROTATED = re.compile(r"\.(\d+)$")
 # -- the writer process ------------------------------------------------------------------------
 
 
-def _read_state(box_dir: Path) -> dict[str, Any] | None:
+def _read_state(box_dir: Path) -> JsonObject | None:
     try:
         data = json.loads((Path(box_dir) / WRITER_STATE).read_text())
     except (OSError, ValueError):
@@ -77,7 +78,7 @@ def _read_state(box_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "pid" in data else None
 
 
-def _write_state(box_dir: Path, data: dict[str, Any]) -> None:
+def _write_state(box_dir: Path, data: JsonObject) -> None:
     path = Path(box_dir) / WRITER_STATE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -98,7 +99,7 @@ def writer_argv(source: Path, out: Path, max_bytes: int, backups: int = BACKUPS,
 
 def start_writer(box_dir: Path, source: Path, out: Path, max_bytes: int,
                  backups: int = BACKUPS, append: bool = False, *, fifo: bool = False,
-                 stdin_fd: int | None = None, stdin_out: Path | None = None) -> dict[str, Any]:
+                 stdin_fd: int | None = None, stdin_out: Path | None = None) -> JsonObject:
     """Start the capped writer for ``out`` (fresh files unless ``append``), before the VMM.
 
     ``source`` is the console socket the VMM will serve (the writer connects once it
@@ -146,7 +147,7 @@ def start_writer(box_dir: Path, source: Path, out: Path, max_bytes: int,
 
 
 def start_pipe_writer(out: Path, max_bytes: int = DAEMON_LOG_MAX_BYTES,
-                      backups: int = BACKUPS) -> tuple[int, dict[str, Any]]:
+                      backups: int = BACKUPS) -> tuple[int, JsonObject]:
     """Start a capped writer for a host daemon's output: ``(write_fd, record)``.
 
     Give ``write_fd`` to the daemon as its stdout/stderr, then close it. The writer copies
@@ -176,7 +177,7 @@ def start_pipe_writer(out: Path, max_bytes: int = DAEMON_LOG_MAX_BYTES,
     return write_fd, {"pid": proc.pid, "start_time": start_time(proc.pid), "out": str(out)}
 
 
-def wait_gone(record: dict[str, Any], timeout: float) -> bool:
+def wait_gone(record: JsonObject, timeout: float) -> bool:
     """Wait until the process of a ``{"pid", "start_time"}`` record has exited (a pipe
     writer drains its last bytes first). True if it is gone."""
     deadline = time.monotonic() + timeout
@@ -249,7 +250,7 @@ def log_files(path: Path) -> list[Path]:
     return files + [p for _, p in sorted(rotated)]
 
 
-def _tail_of(fh: Any, end: int, want: int, budget: int) -> tuple[list[bytes], int, int]:
+def _tail_of(fh: BinaryIO, end: int, want: int, budget: int) -> tuple[list[bytes], int, int]:
     """Blocks read backwards from ``end`` until ``want`` newlines were passed or ``budget``
     bytes read: (blocks in file order, newlines seen, bytes read)."""
     blocks: list[bytes] = []
@@ -267,7 +268,7 @@ def _tail_of(fh: Any, end: int, want: int, budget: int) -> tuple[list[bytes], in
 
 
 def tail_bytes(path: Path, lines: int, max_bytes: int = MAX_TAIL_BYTES,
-               current: tuple[Any, int] | None = None) -> bytes:
+               current: tuple[BinaryIO, int] | None = None) -> bytes:
     """The last ``lines`` lines of a (rotated) log, reading at most ``max_bytes`` from the
     end, going on into ``path.1`` etc. when the live file holds fewer lines. Memory: at most
     ``max_bytes`` (plus one block), whatever the file size; lines longer than that come out

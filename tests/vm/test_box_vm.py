@@ -153,23 +153,36 @@ def _cli(vm_home, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_pause_freezes_the_box_until_resume(box, vm_home):
-    paused = _cli(vm_home, "pause", box.name)
-    assert paused.returncode == 0, paused.stderr
+    """`boxlite pause` freezes a command in flight until `boxlite resume`; a new exec on the
+    paused box is refused at once with the fix (docker's rule: an exec that would hang with no
+    word until someone resumes is worse than a clear refusal)."""
+    assert box.exec(["rm", "-f", "/root/started"]).ok
     done = threading.Event()
     result = {}
 
     def run() -> None:
-        result["r"] = box.exec(["echo", "after"], timeout=120)
+        result["r"] = box.exec(["sh", "-c", "touch /root/started; sleep 1; echo after"],
+                               timeout=120)
         done.set()
 
     worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while box.exec(["test", "-e", "/root/started"], timeout=60).exit_code != 0:
+        assert time.monotonic() < deadline, "the command never started in the guest"
+    paused = _cli(vm_home, "pause", box.name)
+    assert paused.returncode == 0, paused.stderr
     try:
-        worker.start()
-        assert not done.wait(2.0), "an exec finished while `boxlite pause` had frozen the box"
+        assert not done.wait(3.0), "a command finished while `boxlite pause` had frozen the box"
+        refused = _cli(vm_home, "exec", box.name, "--", "echo", "no")
+        assert refused.returncode != 0
+        assert "paused" in refused.stderr and f"boxlite resume {box.name}" in refused.stderr
+        listed = _cli(vm_home, "ls")
+        assert box.name in listed.stdout and "paused" in listed.stdout
     finally:
         resumed = _cli(vm_home, "resume", box.name)
     assert resumed.returncode == 0, resumed.stderr
-    assert done.wait(60), "the exec sent while paused never finished after `boxlite resume`"
+    assert done.wait(60), "the command frozen by pause never finished after `boxlite resume`"
     assert result["r"].text == "after\n"
 
 
