@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from boxlite_core import envvars
 from boxlite_core.errors import ConfigError, EngineError, StateError
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
+from boxlite_core.vmm.consolelog import CONSOLE_SOCKET, start_writer, stop_writer, wait_writer
 from boxlite_core.vmm.kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_problem
 from boxlite_core.vmm.spec import Capability, ProbeResult, VmSpec
 
@@ -316,11 +317,13 @@ class LibvirtHandle(VmHandle):
         dom = self._domain()
         if dom is None:
             self._note_gone()
+            self._finish_console()
             return
         libvirt = _import_libvirt()
         with contextlib.suppress(libvirt.libvirtError):
             self._call("virDomainShutdown", dom.shutdown)
         if self.wait(timeout):
+            self._finish_console()
             return
         self._destroy("stopped: did not power off within "
                       f"{timeout:g}s of an ACPI shutdown, destroyed")
@@ -328,11 +331,20 @@ class LibvirtHandle(VmHandle):
     def kill(self) -> None:
         self._destroy("killed (virDomainDestroy)")
 
+    def _finish_console(self) -> None:
+        """The domain is gone: let the console writer drain virtlogd's last bytes (it ends
+        when the pipe closes), then make sure it has (pid + start time checked)."""
+        if self.box_dir is None or self.is_running():
+            return
+        wait_writer(self.box_dir, 2.0)
+        stop_writer(self.box_dir)
+
     def _destroy(self, reason: str) -> None:
         libvirt = _import_libvirt()
         dom = self._domain()
         if dom is None:
             self._note_gone()
+            self._finish_console()
             return
         try:
             self._call("virDomainDestroy", dom.destroy)
@@ -341,6 +353,7 @@ class LibvirtHandle(VmHandle):
                 raise EngineError(f"libvirt domain {self.name}: destroy failed: {exc}") from exc
         if self._reason is None:
             self._reason = f"libvirt domain {self.name} {reason}"
+        self._finish_console()
 
     def exit_reason(self) -> str | None:
         if self._reason is None and not self.is_running():
@@ -477,9 +490,14 @@ class LibvirtBackend(VmmBackend):
         return kvm_access_problem(self.kvm_dev, self.qemu_conf)
 
     def plan(self, spec: VmSpec) -> LaunchPlan:
+        # A local daemon serves the console on a socket our capped writer copies (the box's
+        # console_log_max_bytes holds); a remote one's box dir is not here: virtlogd's cap.
+        console = spec.box_dir / CONSOLE_SOCKET if is_local(self.uri) else None
         xml = build_domain_xml(spec, domain_type=self.domain_type, arch=self.arch,
-                               seclabel=self.seclabel, virtiofsd=self.virtiofsd)
+                               seclabel=self.seclabel, virtiofsd=self.virtiofsd,
+                               console_socket=console)
         data = {
+            "console_socket": str(console) if console else None,
             "xml": xml,
             "uri": self.uri,
             "name": domain_name(spec.box_id),
@@ -514,6 +532,14 @@ class LibvirtBackend(VmmBackend):
             # later `rm -f`/recovery can find (libvirt keeps transient domains after we go).
             _write_vm_record(spec.box_dir, {"backend": self.name, "uri": uri, "name": name,
                                             "uuid": None})
+            console = plan.data.get("console_socket")
+            if console:
+                # first: the writer waits for QEMU to listen and connects while libvirt still
+                # holds the vCPUs (-S), so no early console line is lost
+                stop_writer(spec.box_dir)
+                Path(str(console)).unlink(missing_ok=True)
+                start_writer(spec.box_dir, Path(str(console)), spec.console_log,
+                             spec.console_log_max_bytes)
             try:
                 # a createXML that answers after we gave up would leave an untracked VM;
                 # the abandoned call still uses conn, so its late handler closes it
@@ -522,8 +548,10 @@ class LibvirtBackend(VmmBackend):
                               on_abandoned=lambda d: _destroy_late_domain(d, late_conn))
             except LibvirtTimeout:
                 conn = None
+                stop_writer(spec.box_dir)
                 raise
             except libvirt.libvirtError as exc:
+                stop_writer(spec.box_dir)
                 raise EngineError(f"libvirt could not start domain {name} at {uri}: {exc}"
                                   ) from exc
             handle = LibvirtHandle(uri, name, bounded("virDomainGetUUIDString", uri,

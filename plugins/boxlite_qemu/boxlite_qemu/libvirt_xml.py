@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
+from pathlib import Path
 
 from boxlite_core.errors import ConfigError
 from boxlite_core.vmm.spec import ChannelKind, DiskSpec, ShareSpec, VmSpec
@@ -129,8 +130,16 @@ def build_domain_xml(
     arch: str = "x86_64",
     seclabel: str = "root",
     virtiofsd: str = DEFAULT_VIRTIOFSD,
+    console_socket: Path | None = None,
 ) -> str:
-    """The transient domain for ``spec``. Same arguments, same bytes."""
+    """The transient domain for ``spec``. Same arguments, same bytes.
+
+    ``console_socket``: serve the serial console on this unix socket (QEMU binds it; the
+    core's capped writer connects and copies it into ``spec.console_log`` under the box's
+    ``console_log_max_bytes``). None: a file chardev at ``spec.console_log``, written by
+    virtlogd, whose cap is host-wide (``max_size`` in virtlogd.conf) — for a remote daemon,
+    whose box directory is not on this host. A named pipe does not work here: libvirt
+    replaces a file chardev's path with a regular file."""
     if domain_type not in DOMAIN_TYPES:
         raise ConfigError(f"libvirt domain type {domain_type!r}: must be one of {DOMAIN_TYPES}")
     if seclabel not in SECLABEL_MODES:
@@ -185,8 +194,12 @@ def build_domain_xml(
     for share in spec.shares:
         _share(devices, share, virtiofsd, seclabel)
     _sub(devices, "controller", type="usb", model="none")
-    serial = _sub(devices, "serial", type="file")
-    _sub(serial, "source", path=str(spec.console_log))
+    if console_socket is not None:
+        serial = _sub(devices, "serial", type="unix")
+        _sub(serial, "source", mode="bind", path=str(console_socket))
+    else:
+        serial = _sub(devices, "serial", type="file")
+        _sub(serial, "source", path=str(spec.console_log))
     _sub(serial, "target", port="0")
     if spec.agent.kind is not ChannelKind.VIRTIO_SERIAL:
         raise ConfigError(

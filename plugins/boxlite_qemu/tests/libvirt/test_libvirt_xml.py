@@ -58,8 +58,22 @@ def test_domain_basics_follow_the_spec(tmp_path: Path, make_spec) -> None:
     assert dom.find("devices/memballoon").get("model") == "none"
     assert dom.find("memoryBacking") is None  # only virtiofs needs shared memory
     serial = dom.find("devices/serial")
+    # a local daemon serves the console on a socket the core's capped writer copies into
+    # console.log (console_log_max_bytes holds, not virtlogd's host-wide size)
+    assert serial.get("type") == "unix"
+    assert serial.find("source").get("mode") == "bind"
+    assert serial.find("source").get("path") == str(tmp_path / "console.sock")
+
+
+def test_a_remote_daemon_writes_the_console_log_itself(tmp_path: Path, make_spec) -> None:
+    """The box directory is not on a remote daemon's host: no pipe there, virtlogd writes."""
+    spec = make_spec(tmp_path)
+    plan = LibvirtBackend("qemu+ssh://vendor.example/system", domain_type="qemu",
+                          arch="x86_64").plan(spec)
+    serial = ET.fromstring(plan.data["xml"]).find("devices/serial")
     assert serial.get("type") == "file"
     assert serial.find("source").get("path") == str(tmp_path / "console.log")
+    assert plan.data["console_socket"] is None
 
 
 def test_disks_carry_serial_format_and_readonly(tmp_path: Path, make_spec) -> None:
