@@ -24,7 +24,7 @@ _LAZY = {
     "VolumeSpec": "boxlite_core.models",
     "ExecResult": "boxlite_core.models",
     "BoxStatus": "boxlite_core.models",
-    "Capability": "boxlite_core.models",
+    "Capability": "boxlite_core.vmm.spec",
     "hookimpl": "boxlite_core.hookspecs",
     "BoxliteError": "boxlite_core.errors",
     "ConfigError": "boxlite_core.errors",
@@ -33,6 +33,7 @@ _LAZY = {
     "GuestError": "boxlite_core.errors",
     "NotFoundError": "boxlite_core.errors",
     "StateError": "boxlite_core.errors",
+    "UnsupportedError": "boxlite_core.errors",
 }
 
 __all__ = sorted(_LAZY)

@@ -39,8 +39,11 @@ class EngineError(BoxliteError):
     """The VMM or a host-side program failed."""
 
 
-class UnsupportedError(BoxliteError):
+class UnsupportedError(ConfigError):
     """The operation is not offered by this backend (e.g. pause on a backend without it).
+
+    A ConfigError: the box's configuration (its backend) is what cannot do it, so code that
+    catches ConfigError for "refused as configured" keeps working.
 
     Raised by a VMM backend or its handle when asked for something it does not declare in
     its capabilities; the message names the backend and the operation. Nothing is wrong with

@@ -50,7 +50,7 @@ _CHANNEL_OPTIONS = [
     # Despite its name this is gRPC's *minimum connect timeout* (floored at 100 ms): the
     # time a connection attempt gets to finish the HTTP/2 handshake. At 50 a loaded TCG
     # guest could not answer in time and every attempt was dropped (notes/agent-stall.md).
-    # 5 s, not gRPC's 20 s default: on a "stream" channel (libkrun/hvf vsock sockets) an
+    # 5 s, not gRPC's 20 s default: on a vsock channel (libkrun/hvf vsock sockets) an
     # attempt that hangs before the guest listens is then retried soon; the serial path
     # dials the local shim, which answers in milliseconds.
     ("grpc.min_reconnect_backoff_ms", 5000),
@@ -265,7 +265,7 @@ class AgentClient:
         console_tail: Callable[[], str],
     ) -> bool:
         """Ping until answered (True) or stalled on a serial channel (False); raise on death or
-        when the overall deadline passes. For "stream" channels the first Ping is the
+        when the overall deadline passes. For vsock channels the first Ping is the
         readiness check, so it is retried until the deadline."""
         stall_at = time.monotonic() + STALL_RESET_SECONDS
         while True:

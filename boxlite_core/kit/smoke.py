@@ -6,7 +6,9 @@ guest hints, the guest root as a read-only disk with serial `bxguest`, a virtio-
 channel, no network) handed to a registered backend ("qemu" unless told otherwise, through
 :class:`~boxlite_core.plugins.PluginRegistry`), which plans and launches it exactly as it
 would a box. :func:`boot_until` then watches the box's console log for a marker. The spec is
-also the reference for a backend: this is the least a kit needs to boot.
+also the reference for a backend: this is the least a kit needs to boot. The channel is
+virtio-serial, so the backend must offer it (qemu, libvirt); a smoke boot never dials the
+agent, so a vsock backend would need only its channel kind here.
 """
 
 from __future__ import annotations

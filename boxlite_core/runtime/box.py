@@ -57,11 +57,6 @@ class Box:
     def __repr__(self) -> str:
         return f"<Box {self.name} {self.id} {self._link.record.status.value}>"
 
-    @property
-    def _rt(self) -> Services:
-        """The services this box uses (the old attribute name; tests read ``home`` from it)."""
-        return self._link.services
-
     # -- record ----------------------------------------------------------------------------
 
     @property
@@ -181,14 +176,14 @@ class Box:
         to a paused box are refused (StateError naming `boxlite resume`); ones already
         running wait. Pausing a paused box does nothing.
 
-        Raises ConfigError (the backend cannot pause), StateError (not running, or its VM
-        is gone)."""
+        Raises UnsupportedError (a ConfigError: the backend cannot pause), StateError (not
+        running, or its VM is gone)."""
         lifecycle.pause(self._link)
 
     def resume(self) -> None:
         """Let a paused VM run again: Paused → Running. Resuming a running box does nothing.
 
-        Raises ConfigError (the backend cannot pause), StateError (not paused, or its VM is
+        Raises UnsupportedError (the backend cannot pause), StateError (not paused, or its VM is
         gone)."""
         lifecycle.resume(self._link)
 

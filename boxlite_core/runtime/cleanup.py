@@ -332,17 +332,13 @@ def annotate(exc: BaseException, prefix: str) -> BaseException:
 
 
 class CleanupGuard:
-    """Armed around the pipeline; on an exception it undoes the start and records why."""
+    """Around the pipeline; on an exception it undoes the start and records why."""
 
     def __init__(self, ctx: StartContext) -> None:
         self.ctx = ctx
-        self.armed = True
 
     def __enter__(self) -> CleanupGuard:
         return self
-
-    def disarm(self) -> None:
-        self.armed = False
 
     def __exit__(
         self,
@@ -350,7 +346,7 @@ class CleanupGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        if exc is None or not self.armed:
+        if exc is None:
             return False
         ctx = self.ctx
         stage = ctx.stage or "start"

@@ -18,7 +18,7 @@ import logging
 import shutil
 import time
 
-from ..errors import ConfigError, NotFoundError, StateError
+from ..errors import ConfigError, NotFoundError, StateError, UnsupportedError
 from ..models import BoxStatus, check_timeout
 from ..vmm.base import VmHandle
 from ..vmm.spec import Capability
@@ -181,7 +181,7 @@ def _require_pause(link: BoxLink) -> None:
     record = link.record
     name = record.backend or plugins.select_backend(record.options)
     if Capability.PAUSE not in plugins.backend(name).capabilities():
-        raise ConfigError(
+        raise UnsupportedError(
             f"box {link.name}: backend {name!r} cannot pause a VM (it does not declare "
             "the 'pause' capability); use a backend that does (qemu, libvirt)"
         )

@@ -17,7 +17,6 @@ leaves a record that says where it was and which processes to stop (cleanup.sett
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -383,6 +382,3 @@ def run_stages(ctx: StartContext, stages: Sequence[Stage] = STAGES) -> None:
     ctx.stage = None
     ctx.timings["total"] = round(time.monotonic() - total, 4)
 
-
-def plan_json(plan: LaunchPlan) -> str:
-    return json.dumps(plan.to_dict(), sort_keys=True, indent=2)

@@ -112,7 +112,7 @@ def _assert_bounded(client: AgentClient) -> None:
 def test_oversized_replies_fail_cleanly_on_a_stream_channel(tmp_path: Path) -> None:
     sock = tmp_path / "agent.vsock"
     with hostile_server(sock):
-        client = AgentClient.connect(tmp_path, kind="stream", socket_path=sock, timeout=20)
+        client = AgentClient.connect(tmp_path, kind="vsock", socket_path=sock, timeout=20)
         try:
             _assert_bounded(client)
         finally:

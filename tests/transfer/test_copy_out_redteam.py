@@ -351,7 +351,7 @@ def test_double_agent_deep_or_sparse_stream_leaves_nothing(double_box, streams, 
         double_box.copy_out(path, dest)
     assert isinstance(caught.value, GuestError)
     assert list(dest.iterdir()) == []
-    leftovers = list((Path(double_box._rt.home) / "tmp").glob("copy-out-*"))
+    leftovers = list((Path(double_box._link.services.home) / "tmp").glob("copy-out-*"))
     assert leftovers == []
 
 

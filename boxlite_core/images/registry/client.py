@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import attrs
@@ -297,9 +297,3 @@ def _error_text(resp: requests.Response) -> str:
         pass
     return resp.reason or ""
 
-
-def iter_raw(resp: requests.Response, chunk: int) -> Iterator[bytes]:
-    """The body exactly as sent (no content decoding: digests cover the bytes on the wire)."""
-    resp.raw.decode_content = False
-    while data := resp.raw.read(chunk):
-        yield data

@@ -19,7 +19,7 @@ Device mapping (what the guest sees):
   server: no virtiofsd, so a share's vhost-user ``socket`` is ignored. 9p does not exist here.
 * agent: ``VZVirtioSocketDeviceConfiguration``. The runner listens on ``spec.agent.socket``
   and, per host connection, dials guest vsock port ``agent.port`` — every connect is a fresh
-  stream (agent kind ``"stream"``), the host side is the same unix socket as every backend.
+  stream (channel kind ``vsock``), the host side is the same unix socket as every backend.
 * entropy: ``VZVirtioEntropyDeviceConfiguration``, so the guest's CRNG is ready at once.
 * network: none. Boxes have no network unless asked, and the backend cannot provide one yet.
 """

@@ -33,6 +33,7 @@ from boxlite_core.vmm.consolelog import CONSOLE_SOCKET, start_writer, stop_write
 from boxlite_core.vmm.kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_problem
 from boxlite_core.vmm.spec import Capability, ProbeResult, VmSpec
 
+from .accel import host_accel
 from .libvirt_xml import DEFAULT_VIRTIOFSD, build_domain_xml, domain_name
 
 ENV_URI = "BOXLITE_LIBVIRT_URI"
@@ -164,12 +165,12 @@ def _open(uri: str) -> Any:
 
 
 def _host_domain_type() -> tuple[str, str]:
-    """(libvirt domain type, why): the qemu backend's accelerator probe when importable."""
+    """(libvirt domain type, why): the qemu backend's accelerator choice. Never raises (it
+    backs ``capabilities()``): a bad ``BOXLITE_ACCEL`` falls back to TCG, with the reason."""
     try:
-        from .accel import host_accel
-    except Exception:  # the qemu half of this distribution is not importable
-        return "qemu", "accelerator probe unavailable; using TCG"
-    choice = host_accel()
+        choice = host_accel()
+    except ConfigError as exc:
+        return "qemu", f"{exc}; using TCG"
     return {"kvm": "kvm", "hvf": "hvf"}.get(choice.accel, "qemu"), choice.reason
 
 
@@ -332,8 +333,9 @@ class LibvirtHandle(VmHandle):
         self._destroy("killed (virDomainDestroy)")
 
     def _finish_console(self) -> None:
-        """The domain is gone: let the console writer drain virtlogd's last bytes (it ends
-        when the pipe closes), then make sure it has (pid + start time checked)."""
+        """The domain is gone: let the console writer copy QEMU's last console bytes (it ends
+        when the socket closes), then make sure it has (pid + start time checked). A remote
+        daemon's domain has no writer here (virtlogd writes its console)."""
         if self.box_dir is None or self.is_running():
             return
         wait_writer(self.box_dir, 2.0)
@@ -550,14 +552,26 @@ class LibvirtBackend(VmmBackend):
                 conn = None
                 stop_writer(spec.box_dir)
                 raise
-            except libvirt.libvirtError as exc:
+            except BaseException as exc:
                 stop_writer(spec.box_dir)
-                raise EngineError(f"libvirt could not start domain {name} at {uri}: {exc}"
-                                  ) from exc
-            handle = LibvirtHandle(uri, name, bounded("virDomainGetUUIDString", uri,
-                                                      dom.UUIDString),
-                                   bounded("virDomainGetID", uri, dom.ID),
-                                   _read_pid(uri, name), spec.box_dir)
+                if isinstance(exc, libvirt.libvirtError):
+                    raise EngineError(f"libvirt could not start domain {name} at {uri}: {exc}"
+                                      ) from exc
+                raise
+            try:
+                handle = LibvirtHandle(uri, name, bounded("virDomainGetUUIDString", uri,
+                                                          dom.UUIDString),
+                                       bounded("virDomainGetID", uri, dom.ID),
+                                       _read_pid(uri, name), spec.box_dir)
+            except BaseException as exc:
+                # the domain runs but could not be read back: nothing of it may stay behind
+                with contextlib.suppress(Exception):
+                    bounded("virDomainDestroy", uri, dom.destroy)
+                stop_writer(spec.box_dir)
+                if isinstance(exc, libvirt.libvirtError):
+                    raise EngineError(f"libvirt domain {name} started but could not be read "
+                                      f"back ({exc}); it was destroyed") from exc
+                raise
         finally:
             if conn is not None:
                 _close(uri, conn)

@@ -28,6 +28,7 @@ from boxlite_core.vendor import (
     CONSOLE_SOCKET,
     Capability,
     ConfigError,
+    EngineError,
     Fingerprint,
     LaunchPlan,
     ProbeResult,
@@ -258,8 +259,17 @@ class ExampleQemuBackend(VmmBackend):
             except FileNotFoundError as exc:
                 stop_writer(box)
                 raise ToolMissingError(QEMU, "qemu-system-x86", "run example-qemu boxes") from exc
+            except OSError as exc:
+                stop_writer(box)
+                raise EngineError(f"could not start {QEMU}: {exc}") from exc
         started = start_time(proc.pid)
-        (box / STATE_FILE).write_text(json.dumps({"pid": proc.pid, "start_time": started}))
+        try:  # what attach() needs; without it nobody could find (or stop) this QEMU again
+            (box / STATE_FILE).write_text(json.dumps({"pid": proc.pid, "start_time": started}))
+        except OSError as exc:
+            proc.kill()
+            proc.wait()
+            stop_writer(box)
+            raise EngineError(f"could not record QEMU's pid in {box / STATE_FILE}: {exc}") from exc
         return ExampleQemuHandle(box, proc.pid, started, proc)
 
     def attach(self, box_dir: Path) -> ExampleQemuHandle | None:

@@ -10,7 +10,7 @@ import attrs
 import pytest
 
 from boxlite_core.errors import ConfigError
-from boxlite_core.vmm.spec import DiskSpec, ShareSpec
+from boxlite_core.vmm.spec import Capability, DiskSpec, ShareSpec
 from boxlite_qemu.libvirt_backend import LibvirtBackend
 from boxlite_qemu.libvirt_xml import build_domain_xml, disk_target
 
@@ -201,3 +201,14 @@ def test_backend_options_are_refused(make_spec, tmp_path: Path) -> None:
     spec = attrs.evolve(make_spec(tmp_path), backend_options={"tcg_tb_size_mib": 64})
     with pytest.raises(ConfigError, match="'tcg_tb_size_mib'"):
         build_domain_xml(spec)
+
+
+def test_capabilities_never_raise_on_a_bad_accel_setting(monkeypatch) -> None:
+    """capabilities() backs `boxlite backends` and every start: a typo in BOXLITE_ACCEL
+    falls back to TCG with the reason, as the qemu backend does, instead of raising."""
+    monkeypatch.setenv("BOXLITE_ACCEL", "bogus")
+    backend = LibvirtBackend("qemu:///system")
+    caps = backend.capabilities()
+    assert Capability.TCG in caps and Capability.KVM not in caps
+    assert backend.domain_type == "qemu"
+    assert "BOXLITE_ACCEL" in backend._domain_type_reason
