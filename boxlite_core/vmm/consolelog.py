@@ -162,6 +162,13 @@ def start_pipe_writer(out: Path, max_bytes: int = DAEMON_LOG_MAX_BYTES,
         raise ConfigError(f"log cap {max_bytes} bytes for {out}: must be > 0")
     argv = [sys.executable, "-I", _WRITER, "--stdin", "--out", str(out),
             "--max-bytes", str(int(max_bytes)), "--backups", str(int(backups))]
+    # the log exists when this returns: the writer opens it a few ms later (much later on a
+    # loaded host), and a caller pointing the user at the log must never name a missing file
+    try:
+        os.close(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        raise EngineError(f"could not create the log {out}: {exc}") from exc
     read_fd, write_fd = os.pipe()
     try:
         proc = subprocess.Popen(
