@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from boxlite_core.errors import GuestError, StateError
 from boxlite_core.models import BoxStatus
 from boxlite_core.runtime.records import identity_alive, process_identity
 from boxlite_core.vmm.procstat import start_time
+from boxlite_testing import waits
 from boxlite_testing.orphans import naming
 from boxlite_testing.runtime_doubles import make_runtime, opts
 
@@ -42,14 +42,7 @@ POLL_LIMIT = 60.0  # seconds; a bound on a wait for an event, not a timing
 
 
 def wait_for(what: str, check, limit: float = POLL_LIMIT):
-    deadline = time.monotonic() + limit
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return waits.wait_for(what, check, limit)
 
 
 def start_in_child(tmp_path: Path, name: str) -> subprocess.Popen[bytes]:

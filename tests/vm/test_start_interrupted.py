@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ import pytest
 from boxlite_core.models import BoxOptions
 from boxlite_core.runtime.runtime import Runtime
 from boxlite_core.tools import find_tool
+from boxlite_testing import waits
 from boxlite_testing.cli import boxlite_env
 from boxlite_testing.homes import unique
 from boxlite_testing.orphans import naming
@@ -60,14 +60,7 @@ def has(procs: list[tuple[int, str]], word: str) -> bool:
 
 
 def wait_for(what: str, check, limit: float = LIMIT):
-    deadline = time.monotonic() + limit
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit:.0f}s waiting for {what}")
-        time.sleep(0.02)
+    return waits.wait_for(what, check, limit, interval=0.02)
 
 
 def stage_of(home: Path, box_id: str) -> str | None:
