@@ -108,6 +108,7 @@ class SerialBridge(Transport):
         self._is_alive = is_alive
         self._console_tail = console_tail
         self._closed = threading.Event()
+        self._closing = False  # close() was called (a lost port sets only _closed)
         self._active: list[socket.socket] = []
         with contextlib.suppress(FileNotFoundError):
             bridge_path.unlink()
@@ -166,9 +167,14 @@ class SerialBridge(Transport):
                 # attach again; an instant re-attach could go unnoticed and never bring READY.
                 self._closed.wait(self._reopen_delay)
                 self._pending = self._reopen()
+                if self._closing:  # the failed re-open is ours, not the VM's: do not report it
+                    if self._pending is not None:
+                        self._pending[0].close()
+                    return
                 self._log("READY again" if self._pending else f"re-open: {self.last_error}")
 
     def close(self) -> None:
+        self._closing = True
         self._closed.set()
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
