@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,7 +30,7 @@ import attrs
 
 from ..errors import UnsupportedError
 from ..models import JsonValue
-from .spec import Capability, ChannelKind, Handshake, ProbeResult, VmSpec
+from .spec import Capability, ChannelKind, DiskSwitch, Handshake, ProbeResult, VmSpec
 
 
 @attrs.frozen
@@ -145,12 +145,43 @@ class VmHandle(abc.ABC):
         """
         raise UnsupportedError(self._unsupported("resume"))
 
-    def _unsupported(self, operation: str) -> str:
+    def save_state(
+        self,
+        directory: Path,
+        *,
+        switch_disks: Sequence[DiskSwitch] = (),
+        resume: bool = True,
+    ) -> None:
+        """Save the VM's memory and device state into ``directory``; only for backends
+        declaring :attr:`~boxlite_core.vmm.spec.Capability.SNAPSHOT`.
+
+        The VM is paused for the save (a paused VM stays paused). Then each
+        :class:`~boxlite_core.vmm.spec.DiskSwitch` is carried out while it is paused, so the
+        saved memory and the frozen disks are of the same instant. With ``resume`` the VM runs
+        again afterwards, as if nothing happened (its agent connection may be re-opened);
+        without it the VM is left paused.
+
+        ``directory`` exists and is empty; write only inside it, any files the backend's
+        :meth:`VmmBackend.plan` needs to restore from it (``VmSpec.restore_from``). The core
+        records a digest and the size of every file there and refuses to restore from a
+        directory that changed. Disk content is never saved here: the core keeps disks.
+
+        Raises:
+            UnsupportedError: this backend cannot save state (this default), or this VM
+                cannot be saved now, naming why (QEMU refuses while a 9p share is mounted
+                in the guest, and always for vhost-user devices such as virtiofs).
+            StateError: the VM is not running.
+            EngineError: the VMM failed or timed out during the save; the VM is resumed if
+                ``resume`` (best effort) and ``directory`` may hold partial files.
+        """
+        raise UnsupportedError(self._unsupported("save the state of", "snapshot"))
+
+    def _unsupported(self, operation: str, capability: str = "pause") -> str:
         cls = type(self)
         return (
             f"{cls.__name__} (backend package {cls.__module__.partition('.')[0]}) cannot "
-            f"{operation} a VM: the backend does not declare the 'pause' capability; use a "
-            "backend that does (`boxlite backends` lists them)"
+            f"{operation} a VM: the backend does not declare the {capability!r} capability; "
+            "use a backend that does (`boxlite backends` lists them)"
         )
 
     def release(self) -> None:
@@ -211,7 +242,11 @@ class VmmBackend(abc.ABC):
         found) but must not write anything: no files, directories, sockets or processes;
         the box directory may not exist yet. :meth:`launch` does the writing.
 
+        With ``spec.restore_from`` set (SNAPSHOT backends only) the plan restores the state
+        saved there instead of booting: same devices, the spec's own files behind them.
+
         Raises:
+            UnsupportedError: ``spec.restore_from`` is set and this backend cannot restore.
             ConfigError: the spec asks for what this backend cannot do (a disk format,
                 share kind or channel kind it lacks, a socket path over the unix limit, too
                 many vCPUs, an unknown ``backend_options`` key), naming the field and the fix.
@@ -222,7 +257,9 @@ class VmmBackend(abc.ABC):
     def launch(self, plan: LaunchPlan) -> VmHandle:
         """Start the VM described by ``plan`` and return at once (do not wait for the guest).
 
-        Returns when the VMM runs (e.g. QEMU answers QMP), before the guest has booted. The
+        Returns when the VMM runs (e.g. QEMU answers QMP), before the guest has booted; for a
+        plan restoring ``spec.restore_from``, once the saved state is loaded and the VM runs
+        again (its agent then answers within a second or so, no boot). The
         agent socket (``plan.spec.agent.socket``), which the backend creates as a server, may
         appear only after this returns: the core waits for it, and for the agent behind it,
         up to its boot timeout, while polling the handle's :meth:`VmHandle.is_running`.
@@ -236,6 +273,23 @@ class VmmBackend(abc.ABC):
                 message carries the VMM's last log lines. Nothing of this VM is left running.
             StateError: a VM of this box is already running under the VMM's name for it.
         """
+
+    def snapshot_compat(self, spec: VmSpec) -> str:
+        """What must be equal between the VM that saved a state and the one restoring it,
+        beyond the spec's device layout (which the core compares itself): e.g. the VMM's
+        version and binary, the accelerator. Backends declaring ``Capability.SNAPSHOT``
+        override it; the core keys boot templates and checks snapshots with it, so a VMM
+        upgrade makes old states unused instead of failing to load.
+
+        Raises:
+            UnsupportedError: this backend cannot save state (this default), or a VM of this
+                spec could not be saved, naming why (e.g. a device that cannot migrate, such
+                as QEMU's vhost-user-fs before 8.2). Cheap: no VM is started.
+        """
+        raise UnsupportedError(
+            f"backend {self.name!r} cannot save or restore a VM's state (it does not declare "
+            "the 'snapshot' capability)"
+        )
 
     @abc.abstractmethod
     def attach(self, box_dir: Path) -> VmHandle | None:

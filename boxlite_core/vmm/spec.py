@@ -28,6 +28,7 @@ __all__ = [
     "CapabilityGroup",
     "ChannelKind",
     "DiskSpec",
+    "DiskSwitch",
     "GuestHints",
     "Handshake",
     "ProbeResult",
@@ -54,7 +55,8 @@ class Capability(enum.StrEnum):
       and ``raw`` disks (``DiskSpec.format``), and the agent channel it maps,
       ``virtio-serial`` or ``vsock`` (its ``channel_kind``).
     * operations — what it can do to a running VM: ``pause`` (``VmHandle.pause``/``resume``),
-      ``snapshot`` (no contract method yet; the suite's snapshot tier skips), ``attach``
+      ``snapshot`` (``VmHandle.save_state``, ``VmSpec.restore_from`` and
+      ``VmmBackend.snapshot_compat``: boot templates, snapshots and fork), ``attach``
       (``VmmBackend.attach`` re-adopts a VM another process launched).
     * acceleration — how it runs guests on this host: ``kvm``, ``hvf`` (hardware) or ``tcg``
       (software emulation). Declare only what the host really gives:
@@ -115,6 +117,24 @@ class DiskSpec:
             "read_only": self.read_only,
             "serial": self.serial,
         }
+
+
+@attrs.frozen
+class DiskSwitch:
+    """Move a running VM's writable disk onto a new qcow2 overlay while its state is saved.
+
+    ``VmHandle.save_state(..., switch_disks=...)`` takes these. Before the call the VM writes
+    the disk whose ``DiskSpec.serial`` is ``serial`` at ``path``; the core has created
+    ``overlay``, a qcow2 whose backing file holds ``path``'s content (the core keeps that
+    content under another name: it becomes the frozen disk of a snapshot). While the VM is
+    paused the backend makes the VM write to ``overlay`` from then on, and before
+    ``save_state`` returns renames ``overlay`` to ``path``: the box keeps its disk's name, the
+    frozen content is never written again, and nothing is copied.
+    """
+
+    serial: str
+    path: Path = attrs.field(converter=Path)
+    overlay: Path = attrs.field(converter=Path)
 
 
 @attrs.frozen
@@ -295,6 +315,14 @@ class VmSpec:
     backend fails loudly instead of being ignored. The runtime sets none today; they are for
     benchmarks, tests and vendors that build specs themselves. Values must be JSON (the spec
     is written to the box's plan.json).
+
+    ``restore_from`` (backends declaring ``Capability.SNAPSHOT``): instead of booting the
+    kernel, the VM continues from the memory and device state saved there. The core sets it
+    only for a spec whose device layout (machine, cpus, memory, kernel, initrd, cmdline, and
+    the disks and shares in order with their formats, serials, tags and virtual sizes) equals
+    the saved VM's, and whose ``VmmBackend.snapshot_compat`` string is the one recorded at
+    save time; the files behind the disks and shares may differ (that is how one template
+    serves every box). ``launch`` returns once the VM runs again.
     """
 
     box_id: str
@@ -314,6 +342,9 @@ class VmSpec:
     backend_options: Mapping[str, JsonValue] = attrs.field(factory=dict)
     #: bytes each guest console file may hold before it is rotated (the guest feeds it)
     console_log_max_bytes: int = 4 * 1024 * 1024
+    #: a directory ``VmHandle.save_state`` wrote (a boot template or a snapshot) for a VM with
+    #: this spec's device layout; None boots the kernel (see the class docs above)
+    restore_from: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
 
     def to_dict(self) -> JsonObject:
         return {
@@ -333,6 +364,7 @@ class VmSpec:
             "guest": self.guest.to_dict(),
             "backend_options": dict(self.backend_options),
             "console_log_max_bytes": self.console_log_max_bytes,
+            "restore_from": str(self.restore_from) if self.restore_from else None,
         }
 
 
