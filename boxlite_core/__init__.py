@@ -20,6 +20,7 @@ _LAZY = {
     "Runtime": "boxlite_core.runtime.runtime",
     "AsyncRuntime": "boxlite_core.runtime.aio",
     "Box": "boxlite_core.runtime.box",
+    "Snapshot": "boxlite_core.runtime.snapshots",
     "BoxOptions": "boxlite_core.models",
     "VolumeSpec": "boxlite_core.models",
     "ExecResult": "boxlite_core.models",

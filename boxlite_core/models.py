@@ -268,6 +268,11 @@ def _volumes_validator(_inst: object, _attr: object, value: tuple[VolumeSpec, ..
         seen.add(target)
 
 
+def _snapshot_validator(_inst: object, _attr: object, value: str | None) -> None:
+    if value is not None and not _NAME_RE.match(value):
+        raise invalid("snapshot", value, "a snapshot name: 1-63 letters, digits, '_', '.' or '-'")
+
+
 def _console_cap_validator(_inst: object, _attr: object, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
         raise invalid("console_log_max_mib", value, "must be a whole number of MiB, 1 to 65536")
@@ -296,6 +301,12 @@ class BoxOptions:
     #: cap of each guest console file on the host, MiB (rotated: at most 3 files per box);
     #: the guest decides how much it writes, so the host bounds what it keeps
     console_log_max_mib: int = attrs.field(default=4, validator=_console_cap_validator)
+    #: start from a boot template when one fits (a saved VM: ~1 s instead of a kernel boot);
+    #: False always boots the kernel (``BOXLITE_TEMPLATES=off`` does so for every box)
+    template: bool = True
+    #: the snapshot this box continues from on its first start (``boxlite snapshot ls``);
+    #: its image, resources and volumes come from the snapshot's box
+    snapshot: str | None = attrs.field(default=None, validator=_snapshot_validator)
 
     def __attrs_post_init__(self) -> None:
         if not self.image:

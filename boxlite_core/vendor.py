@@ -31,6 +31,12 @@ The map:
   :func:`start_writer` (before the VMM) to copy it into ``spec.console_log`` under
   ``spec.console_log_max_bytes``, rotating; :func:`wait_writer` lets it drain once the VMM
   exited, :func:`stop_writer` ends it (any process, any number of times).
+* Snapshots (optional: declare ``Capability.SNAPSHOT``) — ``VmHandle.save_state(directory,
+  switch_disks=..., resume=...)`` writes the VM's memory and device state into a directory
+  and carries out each :class:`DiskSwitch` (the VM goes on writing a new qcow2 overlay while
+  the old file is frozen); ``VmmBackend.snapshot_compat(spec)`` names what else must match
+  for a restore (VMM version…); a spec with ``restore_from`` set must restore that state
+  instead of booting. The core builds boot templates, snapshots and fork on these three.
 * Errors — raise these, never bare exceptions: :class:`ConfigError` (a spec or setting you
   cannot do; :class:`ToolMissingError` for a missing program), :class:`EngineError` (the VMM
   failed), :class:`UnsupportedError` (an operation you do not offer), :class:`StateError`

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from . import libc
+from .blockdev import flush_block_device
 from .pid1 import log
 
 NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
@@ -29,6 +30,14 @@ def find_disk(serial: str) -> str:
         except OSError:
             continue
     raise FileNotFoundError(f"no virtio-blk disk with serial {serial!r} in /sys/block/vd*")
+
+
+def fresh_disk(serial: str) -> str:
+    """find_disk, its buffer cache dropped: a template-restored guest may hold sectors of the
+    disk the template was made with (blockdev.flush_block_device; a failure is logged)."""
+    disk = find_disk(serial)
+    flush_block_device(disk)
+    return disk
 
 
 def mount_share(
@@ -127,7 +136,7 @@ def init_container(state_dir: str, cfg) -> str:
     _mkdirs(root)
     kind = cfg.WhichOneof("rootfs")
     if kind == "disk":
-        disk = find_disk(cfg.disk.serial)
+        disk = fresh_disk(cfg.disk.serial)
         libc.mount(
             disk, root, cfg.disk.fstype or "ext4", libc.MS_RDONLY if cfg.disk.read_only else 0
         )
@@ -153,7 +162,7 @@ def init_container(state_dir: str, cfg) -> str:
         _mkdirs(upper_mnt)
         if cfg.layers.upper_serial:
             libc.mount(
-                find_disk(cfg.layers.upper_serial), upper_mnt, cfg.layers.upper_fstype or "ext4"
+                fresh_disk(cfg.layers.upper_serial), upper_mnt, cfg.layers.upper_fstype or "ext4"
             )
         else:  # no disk given: a tmpfs upper (changes are lost at shutdown)
             libc.mount("tmpfs", upper_mnt, "tmpfs", 0, "mode=755")
@@ -179,11 +188,12 @@ def init_container(state_dir: str, cfg) -> str:
         mount_share(
             vol.tag, vol.fstype, target, read_only=vol.read_only, options=vol.options, volume=True
         )
-    if cfg.hostname:
-        libc.sethostname(cfg.hostname)
+    hostname = cfg.hostname or cfg.identity.hostname  # identity's: already set, not yet written
+    if hostname:
+        libc.sethostname(hostname)
         try:
             with open(safe_join(root, "etc/hostname"), "w") as fh:
-                fh.write(cfg.hostname + "\n")
+                fh.write(hostname + "\n")
         except (OSError, ValueError):
             pass  # read-only or missing /etc: the kernel hostname is what counts
     return root

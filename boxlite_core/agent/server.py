@@ -10,7 +10,7 @@ import grpc
 
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as rpc
-from . import VERSION, container, files, procs
+from . import VERSION, container, files, identity, procs
 from .pid1 import STARTED, Reaper, log, power_off
 
 MERGE_LIMIT = 1024 * 1024  # bytes per OutputChunk when coalescing
@@ -26,6 +26,8 @@ class Agent:
         self.root: str | None = None
         self.init_lock = threading.Lock()
         self.server: grpc.Server | None = None
+        # Only the guest's PID 1 steps the wall clock: a native agent (tests) shares the host's.
+        self.set_clock = identity.step_realtime if os.getpid() == 1 else None
 
     def require_root(self, context) -> str:
         if self.root is None:
@@ -79,6 +81,9 @@ class GuestService(rpc.GuestServicer):
                     f"the box is already initialised (root {self.agent.root})",
                 )
             try:
+                # First, before any mount: nothing of the Init may run on the image's RNG state.
+                if request.HasField("identity"):
+                    identity.apply_identity(request.identity, set_clock=self.agent.set_clock)
                 root = container.init_container(self.agent.state_dir, request)
             except Exception as exc:
                 log(f"Init failed: {exc}")
@@ -86,6 +91,16 @@ class GuestService(rpc.GuestServicer):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"Init failed: {exc}")
             self.agent.root = root
         return pb.InitReply(container_root=root)
+
+    def Reseed(self, request, context):
+        try:
+            applied = identity.apply_identity(
+                request.identity, root=self.agent.root, set_clock=self.agent.set_clock
+            )
+        except Exception as exc:
+            log(f"Reseed failed: {exc}")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"Reseed failed: {exc}")
+        return pb.ReseedReply(boot_id=applied.boot_id, clock_step=applied.clock_step)
 
     def Shutdown(self, request, context):
         # Reply first; the power-off happens once the reply had a moment to leave.

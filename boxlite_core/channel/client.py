@@ -21,12 +21,13 @@ from google.protobuf import json_format
 
 from .. import envvars
 from ..errors import GuestError
-from ..models import ExitStatus
+from ..models import ExitStatus, JsonObject
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as rpc
 from ..proto.wire import AGENT_VSOCK_PORT
 from ..vmm.spec import Handshake
 from . import transport as _transport
+from .identity import Reseeded
 from .port import dead_error
 from .shimctl import ShimTransport, stop_shim
 from .target import MAX_GUEST_MESSAGE, Transport
@@ -218,11 +219,14 @@ class AgentClient:
         console_tail: Callable[[], str] = lambda: "",
         handshake: str = Handshake.NONE,
         vsock_port: int = AGENT_VSOCK_PORT,
+        ready_retry: float | None = None,
     ) -> AgentClient:
         """Wait for the agent (racing VM death and timeout), then check it answers a Ping.
 
         ``kind``, ``socket_path``, ``handshake`` and ``vsock_port`` are the spec's
-        :class:`~boxlite_core.vmm.spec.AgentChannel` (see transport.connect).
+        :class:`~boxlite_core.vmm.spec.AgentChannel` (see transport.connect);
+        ``ready_retry`` (seconds, virtio-serial) re-attaches a port that brought no READY in
+        that time: for a restored VM, whose agent may hold its saved host's session.
         """
         deadline = time.monotonic() + timeout
         resets = 0
@@ -236,6 +240,7 @@ class AgentClient:
                 console_tail=console_tail,
                 handshake=handshake,
                 vsock_port=vsock_port,
+                ready_retry=ready_retry,
             )
             client = cls(t, is_alive=is_alive, console_tail=console_tail)
             try:
@@ -358,12 +363,33 @@ class AgentClient:
         {"layers": {"layers": [{"tag": "l0", "fstype": "virtiofs"}, ...],     # bottom first
                     "upper_serial": "upper", "upper_fstype": "ext4"}}
         + "volumes": [{"tag", "fstype", "guest_path", "read_only", "options"}], "hostname": str
+        + "identity": channel.identity.host_identity(name)   # applied first, before any mount
         """
         try:
             request = json_format.ParseDict(config, pb.InitRequest())
         except json_format.ParseError as exc:
             raise GuestError(f"bad guest init config: {exc}") from None
         self._unary(self._guest.Init, request, "init", timeout=180)
+
+    def reseed(self, identity: JsonObject) -> Reseeded:
+        """Give a running guest a new identity (a box restored from a snapshot gets no Init).
+
+        ``identity``: channel.identity.host_identity(name), made right before this call.
+        Returns {"boot_id": str, "clock_step": float}: the guest's boot_id (clones of one
+        snapshot share it) and the seconds its wall clock moved (positive: it was behind).
+
+        Raises:
+            GuestError: a malformed identity, or the guest could not apply it (it says why),
+                or the agent did not answer within 30 s.
+        """
+        try:
+            message = json_format.ParseDict(identity, pb.Identity())
+        except json_format.ParseError as exc:
+            raise GuestError(f"bad guest identity: {exc}") from None
+        reply = self._unary(
+            self._guest.Reseed, pb.ReseedRequest(identity=message), "reseed", timeout=30
+        )
+        return {"boot_id": reply.boot_id, "clock_step": reply.clock_step}
 
     def exec(
         self,

@@ -158,10 +158,16 @@ class Forwarder(grpc.GenericRpcHandler):
 
 
 class Shim:
-    def __init__(self, box_dir: Path, port: Path, timeout: float) -> None:
+    def __init__(
+        self, box_dir: Path, port: Path, timeout: float, ready_retry: float | None = None
+    ) -> None:
         self.box_dir = box_dir.absolute()
         self.port = port.absolute()
         self.timeout = timeout
+        #: a restored VM's agent may still serve its saved host's session, and QEMU tells
+        #: it the host changed only if the saved and the new host's connection states differ:
+        #: when READY does not come, a detach + re-attach tells it
+        self.ready_retry = ready_retry
         self.socket_path = self.box_dir / SHIM_SOCK_NAME
         self.bridge_path = self.box_dir / PRIVATE_BRIDGE_NAME
         self.done = threading.Event()
@@ -186,6 +192,8 @@ class Shim:
             deadline=time.monotonic() + self.timeout,
             is_alive=self._alive,
             console_tail=lambda: "",
+            ready_timeout=self.ready_retry,
+            log=_log,
         )
         _log(f"READY on {self.port}")
         self.bridge = SerialBridge(
@@ -243,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--box-dir", type=Path, required=True)
     ap.add_argument("--port", type=Path, help="the agent port socket (default BOXDIR/agent.port)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for READY")
+    ap.add_argument("--ready-retry", type=float, default=None,
+                    help="re-attach the port when READY takes longer (a restored VM)")
     ap.add_argument("--log-max-bytes", type=int, default=LOG_MAX_BYTES,
                     help="cap of BOXDIR/shim.log and each of its 2 rotated copies")
     args = ap.parse_args(argv)
@@ -262,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    shim = Shim(args.box_dir, args.port or args.box_dir / PORT_NAME, args.timeout)
+    shim = Shim(args.box_dir, args.port or args.box_dir / PORT_NAME, args.timeout,
+                args.ready_retry)
 
     def on_signal(signum: int, _frame: object) -> None:
         shim.exit_reason = f"signal {signal.Signals(signum).name}"

@@ -73,7 +73,9 @@ def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
-def _spawn_shim(box_dir: Path, port_path: Path, timeout: float) -> subprocess.Popen:
+def _spawn_shim(
+    box_dir: Path, port_path: Path, timeout: float, ready_retry: float | None = None
+) -> subprocess.Popen:
     env = dict(os.environ)
     root = _package_root()  # the shim must import the same boxlite_core as this process
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -87,6 +89,7 @@ def _spawn_shim(box_dir: Path, port_path: Path, timeout: float) -> subprocess.Po
         str(port_path.absolute()),
         "--timeout",
         str(timeout),
+        *(("--ready-retry", str(ready_retry)) if ready_retry else ()),
     ]
     with open(box_dir / SHIM_LOG, "ab") as log:
         proc = subprocess.Popen(
@@ -117,9 +120,11 @@ def connect_shim(
     timeout: float,
     is_alive: Callable[[], bool],
     console_tail: Callable[[], str],
+    ready_retry: float | None = None,
 ) -> ShimTransport:
     """Dial the box's live shim, or start one and wait until it serves (it has seen READY),
-    racing the timeout, the VM's death and the shim's own death."""
+    racing the timeout, the VM's death and the shim's own death. ``ready_retry``: see
+    ``AgentClient.connect``."""
     box_dir = Path(box_dir)
     deadline = time.monotonic() + timeout
     info = live_shim(box_dir)
@@ -144,7 +149,8 @@ def connect_shim(
         info = live_shim(box_dir)
         if info is not None:
             return ShimTransport(box_dir, int(info["pid"]))
-        proc = _spawn_shim(box_dir, port_path, max(1.0, deadline - time.monotonic()))
+        proc = _spawn_shim(box_dir, port_path, max(1.0, deadline - time.monotonic()),
+                           ready_retry)
         try:
             while True:
                 info = _read_shim_info(box_dir)

@@ -62,6 +62,7 @@ def connect(
     console_tail: Callable[[], str] = lambda: "",
     handshake: str = Handshake.NONE,
     vsock_port: int = AGENT_VSOCK_PORT,
+    ready_retry: float | None = None,
 ) -> Transport:
     """A transport to the box's agent (``kind``, ``socket_path``, ``handshake`` and
     ``vsock_port`` as in the spec's :class:`~boxlite_core.vmm.spec.AgentChannel`).
@@ -78,7 +79,8 @@ def connect(
     if kind == ChannelKind.VIRTIO_SERIAL:
         port_path = Path(socket_path) if socket_path else box_dir / PORT_NAME
         return connect_shim(
-            box_dir, port_path, timeout=timeout, is_alive=is_alive, console_tail=console_tail
+            box_dir, port_path, timeout=timeout, is_alive=is_alive, console_tail=console_tail,
+            ready_retry=ready_retry,
         )
     if kind == INPROC:
         port_path = Path(socket_path) if socket_path else box_dir / PORT_NAME

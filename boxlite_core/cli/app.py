@@ -1,15 +1,16 @@
 """The `boxlite` click group: every command, gathered from the module for its concern.
 
-boxes.py (ls, inspect, rm, start, stop, pause, resume, logs, metrics), run.py (run, exec),
-files.py (cp), images.py (images …, pull), guest.py (guest build), host.py (backends,
-doctor). Each module lists what it adds in ``COMMANDS``; main.py runs the group.
+boxes.py (ls, inspect, rm, start, stop, pause, resume, logs, metrics), run.py (run, create,
+exec), files.py (cp), images.py (images …, pull), guest.py (guest build), host.py (backends,
+doctor), snapshots.py (snapshot save/ls/rm, fork), templates.py (templates ls/rm/prune).
+Each module lists what it adds in ``COMMANDS``; main.py runs the group.
 """
 
 from __future__ import annotations
 
 import click
 
-from . import boxes, files, guest, host, images, run
+from . import boxes, files, guest, host, images, run, snapshots, templates
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +19,6 @@ def cli() -> None:
     """boxlite: run untrusted code in micro-VMs."""
 
 
-for _module in (boxes, run, files, images, guest, host):
+for _module in (boxes, run, files, images, guest, host, snapshots, templates):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

@@ -72,6 +72,32 @@ def _disk(home: Path) -> Check:
     return Check("disk", "ok", detail)
 
 
+def _saved_vms(home: Path, kit_id: str | None) -> Check:
+    """Boot templates and snapshots of ``home``: how many and the bytes they hold, with a
+    warning for templates no start can use (broken, or of another guest kit than
+    ``kit_id``, the current one; None: not built)."""
+    from ..runtime.templates import TemplateStore
+    from .snapshots import size_text
+
+    store = TemplateStore(home)
+    infos = store.list()
+    unusable = len(store.broken()) + sum(1 for t in infos if t.kit_id != kit_id)
+    detail = (f"{len(infos)} boot template(s) "
+              f"({size_text(sum(t.state.size_bytes for t in infos))})")
+    db_path = home / "boxlite.db"
+    if db_path.exists():  # no database yet: no snapshot either (and none is created here)
+        from ..runtime.snapshots import SnapshotStore
+        from ..state.db import Database
+
+        snaps = [s.to_dict() for s in SnapshotStore(Database(db_path), home).list()]
+        usage = sum(int(u) for s in snaps if isinstance(u := s.get("disk_usage_bytes"), int))
+        detail += f", {len(snaps)} snapshot(s) ({size_text(usage)})"
+    if unusable:
+        return Check("templates", "warn", f"{detail}; {unusable} broken or of another guest "
+                     "kit", "boxlite templates prune")
+    return Check("templates", "ok", detail)
+
+
 def run_checks() -> list[Check]:
     from ..plugins import PluginRegistry
     from ..runtime.runtime import default_home
@@ -111,4 +137,8 @@ def run_checks() -> list[Check]:
                                 "boxlite guest build"))
         else:
             checks.append(Check("guest kit", "ok", f"{kit.kit_id} in {kit.directory}"))
+        try:
+            checks.append(_saved_vms(home, kit.kit_id if kit is not None else None))
+        except Exception as exc:
+            checks.append(Check("templates", "warn", f"cannot check: {exc}", ""))
     return checks

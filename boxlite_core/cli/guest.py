@@ -1,4 +1,7 @@
-"""`boxlite guest build`: the guest kit (kernel, initramfs, agent root image) in the cache."""
+"""`boxlite guest build`: the guest kit (kernel, initramfs, agent root image) in the cache.
+
+A build also removes the boot templates of other kits (:mod:`.templates`): they hold a
+booted guest of the old kit, which no start uses any more."""
 
 from __future__ import annotations
 
@@ -18,9 +21,17 @@ def guest_build(force: bool) -> int:
     """Build (or find) the guest kit in the cache."""
     from ..kit import build_kit
     from ..runtime.runtime import default_home
+    from ..runtime.templates import TemplateStore
+    from .templates import prune_other_kits
 
+    home = default_home()
     with Reporter() as progress:
-        kit = build_kit(default_home(), progress=progress, force=force)
+        kit = build_kit(home, progress=progress, force=force)
+    # a template holds a booted guest of one kit: no start of another kit can use it
+    removed = prune_other_kits(TemplateStore(home), kit.kit_id)
+    if removed:
+        click.echo(f"removed {len(removed)} boot template(s): broken or of other guest kits",
+                   err=True)
     click.echo(f"{kit.kit_id} {kit.directory}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Commands that run something in a box: `run` (create, start, run, stop) and `exec`.
+"""Commands that run something in a box: `run` (create, start, run, stop) and `exec`; and
+`create` (a box to `start` later), which shares `run`'s box options.
 
 Exit codes follow a shell: the command's own code, 128+N for a signal, 124 for a timeout, 141
 after our stdout closed (``| head``: the command in the box is SIGKILLed, as a shell pipeline's
@@ -14,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import click
@@ -146,42 +147,139 @@ def _end_command(execution: RunningCommand, signum: int) -> None:
 _EXEC_CONTEXT = {"allow_interspersed_args": False}
 
 
+#: what `run` and `create` say about the box. Unset options stay None (or empty) and are not
+#: passed on: BoxOptions' defaults apply, and a box from --snapshot takes its snapshot's value
+#: (the runtime refuses an image, cpus, memory, volumes... that differ from the snapshot's)
+_BOX_OPTIONS = (
+    click.option("--backend", default=None, help="VMM backend (see `boxlite backends`)"),
+    click.option("--rm", "auto_remove", is_flag=True, help="remove the box when it stops"),
+    click.option("--name", default=None, help="box name (unique)"),
+    click.option("-v", "--volume", "volumes", multiple=True, help="HOST:GUEST[:ro]"),
+    click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE"),
+    click.option("-w", "--workdir", default=None, help="working directory in the box"),
+    click.option("-u", "--user", default=None, help="user[:group] in the box"),
+    click.option("--cpus", type=int, default=None, help="[default: 1]"),
+    click.option("--memory", "memory", type=int, default=None, help="MiB  [default: 512]"),
+    click.option("--rootfs", default=None, help="disk | merged | layers  [default: disk]"),
+    click.option("--sharer", default=None, help="volume sharer: virtiofs | 9p"),
+    click.option("--console-log-max-mib", "console_mib", type=int, default=None,
+                 help="cap of each guest console file on the host (rotated, 3 kept)  "
+                      "[default: 4]"),
+    click.option("--snapshot", default=None, metavar="NAME",
+                 help="continue snapshot NAME's VM (`boxlite snapshot ls`): no IMAGE; "
+                      "image, resources and volumes are the snapshot's"),
+    click.option("--no-template", "no_template", is_flag=True,
+                 help="boot the kernel even if a boot template fits (slower, ~6 s)"),
+)
+
+
+def _box_options(command: Callable[..., int]) -> Callable[..., int]:
+    """Add :data:`_BOX_OPTIONS` to ``command`` (`run`, `create`), in that order in --help."""
+    for option in reversed(_BOX_OPTIONS):
+        command = option(command)
+    return command
+
+
+def box_options(
+    *, image: str | None, snapshot: str | None, no_template: bool, backend: str | None,
+    auto_remove: bool, name: str | None, volumes: tuple[str, ...], env: tuple[str, ...],
+    workdir: str | None, user: str | None, cpus: int | None, memory: int | None,
+    rootfs: str | None, sharer: str | None, console_mib: int | None,
+) -> tuple[BoxOptions, frozenset[str]]:
+    """The BoxOptions of `run`/`create` and the names of the fields the user set: only those
+    are passed, so a box from ``snapshot`` is refused an option only when the user gave one
+    (never for a CLI default).
+
+    Raises:
+        ConfigError: an invalid option, or -e KEY not set on the host (:func:`parse_env`).
+    """
+    given: dict[str, object] = {
+        "image": image, "backend": backend, "cpus": cpus, "memory_mib": memory,
+        "workdir": workdir, "user": user, "name": name, "rootfs": rootfs,
+        "volume_sharer": sharer, "console_log_max_mib": console_mib, "snapshot": snapshot,
+    }
+    set_options = {key: value for key, value in given.items() if value is not None}
+    options = BoxOptions(
+        env=parse_env(env), volumes=volumes, auto_remove=auto_remove,
+        template=not no_template, **set_options,  # type: ignore[arg-type]
+    )
+    return options, frozenset(set_options) | ({"volumes"} if volumes else set())
+
+
+def check_snapshot_options(rt: Runtime, options: BoxOptions, given: frozenset[str]) -> None:
+    """For a box from a snapshot, refuse an option the user set to its default value when the
+    snapshot's differs (`--memory 512` for a 256 MiB snapshot). ``Runtime.create`` compares
+    with BoxOptions' defaults, so it cannot tell such a value from an unset one and would
+    take the snapshot's without a word; other differing values it refuses itself.
+
+    Raises:
+        NotFoundError: no such snapshot. ConfigError: such an option, named.
+    """
+    if options.snapshot is None:
+        return
+    from ..runtime.creation import FROM_SNAPSHOT
+
+    snap = rt.snapshot(options.snapshot)
+    defaults = BoxOptions()
+    for field in FROM_SNAPSHOT:
+        mine, theirs = getattr(options, field), getattr(snap.options, field)
+        if field in given and mine == getattr(defaults, field) and mine != theirs:
+            raise ConfigError(
+                f"{field}={mine!r}: a box created from snapshot {snap.name} continues its VM, "
+                f"so it has that box's {field} ({theirs!r}); leave {field} unset"
+            )
+
+
+def split_image(args: Sequence[str], snapshot: str | None) -> tuple[str | None, list[str]]:
+    """`run`'s positional arguments as (IMAGE, CMD): with --snapshot there is no IMAGE.
+
+    Raises:
+        ConfigError: no IMAGE and no --snapshot.
+    """
+    if snapshot is not None:
+        return None, _command(args)
+    if not args:
+        raise ConfigError("Missing argument 'IMAGE': boxlite run [OPTIONS] IMAGE [CMD]..., "
+                          "or --snapshot NAME [CMD]... to continue a snapshot")
+    return args[0], _command(args[1:])
+
+
 @click.command(context_settings=_EXEC_CONTEXT)
-@click.option("--backend", default=None, help="VMM backend (see `boxlite backends`)")
-@click.option("--rm", "auto_remove", is_flag=True, help="remove the box when it stops")
+@_box_options
 @click.option("-d", "--detach", is_flag=True, help="start, print the box id, leave it running")
-@click.option("--name", default=None, help="box name (unique)")
-@click.option("-v", "--volume", "volumes", multiple=True, help="HOST:GUEST[:ro]")
-@click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE")
-@click.option("-w", "--workdir", default=None, help="working directory in the box")
-@click.option("-u", "--user", default=None, help="user[:group] in the box")
-@click.option("--cpus", type=int, default=1, show_default=True)
-@click.option("--memory", "memory", type=int, default=512, show_default=True, help="MiB")
-@click.option("--rootfs", default="disk", show_default=True, help="disk | merged | layers")
-@click.option("--sharer", default=None, help="volume sharer: virtiofs | 9p")
 @click.option("--timeout", type=float, default=None, help="seconds before the command is killed")
 @click.option("-i", "--interactive", is_flag=True, help="feed our stdin to the command")
-@click.option("--console-log-max-mib", "console_mib", type=int, default=4, show_default=True,
-              help="cap of each guest console file on the host (rotated, 3 kept)")
-@click.argument("image")
-@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [CMD]...")
 def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         volumes: tuple[str, ...], env: tuple[str, ...], workdir: str | None, user: str | None,
-        cpus: int, memory: int, rootfs: str, sharer: str | None, timeout: float | None,
-        interactive: bool, console_mib: int, image: str, cmd: tuple[str, ...]) -> int:
-    """Create a box from IMAGE, start it, run CMD (or the image's Entrypoint+Cmd)."""
+        cpus: int | None, memory: int | None, rootfs: str | None, sharer: str | None,
+        timeout: float | None, interactive: bool, console_mib: int | None,
+        snapshot: str | None, no_template: bool, args: tuple[str, ...]) -> int:
+    """Create a box from IMAGE, start it, run CMD (or the image's Entrypoint+Cmd).
+
+    \b
+    With --snapshot NAME there is no IMAGE: every argument is CMD, run in a box that
+    continues snapshot NAME (its processes keep running; its image, cpus, memory and
+    volumes are the snapshot's: setting them is refused):
+      boxlite run --snapshot NAME [--name NEW] [CMD]...
+    The second start of a configuration restores a boot template instead of booting the
+    kernel (~1 s instead of ~6 s); --no-template or BOXLITE_TEMPLATES=off opt out.
+    """
     check_timeout("--timeout", timeout)
-    options = BoxOptions(
-        image=image, backend=backend, cpus=cpus, memory_mib=memory, env=parse_env(env),
-        workdir=workdir, user=user, volumes=volumes, name=name, rootfs=rootfs,
-        volume_sharer=sharer, auto_remove=auto_remove, console_log_max_mib=console_mib,
+    image, cmd = split_image(args, snapshot)
+    options, given = box_options(
+        image=image, snapshot=snapshot, no_template=no_template, backend=backend,
+        auto_remove=auto_remove, name=name, volumes=volumes, env=env, workdir=workdir,
+        user=user, cpus=cpus, memory=memory, rootfs=rootfs, sharer=sharer,
+        console_mib=console_mib,
     )
     if detach and interactive:
         raise ConfigError("-d and -i do not mix: a detached box has no stdin")
     rt = runtime()
+    check_snapshot_options(rt, options, given)
     box = rt.create(options)
     try:
-        argv = _command(cmd) or (None if detach else box.default_command())
+        argv = cmd or (None if detach else box.default_command())
         with Reporter(plain_off_tty=False) as progress:
             box.start(progress=progress)
         if detach:
@@ -209,6 +307,39 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
                 if primary is None:
                     raise
                 # the run already failed: that error is the one to report
+
+
+@click.command()
+@_box_options
+@click.argument("image", required=False)
+def create(backend: str | None, auto_remove: bool, name: str | None, volumes: tuple[str, ...],
+           env: tuple[str, ...], workdir: str | None, user: str | None, cpus: int | None,
+           memory: int | None, rootfs: str | None, sharer: str | None, console_mib: int | None,
+           snapshot: str | None, no_template: bool, image: str | None) -> int:
+    """Create a box from IMAGE without starting it; print its id. `boxlite start` boots it.
+
+    \b
+    With --snapshot NAME (and no IMAGE) the box continues snapshot NAME on its first
+    start, its processes still running:
+      boxlite create --snapshot NAME [--name NEW]
+    """
+    if image is None and snapshot is None:
+        raise ConfigError("Missing argument 'IMAGE': boxlite create [OPTIONS] IMAGE, or "
+                          "--snapshot NAME to continue a snapshot")
+    options, given = box_options(
+        image=image, snapshot=snapshot, no_template=no_template, backend=backend,
+        auto_remove=auto_remove, name=name, volumes=volumes, env=env, workdir=workdir,
+        user=user, cpus=cpus, memory=memory, rootfs=rootfs, sharer=sharer,
+        console_mib=console_mib,
+    )
+    rt = runtime()
+    try:
+        check_snapshot_options(rt, options, given)
+        box = rt.create(options)
+    finally:
+        rt.close()
+    click.echo(box.id)
+    return 0
 
 
 def _finish_run(rt: Runtime, box: Box, *, detach: bool, auto_remove: bool) -> None:
@@ -288,4 +419,4 @@ def exec_(interactive: bool, env: tuple[str, ...], workdir: str | None, user: st
 
 
 #: the commands this module adds to the top-level group
-COMMANDS = (run, exec_)
+COMMANDS = (run, create, exec_)

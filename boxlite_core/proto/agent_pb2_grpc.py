@@ -56,6 +56,11 @@ class GuestStub:
                 request_serializer=boxlite__core_dot_proto_dot_agent__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ProbeReply.FromString,
                 _registered_method=True)
+        self.Reseed = channel.unary_unary(
+                '/boxlite.agent.v1.Guest/Reseed',
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.ReseedRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ReseedReply.FromString,
+                _registered_method=True)
 
 
 class GuestServicer:
@@ -91,6 +96,14 @@ class GuestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reseed(self, request, context):
+        """Give a running guest a new identity, before or after Init: for a box restored from a user
+        snapshot, which gets no Init (its processes keep running). Errors: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GuestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_GuestServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ProbeRequest.FromString,
                     response_serializer=boxlite__core_dot_proto_dot_agent__pb2.ProbeReply.SerializeToString,
+            ),
+            'Reseed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reseed,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ReseedRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.ReseedReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +243,33 @@ class Guest:
             '/boxlite.agent.v1.Guest/Probe',
             boxlite__core_dot_proto_dot_agent__pb2.ProbeRequest.SerializeToString,
             boxlite__core_dot_proto_dot_agent__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reseed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/boxlite.agent.v1.Guest/Reseed',
+            boxlite__core_dot_proto_dot_agent__pb2.ReseedRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.ReseedReply.FromString,
             options,
             channel_credentials,
             insecure,

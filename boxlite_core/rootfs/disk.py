@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 OVERLAY_NAME = "rootfs.qcow2"
 SERIAL = "bxrootfs"
+#: the virtual size of a box's overlay unless ``disk_size_mib`` or the image asks for more;
+#: sparse (a qcow2 holds only what is written), and the ext4 inside keeps the base's size
+OVERLAY_VIRTUAL_MIB = 8192
 
 
 def base_cache_dir(home: Path) -> Path:
@@ -77,9 +80,9 @@ class DiskStrategy(RootfsStrategy):
         if not overlay.is_file():
             base = ensure_base(image, ctx)
             qemu_img = require_tool("qemu-img", why="create the box's qcow2 overlay")
-            size = base.stat().st_size
-            if ctx.disk_size_mib:
-                size = max(size, ctx.disk_size_mib * MIB)
+            # the guest sees this size, not the image's: boxes of every image then share one
+            # device layout, and so one boot template (runtime/templates.py)
+            size = max(base.stat().st_size, (ctx.disk_size_mib or OVERLAY_VIRTUAL_MIB) * MIB)
             Path(box_dir).mkdir(parents=True, exist_ok=True)
             ensure_free(box_dir, MIB, f"the qcow2 overlay {overlay}")
             tmp = overlay.with_suffix(".qcow2.tmp")

@@ -24,6 +24,7 @@ from .box import Box, BoxMetrics, Execution
 from .records import BoxRecord
 from .runtime import Runtime
 from .services import KitProvider, ProgressFn
+from .snapshots import Snapshot
 
 _DONE = object()
 #: what the event pump hands the consumer: an output chunk, the error, or the end
@@ -121,6 +122,15 @@ class AsyncBox:
 
     async def remove(self, force: bool = False) -> None:
         await asyncio.to_thread(self.sync.remove, force)
+
+    async def snapshot(self, name: str) -> Snapshot:
+        """See :meth:`Box.snapshot`."""
+        return await asyncio.to_thread(self.sync.snapshot, name)
+
+    async def fork(self, n: int = 1, *, name: str | None = None) -> list[AsyncBox]:
+        """See :meth:`Box.fork`."""
+        copies = await asyncio.to_thread(lambda: self.sync.fork(n, name=name))
+        return [AsyncBox(c) for c in copies]
 
     async def exec(
         self,
@@ -239,3 +249,9 @@ class AsyncRuntime:
 
     async def metrics(self) -> dict[str, int]:
         return await asyncio.to_thread(self._rt().metrics)
+
+    async def snapshots(self) -> list[Snapshot]:
+        return await asyncio.to_thread(self._rt().snapshots)
+
+    async def remove_snapshot(self, name: str) -> None:
+        await asyncio.to_thread(self._rt().remove_snapshot, name)

@@ -18,13 +18,15 @@ import logging
 import shutil
 import time
 
+from ..channel.shimctl import stop_shim
 from ..errors import ConfigError, NotFoundError, StateError, UnsupportedError
 from ..models import BoxStatus, check_timeout
 from ..vmm.base import VmHandle
 from ..vmm.spec import Capability
+from . import snapshots
 from .cleanup import CleanupGuard, settle_abandoned, starter_is_elsewhere, stop_box_processes
 from .link import ATTACH_TIMEOUT, BoxLink, paused_error
-from .pipeline import StartContext, run_stages
+from .pipeline import DETACH_SETTLE, StartContext, run_stages, writable_disks
 from .records import BoxRecord, process_identity
 from .services import ProgressFn
 
@@ -96,10 +98,15 @@ def start(link: BoxLink, progress: ProgressFn | None = None) -> None:
             record = services.store.update(link.id, backend=backend_name)
         if link.dir.exists():  # what an earlier run left (an old boxlite, a crash)
             stop_box_processes(services, record, link.dir)
+        snapshot_state = None
+        from_snapshot = bool(record.options.snapshot and not record.state.get("snapshot_restored"))
+        if from_snapshot:  # its first start continues the snapshot; later ones boot
+            assert record.options.snapshot is not None
+            snapshot_state = snapshots.saved_state(services.snapshots.get(record.options.snapshot))
         record = services.store.begin_start(link.id, process_identity())
         ctx = StartContext(
             services=services, record=record, box_dir=link.dir, backend=backend,
-            progress=progress,
+            progress=progress, snapshot_state=snapshot_state,
         )
         with CleanupGuard(ctx):
             run_stages(ctx)
@@ -120,6 +127,11 @@ def start(link: BoxLink, progress: ProgressFn | None = None) -> None:
                     "kit_id": ctx.kit.kit_id if ctx.kit is not None else None,
                     "image_config": image_config or record.state.get("image_config"),
                     "boots": int(record.state.get("boots", 0)) + 1,
+                    "boot": ctx.boot.to_dict(),
+                    "layout_key": ctx.layout_key,
+                    "layout_unsupported": ctx.layout_unsupported,
+                    "snapshot_restored": bool(record.state.get("snapshot_restored"))
+                    or from_snapshot,
                     "failed_stage": None,
                     "stop_reason": None,
                     "stage": None,  # started: no stage is running
@@ -276,3 +288,31 @@ def remove(link: BoxLink, force: bool = False) -> None:
         shutil.rmtree(box_dir, ignore_errors=True)
         services.store.delete(record.id)
     services.lock_path(record.id).unlink(missing_ok=True)
+    if record.options.snapshot or record.state.get("layout_key"):
+        # a fork's snapshot goes with the last box on its disks (the source included)
+        try:
+            snapshots.prune_auto(services.snapshots, list(services.box_dirs()))
+        except Exception as exc:  # the box is gone; a snapshot left is listed, not lost
+            log.warning("removing fork snapshots nothing uses failed: %s", exc)
+
+
+def snapshot(link: BoxLink, name: str, *, auto: bool = False) -> snapshots.Snapshot:
+    """Save a running (or paused) box as snapshot ``name``; it goes on as it was. See
+    :func:`boxlite_core.runtime.snapshots.take` for what is captured and raised."""
+    with link.exclusive():
+        record = link.refresh()
+        if record.status not in (BoxStatus.RUNNING, BoxStatus.PAUSED):
+            raise StateError(
+                f"box {link.name} is {record.status.value}; a snapshot saves a running box: "
+                f"`boxlite start {link.name}` first"
+            )
+        handle = _live_handle(link, record.status)
+        # saved with no host on the agent port, as boot templates are (pipeline.template_save
+        # says why); the next command here re-attaches
+        link.detach()
+        stop_shim(link.dir)
+        time.sleep(DETACH_SETTLE)
+        services = link.services
+        backend = services.plugins.backend(record.backend or "")
+        return snapshots.take(record, backend, handle, writable_disks(link.dir),
+                              services.snapshots, name, auto=auto)

@@ -17,6 +17,9 @@ leaves a record that says where it was and which processes to stop (cleanup.sett
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,14 +29,17 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .. import envvars
-from ..errors import ConfigError, GuestError
+from ..errors import BoxliteError, ConfigError, GuestError, StateError
 from ..models import HostShare, JsonObject
 from ..rootfs.base import RootfsArtifact, RootfsContext
 from ..vmm.consolelog import log_files, neutralise, tail_bytes, wait_writer
 from ..vmm.procstat import start_time as proc_start_time
 from ..vmm.spec import AgentChannel, Capability, ChannelKind, DiskSpec, ShareSpec, VmSpec
 from ..volumes.resolve import resolve_user_volumes
+from . import restore
+from .restore import BootChoice, FallBack
 from .services import ProgressFn, Services
+from .templates import TemplateStore
 
 if TYPE_CHECKING:
     from ..channel.client import AgentClient
@@ -43,8 +49,16 @@ if TYPE_CHECKING:
     from ..volumes.base import VolumeSharer
     from .records import BoxRecord
 
+log = logging.getLogger(__name__)
+
 #: Default seconds to wait for the guest agent; generous because TCG boots are slow.
 DEFAULT_BOOT_TIMEOUT = 120.0
+#: seconds a restored VM's agent gets to answer (measured: 0.3-0.7 s) before its template is
+#: given up for a cold boot; a snapshot restore gets the whole boot timeout
+TEMPLATE_AGENT_TIMEOUT = 30.0
+#: seconds a restored VM's port may go without READY before the shim re-attaches it (its
+#: agent may still relay for the host it had when saved: see channel/shim.py Shim)
+RESTORED_READY_RETRY = 2.0
 ROOT_SERIAL = "bxguest"  # matches boxlite_core.kit.ROOT_SERIAL (the initramfs looks for it)
 #: preferred volume sharers, in order, when the user names none
 SHARER_PREFERENCE = ("virtiofs", "9p")
@@ -95,6 +109,12 @@ class StartContext:
     plan: LaunchPlan | None = None
     handle: VmHandle | None = None
     client: AgentClient | None = None
+    boot: BootChoice = attrs.field(factory=BootChoice)
+    #: the VM's template/snapshot key (restore.key_of), or why it cannot be saved
+    layout_key: str | None = None
+    layout_unsupported: str | None = None
+    #: set by the caller for a box created from a snapshot, on its first start
+    snapshot_state: restore.SavedState | None = None
 
     def report(self, message: str, fraction: float | None = None) -> None:
         if self.progress is not None:
@@ -227,16 +247,67 @@ def build_spec(ctx: StartContext) -> VmSpec:
     )
 
 
+def writable_disks(box_dir: Path) -> list[tuple[str, Path, str]]:
+    """(serial, path, format) of the writable disks of the box's last launch (plan.json).
+
+    Raises:
+        StateError: the plan cannot be read.
+    """
+    try:
+        plan = json.loads((box_dir / PLAN_FILE).read_text())
+        disks = plan["spec"]["disks"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise StateError(f"box directory {box_dir}: cannot read {PLAN_FILE} ({exc})") from None
+    return [(str(d["serial"]), Path(d["path"]), str(d["format"]))
+            for d in disks if not d.get("read_only")]
+
+
+def templates(ctx: StartContext) -> TemplateStore:
+    return TemplateStore(ctx.services.home)
+
+
 def vmm_spawn(ctx: StartContext) -> None:
-    ctx.spec = build_spec(ctx)
+    spec = build_spec(ctx)
+    ctx.spec = spec
+    ctx.layout_key, ctx.layout_unsupported = restore.key_of(spec, ctx.backend)
+    if ctx.snapshot_state is not None:
+        ctx.boot = restore.snapshot_choice(ctx.layout_key, ctx.layout_unsupported,
+                                           ctx.snapshot_state)
+    else:
+        assert ctx.kit is not None
+        ctx.boot = restore.choose(ctx.layout_key, templates(ctx),
+                                  wanted=ctx.record.options.template, kit_id=ctx.kit.kit_id,
+                                  unsupported=ctx.layout_unsupported)
+    _launch(ctx)
+
+
+def _launch(ctx: StartContext) -> None:
+    """Plan and launch ctx.spec as ctx.boot says; a template the VMM refuses: cold boot."""
+    assert ctx.spec is not None
+    ctx.spec = attrs.evolve(ctx.spec, restore_from=restore.state_dir(ctx.boot))
+    if ctx.boot.restoring:
+        ctx.report(f"restoring the VM from its {ctx.boot.source}")
     ctx.plan = ctx.backend.plan(ctx.spec)
     (ctx.box_dir / PLAN_FILE).write_text(ctx.plan.to_json() + "\n")
     # a fresh console log per boot, so the tail on failure is this boot's (rotated copies
     # too: `boxlite logs` reads across them)
     for old in log_files(ctx.box_dir / CONSOLE_LOG):
         old.unlink(missing_ok=True)
-    ctx.handle = ctx.backend.launch(ctx.plan)
+    restore.start_digest_check(ctx.boot)
+    try:
+        ctx.handle = ctx.backend.launch(ctx.plan)
+    except BoxliteError as exc:
+        if ctx.boot.source != restore.TEMPLATE:
+            raise
+        ctx.boot = restore.give_up_template(ctx.boot, templates(ctx),
+                                            f"the VMM could not load it: {_first_line(exc)}")
+        _launch(ctx)
+        return
     record_vmm_identity(ctx)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def vmm_identity(handle: VmHandle) -> dict[str, int | None] | None:
@@ -261,11 +332,47 @@ def record_vmm_identity(ctx: StartContext) -> None:
 
 
 def guest_connect(ctx: StartContext) -> None:
+    """Wait for the agent. A template-restored VM whose agent does not answer, or whose
+    state files turn out changed, is given up: the VM goes, the box boots the kernel."""
+    try:
+        _connect(ctx)
+        restore.check_after_connect(ctx.boot)
+    except (GuestError, FallBack) as exc:
+        if ctx.boot.source != restore.TEMPLATE:
+            raise
+        _discard_vm(ctx)
+        ctx.boot = restore.give_up_template(ctx.boot, templates(ctx), _first_line(exc))
+        _launch(ctx)
+        _connect(ctx)
+
+
+def _discard_vm(ctx: StartContext) -> None:
+    """End the VM of a failed restore and what serves it (agent client and shim)."""
+    from ..channel.shimctl import stop_shim
+
+    if ctx.client is not None:
+        with contextlib.suppress(Exception):
+            ctx.client.close()
+        ctx.client = None
+    if ctx.handle is not None:
+        with contextlib.suppress(Exception):
+            ctx.handle.kill()
+        with contextlib.suppress(Exception):
+            ctx.handle.release()
+        ctx.handle = None
+    with contextlib.suppress(Exception):
+        stop_shim(ctx.box_dir)
+
+
+def _connect(ctx: StartContext) -> None:
     from ..channel.client import AgentClient
 
     assert ctx.spec is not None and ctx.handle is not None
     handle = ctx.handle
     box_dir = ctx.box_dir
+    waited = boot_timeout()
+    if ctx.boot.source == restore.TEMPLATE:
+        waited = min(waited, TEMPLATE_AGENT_TIMEOUT)
     ctx.report("waiting for the guest agent")
     try:
         ctx.client = AgentClient.connect(
@@ -274,14 +381,57 @@ def guest_connect(ctx: StartContext) -> None:
             socket_path=ctx.spec.agent.socket,
             handshake=ctx.spec.agent.handshake,
             vsock_port=ctx.spec.agent.vsock_port,
-            timeout=boot_timeout(),
+            ready_retry=RESTORED_READY_RETRY if ctx.boot.restoring else None,
+            timeout=waited,
             is_alive=handle.is_running,
             console_tail=lambda: console_tail(box_dir),
         )
     except GuestError as exc:
-        raise explain_agent_wait(exc, handle, boot_timeout()) from exc
+        raise explain_agent_wait(exc, handle, waited) from exc
     except Exception as exc:
         raise GuestError(f"could not reach the guest agent: {type(exc).__name__}: {exc}") from exc
+
+
+def template_save(ctx: StartContext) -> None:
+    """A cold boot whose configuration has no template saves one now: the agent answered
+    and Init has not run, so the VM holds no image and no user data. Never fails a start."""
+    boot = ctx.boot
+    if not boot.save or boot.key is None:
+        return
+    assert ctx.handle is not None and ctx.spec is not None
+    handle = ctx.handle
+    ctx.report("saving a boot template for the next start")
+    meta = restore.template_meta(ctx.spec, ctx.backend, ctx.record.name)
+    # Saved with no host on the agent port: QEMU tells a restored guest that its host changed
+    # only when the saved and the live connection states differ (virtio-serial post-load), so
+    # a template saved while attached leaves a clone whose new host attaches before the guest
+    # runs serving its template's dead session (measured: no READY)
+    _detach_host(ctx)
+    try:
+        templates(ctx).make(boot.key, meta, lambda d: handle.save_state(d, resume=True))
+        boot.reason = f"{boot.reason}; this start saved a new one"
+    except BoxliteError as exc:
+        boot.reason = f"saving the template failed: {_first_line(exc)}"
+        log.warning("box %s: boot template not saved: %s", ctx.record.name, _first_line(exc))
+        with contextlib.suppress(Exception):
+            handle.resume()  # save_state resumes on failure; make sure the box is not frozen
+    _connect(ctx)
+
+
+#: seconds the guest gets to see its host leave the agent port before the VM is saved
+DETACH_SETTLE = 0.2
+
+
+def _detach_host(ctx: StartContext) -> None:
+    """Close the agent client and stop the box's shim (the port's only host)."""
+    from ..channel.shimctl import stop_shim
+
+    if ctx.client is not None:
+        with contextlib.suppress(Exception):
+            ctx.client.close()
+        ctx.client = None
+    stop_shim(ctx.box_dir)
+    time.sleep(DETACH_SETTLE)
 
 
 def explain_agent_wait(exc: GuestError, handle: VmHandle, waited: float) -> GuestError:
@@ -320,8 +470,18 @@ def init_config(ctx: StartContext) -> JsonObject:
 
 
 def guest_init(ctx: StartContext) -> None:
+    """Init (mounts, hostname), or for a snapshot's clone only a new identity: its
+    processes run on. Either way the guest gets host entropy and the host's clock last,
+    right before the call (a restored guest's RNG and clock are its saved copy's)."""
+    from ..channel.identity import host_identity
+
     assert ctx.client is not None
-    ctx.client.init(init_config(ctx))
+    if ctx.boot.source == restore.SNAPSHOT:
+        ctx.client.reseed(host_identity(ctx.record.name))
+        return
+    config = init_config(ctx)
+    config["identity"] = host_identity(ctx.record.name)
+    ctx.client.init(config)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -336,6 +496,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("volumes", volumes),
     Stage("vmm_spawn", vmm_spawn),
     Stage("guest_connect", guest_connect),
+    Stage("template_save", template_save),
     Stage("guest_init", guest_init),
 )
 

@@ -19,20 +19,21 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ..errors import ConfigError, NotFoundError, StateError
-from ..images.registry.pull import ensure_image
+from ..errors import NotFoundError, StateError
 from ..models import BoxOptions, BoxStatus
 from ..plugins import PluginRegistry
 from ..state.db import Database
 from ..state.home import secure_home
-from ..volumes.resolve import resolve_user_volumes
+from . import snapshots
 from .box import Box
-from .capacity import check_capacity
 from .cleanup import session_leaders_naming, settle_abandoned, stop_box_processes, stop_leftovers
+from .creation import create_box
 from .link import BoxLink, gone_unwatched
-from .records import BoxRecord, generated_name, new_box_id
+from .records import BoxRecord
 from .services import KitProvider, Services, default_kit_provider
+from .snapshots import Snapshot
 from .store import BoxStore
+from .templates import TemplateStore
 
 if TYPE_CHECKING:
     from ..images.store import ImageStore
@@ -150,49 +151,17 @@ class Runtime:
     # -- boxes -----------------------------------------------------------------------------
 
     def create(self, options: BoxOptions | None = None, **kw: object) -> Box:
-        """Persist a Configured box. Cheap checks happen here, so a typo fails before a boot."""
+        """Persist a Configured box. Cheap checks happen here, so a typo fails before a boot.
+
+        ``BoxOptions(snapshot=NAME)``: the box continues snapshot NAME's VM on its first start
+        (its processes keep running; image, resources and volumes are the snapshot box's).
+        See :func:`boxlite_core.runtime.creation.create_box` for what it raises.
+        """
         if options is None:
             options = BoxOptions(**kw)
         elif kw:
             options = attrs.evolve(options, **kw)
-        check_capacity(options)  # more CPUs/memory than the host has: refused, no record
-        resolve_user_volumes(options.volumes)
-        if options.rootfs not in self.plugins.strategy_names():
-            raise ConfigError(
-                f"rootfs={options.rootfs!r}: unknown rootfs strategy; known: "
-                f"{', '.join(self.plugins.strategy_names()) or 'none'}"
-            )
-        if options.volume_sharer and options.volume_sharer not in self.plugins.sharer_names():
-            raise ConfigError(
-                f"volume_sharer={options.volume_sharer!r}: unknown volume sharer; known: "
-                f"{', '.join(self.plugins.sharer_names()) or 'none'}"
-            )
-        # A registry reference that is not in the store is pulled here (pull-on-create);
-        # local and built-in images never touch the network.
-        image = ensure_image(self.images, options.image)
-        backend = self.plugins.select_backend(options)
-        box_id = new_box_id()
-        name = options.name
-        if name is None:
-            for attempt in range(5):
-                name = generated_name(box_id, attempt)
-                if not self.store.name_taken(name):
-                    break
-        assert name is not None
-        record = BoxRecord(
-            id=box_id,
-            name=name,
-            status=BoxStatus.CONFIGURED,
-            options=attrs.evolve(options, name=name),
-            backend=backend,
-            image=options.image,
-            image_digest=getattr(image, "digest", None),
-            rootfs=options.rootfs,
-            state={"image_config": image.config.to_dict()} if hasattr(image, "config") else {},
-        )
-        record = self.store.insert(record)
-        self.db.bump("boxes_created")
-        self.plugins.notify("created", box=record.to_dict())
+        record = create_box(self.services, options)
         box = Box(self.services, record)
         self._boxes[record.id] = box
         return box
@@ -219,6 +188,26 @@ class Runtime:
         box = self.get(id_or_name)
         box.remove(force=force)
         self._boxes.pop(box.id, None)
+
+    # -- snapshots and templates ------------------------------------------------------------
+
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot, oldest first (``boxlite snapshot ls``)."""
+        return self.services.snapshots.list()
+
+    def snapshot(self, name: str) -> Snapshot:
+        """One snapshot by name or id; NotFoundError naming ``boxlite snapshot ls``."""
+        return self.services.snapshots.get(name)
+
+    def remove_snapshot(self, name: str) -> None:
+        """Delete a snapshot. StateError while a box's disk is an overlay on it (the boxes
+        are named: remove them first); NotFoundError if there is none."""
+        snap = self.services.snapshots.get(name)
+        snapshots.remove(snap, self.services.snapshots, self.services.box_dirs())
+
+    def templates(self) -> TemplateStore:
+        """The boot templates of this home (``boxlite templates ls|rm|prune``)."""
+        return TemplateStore(self.home)
 
     def metrics(self) -> dict[str, int]:
         counters = {name: 0 for name in COUNTERS}

@@ -9,7 +9,7 @@ down; nothing below the Runtime imports the Runtime.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ from .store import BoxStore
 if TYPE_CHECKING:
     from ..images.store import ImageStore
     from ..kit.model import GuestKit
+    from .snapshots import SnapshotStore
 
 #: ``progress(message, fraction)``: ``fraction`` in [0, 1], or None when unknown
 ProgressFn = Callable[[str, "float | None"], None]
@@ -67,3 +68,15 @@ class Services:
         from ..images.store import ImageStore
 
         return ImageStore(self.home, self.db)
+
+    @functools.cached_property
+    def snapshots(self) -> SnapshotStore:
+        """The snapshot records and directories (``HOME/snapshots``)."""
+        from .snapshots import SnapshotStore
+
+        return SnapshotStore(self.db, self.home)
+
+    def box_dirs(self) -> Iterator[tuple[str, Path]]:
+        """(name, directory) of every box: whose disks a snapshot must not pull away."""
+        for record in self.store.list():
+            yield record.name, self.box_dir(record.id)

@@ -59,6 +59,21 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             )""",
         ),
     ),
+    (
+        2,
+        (
+            """CREATE TABLE snapshots (
+                name TEXT PRIMARY KEY,
+                id TEXT NOT NULL UNIQUE,
+                box_id TEXT NOT NULL,
+                box_name TEXT NOT NULL,
+                backend TEXT NOT NULL,
+                created_at REAL NOT NULL,
+                complete INTEGER NOT NULL DEFAULT 0,
+                record_json TEXT NOT NULL
+            )""",
+        ),
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from boxlite_core.errors import ConfigError
+from boxlite_core.rootfs import qcow2
 from boxlite_core.rootfs.base import DiskRootfs
-from boxlite_core.rootfs.disk import DiskStrategy, base_image_path, ensure_base
+from boxlite_core.rootfs.disk import OVERLAY_VIRTUAL_MIB, DiskStrategy, base_image_path, ensure_base
 from boxlite_core.tools import find_tool, require_tool
 from boxlite_testing.ext4 import debugfs
 
@@ -58,7 +60,14 @@ def test_busybox_base_has_sh_and_artifact_shape(ctx, store, tmp_path: Path):
     )
     assert info["format"] == "qcow2"
     assert info["backing-filename"] == str(base.resolve())
-    assert info["virtual-size"] == base.stat().st_size
+    # every image's overlay has one size, so one boot template serves them all
+    assert info["virtual-size"] == OVERLAY_VIRTUAL_MIB * 1024 * 1024 > base.stat().st_size
+    # the header reader the template key uses agrees with qemu-img
+    assert qcow2.virtual_size(overlay) == info["virtual-size"]
+    assert qcow2.backing_file(overlay) == base.resolve()
+    assert qcow2.chain(overlay) == [overlay, base.resolve()]
+    with pytest.raises(ConfigError, match="not a qcow2"):  # the raw base
+        qcow2.backing_file(base)
 
 
 def test_base_unchanged_after_box_writes(ctx, store, tmp_path: Path):

@@ -23,6 +23,11 @@ QMP_SOCKET = "qmp.sock"
 PIDFILE = "qemu.pid"
 QEMU_LOG = "qemu.log"
 VM_STATE = "vm.json"
+#: in a ``VmHandle.save_state`` directory: QEMU's migration stream (what a restore loads), and
+#: facts about it for people and tools (``{"state_file", "qemu_version", "memory_bytes",
+#: "stream_bytes", "save_seconds", "migration_ms"}``; a restore does not need them)
+STATE_FILE = "qemu-vmstate"
+STATE_INFO = "qemu-state.json"
 #: ``VmSpec.backend_options`` keys the qemu backend reads (any other key is refused):
 #: ``tcg_tb_size_mib`` (int > 0): TCG's translation-block cache size, ``-accel tcg,tb-size=N``
 #: (QEMU's default is 1 GiB of host RAM per VM at most; bench/qemu_rss.py measures it)
@@ -198,7 +203,7 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
         argv += ["-nic", "none"]
 
     for index, disk in enumerate(spec.disks):
-        drive = f"disk{index}"
+        drive = f"disk{index}"  # drive_ids() says the same
         serial = f",serial={qopt(disk.serial)}" if disk.serial else ""
         argv += [
             "-drive",
@@ -239,6 +244,10 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
         "-device", f"virtio-serial-{dev}",
         "-device", f"virtserialport,chardev=agent,name={qopt(spec.agent.port_name)}",
     ]
+    if spec.restore_from is not None:
+        # the same VM, waiting for its state: launch feeds the stream over QMP
+        # (migrate-incoming uri=fd:...), then lets it run (cont)
+        argv += ["-incoming", "defer"]
     facts = {
         "accel": host.accel,
         "machine": machine,
@@ -251,5 +260,16 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
         "console_socket": str(console_socket),
         "console_log": str(spec.console_log),
         "console_log_max_bytes": spec.console_log_max_bytes,
+        # disk serial → QEMU drive id: save_state switches a disk by its serial
+        # (blockdev-snapshot-sync names the drive)
+        "drives": drive_ids(spec),
     }
+    if spec.restore_from is not None:
+        facts["restore_state"] = str(Path(spec.restore_from) / STATE_FILE)
     return argv, facts
+
+
+def drive_ids(spec: VmSpec) -> dict[str, str]:
+    """``{disk serial: QEMU drive id}`` for the spec's disks that have a serial (build_argv
+    names the drive of ``spec.disks[i]`` ``disk<i>``)."""
+    return {disk.serial: f"disk{index}" for index, disk in enumerate(spec.disks) if disk.serial}

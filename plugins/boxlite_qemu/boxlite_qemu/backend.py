@@ -4,6 +4,10 @@ Launch model: QEMU is started as our child in its own session (``start_new_sessi
 on files, so it outlives the host process (``boxlite run -d``) and never gets the terminal's
 Ctrl-C. We keep the Popen while we live (exact exit status, no zombies); every other process
 finds it through BOXDIR/vm.json (pid + /proc start time).
+
+Snapshots (``Capability.SNAPSHOT``) are QEMU migration to and from a file: the handle's
+``save_state`` writes it; a plan with ``spec.restore_from`` starts the same argv with
+``-incoming defer`` and :meth:`QemuBackend.launch` feeds the file in over QMP, then ``cont``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ from pathlib import Path
 import attrs
 
 from boxlite_core import tools
-from boxlite_core.errors import BoxliteError, ConfigError, EngineError, ToolMissingError
+from boxlite_core.errors import (
+    BoxliteError,
+    ConfigError,
+    EngineError,
+    ToolMissingError,
+    UnsupportedError,
+)
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend
 from boxlite_core.vmm.consolelog import (
     WRITER_LOG,
@@ -37,8 +47,8 @@ from boxlite_core.vmm.spec import Capability, ProbeResult, VmSpec
 
 from .accel import AccelChoice, host_accel
 from .argv import QEMU_BINARY, QemuHost, build_argv
-from .handle import QemuHandle, write_state
-from .qmp import QmpError, qmp_command
+from .handle import MIGRATION_FD, QemuHandle, migration_bound, wait_migration, write_state
+from .qmp import QmpError, qmp_command, qmp_commands
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,7 @@ class HostFacts:
     accel_error: str = ""
 
 
+@functools.cache
 def _qemu_version(binary: str) -> tuple[str, bool]:
     """(version, supports -sandbox). QEMU built without seccomp omits -sandbox from -help."""
     try:
@@ -131,6 +142,7 @@ class QemuBackend(VmmBackend):
             Capability.RAW,
             Capability.VIRTIO_SERIAL,
             Capability.PAUSE,
+            Capability.SNAPSHOT,
             Capability.ATTACH,
             Capability.TCG,
         }
@@ -173,12 +185,79 @@ class QemuBackend(VmmBackend):
         return ProbeResult(True, details=details)
 
     def plan(self, spec: VmSpec) -> LaunchPlan:
+        """The QEMU argv and the facts launch/attach/save_state need (sockets, log, the
+        ``drives`` map of disk serial → drive id). With ``spec.restore_from``: the same argv
+        plus ``-incoming defer``, and ``restore_state``, the stream file launch loads.
+
+        Raises:
+            UnsupportedError: ``spec.restore_from`` with a virtiofs share (see
+                :meth:`snapshot_compat`).
+            ConfigError, ToolMissingError: as ``VmmBackend.plan``.
+        """
+        if spec.restore_from is not None:
+            self._refuse_unmigratable(spec)
         argv, facts = build_argv(spec, self.host())
         return LaunchPlan(backend=self.name, spec=spec, data={"argv": argv, **facts})
 
+    def snapshot_compat(self, spec: VmSpec) -> str:
+        """``qemu=<binary> <version>; accel=<-accel value>; machine=<-machine value>;
+        sandbox=on|off``: what beyond the device layout a saved state depends on.
+
+        Raises:
+            UnsupportedError: a virtiofs share (QEMU < 8.2 cannot migrate vhost-user-fs).
+            ConfigError, ToolMissingError: as :meth:`plan` (the spec or host is unusable).
+        """
+        self._refuse_unmigratable(spec)
+        host = self.host()
+        argv, _facts = build_argv(attrs.evolve(spec, restore_from=None), host)
+        version, _sandbox = _qemu_version(host.binary)
+
+        def value(option: str) -> str:
+            return argv[argv.index(option) + 1] if option in argv else ""
+
+        return (
+            f"qemu={host.binary} {version}; accel={value('-accel') or host.accel}; "
+            f"machine={value('-machine')}; sandbox={'on' if host.sandbox else 'off'}"
+        )
+
+    def _refuse_unmigratable(self, spec: VmSpec) -> None:
+        for share in spec.shares:
+            if share.kind == "virtiofs":
+                version = self.facts.version or "unknown"
+                raise UnsupportedError(
+                    f"share {share.tag!r} is virtiofs: QEMU's vhost-user-fs device cannot be "
+                    f"migrated by QEMU < 8.2 (this one is {version}), so the qemu backend "
+                    "cannot save or restore this VM's state; use 9p for its volumes, or boot "
+                    "it cold"
+                )
+
     def launch(self, plan: LaunchPlan) -> QemuHandle:
+        """Start QEMU as described in ``plan``; for a restore plan, also load the saved state
+        and let the VM run (see :meth:`_restore`). Raises as ``VmmBackend.launch``; a restore
+        plan whose state file cannot be read fails with EngineError before QEMU starts."""
         if plan.backend != self.name:
             raise ConfigError(f"plan is for backend {plan.backend!r}, not {self.name!r}")
+        restore = plan.data.get("restore_state")
+        state_fd = self._open_state(Path(str(restore))) if restore else None
+        try:
+            return self._start(plan, state_fd)
+        finally:
+            if state_fd is not None:
+                os.close(state_fd)
+
+    @staticmethod
+    def _open_state(state: Path) -> int:
+        """The saved state, opened read-only before QEMU starts (so a missing file fails
+        with nothing started)."""
+        try:
+            return os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise EngineError(
+                f"cannot restore the VM from {state.parent}: its state file {state} cannot "
+                f"be read ({exc.strerror or exc}); save the state again, or boot without it"
+            ) from None
+
+    def _start(self, plan: LaunchPlan, state_fd: int | None) -> QemuHandle:
         spec = plan.spec
         box = Path(spec.box_dir)
         box.mkdir(parents=True, exist_ok=True)
@@ -233,9 +312,15 @@ class QemuBackend(VmmBackend):
         handle = QemuHandle(
             box, popen.pid, start_time(popen.pid), qmp_socket, Path(spec.console_log),
             log_path, popen,
+            drives=dict(plan.data.get("drives") or {}),
+            shares={s.tag: str(s.host_path) for s in spec.shares},
         )
+        restored: dict[str, float | str] = {}
         try:
             self._wait_qmp(handle, popen)
+            if state_fd is not None:
+                restored = self._restore(handle, popen, state_fd,
+                                         Path(str(plan.data["restore_state"])))
         except BaseException:
             handle.kill()
             stop_writer(box)
@@ -250,8 +335,46 @@ class QemuBackend(VmmBackend):
             "accel": plan.data.get("accel"),
             "machine": plan.data.get("machine"),
             "launched_at": time.time(),
+            **restored,
         })
         return handle
+
+    def _restore(
+        self, handle: QemuHandle, popen: subprocess.Popen[bytes], state_fd: int, state: Path
+    ) -> dict[str, float | str]:
+        """Feed the saved state into the waiting QEMU (``-incoming defer``), wait until it is
+        loaded, then ``cont`` (the VM was paused when saved, so it stays paused after
+        loading). What vm.json records about it: the file and the seconds it took."""
+        started = time.monotonic()
+        size = os.fstat(state_fd).st_size
+        what = f"loading the saved VM state {state} into QEMU (pid {popen.pid})"
+
+        def gone() -> EngineError:
+            return EngineError(
+                f"{what} failed: " + self._death_message(handle, popen.wait())
+            )
+
+        try:
+            qmp_commands(handle.qmp_socket, [
+                ("getfd", {"fdname": MIGRATION_FD}),
+                ("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"}),
+            ], fds={0: state_fd}, timeout=10.0)
+        except QmpError as exc:
+            if not handle.still_running(2.0):
+                raise gone() from None
+            raise EngineError(f"{what} failed: {exc}") from exc
+        try:
+            wait_migration(handle.qmp_socket, what, migration_bound(size),
+                           handle.still_running, gone)
+        except EngineError as exc:
+            if not handle.is_running():
+                raise
+            raise EngineError(
+                f"{exc}\n--- QEMU stderr ---\n{log_tail(handle.log or Path(os.devnull))}"
+            ) from exc
+        qmp_command(handle.qmp_socket, "cont")
+        return {"restored_from": str(state),
+                "restore_seconds": round(time.monotonic() - started, 3)}
 
     def _wait_qmp(self, handle: QemuHandle, popen: subprocess.Popen[bytes]) -> None:
         """Until QMP answers: QEMU has parsed its argv, opened every device and socket."""

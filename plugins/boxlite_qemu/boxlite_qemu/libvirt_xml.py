@@ -16,10 +16,16 @@ Choices that differ from the ``qemu`` backend, and why:
   backend's QEMU would have), on a session connection as the calling user.
 * No ``<interface>``, no USB, no balloon, no graphics: a box has no network and needs nothing
   but its disks, shares, agent channel and a serial console.
+
+It also reads and rewrites the domain XML embedded in a libvirt *save image* (the file
+``virDomainSaveFlags`` writes), because that is the one way to restore a saved domain as a new
+box: see :func:`rebrand_save_header`.
 """
 
 from __future__ import annotations
 
+import re
+import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
@@ -180,7 +186,9 @@ def build_domain_xml(
     if arch == "x86_64":
         _sub(features, "apic")
     if domain_type in ("kvm", "hvf"):
-        _sub(dom, "cpu", mode="host-passthrough", check="none", migratable="off")
+        # migratable: the host CPU minus features QEMU cannot save (invtsc), exactly the
+        # qemu backend's `-cpu host`; "off" would block every save (boot templates, fork)
+        _sub(dom, "cpu", mode="host-passthrough", check="none", migratable="on")
     _sub(dom, "clock", offset="utc")
     # a guest that powers off, reboots (panic=-1 reboot=t) or crashes is gone: the box's
     # VM ends instead of looping, exactly like the qemu backend's -no-reboot
@@ -219,3 +227,130 @@ def build_domain_xml(
 
     ET.indent(dom, space="  ")
     return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def disk_sources(xml: str) -> dict[str, Path]:
+    """``{serial: source file}`` of a domain XML's file disks that have a serial."""
+    found: dict[str, Path] = {}
+    for disk in ET.fromstring(xml).iterfind("devices/disk"):
+        serial, source = disk.findtext("serial"), disk.find("source")
+        if serial and source is not None and source.get("file"):
+            found[serial] = Path(source.get("file", ""))
+    return found
+
+
+def bound_sockets(xml: str) -> list[Path]:
+    """The unix sockets a domain's QEMU listens on (serial, console, channels in bind mode):
+    what a restore must find free, like a launch."""
+    found: list[Path] = []
+    devices = ET.fromstring(xml).find("devices")
+    for dev in devices if devices is not None else ():
+        source = dev.find("source")
+        if (dev.tag in ("serial", "console", "channel") and dev.get("type") == "unix"
+                and source is not None and source.get("mode") == "bind" and source.get("path")):
+            path = Path(source.get("path", ""))
+            if path not in found:
+                found.append(path)
+    return found
+
+
+# -- the domain XML inside a libvirt save image ------------------------------------------------
+
+#: header of a libvirt QEMU save image (src/qemu/qemu_saveimage.h, virQEMUSaveHeader, version
+#: 2, unchanged since libvirt 0.9.x): magic, version, data_len, was_running, compressed,
+#: cookieOffset, 14 unused u32, in the host's byte order. ``data_len`` bytes follow: the
+#: domain XML and the cookie, each NUL-terminated, then zeros (libvirt leaves ~64 KiB of room
+#: so the XML can be rewritten in place); QEMU's migration stream starts after them.
+SAVE_HEADER = struct.Struct("=16sIIIII56s")
+SAVE_MAGIC = b"LibvirtQemudSave"
+#: the magic of an image libvirt had not finished writing
+SAVE_MAGIC_PARTIAL = b"LibvirtQemudPart"
+SAVE_VERSION = 2
+_NAME_RE = re.compile(r"<name>[^<]*</name>")
+_UUID_RE = re.compile(r"<uuid>[^<]*</uuid>")
+
+
+class SaveImageError(ValueError):
+    """A libvirt save image whose header or embedded XML is not what libvirt writes."""
+
+
+def with_uuid(xml: str, uuid: str) -> str:
+    """``xml`` (from :func:`build_domain_xml`) with ``<uuid>uuid</uuid>`` after ``<name>``.
+
+    Why: a restore's new XML must carry the UUID the save image was rebranded to (libvirt
+    checks the two are equal), while a plan stays the same bytes for the same spec."""
+    root = ET.fromstring(xml)
+    for old in root.findall("uuid"):
+        root.remove(old)
+    el = ET.Element("uuid")
+    el.text = uuid
+    names = [i for i, child in enumerate(root) if child.tag == "name"]
+    root.insert(names[0] + 1 if names else 0, el)
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def save_data_length(header: bytes) -> int:
+    """How many bytes of a save image hold libvirt's header, XML and cookie: the QEMU stream
+    starts there. ``header`` is the image's first :data:`SAVE_HEADER` ``.size`` bytes.
+
+    Raises:
+        SaveImageError: not a complete libvirt save image of a version this code knows.
+    """
+    if len(header) < SAVE_HEADER.size:
+        raise SaveImageError(f"{len(header)} bytes, shorter than libvirt's save header")
+    magic, version, data_len, _running, _compressed, cookie, _unused = SAVE_HEADER.unpack(
+        header[:SAVE_HEADER.size])
+    if magic == SAVE_MAGIC_PARTIAL:
+        raise SaveImageError("libvirt had not finished writing it (magic LibvirtQemudPart)")
+    if magic != SAVE_MAGIC:
+        raise SaveImageError(f"magic {magic[:16]!r} is not libvirt's {SAVE_MAGIC!r}")
+    if version != SAVE_VERSION:
+        raise SaveImageError(f"save image version {version}, this code reads {SAVE_VERSION}")
+    if not 0 < cookie <= data_len or data_len > 16 * 1024 * 1024:
+        raise SaveImageError(f"cookie offset {cookie} / data length {data_len} are not sane")
+    return SAVE_HEADER.size + data_len
+
+
+def rebrand_save_header(head: bytes, name: str, uuid: str) -> bytes:
+    """The first :func:`save_data_length` bytes of a save image, with the embedded domain's
+    ``<name>`` and ``<uuid>`` replaced; same length, so the QEMU stream after them is kept.
+
+    Why: ``virDomainRestoreFlags`` takes a new XML only where the guest cannot tell
+    (disk and socket paths) and refuses another name or UUID ("Target domain name 'B' does not
+    match source 'A'", "Target domain uuid ... does not match source ..."; libvirt 9.0), and
+    ``virDomainSaveImageDefineXML`` checks the same. A box restored from a template or a
+    snapshot is a new domain that may run beside the one that saved it, so it needs its own
+    name and UUID: the restore runs from a private copy of the image with this header.
+
+    Raises:
+        SaveImageError: ``head`` is not a libvirt save header + data, or its XML has no
+            name/uuid, or the new XML does not fit in libvirt's padding.
+    """
+    total = save_data_length(head)
+    if len(head) < total:
+        raise SaveImageError(f"{len(head)} bytes, the header says {total}")
+    magic, version, data_len, running, compressed, cookie_at, unused = SAVE_HEADER.unpack(
+        head[:SAVE_HEADER.size])
+    data = head[SAVE_HEADER.size:total]
+    try:
+        xml = data[:cookie_at].rstrip(b"\0").decode()
+    except UnicodeDecodeError as exc:
+        raise SaveImageError(f"its domain XML is not UTF-8: {exc}") from None
+    cookie = data[cookie_at:].split(b"\0", 1)[0]
+    try:
+        ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise SaveImageError(f"its domain XML does not parse: {exc}") from None
+    if not _NAME_RE.search(xml) or not _UUID_RE.search(xml):
+        raise SaveImageError("its domain XML has no <name> or <uuid>")
+    xml = _NAME_RE.sub(f"<name>{name}</name>", xml, count=1)
+    xml = _UUID_RE.sub(f"<uuid>{uuid}</uuid>", xml, count=1)
+    new_xml = xml.encode() + b"\0"
+    body = new_xml + cookie + b"\0"
+    if len(body) > data_len:
+        raise SaveImageError(f"the renamed XML needs {len(body)} bytes, the image has "
+                             f"{data_len}")
+    header = SAVE_HEADER.pack(magic, version, data_len, running, compressed, len(new_xml),
+                              unused)
+    return header + body + b"\0" * (data_len - len(body))

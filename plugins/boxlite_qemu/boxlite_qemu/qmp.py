@@ -4,14 +4,18 @@ Why connect per command: QEMU's QMP socket serves one client at a time, and a bo
 from several processes over its life (the one that started it, a later ``boxlite stop``).
 Why a private thread: the caller may itself run inside an asyncio loop (the runtime's async
 API), where a nested ``run_until_complete`` is forbidden; a fresh thread has no loop.
+:func:`qmp_commands` is the one exception to one-command-per-connection: a file descriptor
+passed to QEMU (SCM_RIGHTS + ``getfd``) must be consumed in the connection that passed it
+(migration to and from a file: ``migrate``/``migrate-incoming`` with ``uri=fd:NAME``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from boxlite_core import envvars
 from boxlite_core.errors import EngineError
@@ -29,28 +33,44 @@ class QmpTimeout(QmpError):
     """QEMU's monitor did not greet or did not answer within the bound."""
 
 
-def _bound(timeout: float) -> float:
+def bound(timeout: float) -> float:
+    """``timeout`` seconds, or ``BOXLITE_QMP_TIMEOUT`` when that is longer (a slow host)."""
     return max(timeout, envvars.seconds(ENV_TIMEOUT, timeout))
 
 
-async def _execute(socket: Path, command: str, args: dict[str, Any] | None, timeout: float) -> Any:
+_bound = bound  # its earlier name (tests/core/test_bounds.py reads it)
+
+
+#: one step of a QMP session: (command, arguments or None)
+QmpStep: TypeAlias = tuple[str, dict[str, Any] | None]
+
+
+async def _execute(
+    socket: Path, steps: Sequence[QmpStep], timeout: float, fds: Mapping[int, int]
+) -> list[Any]:
     from qemu.qmp import QMPClient
 
     client = QMPClient("boxlite")
+    first = steps[0][0] if steps else "nothing"
     try:
         await asyncio.wait_for(client.connect(str(socket)), timeout)
     except TimeoutError:
         raise QmpTimeout(
             f"QMP monitor {socket} did not greet within {timeout:g} s (waited to run "
-            f"{command}); QEMU is stuck or something else listens there; on a slow host "
+            f"{first}); QEMU is stuck or something else listens there; on a slow host "
             f"raise {ENV_TIMEOUT} (seconds)") from None
     try:
-        try:
-            return await asyncio.wait_for(client.execute(command, args), timeout)
-        except TimeoutError:
-            raise QmpTimeout(
-                f"QMP {command} on {socket} did not answer within {timeout:g} s; QEMU is "
-                f"stuck; on a slow host raise {ENV_TIMEOUT} (seconds)") from None
+        results: list[Any] = []
+        for index, (command, args) in enumerate(steps):
+            if index in fds:
+                client.send_fd_scm(fds[index])  # QEMU keeps it for this command
+            try:
+                results.append(await asyncio.wait_for(client.execute(command, args), timeout))
+            except TimeoutError:
+                raise QmpTimeout(
+                    f"QMP {command} on {socket} did not answer within {timeout:g} s; QEMU is "
+                    f"stuck; on a slow host raise {ENV_TIMEOUT} (seconds)") from None
+        return results
     finally:
         try:
             await asyncio.wait_for(client.disconnect(), timeout)
@@ -71,25 +91,60 @@ def qmp_command(
 
     ``quit`` may lose its reply when QEMU exits first: that counts as success.
     """
-    timeout = _bound(timeout)
+    try:
+        return _run(socket, [(command, args)], timeout)[0]
+    except QmpTimeout:
+        raise
+    except QmpError as exc:
+        if command == "quit" and exc.__cause__ is not None and _is_disconnect(exc.__cause__):
+            return {}
+        raise
+
+
+def qmp_commands(
+    socket: Path,
+    steps: Sequence[QmpStep],
+    *,
+    fds: Mapping[int, int] | None = None,
+    timeout: float = 5.0,
+) -> list[Any]:
+    """Run ``steps`` in order in ONE QMP connection; their results, in order.
+
+    ``fds`` maps a step's index to a file descriptor passed to QEMU over SCM_RIGHTS just
+    before that step, which takes it (``getfd``, ``add-fd``); the caller keeps and closes its
+    copy. ``timeout`` (seconds, raised by ``BOXLITE_QMP_TIMEOUT``) bounds the greeting and
+    each step.
+
+    Raises:
+        QmpTimeout: the monitor did not greet or a step did not answer in time.
+        QmpError: a step failed (QEMU's error text is in the message, naming the command),
+            or the monitor could not be reached.
+    """
+    return _run(socket, steps, timeout, fds or {})
+
+
+def _run(
+    socket: Path, steps: Sequence[QmpStep], timeout: float, fds: Mapping[int, int] | None = None
+) -> list[Any]:
+    timeout = bound(timeout)
     box: dict[str, Any] = {}
+    names = "+".join(command for command, _ in steps)
 
     def runner() -> None:
         try:
-            box["result"] = asyncio.run(_execute(socket, command, args, timeout))
+            box["result"] = asyncio.run(_execute(socket, steps, timeout, fds or {}))
         except BaseException as exc:
             box["error"] = exc
 
-    thread = threading.Thread(target=runner, name=f"qmp-{command}", daemon=True)
+    thread = threading.Thread(target=runner, name=f"qmp-{names}", daemon=True)
     thread.start()
-    thread.join(timeout * 3)
+    limit = timeout * (2 + len(steps))
+    thread.join(limit)
     if thread.is_alive():
-        raise QmpTimeout(f"QMP {command} on {socket} did not answer within {timeout * 3:.0f}s")
+        raise QmpTimeout(f"QMP {names} on {socket} did not answer within {limit:.0f}s")
     if "error" in box:
         exc = box["error"]
-        if command == "quit" and _is_disconnect(exc):
-            return {}
         if isinstance(exc, QmpTimeout):
             raise exc
-        raise QmpError(f"QMP {command} on {socket} failed: {type(exc).__name__}: {exc}") from exc
-    return box.get("result")
+        raise QmpError(f"QMP {names} on {socket} failed: {type(exc).__name__}: {exc}") from exc
+    return list(box["result"])

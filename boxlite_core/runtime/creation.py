@@ -1,0 +1,109 @@
+"""Creating a box record: from options, or from a snapshot (``BoxOptions.snapshot``).
+
+Why a module of its own: ``Runtime.create`` and ``Box.fork`` both create boxes, and a Box
+must not import the Runtime (see services.py).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ..errors import ConfigError
+from ..images.registry.pull import ensure_image
+from ..models import BoxOptions, BoxStatus
+from ..volumes.resolve import resolve_user_volumes
+from . import snapshots
+from .capacity import check_capacity
+from .records import BoxRecord, generated_name, new_box_id
+from .services import Services
+
+#: what a box created from a snapshot takes from the snapshot's box, whatever it was told:
+#: its VM must be the one the snapshot saved
+FROM_SNAPSHOT = ("image", "backend", "cpus", "memory_mib", "disk_size_mib", "volumes",
+                 "rootfs", "volume_sharer", "network", "console_log_max_mib")
+
+
+def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxOptions:
+    """The snapshot's box's options, with this box's name, env, workdir, user, auto_remove.
+
+    Raises:
+        ConfigError: an option the VM cannot change (image, cpus, memory, volumes…) was set
+            to something else than the snapshot's.
+    """
+    defaults = BoxOptions()
+    for field in FROM_SNAPSHOT:
+        mine, theirs = getattr(options, field), getattr(snap.options, field)
+        if mine != getattr(defaults, field) and mine != theirs:
+            raise ConfigError(
+                f"{field}={mine!r}: a box created from snapshot {snap.name} continues its VM, "
+                f"so it has that box's {field} ({theirs!r}); leave {field} unset"
+            )
+    return attrs.evolve(
+        snap.options, name=options.name, snapshot=snap.name, auto_remove=options.auto_remove,
+        env=options.env or snap.options.env, workdir=options.workdir or snap.options.workdir,
+        user=options.user or snap.options.user, template=options.template,
+    )
+
+
+def create_box(services: Services, options: BoxOptions) -> BoxRecord:
+    """Persist a Configured box and return its record. Cheap checks first, so a typo fails
+    before a boot; a registry image not in the store is pulled (pull-on-create).
+
+    Raises ConfigError (bad option, taken name, too many CPUs/memory), NotFoundError (no such
+    snapshot), ImageError (image not found/pulled), StateError (an incomplete snapshot).
+    """
+    snap = None
+    if options.snapshot:
+        snap = services.snapshots.get(options.snapshot)
+        snapshots.saved_state(snap)  # an incomplete or damaged one fails here, not at start
+        options = options_from_snapshot(options, snap)
+    check_capacity(options)  # more CPUs/memory than the host has: refused, no record
+    resolve_user_volumes(options.volumes)
+    plugins = services.plugins
+    if options.rootfs not in plugins.strategy_names():
+        raise ConfigError(
+            f"rootfs={options.rootfs!r}: unknown rootfs strategy; known: "
+            f"{', '.join(plugins.strategy_names()) or 'none'}"
+        )
+    if options.volume_sharer and options.volume_sharer not in plugins.sharer_names():
+        raise ConfigError(
+            f"volume_sharer={options.volume_sharer!r}: unknown volume sharer; known: "
+            f"{', '.join(plugins.sharer_names()) or 'none'}"
+        )
+    if snap is not None:
+        image_digest, image_config = snap.image_digest, snap.image_config
+        backend = snap.backend
+    else:
+        image = ensure_image(services.images, options.image)
+        image_digest = getattr(image, "digest", None)
+        image_config = image.config.to_dict() if hasattr(image, "config") else None
+        backend = plugins.select_backend(options)
+    box_id = new_box_id()
+    name = options.name
+    if name is None:
+        for attempt in range(5):
+            name = generated_name(box_id, attempt)
+            if not services.store.name_taken(name):
+                break
+    assert name is not None
+    record = BoxRecord(
+        id=box_id,
+        name=name,
+        status=BoxStatus.CONFIGURED,
+        options=attrs.evolve(options, name=name),
+        backend=backend,
+        image=options.image,
+        image_digest=image_digest,
+        rootfs=options.rootfs,
+        state={"image_config": image_config} if image_config else {},
+    )
+    record = services.store.insert(record)
+    if snap is not None:
+        try:
+            snapshots.clone_disks(snap, services.box_dir(record.id))
+        except BaseException:
+            services.store.delete(record.id)
+            raise
+    services.db.bump("boxes_created")
+    services.plugins.notify("created", box=record.to_dict())
+    return record

@@ -1,0 +1,366 @@
+"""Snapshots of running boxes, and the boxes that continue from them (``create --snapshot``,
+``fork``).
+
+A snapshot is a directory ``HOME/snapshots/<name>/`` and a row in the state database:
+
+* ``vm/`` — the VM's memory and device state (``VmHandle.save_state``), sealed
+  (:mod:`.savedstate`);
+* ``disk-<serial>.qcow2`` — each writable disk of the box frozen at that instant. Nothing is
+  copied: the frozen file is the box's own overlay (a hard link to its inode), and the box
+  went on writing to a new overlay backed by it (``DiskSwitch``). A box created from the
+  snapshot gets its own overlay backed by the same frozen file, so clones diverge: what one
+  writes neither the source nor a sibling sees.
+
+So the source box and every clone depend on the snapshot's disks: ``snapshot rm`` refuses
+while any box's disk chain (read from the qcow2 headers) passes through them, naming the
+boxes. Volumes are not captured: QEMU cannot save a VM while a 9p share is mounted in the
+guest, nor ever with virtiofs (QEMU < 8.2), so a box with volumes (or a rootfs served as a
+share) cannot be snapshotted; it is refused up front with that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+
+from ..errors import ConfigError, NotFoundError, StateError, UnsupportedError
+from ..models import BoxOptions, BoxStatus, JsonObject
+from ..rootfs import qcow2
+from ..tools import require_tool, run
+from ..vmm.spec import Capability, DiskSwitch
+from .savedstate import SavedState, load, seal
+
+if TYPE_CHECKING:
+    from ..state.db import Database
+    from ..vmm.base import VmHandle, VmmBackend
+    from .records import BoxRecord
+
+SNAPSHOTS_DIR = "snapshots"
+STATE_SUBDIR = "vm"
+
+
+@attrs.frozen
+class Snapshot:
+    """One snapshot as ``snapshot ls`` shows it; ``options`` are its box's (a clone's)."""
+
+    name: str
+    id: str
+    box_id: str
+    box_name: str
+    backend: str
+    created_at: float
+    directory: Path
+    options: BoxOptions
+    image_digest: str | None
+    image_config: JsonObject | None
+    #: frozen disk files in ``directory``, by the disk's virtio serial
+    disks: tuple[tuple[str, str], ...]
+    complete: bool = True
+    auto: bool = False
+
+    @property
+    def state_dir(self) -> Path:
+        return self.directory / STATE_SUBDIR
+
+    def to_dict(self) -> JsonObject:
+        size = 0
+        for path in self.directory.rglob("*") if self.directory.is_dir() else []:
+            with contextlib.suppress(OSError):
+                size += path.stat().st_blocks * 512  # what it takes on disk (qcow2: sparse)
+        return {
+            "name": self.name,
+            "id": self.id,
+            "box": self.box_name,
+            "box_id": self.box_id,
+            "backend": self.backend,
+            "image": self.options.image,
+            "image_digest": self.image_digest,
+            "created_at": self.created_at,
+            "complete": self.complete,
+            "auto": self.auto,
+            "path": str(self.directory),
+            "disk_usage_bytes": size,
+        }
+
+    def _record(self) -> JsonObject:
+        return {
+            "options": self.options.to_dict(),
+            "image_digest": self.image_digest,
+            "image_config": self.image_config,
+            "disks": [list(d) for d in self.disks],
+            "directory": str(self.directory),
+            "auto": self.auto,
+        }
+
+
+class SnapshotStore:
+    """Snapshot rows in the home's database, and their directories."""
+
+    def __init__(self, db: Database, home: Path) -> None:
+        self.db = db
+        self.root = Path(home) / SNAPSHOTS_DIR
+
+    def _from_row(self, row: sqlite3.Row) -> Snapshot:
+        data = json.loads(row["record_json"])
+        return Snapshot(
+            name=row["name"], id=row["id"], box_id=row["box_id"], box_name=row["box_name"],
+            backend=row["backend"], created_at=row["created_at"],
+            directory=Path(data["directory"]), options=BoxOptions.from_dict(data["options"]),
+            image_digest=data.get("image_digest"), image_config=data.get("image_config"),
+            disks=tuple((str(a), str(b)) for a, b in data.get("disks", [])),
+            complete=bool(row["complete"]), auto=bool(data.get("auto")),
+        )  # fmt: skip
+
+    def find(self, name: str) -> Snapshot | None:
+        row = self.db.connection().execute(
+            "SELECT * FROM snapshots WHERE name = ? OR id = ?", (name, name)).fetchone()
+        return self._from_row(row) if row is not None else None
+
+    def get(self, name: str) -> Snapshot:
+        """Raises NotFoundError naming ``boxlite snapshot ls``."""
+        snap = self.find(name)
+        if snap is None:
+            raise NotFoundError(f"no snapshot named {name!r}; `boxlite snapshot ls` lists them")
+        return snap
+
+    def list(self) -> list[Snapshot]:
+        rows = self.db.connection().execute("SELECT * FROM snapshots ORDER BY created_at")
+        return [self._from_row(r) for r in rows.fetchall()]
+
+    def reserve(self, snap: Snapshot) -> None:
+        """Insert ``snap`` (incomplete) so its name is taken while it is being saved.
+
+        Raises:
+            ConfigError: the name is taken.
+        """
+        try:
+            with self.db.transaction() as tx:
+                tx.execute(
+                    "INSERT INTO snapshots (name, id, box_id, box_name, backend, created_at, "
+                    "complete, record_json) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                    (snap.name, snap.id, snap.box_id, snap.box_name, snap.backend,
+                     snap.created_at, json.dumps(snap._record())),
+                )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise ConfigError(
+                f"a snapshot named {snap.name} exists; pick another name or "
+                f"`boxlite snapshot rm {snap.name}`"
+            ) from None
+
+    def mark_complete(self, name: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE snapshots SET complete = 1 WHERE name = ?", (name,))
+
+    def delete_row(self, name: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("DELETE FROM snapshots WHERE name = ?", (name,))
+
+
+# -- taking one ------------------------------------------------------------------------------
+
+
+def new_overlay(overlay: Path, backing: Path, size: int) -> None:
+    """A qcow2 at ``overlay`` over ``backing`` (qcow2), ``size`` bytes; ``-u``: the backing
+    is not opened (a VM may be writing it: its header is all qemu-img would read)."""
+    qemu_img = require_tool("qemu-img", why="create a qcow2 overlay for a snapshot")
+    tmp = overlay.with_name(overlay.name + ".tmp")
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b", str(backing), "-F", "qcow2",
+         str(tmp), str(size)], timeout=60)  # fmt: skip
+    os.replace(tmp, overlay)
+
+
+def take(
+    record: BoxRecord,
+    backend: VmmBackend,
+    handle: VmHandle,
+    disks: list[tuple[str, Path, str]],
+    store: SnapshotStore,
+    name: str,
+    *,
+    auto: bool = False,
+) -> Snapshot:
+    """Save box ``link``'s memory and disks as snapshot ``name``; the box goes on running
+    (a paused box stays paused). See the module docs for what is captured. The caller holds
+    the box's lock and has checked its VM (``handle``) runs; ``disks`` are the box's
+    writable disks as (serial, path, format), from its launch plan.
+
+    Raises:
+        UnsupportedError: the backend has no SNAPSHOT, or the box has volumes/shares.
+        StateError: the box is not running (or paused).
+        ConfigError: the name is taken or invalid.
+        EngineError: the VMM failed; the box is resumed and nothing is left of the snapshot
+            (unless its disks were already switched: then it stays, marked incomplete,
+            because the box now writes on top of them).
+    """
+    BoxOptions(snapshot=name)  # validates the name as any snapshot reference
+    box = record.name
+    backend_name = backend.name
+    if Capability.SNAPSHOT not in backend.capabilities():
+        raise UnsupportedError(
+            f"box {box}: backend {backend_name!r} cannot save a VM (it does not declare "
+            "the 'snapshot' capability); use a backend that does (qemu, libvirt)"
+        )
+    if record.status not in (BoxStatus.RUNNING, BoxStatus.PAUSED):
+        raise StateError(
+            f"box {box} is {record.status.value}; a snapshot saves a running box: "
+            f"`boxlite start {box}` first"
+        )
+    if record.options.volumes or record.state.get("sharer"):
+        raise UnsupportedError(
+            f"box {box} has volumes or a shared rootfs ({record.state.get('sharer')}); "
+            "the VMM cannot save a VM while such a share is mounted in its guest (QEMU: 9p "
+            "while mounted, virtiofs always before 8.2), and host directories are not part "
+            "of a snapshot: snapshot a box without volumes"
+        )
+    key = record.state.get("layout_key")
+    if not key:
+        raise UnsupportedError(
+            f"box {box}: its VM cannot be saved "
+            f"({record.state.get('layout_unsupported') or 'started by an older boxlite'})"
+        )
+    snap = Snapshot(
+        name=name, id=secrets.token_hex(6), box_id=record.id, box_name=record.name,
+        backend=backend_name, created_at=time.time(), directory=store.root / name,
+        options=record.options, image_digest=record.image_digest,
+        image_config=record.state.get("image_config"),  # type: ignore[arg-type]
+        disks=(), auto=auto,
+    )  # fmt: skip
+    snap = attrs.evolve(snap, disks=tuple((s, f"disk-{s}.qcow2") for s, _p, _f in disks))
+    for _serial, path, fmt in disks:
+        if fmt != "qcow2":
+            raise UnsupportedError(f"box {box}: disk {path} is {fmt}, not qcow2: "
+                                   "a snapshot freezes qcow2 disks only")
+    store.reserve(snap)
+    store.root.mkdir(mode=0o700, exist_ok=True)
+    switched = False
+    try:
+        snap.directory.mkdir(mode=0o700)
+        snap.state_dir.mkdir(mode=0o700)
+        switches = []
+        for serial, path, _fmt in disks:
+            frozen = snap.directory / f"disk-{serial}.qcow2"
+            os.link(path, frozen)  # the same inode: nothing copied
+            overlay = path.with_name(path.name + ".next")
+            new_overlay(overlay, frozen, qcow2.virtual_size(path))
+            switches.append(DiskSwitch(serial, path, overlay))
+        was_paused = record.status is BoxStatus.PAUSED
+        handle.save_state(snap.state_dir, switch_disks=switches, resume=not was_paused)
+        switched = True
+        for serial, _path, _fmt in disks:
+            os.chmod(snap.directory / f"disk-{serial}.qcow2", 0o400)
+        seal(snap.state_dir, {
+            "snapshot": name, "key": key, "backend": backend_name,
+            "kit_id": record.state.get("kit_id"), "box": record.name,
+        })  # fmt: skip
+        store.mark_complete(name)
+    except BaseException:
+        for _serial, path, _fmt in disks:
+            path.with_name(path.name + ".next").unlink(missing_ok=True)
+        if not switched and not _disk_used_by(snap, path_list=[p for _s, p, _f in disks]):
+            store.delete_row(name)
+            shutil.rmtree(snap.directory, ignore_errors=True)
+        raise
+    return attrs.evolve(snap, complete=True)
+
+
+def _disk_used_by(snap: Snapshot, path_list: list[Path]) -> bool:
+    """Whether any of ``path_list`` (a box's overlays) is backed by this snapshot's disks."""
+    frozen = {(snap.directory / f).resolve() for _s, f in snap.disks}
+    return any(p.resolve() in frozen for path in path_list for p in qcow2.chain(path)[1:])
+
+
+# -- using one -------------------------------------------------------------------------------
+
+
+def clone_disks(snap: Snapshot, box_dir: Path) -> None:
+    """Give a new box its own overlays over the snapshot's frozen disks (before its first
+    start; the rootfs strategy then finds its overlay in place)."""
+    from ..rootfs.disk import OVERLAY_NAME, SERIAL
+
+    box_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    names = {SERIAL: OVERLAY_NAME}
+    for serial, filename in snap.disks:
+        frozen = snap.directory / filename
+        target = box_dir / names.get(serial, f"disk-{serial}.qcow2")
+        new_overlay(target, frozen, qcow2.virtual_size(frozen))
+
+
+def saved_state(snap: Snapshot) -> SavedState:
+    """The sealed VM state of ``snap``, sizes checked.
+
+    Raises:
+        StateError: the snapshot is incomplete. StaleStateError: its files changed.
+    """
+    if not snap.complete:
+        raise StateError(
+            f"snapshot {snap.name} is incomplete (its save failed after the box's disks were "
+            f"frozen); it cannot be restored: `boxlite snapshot rm {snap.name}` once no box "
+            "uses it"
+        )
+    return load(snap.state_dir)
+
+
+def dependants(snap: Snapshot, boxes: Iterator[tuple[str, Path]]) -> list[str]:
+    """Names of the boxes (``(name, box_dir)``) whose disk chains pass through ``snap``."""
+    out = []
+    for name, box_dir in boxes:
+        overlays = [p for p in box_dir.glob("*.qcow2") if p.is_file()]
+        if _disk_used_by(snap, overlays):
+            out.append(name)
+    return out
+
+
+def dependant_snapshots(snap: Snapshot, others: list[Snapshot]) -> list[str]:
+    """Names of the snapshots whose frozen disks are overlays on ``snap``'s (a snapshot of a
+    box created from ``snap``)."""
+    return [o.name for o in others if o.name != snap.name
+            and _disk_used_by(snap, [o.directory / f for _s, f in o.disks])]
+
+
+def remove(snap: Snapshot, store: SnapshotStore, boxes: Iterator[tuple[str, Path]]) -> None:
+    """Delete ``snap``'s directory and row.
+
+    Raises:
+        StateError: boxes or other snapshots still use its disks (named: remove them first).
+    """
+    users = dependants(snap, boxes)
+    if users:
+        raise StateError(
+            f"snapshot {snap.name} holds the disks of box(es) {', '.join(sorted(users))} "
+            "(their disks are overlays on it); remove those boxes first"
+        )
+    later = dependant_snapshots(snap, store.list())
+    if later:
+        raise StateError(
+            f"snapshot {snap.name} holds the disks of snapshot(s) {', '.join(sorted(later))} "
+            "(taken of boxes created from it); remove those snapshots first"
+        )
+    store.delete_row(snap.name)
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(snap.directory, 0o700)
+    shutil.rmtree(snap.directory, ignore_errors=True)
+
+
+def prune_auto(store: SnapshotStore, boxes: list[tuple[str, Path]]) -> list[str]:
+    """Remove the snapshots ``fork`` took that nothing uses any more (their source and every
+    copy are gone); returns their names. A snapshot whose disks cannot be read is kept."""
+    removed = []
+    for snap in store.list():
+        if not snap.auto:
+            continue
+        try:
+            remove(snap, store, iter(boxes))
+        except StateError:
+            continue
+        removed.append(snap.name)
+    return removed
