@@ -68,11 +68,25 @@ class OutputBuffer:
         self.items: deque[tuple[int, bytes]] = deque()
         self.size = 0
         self.closed = False
+        self.discarding = False
+
+    def discard(self) -> None:
+        """Nobody will read this output (a snapshot's copy inherited the session): drop what
+        waits and everything that comes, so the program never blocks on it."""
+        with self.cond:
+            self.discarding = True
+            self.items.clear()
+            self.size = 0
+            self.cond.notify_all()
 
     def put(self, stream: int, data: bytes) -> None:
         with self.cond:
-            while self.size >= OUTPUT_HIGH_WATER:
+            if self.discarding:
+                return
+            while self.size >= OUTPUT_HIGH_WATER and not self.discarding:
                 self.cond.wait()
+            if self.discarding:
+                return
             self.items.append((stream, data))
             self.size += len(data)
             self.cond.notify_all()
@@ -302,6 +316,15 @@ class ProcessTable:
         self.zygote = zygote
         self._lock = threading.Lock()
         self._procs: dict[str, Process] = {}
+
+    def orphan_all(self) -> int:
+        """Discard the output of every exec started so far (see OutputBuffer.discard);
+        returns how many there were."""
+        with self._lock:
+            procs = list(self._procs.values())
+        for proc in procs:
+            proc.output.discard()
+        return len(procs)
 
     def get(self, exec_id: str) -> Process:
         with self._lock:

@@ -97,6 +97,9 @@ class GuestService(rpc.GuestServicer):
             applied = identity.apply_identity(
                 request.identity, root=self.agent.root, set_clock=self.agent.set_clock
             )
+            if request.copy:
+                orphans = self.agent.procs.orphan_all()
+                log(f"copy of a snapshot: output of {orphans} inherited exec(s) discarded")
         except Exception as exc:
             log(f"Reseed failed: {exc}")
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"Reseed failed: {exc}")

@@ -371,10 +371,12 @@ class AgentClient:
             raise GuestError(f"bad guest init config: {exc}") from None
         self._unary(self._guest.Init, request, "init", timeout=180)
 
-    def reseed(self, identity: JsonObject) -> Reseeded:
+    def reseed(self, identity: JsonObject, *, copy: bool = False) -> Reseeded:
         """Give a running guest a new identity (a box restored from a snapshot gets no Init).
 
         ``identity``: channel.identity.host_identity(name), made right before this call.
+        ``copy``: the guest is a snapshot's copy; the exec sessions it inherited have no
+        reader here, so the agent discards their output (their processes run on).
         Returns {"boot_id": str, "clock_step": float}: the guest's boot_id (clones of one
         snapshot share it) and the seconds its wall clock moved (positive: it was behind).
 
@@ -387,7 +389,8 @@ class AgentClient:
         except json_format.ParseError as exc:
             raise GuestError(f"bad guest identity: {exc}") from None
         reply = self._unary(
-            self._guest.Reseed, pb.ReseedRequest(identity=message), "reseed", timeout=30
+            self._guest.Reseed, pb.ReseedRequest(identity=message, copy=copy), "reseed",
+            timeout=30,
         )
         return {"boot_id": reply.boot_id, "clock_step": reply.clock_step}
 

@@ -52,7 +52,7 @@ def images_ls(as_json: bool) -> int:
 def images_rm(ref: str) -> int:
     """Remove an image reference (refused while a box uses it)."""
     rt = runtime()
-    in_use = frozenset(r.image_digest for r in rt.list() if r.image_digest)
+    in_use = rt.images_in_use()
     rt.images.remove(ref, in_use=in_use)
     click.echo(ref)
     return 0
@@ -64,7 +64,7 @@ def images_prune() -> int:
     from ..images.prune import prune
 
     rt = runtime()
-    in_use = frozenset(r.image_digest for r in rt.list() if r.image_digest)
+    in_use = rt.images_in_use()
     result = prune(rt.images, in_use)
     for digest in result.removed_images:
         click.echo(f"deleted: {digest}")

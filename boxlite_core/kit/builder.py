@@ -36,6 +36,7 @@ import attrs
 from ..diskspace import GIB, ensure_free
 from ..errors import ConfigError, ImageError
 from ..fscopy import copy_file
+from ..runtime.savedstate import MANIFEST as SNAPSHOT_MANIFEST
 from ..state.home import secure_home
 from . import debian, guestroot, initramfs, kernel, modules
 from .model import PROFILES, GuestKit, MachineProfile
@@ -200,6 +201,25 @@ def _load(kit_dir: Path, machine: str | None = None) -> GuestKit | None:
     )
 
 
+def kit_by_id(home: Path, kit_id: str, *, machine: str | None = None) -> GuestKit | None:
+    """The built kit ``kit_id`` if it is still in the cache (a snapshot's VM runs the kit
+    it was saved with, whatever the current one is), else None."""
+    if not kit_id or "/" in kit_id or kit_id.startswith("."):
+        return None
+    return _load(kit_cache_dir(home) / "kits" / kit_id, machine)
+
+
+def kits_of_snapshots(home: Path) -> set[str]:
+    """Kit ids snapshots under ``HOME/snapshots`` were saved with: a kit rebuild keeps them
+    (their VMs need that kernel and root image to be restored). Read from each snapshot's
+    sealed manifest (runtime/savedstate.py MANIFEST, ``meta.kit_id``)."""
+    out = set()
+    for manifest in Path(home).glob(f"snapshots/*/vm/{SNAPSHOT_MANIFEST}"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            out.add(str(json.loads(manifest.read_text())["meta"]["kit_id"]))
+    return out
+
+
 def find_kit(home: Path, arch: str = "x86_64", *, machine: str | None = None,
              source_root: Path | None = None) -> GuestKit | None:
     """The built kit for the current inputs, or None. Cheap: hashes local files only."""
@@ -260,7 +280,7 @@ def build_kit(home: Path, arch: str = "x86_64", progress: Progress | None = None
                 shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(work / "out", final)
-            _prune(final.parent, keep={final.name}, newest=KEEP_KITS)
+            _prune(final.parent, keep={final.name, *kits_of_snapshots(home)}, newest=KEEP_KITS)
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
     kit = _load(final, machine)

@@ -58,16 +58,30 @@ def backing_file(path: Path) -> Path | None:
     return backing if backing.is_absolute() else path.parent / backing
 
 
-def chain(path: Path, limit: int = 64) -> list[Path]:
+class ChainError(ConfigError):
+    """A backing chain that cannot be followed to its end (unreadable link, too deep)."""
+
+
+def chain(path: Path, limit: int = 64, *, strict: bool = False) -> list[Path]:
     """``path`` and every backing file below it, top first, while they are qcow2 (the last
-    may be a raw base). Stops at ``limit`` links or a missing file."""
+    may be a raw base). Stops at ``limit`` links or a file that cannot be read, or with
+    ``strict`` raises :class:`ChainError` there instead (a caller deciding whether a disk may
+    be deleted must not take a chain it could not read for one that does not reach it)."""
     out = [Path(path)]
     current: Path | None = Path(path)
-    while current is not None and len(out) < limit:
+    while current is not None:
+        if len(out) > limit:
+            if strict:
+                raise ChainError(f"disk {path}: backing chain longer than {limit} links")
+            break
         try:
             current = backing_file(current)
-        except (OSError, ConfigError):
+        except OSError as exc:
+            if strict:
+                raise ChainError(f"disk {path}: cannot read {current} ({exc})") from None
             break
+        except ConfigError:
+            break  # not a qcow2: a raw base, the chain's end
         if current is None:
             break
         out.append(current)

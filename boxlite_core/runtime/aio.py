@@ -251,7 +251,9 @@ class AsyncRuntime:
         return await asyncio.to_thread(self._rt().metrics)
 
     async def snapshots(self) -> list[Snapshot]:
+        """See :meth:`Runtime.snapshots`."""
         return await asyncio.to_thread(self._rt().snapshots)
 
     async def remove_snapshot(self, name: str) -> None:
+        """See :meth:`Runtime.remove_snapshot`."""
         await asyncio.to_thread(self._rt().remove_snapshot, name)

@@ -212,7 +212,8 @@ class Box:
 
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"fork n={n!r}: must be a whole number >= 1")
-        snap = lifecycle.snapshot(self._link, f"{self.name}-fork-{secrets.token_hex(3)}",
+        # a snapshot name holds 63 characters, a box name as many: keep the suffix whole
+        snap = lifecycle.snapshot(self._link, f"{self.name[:45]}-fork-{secrets.token_hex(3)}",
                                   auto=True)
         copies: list[Box] = []
         for index in range(1, n + 1):

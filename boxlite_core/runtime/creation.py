@@ -6,9 +6,11 @@ must not import the Runtime (see services.py).
 
 from __future__ import annotations
 
+import shutil
+
 import attrs
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NotFoundError
 from ..images.registry.pull import ensure_image
 from ..models import BoxOptions, BoxStatus
 from ..volumes.resolve import resolve_user_volumes
@@ -100,9 +102,13 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
     record = services.store.insert(record)
     if snap is not None:
         try:
-            snapshots.clone_disks(snap, services.box_dir(record.id))
+            with services.snapshots.lock(shared=True):
+                if services.snapshots.find(snap.name) is None:
+                    raise NotFoundError(f"snapshot {snap.name} was removed meanwhile")
+                snapshots.clone_disks(snap, services.box_dir(record.id))
         except BaseException:
             services.store.delete(record.id)
+            shutil.rmtree(services.box_dir(record.id), ignore_errors=True)
             raise
     services.db.bump("boxes_created")
     services.plugins.notify("created", box=record.to_dict())

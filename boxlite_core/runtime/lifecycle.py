@@ -18,7 +18,6 @@ import logging
 import shutil
 import time
 
-from ..channel.shimctl import stop_shim
 from ..errors import ConfigError, NotFoundError, StateError, UnsupportedError
 from ..models import BoxStatus, check_timeout
 from ..vmm.base import VmHandle
@@ -26,7 +25,7 @@ from ..vmm.spec import Capability
 from . import snapshots
 from .cleanup import CleanupGuard, settle_abandoned, starter_is_elsewhere, stop_box_processes
 from .link import ATTACH_TIMEOUT, BoxLink, paused_error
-from .pipeline import DETACH_SETTLE, StartContext, run_stages, writable_disks
+from .pipeline import StartContext, run_stages, writable_disks
 from .records import BoxRecord, process_identity
 from .services import ProgressFn
 
@@ -102,7 +101,10 @@ def start(link: BoxLink, progress: ProgressFn | None = None) -> None:
         from_snapshot = bool(record.options.snapshot and not record.state.get("snapshot_restored"))
         if from_snapshot:  # its first start continues the snapshot; later ones boot
             assert record.options.snapshot is not None
-            snapshot_state = snapshots.saved_state(services.snapshots.get(record.options.snapshot))
+            snap = services.snapshots.get(record.options.snapshot)
+            snapshot_state = snapshots.saved_state(snap)
+            with services.snapshots.lock(shared=True):  # fresh disks for the saved memory
+                snapshots.clone_disks(snap, link.dir)
         record = services.store.begin_start(link.id, process_identity())
         ctx = StartContext(
             services=services, record=record, box_dir=link.dir, backend=backend,
@@ -306,13 +308,27 @@ def snapshot(link: BoxLink, name: str, *, auto: bool = False) -> snapshots.Snaps
                 f"box {link.name} is {record.status.value}; a snapshot saves a running box: "
                 f"`boxlite start {link.name}` first"
             )
-        handle = _live_handle(link, record.status)
-        # saved with no host on the agent port, as boot templates are (pipeline.template_save
-        # says why); the next command here re-attaches
-        link.detach()
-        stop_shim(link.dir)
-        time.sleep(DETACH_SETTLE)
         services = link.services
         backend = services.plugins.backend(record.backend or "")
-        return snapshots.take(record, backend, handle, writable_disks(link.dir),
+        snapshots.check(record, backend)  # before anything is touched
+        handle = _live_handle(link, record.status)
+        # Saved with the shim attached, unlike a boot template: other processes' commands in
+        # this box go on. A clone's agent may then serve the saved session until its shim
+        # re-attaches the port (RESTORED_READY_RETRY, pipeline._connect)
+        snap = snapshots.take(record, backend, handle, writable_disks(link.dir),
                               services.snapshots, name, auto=auto)
+        _step_clock(link)
+        return snap
+
+
+def _step_clock(link: BoxLink) -> None:
+    """The source's clock stood still while its VM was paused for the save: set it (and
+    add host entropy) again. Best effort: the snapshot is taken."""
+    from ..channel.identity import host_identity
+
+    if link.record.status is not BoxStatus.RUNNING:
+        return
+    try:
+        link.live_client().reseed(host_identity())
+    except Exception as exc:
+        log.warning("box %s: could not set its clock after the snapshot: %s", link.name, exc)

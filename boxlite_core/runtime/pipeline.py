@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .. import envvars
+from ..diskspace import ensure_free
 from ..errors import BoxliteError, ConfigError, GuestError, StateError
 from ..models import HostShare, JsonObject
 from ..rootfs.base import RootfsArtifact, RootfsContext
@@ -161,6 +162,15 @@ def container_rootfs_prep(ctx: StartContext) -> None:
 
 
 def guest_kit_prep(ctx: StartContext) -> None:
+    """The guest kit: the current one, or for a snapshot's restore the one it was saved
+    with (its VM runs that kernel and root image; a kit rebuild keeps it for snapshots)."""
+    if ctx.snapshot_state is not None:
+        from ..kit.builder import kit_by_id
+
+        saved = kit_by_id(ctx.services.home, str(ctx.snapshot_state.meta.get("kit_id", "")))
+        if saved is not None:
+            ctx.kit = saved
+            return
     ctx.kit = ctx.services.kit_provider(ctx.services.home, ctx.progress)
 
 
@@ -263,6 +273,7 @@ def writable_disks(box_dir: Path) -> list[tuple[str, Path, str]]:
 
 
 def templates(ctx: StartContext) -> TemplateStore:
+    """The boot templates of the box's home."""
     return TemplateStore(ctx.services.home)
 
 
@@ -406,11 +417,21 @@ def template_save(ctx: StartContext) -> None:
     # only when the saved and the live connection states differ (virtio-serial post-load), so
     # a template saved while attached leaves a clone whose new host attaches before the guest
     # runs serving its template's dead session (measured: no READY)
+    store = templates(ctx)
+    try:
+        # the stream holds at most the guest's memory (zero pages are skipped)
+        ensure_free(store.root, ctx.spec.memory_mib * MIB + TEMPLATE_SAVE_MARGIN,
+                    "a boot template")
+    except BoxliteError as exc:
+        boot.reason = f"no template saved: {_first_line(exc)}"
+        log.warning("box %s: boot template not saved: %s", ctx.record.name, _first_line(exc))
+        return
     _detach_host(ctx)
     try:
-        templates(ctx).make(boot.key, meta, lambda d: handle.save_state(d, resume=True))
-        boot.reason = f"{boot.reason}; this start saved a new one"
-    except BoxliteError as exc:
+        made = store.make(boot.key, meta, lambda d: handle.save_state(d, resume=True))
+        boot.reason = (f"{boot.reason}; this start saved a new one" if made is not None
+                       else f"{boot.reason}; another start saved one meanwhile")
+    except (BoxliteError, OSError) as exc:
         boot.reason = f"saving the template failed: {_first_line(exc)}"
         log.warning("box %s: boot template not saved: %s", ctx.record.name, _first_line(exc))
         with contextlib.suppress(Exception):
@@ -420,6 +441,9 @@ def template_save(ctx: StartContext) -> None:
 
 #: seconds the guest gets to see its host leave the agent port before the VM is saved
 DETACH_SETTLE = 0.2
+MIB = 1024 * 1024
+#: bytes beyond the guest's memory a template save needs room for
+TEMPLATE_SAVE_MARGIN = 64 * MIB
 
 
 def _detach_host(ctx: StartContext) -> None:
@@ -477,7 +501,7 @@ def guest_init(ctx: StartContext) -> None:
 
     assert ctx.client is not None
     if ctx.boot.source == restore.SNAPSHOT:
-        ctx.client.reseed(host_identity(ctx.record.name))
+        ctx.client.reseed(host_identity(ctx.record.name), copy=True)
         return
     config = init_config(ctx)
     config["identity"] = host_identity(ctx.record.name)

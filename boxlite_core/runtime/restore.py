@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ..errors import BoxliteError, ConfigError, UnsupportedError
+from ..errors import BoxliteError, ConfigError, EngineError, UnsupportedError
 from ..models import JsonObject
 from .savedstate import SavedState, StaleStateError, verify_digests
 from .templates import TemplateStore, env_disabled_reason, layout_key, template_notice
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from ..vmm.spec import VmSpec
 
 log = logging.getLogger(__name__)
+
+#: seconds a restore waits for its state's digest check (~0.13 s per 120 MiB here)
+DIGEST_TIMEOUT = 120.0
 
 #: where a start's VM came from (``inspect``: ``state.boot.source``)
 KERNEL = "kernel"
@@ -51,9 +54,11 @@ class BootChoice:
 
     @property
     def restoring(self) -> bool:
+        """This start restores a saved VM (template or snapshot) instead of booting."""
         return self.state is not None
 
     def to_dict(self) -> JsonObject:
+        """``state.boot`` of the box record: ``{"source", "template", "reason"}``."""
         return {"source": self.source, "template": self.key, "reason": self.reason}
 
 
@@ -63,7 +68,7 @@ def key_of(spec: VmSpec, backend: VmmBackend) -> tuple[str | None, str | None]:
         return layout_key(spec, backend), None
     except UnsupportedError as exc:
         return None, str(exc)
-    except (OSError, ConfigError) as exc:
+    except (OSError, ConfigError, EngineError) as exc:  # e.g. a daemon slow to answer
         return None, f"cannot key this VM's layout: {exc}"
 
 
@@ -75,8 +80,9 @@ def choose(
     saves one (``save``) or, with the reason, one that cannot (``key`` None: ``unsupported``
     says why).
 
-    ``wanted`` is the box's ``template`` option. Never raises for a template's sake: a
-    broken one is removed, with a one-line notice (logged at WARNING).
+    ``wanted`` is the box's ``template`` option. Never raises for a template's sake (a
+    broken one is removed, with a one-line notice logged at WARNING); ConfigError only for a
+    ``BOXLITE_TEMPLATES`` value that is neither on nor off.
     """
     if not wanted:
         return BootChoice(reason="template=False")
@@ -120,7 +126,12 @@ def check_after_connect(choice: BootChoice) -> None:
     if choice.digests is None:
         return
     try:
-        choice.digests.result()
+        choice.digests.result(timeout=DIGEST_TIMEOUT)
+    except concurrent.futures.TimeoutError:
+        why = f"its files' digests were not checked within {DIGEST_TIMEOUT:g} s"
+        if choice.source == TEMPLATE:
+            raise FallBack(why) from None
+        raise StaleStateError(f"saved state {state_dir(choice)}: {why}") from None
     except StaleStateError as exc:
         if choice.source == TEMPLATE:
             raise FallBack(str(exc)) from exc
@@ -149,6 +160,7 @@ def template_meta(spec: VmSpec, backend: VmmBackend, box_name: str) -> JsonObjec
 
 
 def state_dir(choice: BootChoice) -> Path | None:
+    """The directory ``choice`` restores from, None for a kernel boot."""
     return choice.state.directory if choice.state is not None else None
 
 

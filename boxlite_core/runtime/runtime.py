@@ -205,6 +205,13 @@ class Runtime:
         snap = self.services.snapshots.get(name)
         snapshots.remove(snap, self.services.snapshots, self.services.box_dirs())
 
+    def images_in_use(self) -> frozenset[str]:
+        """Digests of the images boxes and snapshots stand on: their disks are overlays on
+        the image's cached base, so neither the image nor that base may go."""
+        digests = {r.image_digest for r in self.list() if r.image_digest}
+        digests |= {s.image_digest for s in self.snapshots() if s.image_digest}
+        return frozenset(digests)
+
     def templates(self) -> TemplateStore:
         """The boot templates of this home (``boxlite templates ls|rm|prune``)."""
         return TemplateStore(self.home)

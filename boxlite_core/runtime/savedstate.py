@@ -20,7 +20,7 @@ from pathlib import Path
 
 import attrs
 
-from ..errors import ImageError
+from ..errors import BoxliteError
 from ..models import JsonObject, JsonValue
 
 #: the core's manifest inside a saved-state directory (the backend never writes this name)
@@ -30,7 +30,7 @@ MANIFEST_VERSION = 1
 SEALED_MODE = 0o400
 
 
-class StaleStateError(ImageError):
+class StaleStateError(BoxliteError):
     """A saved-state directory is incomplete, changed since it was sealed, or unreadable."""
 
 
@@ -58,6 +58,7 @@ class SavedState:
 
     @property
     def size_bytes(self) -> int:
+        """Bytes of the backend's files (what the save takes on disk, about)."""
         return sum(f.size for f in self.files)
 
 

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,7 +47,12 @@ TEMPLATES_DIR = Path("cache") / "templates"
 KEY_VERSION = 1
 
 
+#: a template save's work directory older than this is a leftover of an interrupted save
+STALE_WORK_SECONDS = 600.0
+
+
 def templates_dir(home: Path) -> Path:
+    """``HOME/cache/templates``: one directory per template key."""
     return Path(home) / TEMPLATES_DIR
 
 
@@ -131,13 +137,16 @@ class TemplateInfo:
 
     @property
     def backend(self) -> str:
+        """The backend that saved it (its key covers it too)."""
         return str(self.state.meta.get("backend", ""))
 
     @property
     def kit_id(self) -> str:
+        """The guest kit it was made with (``prune`` removes those of other kits)."""
         return str(self.state.meta.get("kit_id", ""))
 
     def to_dict(self) -> JsonObject:
+        """What ``boxlite templates ls --json`` prints for it."""
         meta = self.state.meta
         return {
             "key": self.key,
@@ -159,6 +168,7 @@ class TemplateStore:
         self.root = templates_dir(home)
 
     def path(self, key: str) -> Path:
+        """The directory of template ``key`` (it may not exist)."""
         return self.root / key
 
     def find(self, key: str) -> TemplateInfo | None:
@@ -199,7 +209,7 @@ class TemplateStore:
                 _rmtree(work)
 
     def list(self) -> list[TemplateInfo]:
-        """Every template, valid or not (a broken one shows with size 0 and its error)."""
+        """Every template that loads (sizes checked); :meth:`broken` lists the others."""
         out = []
         for directory in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             if directory.name.startswith(".") or not directory.is_dir():
@@ -209,13 +219,17 @@ class TemplateStore:
         return out
 
     def broken(self) -> list[Path]:
-        """Template directories that do not load (and leftovers of interrupted saves)."""
+        """Template directories that do not load, and leftovers of saves interrupted more
+        than :data:`STALE_WORK_SECONDS` ago (a younger one may be another start's save)."""
         out = []
+        now = time.time()
         for directory in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             if not directory.is_dir():
                 continue
             if directory.name.startswith("."):
-                out.append(directory)
+                with contextlib.suppress(OSError):
+                    if now - directory.stat().st_mtime > STALE_WORK_SECONDS:
+                        out.append(directory)
                 continue
             try:
                 load(directory)

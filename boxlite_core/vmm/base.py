@@ -163,8 +163,9 @@ class VmHandle(abc.ABC):
 
         ``directory`` exists and is empty; write only inside it, any files the backend's
         :meth:`VmmBackend.plan` needs to restore from it (``VmSpec.restore_from``). The core
-        records a digest and the size of every file there and refuses to restore from a
-        directory that changed. Disk content is never saved here: the core keeps disks.
+        records the size and SHA-256 of every file there; a restore whose files changed is
+        caught (sizes before the launch, digests while the VMM loads) before the box is used.
+        Disk content is never saved here: the core keeps disks.
 
         Raises:
             UnsupportedError: this backend cannot save state (this default), or this VM
@@ -172,7 +173,9 @@ class VmHandle(abc.ABC):
                 in the guest, and always for vhost-user devices such as virtiofs).
             StateError: the VM is not running.
             EngineError: the VMM failed or timed out during the save; the VM is resumed if
-                ``resume`` (best effort) and ``directory`` may hold partial files.
+                ``resume`` (best effort) and ``directory`` may hold partial files. A backend
+                whose save ends the VM (libvirt's) restores it; if that fails, say in the
+                error that the state in ``directory`` is the VM's only copy.
         """
         raise UnsupportedError(self._unsupported("save the state of", "snapshot"))
 
@@ -285,6 +288,8 @@ class VmmBackend(abc.ABC):
             UnsupportedError: this backend cannot save state (this default), or a VM of this
                 spec could not be saved, naming why (e.g. a device that cannot migrate, such
                 as QEMU's vhost-user-fs before 8.2). Cheap: no VM is started.
+            EngineError: the backend could not find out (its daemon did not answer); the
+                core then boots the box cold, naming the error.
         """
         raise UnsupportedError(
             f"backend {self.name!r} cannot save or restore a VM's state (it does not declare "

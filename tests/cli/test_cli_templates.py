@@ -8,13 +8,15 @@ The "current" kit is a directory named with the kit id this tree's recipe gives 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from boxlite_core.kit import KitRecipe, kit_cache_dir
 from boxlite_core.kit.builder import INITRD_FILE, KERNEL_FILE, KIT_FILE, MANIFEST_FILE, ROOT_FILE
-from boxlite_core.runtime.templates import TemplateStore, templates_dir
+from boxlite_core.runtime.templates import STALE_WORK_SECONDS, TemplateStore, templates_dir
 from boxlite_testing.cli import boxlite
 
 
@@ -46,7 +48,13 @@ def home(tmp_path: Path) -> Path:
     _template(home, "old", "0ldk1t")
     (templates_dir(home) / "bad").mkdir()
     (templates_dir(home) / "bad" / "vmstate").write_bytes(b"x")
-    (templates_dir(home) / ".cur-leftover").mkdir()
+    leftover = templates_dir(home) / ".cur-leftover"
+    leftover.mkdir()
+    # an interrupted save's work dir, long ago (a young one may be another start's save)
+    old_time = time.time() - STALE_WORK_SECONDS - 60
+    os.utime(leftover, (old_time, old_time))
+    young = templates_dir(home) / ".saving-now"
+    young.mkdir()  # another start is saving right now: never pruned
     return home
 
 
@@ -78,7 +86,8 @@ def test_prune_keeps_only_the_current_kits(home):
     proc = boxlite("templates", "prune", home=home)
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.split()) == [".cur-leftover", "bad", "old"]
-    assert sorted(p.name for p in templates_dir(home).iterdir()) == ["cur"]
+    # the save in progress is not a leftover yet
+    assert sorted(p.name for p in templates_dir(home).iterdir()) == [".saving-now", "cur"]
     doctor = boxlite("doctor", home=home).stdout
     assert "ok   templates: 1 boot template(s) (2.0MB)" in doctor, doctor
 
@@ -96,7 +105,7 @@ def test_rm_by_key_and_all(home):
     assert _keys(home) == ["cur"]
     proc = boxlite("templates", "rm", "--all", home=home)
     assert proc.returncode == 0 and sorted(proc.stdout.split()) == [".cur-leftover", "bad", "cur"]
-    assert list(templates_dir(home).iterdir()) == []
+    assert [p.name for p in templates_dir(home).iterdir()] == [".saving-now"]
 
 
 def test_guest_build_prunes_templates_of_other_kits(home):

@@ -84,7 +84,8 @@ def test_guide_lists_every_field() -> None:
     import boxlite_core.vendor as vendor
 
     tables = guide_field_tables()
-    types = ("VmSpec", "DiskSpec", "ShareSpec", "AgentChannel", "GuestHints", "LaunchPlan")
+    types = ("VmSpec", "DiskSpec", "ShareSpec", "AgentChannel", "GuestHints", "LaunchPlan",
+             "DiskSwitch")
     expected = {name: {f.name for f in attrs.fields(getattr(vendor, name))} for name in types}
     params = inspect.signature(vendor.ProcessVmHandle.__init__).parameters
     expected["ProcessVmHandle"] = set(params) - {"self"}

@@ -161,7 +161,8 @@ def test_cli_pause_freezes_the_box_until_resume(box, vm_home):
     result = {}
 
     def run() -> None:
-        result["r"] = box.exec(["sh", "-c", "touch /root/started; sleep 1; echo after"],
+        # long enough that `boxlite pause` (a CLI process: seconds under load) lands first
+        result["r"] = box.exec(["sh", "-c", "touch /root/started; sleep 6; echo after"],
                                timeout=120)
         done.set()
 
@@ -173,7 +174,7 @@ def test_cli_pause_freezes_the_box_until_resume(box, vm_home):
     paused = _cli(vm_home, "pause", box.name)
     assert paused.returncode == 0, paused.stderr
     try:
-        assert not done.wait(3.0), "a command finished while `boxlite pause` had frozen the box"
+        assert not done.wait(7.0), "a command finished while `boxlite pause` had frozen the box"
         refused = _cli(vm_home, "exec", box.name, "--", "echo", "no")
         assert refused.returncode != 0
         assert "paused" in refused.stderr and f"boxlite resume {box.name}" in refused.stderr

@@ -12,7 +12,6 @@ Snapshots (``Capability.SNAPSHOT``) are QEMU migration to and from a file: the h
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -74,16 +73,41 @@ class HostFacts:
     accel_error: str = ""
 
 
-@functools.cache
-def _qemu_version(binary: str) -> tuple[str, bool]:
-    """(version, supports -sandbox). QEMU built without seccomp omits -sandbox from -help."""
+#: successful probes by (binary, size, mtime in ns): a QEMU upgraded in place is probed anew
+_VERSIONS: dict[tuple[str, int, int], tuple[str, bool]] = {}
+
+
+def _binary_id(binary: str) -> tuple[int, int] | None:
+    """(size in bytes, mtime in ns) of the file ``binary`` names; None if it cannot be read."""
+    try:
+        st = os.stat(binary)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _qemu_version(binary: str) -> tuple[str, bool] | None:
+    """(version, supports -sandbox); None if the probe failed. QEMU built without seccomp
+    omits -sandbox from -help.
+
+    Only a successful probe is remembered: a failed one (e.g. ``-help`` timing out on a
+    loaded host) is tried again next time, instead of turning -sandbox off for every later
+    VM of this process.
+    """
+    ident = _binary_id(binary)
+    key = (binary, *ident) if ident is not None else None
+    if key is not None and key in _VERSIONS:
+        return _VERSIONS[key]
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
         helptext = subprocess.run([binary, "-help"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown", False
+        return None
     match = re.search(r"version (\S+)", out.stdout)
-    return (match.group(1) if match else out.stdout.strip()), "-sandbox" in helptext.stdout
+    found = (match.group(1) if match else out.stdout.strip()), "-sandbox" in helptext.stdout
+    if key is not None:
+        _VERSIONS[key] = found
+    return found
 
 
 class QemuBackend(VmmBackend):
@@ -95,22 +119,32 @@ class QemuBackend(VmmBackend):
         """``host`` pins the planning facts (tests, or a vendor that knows better);
         by default they are probed on first use."""
         self._pinned = host
+        self._facts: HostFacts | None = None
 
     # -- host facts ----------------------------------------------------------------------
 
-    @functools.cached_property
+    @property
     def facts(self) -> HostFacts:
+        """The host, probed on first use and kept, unless QEMU's version probe failed (then
+        version "unknown", no -sandbox, for this call only: probed again next time, so one
+        slow ``-help`` under load does not turn -sandbox off for the process's life)."""
+        if self._facts is not None:
+            return self._facts
         arch = host_arch()
         binary = tools.find_tool(QEMU_BINARY.get(arch, f"qemu-system-{arch}"))
-        version, sandbox = _qemu_version(binary) if binary else ("", False)
+        probed = _qemu_version(binary) if binary else ("", False)
+        version, sandbox = probed or ("unknown", False)
         accel: AccelChoice | None = None
         accel_error = ""
         try:
             accel = host_accel()
         except ConfigError as exc:
             accel_error = str(exc)
-        return HostFacts(arch, binary, tools.find_tool("qemu-img"), version, sandbox, accel,
-                         accel_error)
+        facts = HostFacts(arch, binary, tools.find_tool("qemu-img"), version, sandbox, accel,
+                          accel_error)
+        if probed is not None:
+            self._facts = facts
+        return facts
 
     def host(self) -> QemuHost:
         """The planning facts: pinned, or probed (raises if QEMU is missing)."""
@@ -200,8 +234,10 @@ class QemuBackend(VmmBackend):
         return LaunchPlan(backend=self.name, spec=spec, data={"argv": argv, **facts})
 
     def snapshot_compat(self, spec: VmSpec) -> str:
-        """``qemu=<binary> <version>; accel=<-accel value>; machine=<-machine value>;
-        sandbox=on|off``: what beyond the device layout a saved state depends on.
+        """``qemu=<binary> <version> (<bytes> bytes, mtime <ns>); accel=<-accel value>;
+        machine=<-machine value>; sandbox=on|off``: what beyond the device layout a saved
+        state depends on. The binary's size and mtime (as libvirt's) make a QEMU upgraded in
+        place under the same path and version string (a distro rebuild) a new key.
 
         Raises:
             UnsupportedError: a virtiofs share (QEMU < 8.2 cannot migrate vhost-user-fs).
@@ -210,13 +246,15 @@ class QemuBackend(VmmBackend):
         self._refuse_unmigratable(spec)
         host = self.host()
         argv, _facts = build_argv(attrs.evolve(spec, restore_from=None), host)
-        version, _sandbox = _qemu_version(host.binary)
+        version, _sandbox = _qemu_version(host.binary) or ("unknown", False)
+        ident = _binary_id(host.binary)
+        binary = f"{ident[0]} bytes, mtime {ident[1]}" if ident else "not readable here"
 
         def value(option: str) -> str:
             return argv[argv.index(option) + 1] if option in argv else ""
 
         return (
-            f"qemu={host.binary} {version}; accel={value('-accel') or host.accel}; "
+            f"qemu={host.binary} {version} ({binary}); accel={value('-accel') or host.accel}; "
             f"machine={value('-machine')}; sandbox={'on' if host.sandbox else 'off'}"
         )
 

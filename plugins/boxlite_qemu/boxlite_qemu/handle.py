@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from boxlite_core.errors import ConfigError, EngineError, StateError, UnsupportedError
+from boxlite_core.models import JsonObject, JsonValue
 from boxlite_core.vmm.base import VmHandle
 from boxlite_core.vmm.consolelog import neutralise, stop_writer, tail_bytes, wait_writer
 from boxlite_core.vmm.procstat import alive, log_tail, reap
@@ -44,6 +45,15 @@ MIGRATION_MAX_BANDWIDTH = 1 << 40
 #: "Migration is disabled when VirtFS export path '...' is mounted in the guest using
 #: mount_tag '...'")
 _BLOCKER_MARKERS = ("migration is disabled", "blocked", "blocker", "non-migratable")
+#: seconds a cancelled migration may take to stop (QEMU stops it at its next chunk: ms)
+MIGRATION_CANCEL_BOUND = 5.0
+#: query-migrate states in which no migration runs any more
+_MIGRATION_OVER = ("none", "completed", "failed", "cancelled")
+
+
+def json_object(value: JsonValue) -> JsonObject:
+    """``value`` if it is a JSON object, else ``{}`` (a QMP answer of an unexpected shape)."""
+    return value if isinstance(value, dict) else {}
 
 
 def migration_bound(size_bytes: int) -> float:
@@ -58,8 +68,9 @@ def wait_migration(
     limit: float,
     alive_check: Callable[[float], bool],
     gone: Callable[[], EngineError],
-) -> dict[str, Any]:
-    """Poll QMP ``query-migrate`` until QEMU's migration is completed; its last answer.
+) -> JsonObject:
+    """Poll QMP ``query-migrate`` until QEMU's migration is completed; its last answer
+    (``{"status": "completed", "total-time": ms, "ram": {...}, ...}``).
 
     ``alive_check(grace)`` says whether QEMU still runs (waiting up to ``grace`` seconds for
     it to exit when the monitor failed); ``gone()`` builds the error for a QEMU that exited.
@@ -74,20 +85,20 @@ def wait_migration(
         if not alive_check(0.0):
             raise gone()
         try:
-            info = qmp_command(qmp_socket, "query-migrate", timeout=5.0) or {}
+            info = json_object(qmp_command(qmp_socket, "query-migrate", timeout=5.0))
         except QmpError:
             if not alive_check(2.0):
                 raise gone() from None
             raise
         status = str(info.get("status", "none"))
         if status == "completed":
-            return dict(info)
+            return info
         if status in ("failed", "cancelled"):
             raise EngineError(
                 f"{what} {status}: {info.get('error-desc') or 'QEMU gave no reason'}"
             )
         if time.monotonic() >= deadline:
-            ram = info.get("ram") or {}
+            ram = json_object(info.get("ram"))
             raise QmpTimeout(
                 f"{what}: QEMU's migration did not complete within {limit:.0f} s (status "
                 f"{status}, {ram.get('transferred', 0)} bytes so far, polled on {qmp_socket}); "
@@ -211,15 +222,17 @@ class QemuHandle(VmHandle):
 
     # -- control ---------------------------------------------------------------------------
 
-    def qmp(self, command: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
-        """Run one QMP command on this VM (e.g. ``query-status``)."""
+    def qmp(
+        self, command: str, args: JsonObject | None = None, timeout: float = 5.0
+    ) -> JsonValue:
+        """Run one QMP command on this VM (e.g. ``query-status``); its result."""
         if not self.is_running():
             raise EngineError(f"QEMU (pid {self._pid}) is not running: {self.exit_reason()}")
         return qmp_command(self.qmp_socket, command, args, timeout)
 
     def status(self) -> str:
         """QEMU's run state ("running", "paused", ...)."""
-        return str(self.qmp("query-status")["status"])
+        return str(json_object(self.qmp("query-status"))["status"])
 
     def pause(self) -> None:
         """QMP ``stop``: the vCPUs halt; QEMU, its devices and the agent socket stay.
@@ -268,7 +281,9 @@ class QemuHandle(VmHandle):
                 9p share mounted in the guest), with QEMU's reason.
             EngineError: QMP failed, a disk switch or the migration failed or timed out
                 (QmpTimeout), or the state file could not be written. Switches already made
-                stay made; the VM is resumed (best effort) if ``resume``.
+                stay made; a migration still running is cancelled and the partial
+                ``qemu-vmstate`` removed (also on Ctrl-C), and the VM is resumed (best effort)
+                if ``resume`` and it was running, so a later save can succeed.
         """
         directory = Path(directory)
         if not self.is_running():
@@ -299,11 +314,12 @@ class QemuHandle(VmHandle):
             for switch in switch_disks:
                 self._switch_disk(switch)
             info = self._migrate_to(directory / STATE_FILE)
-            version = self.qmp("query-version") or {}
-            memory = self.qmp("query-memory-size-summary") or {}
+            version = json_object(self.qmp("query-version"))
+            memory = json_object(self.qmp("query-memory-size-summary"))
             write_state(directory / STATE_INFO, {
                 "state_file": STATE_FILE,
-                "qemu_version": (version.get("qemu") or {}) | {"package": version.get("package")},
+                "qemu_version": json_object(version.get("qemu")) | {
+                    "package": version.get("package")},
                 "memory_bytes": memory.get("base-memory"),
                 "stream_bytes": (directory / STATE_FILE).stat().st_size,
                 "save_seconds": round(time.monotonic() - started, 3),
@@ -329,6 +345,12 @@ class QemuHandle(VmHandle):
         (``getfd``) and opens it as ``/proc/self/fd/N``, which reaches the same inode
         whatever it is called. (An ``add-fd`` fd set does not do: QEMU closes an unused set
         when a monitor client leaves, and dups of one fd share their locks.)
+
+        QEMU keeps that fd (named ``boxlite-overlay-<serial>-<ns>`` in its monitor) for the
+        VM's life, on purpose: every later re-open goes through ``/proc/self/fd/N``, so
+        closing it (``closefd``) would break the next access-mode switch. So each snapshot
+        or fork of this VM leaves one more fd open in QEMU (one per switched disk); they go
+        when QEMU exits. Only a failed switch closes its fd at once.
         """
         drive = self.drives[switch.serial]
         what = (f"switching disk {switch.serial!r} (drive {drive}) of QEMU (pid {self._pid}) "
@@ -377,13 +399,21 @@ class QemuHandle(VmHandle):
             raise EngineError(f"cannot list QEMU's fds in {fd_dir}: {exc}") from exc
         raise EngineError(f"QEMU (pid {self._pid}) took no fd of the overlay ({fd_dir})")
 
-    def _migrate_to(self, state: Path) -> dict[str, Any]:
-        """Migrate the (stopped) VM into the new file ``state``; QEMU's last query-migrate."""
-        memory = (self.qmp("query-memory-size-summary") or {}).get("base-memory") or 0
+    def _migrate_to(self, state: Path) -> JsonObject:
+        """Migrate the (stopped) VM into the new file ``state``; QEMU's last query-migrate.
+
+        On any failure once ``migrate`` may have been sent (a timeout, Ctrl-C, an error while
+        waiting) the migration is cancelled first (:meth:`_cancel_migration`): left alone it
+        would go on, complete and leave QEMU in "postmigrate" (vCPUs stopped for good, disks
+        inactive) behind the caller's back, and the next save would find it still running.
+        The partial ``state`` is removed.
+        """
+        memory = json_object(self.qmp("query-memory-size-summary")).get("base-memory") or 0
         try:
             fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise EngineError(f"cannot create the VM state file {state}: {exc}") from exc
+        refused = False  # QEMU answered the migrate with an error: no migration runs
         try:
             try:
                 qmp_commands(self.qmp_socket, [
@@ -392,8 +422,10 @@ class QemuHandle(VmHandle):
                     ("migrate", {"uri": f"fd:{MIGRATION_FD}"}),
                 ], fds={1: fd}, timeout=10.0)
             except QmpTimeout:
-                raise
+                raise  # QEMU may have taken the migrate: the handler below cancels it
             except QmpError as exc:
+                # only our fd may still be held under its name
+                refused = True
                 with contextlib.suppress(EngineError):
                     qmp_command(self.qmp_socket, "closefd", {"fdname": MIGRATION_FD})
                 if any(m in str(exc).lower() for m in _BLOCKER_MARKERS):
@@ -407,9 +439,41 @@ class QemuHandle(VmHandle):
                 migration_bound(int(memory)), self.still_running, self._gone_error,
             )
             os.fsync(fd)
+        except BaseException:
+            if not refused:
+                self._cancel_migration()
+            with contextlib.suppress(OSError):
+                state.unlink()
+            raise
         finally:
             os.close(fd)
         return info
+
+    def _cancel_migration(self) -> None:
+        """Best effort, bounded (:data:`MIGRATION_CANCEL_BOUND` seconds of polling): QMP
+        ``migrate_cancel``, wait until ``query-migrate`` says no migration runs (cancelled,
+        failed, or completed after all), then ``closefd`` our migration fd if QEMU still holds
+        it under its name (``migrate`` takes it; a migrate that never ran leaves it).
+
+        Leaves the VM paused (or "postmigrate" if it completed): the caller's ``cont``
+        makes it run either way. Never raises an EngineError: the caller is already failing
+        with the error that matters; a QEMU that does not answer or has gone is left as is.
+        """
+        if not self.is_running():
+            return
+        with contextlib.suppress(EngineError):
+            qmp_command(self.qmp_socket, "migrate_cancel", timeout=5.0)
+        deadline = time.monotonic() + MIGRATION_CANCEL_BOUND
+        while time.monotonic() < deadline and self.is_running():
+            try:
+                info = json_object(qmp_command(self.qmp_socket, "query-migrate", timeout=5.0))
+            except EngineError:
+                break
+            if str(info.get("status", "none")) in _MIGRATION_OVER:
+                break
+            time.sleep(0.05)
+        with contextlib.suppress(EngineError):
+            qmp_command(self.qmp_socket, "closefd", {"fdname": MIGRATION_FD}, timeout=5.0)
 
     def _blocker_hint(self, message: str) -> str:
         tags = [tag for tag in self.shares if f"'{tag}'" in message]

@@ -20,7 +20,10 @@ the disk switches are plain renames while no QEMU holds the disks, then
 ``spec.restore_from`` restores a *new* domain from such a file with the new box's XML; libvirt
 refuses a new name or UUID there (they are guest ABI to it), so launch restores from a
 private copy of the image whose embedded XML carries the new box's name and UUID
-(:func:`~.libvirt_xml.rebrand_save_header`).
+(:func:`~.libvirt_xml.rebrand_save_header`). A save ends the domain for a few seconds and
+brings it back under a new ID: ``BOXDIR/saving.json`` tells every other handle of the box
+(other processes too) that it is being saved, not dead, and handles follow the domain by
+its UUID.
 """
 
 from __future__ import annotations
@@ -37,11 +40,15 @@ import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
+
+import attrs
 
 from boxlite_core import envvars
 from boxlite_core.errors import ConfigError, EngineError, StateError, UnsupportedError
+from boxlite_core.models import JsonObject
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
 from boxlite_core.vmm.consolelog import (
     BACKUPS,
@@ -55,6 +62,7 @@ from boxlite_core.vmm.kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_
 from boxlite_core.vmm.spec import Capability, DiskSwitch, ProbeResult, VmSpec
 
 from .accel import host_accel
+from .handle import migration_bound, write_state
 from .libvirt_xml import (
     DEFAULT_VIRTIOFSD,
     MACHINES,
@@ -68,6 +76,9 @@ from .libvirt_xml import (
     save_data_length,
     with_uuid,
 )
+
+if TYPE_CHECKING:
+    import libvirt
 
 ENV_URI = "BOXLITE_LIBVIRT_URI"
 VM_FILE = "vm.json"
@@ -89,6 +100,13 @@ SAVE_FILE = "domain.save"
 STATE_INFO = "libvirt-state.json"
 #: in the box dir while a restore runs: the private, renamed copy of the save image
 PRIVATE_IMAGE = "restore.save"
+#: in the box dir while ``save_state`` runs (``{"pid", "started" (epoch s), "seconds"}``):
+#: between libvirt's save and the restore the domain does not exist, and another process's
+#: handle of the box must take that for a save in progress, not for a dead VM
+SAVE_MARKER = "saving.json"
+#: seconds ``save_state`` waits, after a timeout or Ctrl-C, for libvirt to cancel the save
+#: (it then resumes the domain) or to finish it (then the domain is restored from the file)
+_RESCUE_BOUND = 30.0
 #: libvirt's virDomainState of a running domain
 _RUNNING = 1
 #: how QEMU's migration blockers read (lower case), as libvirt passes them on: a save refused
@@ -133,6 +151,20 @@ class LibvirtTimeout(EngineError):
 def call_timeout(env: dict[str, str] | None = None) -> float:
     """``BOXLITE_LIBVIRT_TIMEOUT`` (seconds, > 0) or 60: the bound of each libvirt call."""
     return envvars.seconds(ENV_TIMEOUT, DEFAULT_TIMEOUT, env)
+
+
+def save_bound(size_bytes: int, env: dict[str, str] | None = None) -> float:
+    """Seconds libvirt may take to save (or restore) a guest of ``size_bytes`` of memory:
+    the qemu backend's migration bound (30 s + the size at 20 MB/s, raised by
+    ``BOXLITE_QMP_TIMEOUT``), raised further by ``BOXLITE_LIBVIRT_TIMEOUT`` when set.
+
+    Raises:
+        ConfigError: one of those variables is set to something else than seconds > 0.
+    """
+    limit = migration_bound(size_bytes)
+    if (os.environ if env is None else env).get(ENV_TIMEOUT, "").strip():
+        limit = max(limit, call_timeout(env))
+    return limit
 
 
 def _stall_hint(uri: str) -> str:
@@ -189,12 +221,12 @@ def bounded(what: str, uri: str, fn: Callable[..., T], *args: Any,
     return box["result"]
 
 
-def _close(uri: str, conn: Any) -> None:
+def _close(uri: str, conn: libvirt.virConnect) -> None:
     with contextlib.suppress(Exception):
         bounded("virConnectClose", uri, conn.close, timeout=_CLOSE_TIMEOUT)
 
 
-def _import_libvirt() -> Any:
+def _import_libvirt() -> ModuleType:
     import libvirt
 
     # libvirt prints every error to stderr by default ("Domain not found" on each poll)
@@ -202,7 +234,7 @@ def _import_libvirt() -> Any:
     return libvirt
 
 
-def _open(uri: str) -> Any:
+def _open(uri: str) -> libvirt.virConnect:
     libvirt = _import_libvirt()
     try:
         return bounded("virConnectOpen", uri, libvirt.open, uri)
@@ -263,8 +295,76 @@ def _last_shutdown_reason(uri: str, name: str) -> str | None:
     return None
 
 
+def _mark_saving(box_dir: Path | None, seconds: float) -> None:
+    """Write ``BOXDIR/saving.json``: this process saves the box for at most ``seconds``."""
+    if box_dir is not None:
+        write_state(Path(box_dir) / SAVE_MARKER,
+                    {"pid": os.getpid(), "started": time.time(), "seconds": seconds})
+
+
+def _unmark_saving(box_dir: Path | None) -> None:
+    if box_dir is not None:
+        with contextlib.suppress(OSError):
+            (Path(box_dir) / SAVE_MARKER).unlink(missing_ok=True)
+
+
+def save_in_progress(box_dir: Path | None) -> bool:
+    """True while some process saves this box (its :data:`SAVE_MARKER` exists, names a live
+    process and is younger than its bound): the domain may be missing for seconds, and comes
+    back under the same UUID. A marker left by a killed process counts for nothing."""
+    if box_dir is None:
+        return False
+    try:
+        record = json.loads((Path(box_dir) / SAVE_MARKER).read_text())
+        pid, started, seconds = int(record["pid"]), float(record["started"]), \
+            float(record["seconds"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    if not 0 <= time.time() - started <= seconds:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
+def _save_complete(image: Path) -> bool:
+    """``image`` is a save image libvirt finished writing (its final magic, a QEMU stream)."""
+    try:
+        with open(image, "rb") as fh:
+            total = save_data_length(fh.read(SAVE_HEADER.size))
+            return os.fstat(fh.fileno()).st_size > total
+    except (OSError, SaveImageError):
+        return False
+
+
+@attrs.frozen
+class _ConsoleWriter:
+    """The box's console writer (``BOXDIR/logwriter.json``), to start it again after a
+    restore: the socket it reads, the log it writes, the log's cap and backups."""
+
+    socket: Path
+    out: Path
+    max_bytes: int
+    backups: int = BACKUPS
+
+    def start(self, box_dir: Path) -> None:
+        start_writer(box_dir, self.socket, self.out, self.max_bytes, self.backups,
+                     append=True)
+
+
 class LibvirtHandle(VmHandle):
-    """One transient domain. Every call looks the domain up by UUID: it may be gone."""
+    """One transient domain. Every call looks the domain up by UUID: it may be gone.
+
+    The UUID is this boot's alone (a restarted box gets a new one); the libvirt ID is not
+    stable: a save + restore (:meth:`save_state`, maybe by another process) brings the same
+    domain back under a new ID and QEMU pid, which the handle then follows (from
+    ``BOXDIR/vm.json``). While a save of the box runs (``BOXDIR/saving.json``) the missing
+    domain counts as running, for that save's bound.
+    """
 
     def __init__(self, uri: str, name: str, uuid: str, dom_id: int, pid: int | None,
                  box_dir: Path | None = None) -> None:
@@ -274,12 +374,12 @@ class LibvirtHandle(VmHandle):
         self.dom_id = dom_id
         self._pid = pid
         self.box_dir = box_dir
-        self._conn: Any = None
+        self._conn: libvirt.virConnect | None = None
         self._reason: str | None = None
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _connection(self) -> Any:
+    def _connection(self) -> libvirt.virConnect:
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 if bounded("virConnectIsAlive", self.uri, self._conn.isAlive):
@@ -289,8 +389,9 @@ class LibvirtHandle(VmHandle):
         self._conn = _open(self.uri)
         return self._conn
 
-    def _domain(self) -> Any | None:
-        """This boot's domain, or None when it is gone (or another boot holds the name)."""
+    def _domain(self) -> libvirt.virDomain | None:
+        """This boot's domain (its UUID), or None when it is gone or not active. A new ID
+        means a save + restore of it (by any process): the handle follows it."""
         libvirt = _import_libvirt()
         conn = self._connection()
         try:
@@ -299,15 +400,43 @@ class LibvirtHandle(VmHandle):
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise EngineError(f"libvirt domain {self.name}: lookup failed: {exc}") from exc
-        if self._call("virDomainGetID", dom.ID) != self.dom_id:
+        dom_id = self._call("virDomainGetID", dom.ID)
+        if dom_id < 0:  # defined but inactive: not a boot of ours that runs
             return None
+        if dom_id != self.dom_id:
+            self._follow(dom_id)
         return dom
 
-    def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        """A bounded libvirt call; on a timeout the connection is dropped (a fresh one is
-        opened next time) since the stuck call still holds it."""
+    def _follow(self, dom_id: int) -> None:
+        """This boot's domain now runs as ``dom_id`` (restored from a save): take its QEMU pid
+        from ``vm.json`` once the restoring process wrote it there, else from libvirt's pid
+        file (the record may lag the restore by milliseconds)."""
+        pid = None
+        if self.box_dir is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                record = json.loads((self.box_dir / VM_FILE).read_text())
+                if record.get("uuid") == self.uuid and record.get("id") == dom_id:
+                    pid = record.get("pid")
+        self.dom_id = dom_id
+        self._pid = pid if isinstance(pid, int) else _read_pid(self.uri, self.name)
+        self._reason = None
+
+    def _settled_domain(self) -> libvirt.virDomain | None:
+        """:meth:`_domain`, after waiting out a save of this box in progress (another
+        process's :meth:`save_state`: the domain comes back, or the save's bound passes)."""
+        dom = self._domain()
+        while dom is None and save_in_progress(self.box_dir):
+            time.sleep(_POLL)
+            dom = self._domain()
+        return dom
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any,
+              timeout: float | None = None) -> T:
+        """A bounded libvirt call (``timeout`` seconds, default :func:`call_timeout`); on a
+        timeout the connection is dropped (a fresh one is opened next time) since the stuck
+        call still holds it."""
         try:
-            return bounded(what, self.uri, fn, *args)
+            return bounded(what, self.uri, fn, *args, timeout=timeout)
         except LibvirtTimeout:
             self._conn = None
             raise
@@ -325,8 +454,16 @@ class LibvirtHandle(VmHandle):
         return self._pid
 
     def is_running(self) -> bool:
+        """True while this boot's domain is active (running or paused), or while a save of
+        the box is in progress (the domain is briefly missing, see :func:`save_in_progress`).
+
+        Raises:
+            EngineError: libvirt cannot be reached or does not answer (LibvirtTimeout).
+        """
         dom = self._domain()
         if dom is None:
+            if save_in_progress(self.box_dir):
+                return True
             self._note_gone()
             return False
         libvirt = _import_libvirt()
@@ -335,10 +472,12 @@ class LibvirtHandle(VmHandle):
         except libvirt.libvirtError:  # vanished between lookup and the call
             active = False
         if not active:
+            if save_in_progress(self.box_dir):
+                return True  # ended by the save a moment ago
             self._note_state(dom)
         return active
 
-    def _note_state(self, dom: Any) -> None:
+    def _note_state(self, dom: libvirt.virDomain) -> None:
         if self._reason is not None:
             return
         try:
@@ -361,7 +500,7 @@ class LibvirtHandle(VmHandle):
 
     def stop(self, timeout: float = 10.0) -> None:
         """ACPI shutdown, wait, then destroy. The runtime asks the agent to power off first."""
-        dom = self._domain()
+        dom = self._settled_domain()
         if dom is None:
             self._note_gone()
             self._finish_console()
@@ -389,7 +528,7 @@ class LibvirtHandle(VmHandle):
 
     def _destroy(self, reason: str) -> None:
         libvirt = _import_libvirt()
-        dom = self._domain()
+        dom = self._settled_domain()
         if dom is None:
             self._note_gone()
             self._finish_console()
@@ -415,14 +554,14 @@ class LibvirtHandle(VmHandle):
             StateError: this boot's domain is gone.
             EngineError: libvirt refused the call, or did not answer in time (LibvirtTimeout).
         """
-        dom = self._domain()
+        dom = self._settled_domain()
         if dom is None:
             raise StateError(f"libvirt domain {self.name} is not running; cannot pause it")
         self._control("virDomainSuspend", dom.suspend)
 
     def resume(self) -> None:
         """virDomainResume. Raises as :meth:`pause`."""
-        dom = self._domain()
+        dom = self._settled_domain()
         if dom is None:
             raise StateError(f"libvirt domain {self.name} is not running; cannot resume it")
         self._control("virDomainResume", dom.resume)
@@ -450,11 +589,18 @@ class LibvirtHandle(VmHandle):
         libvirt's save pauses the domain, writes the image and ends its QEMU: between the
         save and the restore the domain does not exist (a 512 MiB TCG guest here: 1.4-1.8 s
         saving, 0.5 s restoring, ~1.4 s under load), so another process's handle of this box
-        sees it gone, and the restored domain has a new libvirt ID and QEMU pid (recorded in
-        ``BOXDIR/vm.json``; this handle follows). The switches are plain renames
+        would see it gone: ``BOXDIR/saving.json`` says a save runs (:func:`save_in_progress`),
+        and the restored domain has a new libvirt ID and QEMU pid (recorded in
+        ``BOXDIR/vm.json``; every handle of it follows). The switches are plain renames
         (``overlay`` onto ``path``) while no QEMU holds the disks; the restored QEMU opens
         ``path``, the overlay. The console writer is restarted (appending) and the agent
         socket is served again, as after a launch: the core reconnects its agent channel.
+
+        The save and the restore are each bounded by :func:`save_bound` of the guest's memory
+        (a 512 MiB guest: 57 s). If the save is cut short (that bound, or Ctrl-C), libvirt
+        may still finish it and end the domain: the save job is aborted (libvirt then resumes
+        the domain) or, when it completed anyway, the domain is restored from the file before
+        the error goes on.
 
         Files written: ``domain.save`` (a 512 MiB guest: ~117 MiB) and ``libvirt-state.json``.
 
@@ -465,8 +611,10 @@ class LibvirtHandle(VmHandle):
             ConfigError: a switch names a serial this domain has no disk for, or a ``path``
                 that is not that disk's file.
             EngineError: libvirt failed or timed out saving (the domain goes on as before:
-                libvirt resumes it) or restoring (then the VM is gone, its state is in
-                ``directory``), or a disk switch failed (the domain is restored first).
+                libvirt resumes it) or restoring (then the VM is gone and the message says
+                its state is in ``directory/domain.save``), or a disk switch failed (the
+                domain is restored first).
+            KeyboardInterrupt: re-raised once the domain runs again (as above).
         """
         libvirt = _import_libvirt()
         directory = Path(directory)
@@ -484,36 +632,89 @@ class LibvirtHandle(VmHandle):
             raise EngineError(f"libvirt domain {self.name}: cannot read it before saving: "
                               f"{exc}") from exc
         _check_switches(self.name, disk_sources(xml), switch_disks)
+        try:
+            limit = save_bound(self._call("virDomainGetMaxMemory", dom.maxMemory) * 1024)
+        except libvirt.libvirtError as exc:
+            raise EngineError(f"libvirt domain {self.name}: cannot read its memory size "
+                              f"before saving: {exc}") from exc
         writer = _writer_record(self.box_dir)
         image = directory / SAVE_FILE
-        started = time.monotonic()
+        running = resume and was_running
+        # save + restore + the console writer's drain; a killed saver's marker counts for
+        # nothing (its pid is checked)
+        _mark_saving(self.box_dir, 2 * limit + _RESCUE_BOUND + 5.0)
         try:
-            self._call("virDomainSaveFlags", dom.saveFlags, str(image), None, 0)
-        except libvirt.libvirtError as exc:
-            # libvirt lets a domain whose save failed run on; resume=False wants it paused
-            if not resume and was_running:
-                with contextlib.suppress(Exception):
-                    self._call("virDomainSuspend", dom.suspend)
-            raise _save_error(self.name, exc) from exc
-        saved = time.monotonic() - started
-        failed = _switch_disks(switch_disks)
-        started = time.monotonic()
-        self._restore_self(image, xml, writer, running=resume and was_running)
-        _write_json(directory / STATE_INFO, {
+            started = time.monotonic()
+            try:
+                self._call("virDomainSaveFlags", dom.saveFlags, str(image), None, 0,
+                           timeout=limit)
+            except libvirt.libvirtError as exc:
+                # libvirt lets a domain whose save failed run on; resume=False wants it paused
+                if not resume and was_running:
+                    with contextlib.suppress(Exception):
+                        self._call("virDomainSuspend", dom.suspend)
+                raise _save_error(self.name, exc) from exc
+            except BaseException:
+                # a timeout or Ctrl-C: the save may go on in libvirtd and end the domain
+                self._rescue_save(dom, image, xml, writer, running=running, timeout=limit)
+                raise
+            saved = time.monotonic() - started
+            failed = _switch_disks(switch_disks)
+            started = time.monotonic()
+            self._restore_self(image, xml, writer, running=running,
+                               timeout=save_bound(image.stat().st_size))
+        finally:
+            _unmark_saving(self.box_dir)
+        write_state(directory / STATE_INFO, {
             "image": SAVE_FILE,
             "image_bytes": image.stat().st_size,
             "libvirt": self.uri,
             "save_seconds": round(saved, 3),
             "restore_seconds": round(time.monotonic() - started, 3),
-            "resumed": resume and was_running,
+            "resumed": running,
         })
         if failed:
             raise EngineError(f"libvirt domain {self.name}: state saved and the domain "
                               f"restored, but {failed}")
 
-    def _restore_self(self, image: Path, xml: str, writer: dict[str, Any] | None, *,
-                      running: bool) -> None:
-        """This box's own domain back from ``image`` (its own XML is the one inside)."""
+    def _rescue_save(self, dom: libvirt.virDomain, image: Path, xml: str,
+                     writer: _ConsoleWriter | None, *, running: bool, timeout: float) -> None:
+        """After a save cut short (timeout, Ctrl-C): abort libvirt's save job (the domain
+        then runs on, resumed by libvirt), or, if the save completed anyway and ended the
+        domain, restore it from ``image``. Waits at most ``timeout`` + 30 s for libvirt.
+        Anything else failing here is swallowed (the caller re-raises the original error),
+        except a failed restore: its EngineError says where the state is."""
+        libvirt = _import_libvirt()
+        with contextlib.suppress(Exception):
+            self._call("virDomainAbortJob", dom.abortJob, timeout=_CLOSE_TIMEOUT)
+        deadline = time.monotonic() + timeout + _RESCUE_BOUND
+        while True:
+            try:
+                current = self._domain()
+                if current is None:
+                    break  # the save ended the domain
+                job = self._call("virDomainGetJobInfo", current.jobInfo,
+                                 timeout=_CLOSE_TIMEOUT)[0]
+                if job == libvirt.VIR_DOMAIN_JOB_NONE:
+                    return  # aborted (or failed): libvirt resumed the domain as it was
+            except Exception:
+                pass  # libvirt slow or stuck: ask again until the bound
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(_POLL)
+        if _save_complete(image):
+            self._restore_self(image, xml, writer, running=running,
+                               timeout=save_bound(image.stat().st_size))
+
+    def _restore_self(self, image: Path, xml: str, writer: _ConsoleWriter | None, *,
+                      running: bool, timeout: float | None = None) -> None:
+        """This box's own domain back from ``image`` (its own XML is the one inside), within
+        ``timeout`` seconds (default :func:`call_timeout`).
+
+        Raises:
+            EngineError: libvirt refused or timed out, or anything else failed: the domain
+                is gone and the message says its state is kept in ``image``.
+        """
         libvirt = _import_libvirt()
         if self.box_dir is not None:
             # the saved QEMU closed the console socket: its writer drains and exits
@@ -522,23 +723,23 @@ class LibvirtHandle(VmHandle):
         for sock in bound_sockets(xml):
             sock.unlink(missing_ok=True)
         if writer is not None and self.box_dir is not None:
-            start_writer(self.box_dir, Path(writer["socket"]), Path(writer["out"]),
-                         int(writer["max_bytes"]), int(writer.get("backups", BACKUPS)),
-                         append=True)
+            writer.start(self.box_dir)
         flags = libvirt.VIR_DOMAIN_SAVE_RUNNING if running else libvirt.VIR_DOMAIN_SAVE_PAUSED
         conn = self._connection()
         uri, uuid = self.uri, self.uuid
         try:
             self._call_late("virDomainRestoreFlags", conn.restoreFlags, str(image), None, flags,
-                            on_abandoned=lambda _r: _destroy_late_uuid(uri, uuid))
+                            on_abandoned=lambda _r: _destroy_late_uuid(uri, uuid),
+                            timeout=timeout)
             dom = self._call("virDomainLookupByUUIDString", conn.lookupByUUIDString, uuid)
             self.dom_id = self._call("virDomainGetID", dom.ID)
         except BaseException as exc:
             if self.box_dir is not None:
                 stop_writer(self.box_dir)
-            self._reason = (f"libvirt domain {self.name} was saved to {image} but could not "
-                            f"be restored: {exc}")
-            if isinstance(exc, libvirt.libvirtError):
+            self._reason = (f"libvirt domain {self.name} was saved but could not be restored "
+                            f"({exc or type(exc).__name__}); the VM is stopped and its state "
+                            f"is in {image}")
+            if isinstance(exc, Exception):
                 raise EngineError(self._reason) from exc
             raise
         self._pid = _read_pid(self.uri, self.name)
@@ -551,10 +752,11 @@ class LibvirtHandle(VmHandle):
                         os.chmod(sock, 0o600)
 
     def _call_late(self, what: str, fn: Callable[..., T], *args: Any,
-                   on_abandoned: Callable[[T], None]) -> T:
+                   on_abandoned: Callable[[T], None], timeout: float | None = None) -> T:
         """:meth:`_call` whose result, if it comes after the bound, goes to ``on_abandoned``."""
         try:
-            return bounded(what, self.uri, fn, *args, on_abandoned=on_abandoned)
+            return bounded(what, self.uri, fn, *args, on_abandoned=on_abandoned,
+                           timeout=timeout)
         except LibvirtTimeout:
             self._conn = None
             raise
@@ -671,11 +873,15 @@ class LibvirtBackend(VmmBackend):
         what a saved domain depends on beyond its device layout. The machine is libvirt's
         expansion of ``q35`` (e.g. ``pc-q35-7.2``), the one the saved XML names.
 
+        Read from the daemon once per backend instance (later calls reuse it).
+
         Raises:
             UnsupportedError: a remote daemon, or a virtiofs share (QEMU 7.2's
                 vhost-user-fs cannot migrate).
-            EngineError: libvirtd does not answer (LibvirtTimeout) or cannot describe this
-                host's QEMU.
+            EngineError: libvirt-python is not installed (with the pip fix); libvirtd is not
+                reachable (with how to start it); it does not answer within
+                ``BOXLITE_LIBVIRT_TIMEOUT`` (LibvirtTimeout, a subclass); or it cannot
+                describe this host's QEMU (its domain capabilities are refused or unreadable).
         """
         self._refuse_unrestorable(spec)
         if self._compat is None:
@@ -683,8 +889,12 @@ class LibvirtBackend(VmmBackend):
         return self._compat
 
     def _read_compat(self) -> str:
-        libvirt = _import_libvirt()
         uri = self.uri
+        try:
+            libvirt = _import_libvirt()
+        except ImportError as exc:
+            raise EngineError(f"backend 'libvirt' needs libvirt-python ({exc}); "
+                              f"{INSTALL_FIX}") from exc
         conn = _open(uri)
         try:
             lib = _version(bounded("virConnectGetLibVersion", uri, conn.getLibVersion))
@@ -696,7 +906,11 @@ class LibvirtBackend(VmmBackend):
                               f"({exc}); is qemu-system-{self.arch} installed?") from exc
         finally:
             _close(uri, conn)
-        root = ET.fromstring(caps)
+        try:
+            root = ET.fromstring(caps)
+        except ET.ParseError as exc:
+            raise EngineError(f"libvirt at {uri} described its QEMU in XML that does not parse "
+                              f"({exc}); check libvirtd's version and log") from exc
         emulator = root.findtext("path") or "?"
         machine = root.findtext("machine") or MACHINES.get(self.arch, "?")
         try:
@@ -852,7 +1066,7 @@ class LibvirtBackend(VmmBackend):
         return handle
 
 
-def _destroy_late_domain(dom: Any, conn: Any) -> None:
+def _destroy_late_domain(dom: libvirt.virDomain, conn: libvirt.virConnect) -> None:
     """The domain of a createXML we stopped waiting for: nobody tracks it, so it goes."""
     with contextlib.suppress(Exception):
         dom.destroy()
@@ -860,7 +1074,8 @@ def _destroy_late_domain(dom: Any, conn: Any) -> None:
         conn.close()
 
 
-def _restore_domain(conn: Any, uri: str, name: str, image: Path, plan: LaunchPlan) -> Any:
+def _restore_domain(conn: libvirt.virConnect, uri: str, name: str, image: Path,
+                    plan: LaunchPlan) -> libvirt.virDomain:
     """The new box's domain, restored from the save image ``image`` under its own name and a
     new UUID: ``virDomainRestoreFlags`` of a private, renamed copy (``BOXDIR/restore.save``,
     removed once libvirt has read it) with the plan's XML. libvirt checks the XML against the
@@ -940,18 +1155,20 @@ def _save_error(name: str, exc: Exception) -> ConfigError | EngineError:
     return EngineError(f"libvirt domain {name}: virDomainSaveFlags failed: {text}")
 
 
-def _writer_record(box_dir: Path | None) -> dict[str, Any] | None:
-    """The box's console writer record (socket, out, cap), to start it again after a restore."""
+def _writer_record(box_dir: Path | None) -> _ConsoleWriter | None:
+    """The box's console writer, to start it again after a restore; None when the box has
+    none (a remote daemon's), it writes a fifo, or its record is unreadable."""
     if box_dir is None:
         return None
     try:
-        record = json.loads((Path(box_dir) / WRITER_STATE).read_text())
-    except (OSError, ValueError):
+        record: JsonObject = json.loads((Path(box_dir) / WRITER_STATE).read_text())
+        if record.get("fifo"):
+            return None
+        return _ConsoleWriter(Path(str(record["socket"])), Path(str(record["out"])),
+                              int(str(record["max_bytes"])),
+                              int(str(record.get("backups", BACKUPS))))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    keys = ("socket", "out", "max_bytes")
-    if not isinstance(record, dict) or record.get("fifo") or any(k not in record for k in keys):
-        return None
-    return record
 
 
 def _private_image(source: Path, target: Path, name: str, uuid: str) -> None:
@@ -1003,12 +1220,6 @@ def _copy_range(src: int, dst: int, offset: int, end: int) -> None:
         offset += n
 
 
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _host_cpu() -> str:
     """The host CPU a host-passthrough guest sees: model name and a digest of its flags
     (Linux ``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
@@ -1055,8 +1266,5 @@ def _write_vm_file(box_dir: Path, handle: LibvirtHandle) -> None:
     _write_vm_record(box_dir, handle.to_dict())
 
 
-def _write_vm_record(box_dir: Path, record: dict[str, Any]) -> None:
-    path = Path(box_dir) / VM_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _write_vm_record(box_dir: Path, record: JsonObject) -> None:
+    write_state(Path(box_dir) / VM_FILE, record)

@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 
 from boxlite_core import envvars
 from boxlite_core.errors import EngineError
+from boxlite_core.models import JsonObject, JsonValue
 
 
 class QmpError(EngineError):
@@ -38,16 +39,13 @@ def bound(timeout: float) -> float:
     return max(timeout, envvars.seconds(ENV_TIMEOUT, timeout))
 
 
-_bound = bound  # its earlier name (tests/core/test_bounds.py reads it)
-
-
-#: one step of a QMP session: (command, arguments or None)
-QmpStep: TypeAlias = tuple[str, dict[str, Any] | None]
+#: one step of a QMP session: (command, its arguments as a JSON object, or None)
+QmpStep: TypeAlias = "tuple[str, JsonObject | None]"
 
 
 async def _execute(
     socket: Path, steps: Sequence[QmpStep], timeout: float, fds: Mapping[int, int]
-) -> list[Any]:
+) -> list[JsonValue]:
     from qemu.qmp import QMPClient
 
     client = QMPClient("boxlite")
@@ -60,7 +58,7 @@ async def _execute(
             f"{first}); QEMU is stuck or something else listens there; on a slow host "
             f"raise {ENV_TIMEOUT} (seconds)") from None
     try:
-        results: list[Any] = []
+        results: list[JsonValue] = []
         for index, (command, args) in enumerate(steps):
             if index in fds:
                 client.send_fd_scm(fds[index])  # QEMU keeps it for this command
@@ -85,9 +83,10 @@ def _is_disconnect(exc: BaseException) -> bool:
 
 
 def qmp_command(
-    socket: Path, command: str, args: dict[str, Any] | None = None, timeout: float = 5.0
-) -> Any:
-    """Run ``command`` on the QMP socket and return its result; QmpError if it fails.
+    socket: Path, command: str, args: JsonObject | None = None, timeout: float = 5.0
+) -> JsonValue:
+    """Run ``command`` on the QMP socket and return its result (QEMU's ``return`` value:
+    ``{}`` for most commands, an object or a list for queries); QmpError if it fails.
 
     ``quit`` may lose its reply when QEMU exits first: that counts as success.
     """
@@ -107,8 +106,9 @@ def qmp_commands(
     *,
     fds: Mapping[int, int] | None = None,
     timeout: float = 5.0,
-) -> list[Any]:
-    """Run ``steps`` in order in ONE QMP connection; their results, in order.
+) -> list[JsonValue]:
+    """Run ``steps`` in order in ONE QMP connection; their results (QEMU's ``return``
+    values: ``{}`` for most commands, an object or a list for queries), in order.
 
     ``fds`` maps a step's index to a file descriptor passed to QEMU over SCM_RIGHTS just
     before that step, which takes it (``getfd``, ``add-fd``); the caller keeps and closes its
@@ -125,7 +125,7 @@ def qmp_commands(
 
 def _run(
     socket: Path, steps: Sequence[QmpStep], timeout: float, fds: Mapping[int, int] | None = None
-) -> list[Any]:
+) -> list[JsonValue]:
     timeout = bound(timeout)
     box: dict[str, Any] = {}
     names = "+".join(command for command, _ in steps)

@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -45,9 +46,13 @@ from boxlite_core.vmm.spec import (
 from boxlite_qemu.libvirt_backend import (
     PRIVATE_IMAGE,
     SAVE_FILE,
+    SAVE_MARKER,
     STATE_INFO,
+    VM_FILE,
     LibvirtBackend,
     LibvirtHandle,
+    save_bound,
+    save_in_progress,
 )
 from boxlite_qemu.libvirt_xml import (
     SAVE_HEADER,
@@ -149,6 +154,102 @@ def test_snapshot_compat_names_libvirt_qemu_and_machine(libvirt_uri: str, make_s
     assert compat.startswith("libvirt=") and "qemu=/" in compat
     assert "machine=pc-q35-" in compat or "machine=virt" in compat
     assert compat == LibvirtBackend(libvirt_uri).snapshot_compat(make_spec(tmp_path / "b"))
+
+
+# -- pure: a save seen from another handle, and a save cut short ---------------------------
+
+
+def test_the_save_bound_grows_with_memory_and_the_timeout_variables() -> None:
+    small, big = save_bound(512 << 20, {}), save_bound(8 << 30, {})
+    assert 30 < small < 60 < big  # 30 s + the size at 20 MB/s: not a fixed 60 s
+    assert save_bound(512 << 20, {"BOXLITE_LIBVIRT_TIMEOUT": "600"}) == 600
+    assert save_bound(8 << 30, {"BOXLITE_LIBVIRT_TIMEOUT": "1"}) == big
+
+
+def _marker(box_dir: Path, **fields: float) -> None:
+    record = {"pid": os.getpid(), "started": time.time(), "seconds": 60.0, **fields}
+    (box_dir / SAVE_MARKER).write_text(json.dumps(record))
+
+
+def test_a_save_in_progress_needs_a_live_saver_within_its_bound(tmp_path: Path) -> None:
+    assert not save_in_progress(tmp_path) and not save_in_progress(None)
+    _marker(tmp_path)
+    assert save_in_progress(tmp_path)
+    _marker(tmp_path, started=time.time() - 61)  # older than its bound
+    assert not save_in_progress(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _marker(tmp_path, pid=dead.pid)  # the saver was killed: its marker counts for nothing
+    assert not save_in_progress(tmp_path)
+    (tmp_path / SAVE_MARKER).write_text("{not json")
+    assert not save_in_progress(tmp_path)
+
+
+def test_a_missing_domain_is_running_while_its_box_is_being_saved(tmp_path: Path) -> None:
+    handle = LibvirtHandle("qemu:///system", "boxlite-b0x1d", "u-1", 7, None, tmp_path)
+    handle._domain = lambda: None  # between libvirt's save and the restore
+    _marker(tmp_path)
+    assert handle.is_running() and handle.exit_reason() is None
+    (tmp_path / SAVE_MARKER).unlink()
+    assert not handle.is_running()
+
+
+def test_a_handle_follows_its_domain_to_the_id_of_the_restore(tmp_path: Path) -> None:
+    handle = LibvirtHandle("qemu:///system", "boxlite-b0x1d", "u-1", 7, 100, tmp_path)
+    (tmp_path / VM_FILE).write_text(json.dumps({"uuid": "u-1", "id": 9, "pid": 4242}))
+    handle._follow(9)
+    assert (handle.dom_id, handle.pid) == (9, 4242)
+
+
+class _FakeConn:
+    def __init__(self, restore_error: Exception) -> None:
+        self.restore_error = restore_error
+
+    def isAlive(self) -> bool:  # libvirt-python's names
+        return True
+
+    def restoreFlags(self, *_args: object) -> int:
+        raise self.restore_error
+
+
+def test_a_failed_restore_after_the_save_says_where_the_state_is(tmp_path: Path) -> None:
+    libvirt = pytest.importorskip("libvirt")
+    handle = LibvirtHandle("qemu:///system", "boxlite-b0x1d", "u-1", 7, None, tmp_path)
+    handle._conn = _FakeConn(libvirt.libvirtError("cannot restore: out of memory"))
+    image = tmp_path / "state" / SAVE_FILE
+    with pytest.raises(EngineError, match=rf"out of memory.*state is in {image}"):
+        handle._restore_self(image, "<domain/>", None, running=True)
+    handle._conn = _FakeConn(OSError("socket closed"))
+    with pytest.raises(EngineError, match=rf"state is in {image}"):
+        handle._restore_self(image, "<domain/>", None, running=True)
+
+
+def test_a_save_cut_short_restores_the_domain_the_save_ended(tmp_path: Path) -> None:
+    """Ctrl-C / timeout: libvirt finished the save anyway and the domain is gone. The rescue
+    restores it from the complete image; an incomplete one is left alone."""
+    handle = LibvirtHandle("qemu:///system", "boxlite-b0x1d", "u-1", 7, None, tmp_path)
+    handle._domain = lambda: None
+    restored: list[Path] = []
+    handle._restore_self = lambda image, *_a, **_k: restored.append(image)
+    aborted: list[str] = []
+    dom = SimpleNamespace(abortJob=lambda: aborted.append("abort"))
+    image = tmp_path / SAVE_FILE
+    image.write_bytes(_image_head("<domain/>") + b"qemu stream")
+    handle._rescue_save(dom, image, "<domain/>", None, running=True, timeout=1.0)
+    assert aborted == ["abort"] and restored == [image]
+    image.write_bytes(b"LibvirtQemudPart" + _image_head("<domain/>")[16:])
+    handle._rescue_save(dom, image, "<domain/>", None, running=True, timeout=1.0)
+    assert restored == [image]
+
+
+def test_a_save_cut_short_leaves_an_aborted_save_alone(tmp_path: Path) -> None:
+    libvirt = pytest.importorskip("libvirt")
+    handle = LibvirtHandle("qemu:///system", "boxlite-b0x1d", "u-1", 7, None, tmp_path)
+    live = SimpleNamespace(jobInfo=lambda: [libvirt.VIR_DOMAIN_JOB_NONE])
+    handle._domain = lambda: live
+    handle._restore_self = lambda *_a, **_k: pytest.fail("restored a domain that runs")
+    handle._rescue_save(SimpleNamespace(abortJob=lambda: 0), tmp_path / SAVE_FILE,
+                        "<domain/>", None, running=True, timeout=1.0)
 
 
 # -- real domains --------------------------------------------------------------------------
@@ -287,6 +388,78 @@ def test_save_resumes_the_same_domain_on_the_switched_disk(lvs: SimpleNamespace)
     same = subprocess.run([qemu_img, "compare", "-U", "-q", str(lvs.frozen),
                            str(lvs.a_rootfs)], check=False)
     assert same.returncode == 1, "the guest's writes did not reach the overlay"
+
+
+@pytest.mark.vm
+def test_another_handle_sees_the_box_run_on_through_a_save(lvs: SimpleNamespace) -> None:
+    """A handle attach()ed as another process would (its own connection) never sees the box
+    gone while this one saves it (libvirt ends the domain for ~2-3 s), follows the restored
+    domain's new ID, and reaches its agent afterwards."""
+    spec = lvs.a_spec
+    other = LibvirtBackend(lvs.uri).attach(spec.box_dir)
+    assert other is not None and other.dom_id == lvs.a.dom_id
+    seen: list[bool] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(other.is_running())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    directory = lvs.top / "seen-by-other"
+    directory.mkdir()
+    old_id = lvs.a.dom_id
+    try:
+        lvs.a.save_state(directory)
+    finally:
+        done.set()
+        watcher.join(60)
+    try:
+        assert len(seen) > 5 and all(seen), f"the other handle saw the VM gone: {seen}"
+        assert not (spec.box_dir / SAVE_MARKER).exists()
+        assert other.is_running() and other.exit_reason() is None
+        assert other.dom_id == lvs.a.dom_id != old_id
+        client = _connect(spec, other, 60)
+        try:
+            if not client.ping()["initialized"]:
+                client.init(INIT)
+            code, _sig, _to, out, err = client.run(["echo", "again"])
+            assert (code, out.decode().strip()) == (0, "again"), err
+        finally:
+            client.close()
+    finally:
+        other.release()
+
+
+@pytest.mark.vm
+def test_a_save_cut_short_by_its_bound_leaves_the_domain_running(
+    lvs: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The save times out (a 0.3 s bound; it takes ~2 s): the job is aborted, or the domain
+    the save ended is restored; either way the box runs on and its agent answers."""
+    from boxlite_qemu import libvirt_backend
+
+    real, calls = libvirt_backend.save_bound, []
+
+    def short_first(size: int, env: dict[str, str] | None = None) -> float:
+        calls.append(size)
+        return 0.3 if len(calls) == 1 else real(size, env)
+
+    monkeypatch.setattr(libvirt_backend, "save_bound", short_first)
+    directory = lvs.top / "cut-short"
+    directory.mkdir()
+    with pytest.raises(EngineError, match=r"virDomainSaveFlags .*did not answer in 0\.3 s"):
+        lvs.a.save_state(directory)
+    assert calls[0] == 512 << 20  # bounded by the guest's memory
+    assert lvs.a.is_running(), lvs.a.exit_reason()
+    assert not (lvs.a_spec.box_dir / SAVE_MARKER).exists()
+    client = _connect(lvs.a_spec, lvs.a, 60)
+    try:
+        assert client.ping()["version"]
+    finally:
+        client.close()
 
 
 @pytest.mark.vm

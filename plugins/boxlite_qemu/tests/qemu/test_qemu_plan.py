@@ -72,6 +72,12 @@ def test_q35_uses_pci_devices(tmp_path: Path) -> None:
     assert not any(d.endswith("-device") or "-device," in d for d in devices)
 
 
+def test_vm_generation_id_where_the_machine_lists_it_in_acpi(tmp_path: Path) -> None:
+    # a restored guest sees a new generation ID and reseeds; microvm's ACPI has no vmgenid
+    assert "vmgenid,guid=auto" in values(argv_of(make_spec(tmp_path, machine="q35")), "-device")
+    assert not any("vmgenid" in d for d in values(argv_of(make_spec(tmp_path)), "-device"))
+
+
 def test_essentials_no_network_no_defaults(tmp_path: Path) -> None:
     argv = argv_of(make_spec(tmp_path))
     for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):

@@ -4,6 +4,8 @@ The plan tests need no VM. The VM tests boot ONE source VM (cold, ~10 s under TC
 from its states (~1-2 s each, no kernel boot): a template taken before Init serves a VM with a
 different image in the rootfs slot; a state taken after Init with a disk switch serves a clone
 that sees the disk as it was at the save, while the source goes on writing a new overlay.
+A save given up midway (timeout, Ctrl-C) is tried on the same source VM: it must cancel
+QEMU's migration so the VM runs on and saves again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from boxlite_core.vmm.spec import (
 from boxlite_qemu.argv import STATE_FILE, STATE_INFO, QemuHost
 from boxlite_qemu.backend import QemuBackend
 from boxlite_qemu.handle import QemuHandle
+from boxlite_qemu.qmp import QmpTimeout
 
 HOST = QemuHost(binary="/usr/bin/qemu-system-x86_64", arch="x86_64", accel="tcg", sandbox=True)
 ROOT_SERIAL = "bxroot"
@@ -93,6 +97,60 @@ def test_snapshot_compat_names_qemu_accel_machine_sandbox(tmp_path: Path) -> Non
     assert unsandboxed.snapshot_compat(plain_spec(tmp_path / "box")) != compat
     # the files behind the devices are not part of it: one template serves every box
     assert QemuBackend(HOST).snapshot_compat(plain_spec(tmp_path / "other")) == compat
+
+
+def fake_qemu(path: Path, version: str = "9.9.9") -> Path:
+    """A script answering ``--version`` and ``-help`` as a QEMU with -sandbox would."""
+    path.write_text(f"#!/bin/sh\necho 'QEMU emulator version {version}'\necho ' -sandbox'\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_snapshot_compat_changes_when_qemu_is_replaced_in_place(tmp_path: Path) -> None:
+    binary = fake_qemu(tmp_path / "qemu-system-x86_64")
+    backend = QemuBackend(attrs.evolve(HOST, binary=str(binary)))
+    spec = plain_spec(tmp_path / "box")
+    compat = backend.snapshot_compat(spec)
+    st = binary.stat()
+    assert compat.startswith(
+        f"qemu={binary} 9.9.9 ({st.st_size} bytes, mtime {st.st_mtime_ns}); ")
+    assert backend.snapshot_compat(spec) == compat
+    # same path, same version string, another build (a distro rebuild): another key
+    os.utime(binary, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert backend.snapshot_compat(spec) != compat
+
+
+def test_a_failed_version_probe_is_not_kept(tmp_path: Path, monkeypatch) -> None:
+    from boxlite_qemu import backend as backend_mod
+
+    binary = fake_qemu(tmp_path / "qemu-system-x86_64", "8.8.8")
+    real_run = subprocess.run
+    calls = []
+
+    def slow_once(argv, **kw):
+        calls.append(argv)
+        if len(calls) == 1:
+            raise subprocess.TimeoutExpired(argv, kw.get("timeout", 10))
+        return real_run(argv, **kw)
+
+    monkeypatch.setattr(backend_mod.subprocess, "run", slow_once)
+    assert backend_mod._qemu_version(str(binary)) is None
+    assert backend_mod._qemu_version(str(binary)) == ("8.8.8", True)
+    probes = len(calls)
+    assert backend_mod._qemu_version(str(binary)) == ("8.8.8", True)  # kept now
+    assert len(calls) == probes
+
+    # the backend's host facts: a failed probe gives no -sandbox this once, not for good
+    answers = iter([None, ("8.8.8", True)])
+    monkeypatch.setattr(backend_mod, "_qemu_version", lambda _binary: next(answers))
+    backend = QemuBackend()
+    failed = backend.facts
+    if failed.binary is None:
+        pytest.skip("no qemu-system binary on this host")
+    assert (failed.version, failed.sandbox) == ("unknown", False)
+    probed = backend.facts
+    assert (probed.version, probed.sandbox) == ("8.8.8", True)
+    assert backend.facts is probed  # kept: no third probe (next() would raise)
 
 
 def test_virtiofs_cannot_be_saved_or_restored(tmp_path: Path) -> None:
@@ -428,3 +486,42 @@ def test_corrupt_state_fails_and_leaves_nothing(kit, work: Path, template: Path,
         backend.launch(plan)
     assert not qemu_pids(box)
     assert not writer_running(box)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("interrupt", ["timeout", "ctrl-c"])
+def test_a_save_that_fails_midway_is_cancelled_and_the_vm_runs_on(
+        work: Path, source: Vm, monkeypatch, interrupt: str) -> None:
+    """A save given up while QEMU migrates must cancel the migration: left to run on it
+    completes, QEMU stops the VM for good ("postmigrate") and the next save is refused
+    ("migration already running")."""
+    from boxlite_qemu import handle as handle_mod
+
+    # 1 MB/s: the ~100 MiB stream cannot finish while the save waits for it
+    monkeypatch.setattr(handle_mod, "MIGRATION_MAX_BANDWIDTH", 1_000_000)
+    if interrupt == "timeout":
+        monkeypatch.setattr(handle_mod, "migration_bound", lambda _size: 1.0)
+        expected: type[BaseException] = QmpTimeout
+    else:
+        def ctrl_c(*_args, **_kw):
+            time.sleep(1.0)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(handle_mod, "wait_migration", ctrl_c)
+        expected = KeyboardInterrupt
+    failed = work / f"failed-{interrupt}"
+    failed.mkdir()
+    with pytest.raises(expected):
+        source.handle.save_state(failed)
+    assert source.handle.qmp("query-migrate")["status"] == "cancelled"
+    assert source.handle.status() == "running"
+    assert not (failed / STATE_FILE).exists()
+    assert "initialized" in source.client.ping()  # the guest answers
+
+    monkeypatch.undo()
+    again = work / f"after-{interrupt}"
+    again.mkdir()
+    source.handle.save_state(again)
+    assert source.handle.status() == "running"
+    assert (again / STATE_FILE).stat().st_size > 1 << 20
+    assert "initialized" in source.client.ping()  # the guest answers
