@@ -352,7 +352,11 @@ def _finish_run(rt: Runtime, box: Box, *, detach: bool, auto_remove: bool) -> No
     failed = status is BoxStatus.FAILED
     if not detach:
         try:
-            box.stop()
+            if auto_remove and not box.record.options.volumes:
+                # its disk goes with it: nothing to sync, so no clean shutdown (~0.5 s)
+                box.kill()
+            else:  # volumes are host directories: let the guest write back what it holds
+                box.stop()
         finally:
             if auto_remove:
                 rt.remove(box.id, force=True)

@@ -18,6 +18,7 @@ import logging
 import shutil
 import time
 
+from ..channel.shimctl import stop_shim
 from ..errors import ConfigError, NotFoundError, StateError, UnsupportedError
 from ..models import BoxStatus, check_timeout
 from ..vmm.base import VmHandle
@@ -315,8 +316,14 @@ def snapshot(link: BoxLink, name: str, *, auto: bool = False) -> snapshots.Snaps
         # Saved with the shim attached, unlike a boot template: other processes' commands in
         # this box go on. A clone's agent may then serve the saved session until its shim
         # re-attaches the port (RESTORED_READY_RETRY, pipeline._connect)
+        pid = handle.pid
         snap = snapshots.take(record, backend, handle, writable_disks(link.dir),
                               services.snapshots, name, auto=auto)
+        if handle.pid != pid:
+            # the save replaced the VM's process (libvirt restores a new QEMU): its agent
+            # port is a new socket, so this process's connection and the shim go
+            link.detach()
+            stop_shim(link.dir)
         _step_clock(link)
         return snap
 

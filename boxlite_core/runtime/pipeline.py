@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,6 +112,8 @@ class StartContext:
     handle: VmHandle | None = None
     client: AgentClient | None = None
     boot: BootChoice = attrs.field(factory=BootChoice)
+    #: an agent connection started while the VMM restores a template (_dial_early)
+    early_dial: tuple[concurrent.futures.Future[AgentClient], threading.Event] | None = None
     #: the VM's template/snapshot key (restore.key_of), or why it cannot be saved
     layout_key: str | None = None
     layout_unsupported: str | None = None
@@ -305,16 +308,50 @@ def _launch(ctx: StartContext) -> None:
     for old in log_files(ctx.box_dir / CONSOLE_LOG):
         old.unlink(missing_ok=True)
     restore.start_digest_check(ctx.boot)
+    if ctx.boot.source == restore.TEMPLATE:
+        _dial_early(ctx)
     try:
         ctx.handle = ctx.backend.launch(ctx.plan)
-    except BoxliteError as exc:
-        if ctx.boot.source != restore.TEMPLATE:
+    except BaseException as exc:
+        _cancel_early_dial(ctx)
+        if ctx.boot.source != restore.TEMPLATE or not isinstance(exc, BoxliteError):
             raise
         ctx.boot = restore.give_up_template(ctx.boot, templates(ctx),
                                             f"the VMM could not load it: {_first_line(exc)}")
         _launch(ctx)
         return
     record_vmm_identity(ctx)
+
+
+def _dial_early(ctx: StartContext) -> None:
+    """Start the agent connection (its shim process: ~0.3 s of Python and gRPC start-up)
+    while the VMM loads a template, instead of after. Safe because templates are saved with
+    no host on the port: a host that attaches during the load is a change the restored
+    guest is told about (see template_save)."""
+    cancelled = threading.Event()
+
+    def alive() -> bool:
+        return not cancelled.is_set() and (ctx.handle is None or ctx.handle.is_running())
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="boxlite-dial")
+    ctx.early_dial = (pool.submit(_dial, ctx, alive), cancelled)
+    pool.shutdown(wait=False)
+
+
+def _cancel_early_dial(ctx: StartContext) -> None:
+    """The launch failed: end the early connection attempt (and its shim) before a retry."""
+    from ..channel.shimctl import stop_shim
+
+    if ctx.early_dial is None:
+        return
+    future, cancelled = ctx.early_dial
+    ctx.early_dial = None
+    cancelled.set()
+    with contextlib.suppress(Exception):
+        client = future.result(timeout=10)
+        client.close()
+    with contextlib.suppress(Exception):
+        stop_shim(ctx.box_dir)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -375,28 +412,42 @@ def _discard_vm(ctx: StartContext) -> None:
         stop_shim(ctx.box_dir)
 
 
-def _connect(ctx: StartContext) -> None:
+def _agent_wait(ctx: StartContext) -> float:
+    """Seconds this start waits for its agent."""
+    if ctx.boot.source == restore.TEMPLATE:
+        return min(boot_timeout(), TEMPLATE_AGENT_TIMEOUT)
+    return boot_timeout()
+
+
+def _dial(ctx: StartContext, is_alive: Callable[[], bool]) -> AgentClient:
     from ..channel.client import AgentClient
 
+    assert ctx.spec is not None
+    box_dir = ctx.box_dir
+    return AgentClient.connect(
+        box_dir,
+        kind=ctx.spec.agent.kind,
+        socket_path=ctx.spec.agent.socket,
+        handshake=ctx.spec.agent.handshake,
+        vsock_port=ctx.spec.agent.vsock_port,
+        ready_retry=RESTORED_READY_RETRY if ctx.boot.restoring else None,
+        timeout=_agent_wait(ctx),
+        is_alive=is_alive,
+        console_tail=lambda: console_tail(box_dir),
+    )
+
+
+def _connect(ctx: StartContext) -> None:
     assert ctx.spec is not None and ctx.handle is not None
     handle = ctx.handle
-    box_dir = ctx.box_dir
-    waited = boot_timeout()
-    if ctx.boot.source == restore.TEMPLATE:
-        waited = min(waited, TEMPLATE_AGENT_TIMEOUT)
+    waited = _agent_wait(ctx)
     ctx.report("waiting for the guest agent")
+    early, ctx.early_dial = ctx.early_dial, None
     try:
-        ctx.client = AgentClient.connect(
-            box_dir,
-            kind=ctx.spec.agent.kind,
-            socket_path=ctx.spec.agent.socket,
-            handshake=ctx.spec.agent.handshake,
-            vsock_port=ctx.spec.agent.vsock_port,
-            ready_retry=RESTORED_READY_RETRY if ctx.boot.restoring else None,
-            timeout=waited,
-            is_alive=handle.is_running,
-            console_tail=lambda: console_tail(box_dir),
-        )
+        if early is not None:
+            ctx.client = early[0].result(timeout=waited + 30)
+        else:
+            ctx.client = _dial(ctx, handle.is_running)
     except GuestError as exc:
         raise explain_agent_wait(exc, handle, waited) from exc
     except Exception as exc:

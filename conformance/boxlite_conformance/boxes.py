@@ -4,11 +4,17 @@ The pool is lazy: nothing is imported or booted until a test that passed its cap
 asks for a box, so a run where every VM test is skipped never touches the runtime. A box that
 failed to start is remembered, and every test asking for it gets the same error at once
 instead of booting again.
+
+For a backend declaring ``snapshot`` the core starts boxes from boot templates (a cold start
+saves one; later starts of the same VM layout restore it), so the shared default box, the one
+T1 runs on, is made template-restored (:meth:`BoxPool.default_box`): T1 then proves that a
+restored box behaves as a booted one, and T3 ``TestTemplateRestoredBox`` checks that it was.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,14 @@ def import_runtime() -> tuple[Any, Any]:
     return Runtime, BoxOptions
 
 
+def boot_record(box: Any) -> dict[str, Any]:
+    """Where the box's last start got its VM: ``{"source": "kernel"|"template"|"snapshot",
+    "template": layout key or None, "reason": why no template was used, or None}``
+    (``inspect``: ``state.boot``); ``{}`` from a runtime that does not record it."""
+    boot = box.record.state.get("boot")
+    return dict(boot) if isinstance(boot, Mapping) else {}
+
+
 class BoxPool:
     """Boxes for one backend, keyed by what makes them different; removed at session end."""
 
@@ -49,6 +63,8 @@ class BoxPool:
         self._shared: dict[str, Any] = {}
         self._owned: list[Any] = []
         self._data: dict[str, Any] = {}
+        #: snapshots the tests took, removed at session end after the boxes on their disks
+        self._snapshots: list[str] = []
 
     @property
     def runtime(self) -> Any:
@@ -64,13 +80,62 @@ class BoxPool:
         values.update(overrides)
         return options_cls(**values)
 
-    def fresh(self, *, start: bool = True, **overrides: Any) -> Any:
-        """A box of one's own (for tests that stop, kill or restart it)."""
+    def fresh(self, *, start: bool = True, restored: bool = False, **overrides: Any) -> Any:
+        """A box of one's own (for tests that stop, kill or restart it).
+
+        ``restored``: when its start booted the kernel and saved a boot template (the home
+        had none for this layout), replace it with a box of the same options, which restores
+        that template: one restore (~1 s under TCG) more, once per layout and home.
+        """
         box = self.runtime.create(self.options(**overrides))
         self._owned.append(box)
         if start:
             box.start()
+            if restored and self._saved_a_template(box):
+                self.discard(box)
+                return self.fresh(**overrides)
         return box
+
+    def _saved_a_template(self, box: Any) -> bool:
+        """Whether ``box`` booted the kernel and a template for its layout now exists (its
+        start saved one). False for a backend without templates (no layout key) or with
+        templates off: its ``state["boot"]["reason"]`` says why."""
+        boot = boot_record(box)
+        key = boot.get("template")
+        if boot.get("source") != "kernel" or not key:
+            return False
+        try:
+            return self.runtime.templates().find(str(key)) is not None
+        except Exception:  # a broken template: the next start boots cold and says why
+            return False
+
+    def adopt(self, box: Any) -> Any:
+        """Own a box made elsewhere (``fork()`` copies): removed at session end."""
+        self._owned.append(box)
+        return box
+
+    def discard(self, box: Any) -> None:
+        """Remove an owned box now (best effort): idle VMs slow every later boot."""
+        try:
+            box.remove(force=True)
+        except Exception:
+            pass
+        self._owned = [b for b in self._owned if b is not box]
+
+    def snapshot(self, box: Any, name: str) -> Any:
+        """``box.snapshot(name)``, removed at session end (after the boxes on its disks)."""
+        snap = box.snapshot(name)
+        self._snapshots.append(name)
+        return snap
+
+    def remove_snapshot(self, name: str) -> None:
+        """Remove a snapshot :meth:`snapshot` took (best effort: a box still on its disks
+        keeps it until session end)."""
+        try:
+            self.runtime.remove_snapshot(name)
+        except Exception:
+            return
+        self._snapshots = [n for n in self._snapshots if n != name]
 
     def shared(self, key: str, **overrides: Any) -> Any:
         """The one started box for ``key``; tests using it must not change its state.
@@ -110,9 +175,11 @@ class BoxPool:
         return self._data[key]
 
     def default_box(self, rootfs: str) -> Any:
-        """The shared box most tests use; its settings are what TestGuestResources checks."""
+        """The shared box most tests use; its settings are what TestGuestResources checks.
+        Template-restored where the backend makes templates (see the module docs)."""
         return self.shared(
-            "default", cpus=default_cpus(), memory_mib=DEFAULT_MEMORY_MIB, rootfs=rootfs
+            "default", cpus=default_cpus(), memory_mib=DEFAULT_MEMORY_MIB, rootfs=rootfs,
+            restored=True,
         )
 
     def close(self) -> None:
@@ -123,6 +190,8 @@ class BoxPool:
                 pass
         self._owned.clear()
         self._shared.clear()
+        for name in list(self._snapshots):
+            self.remove_snapshot(name)
         if self._runtime is not None:
             close = getattr(self._runtime, "close", None)
             if close is not None:

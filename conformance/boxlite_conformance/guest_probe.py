@@ -74,3 +74,23 @@ def mem_total_kib(box: Any) -> int:
 def owner(box: Any, path: str) -> tuple[int, int]:
     uid, gid = run(box, ["stat", "-c", "%u %g", path]).split()
     return int(uid), int(gid)
+
+
+def exists(box: Any, path: str) -> bool:
+    return box.exec(["test", "-e", path], timeout=60).exit_code == 0
+
+
+def line_count(box: Any, path: str) -> int:
+    """Lines in the guest file ``path`` (0 when it does not exist yet)."""
+    return int(run(box, ["sh", "-c", f"cat {shlex.quote(path)} 2>/dev/null | wc -l"]).strip())
+
+
+def random_bytes(box: Any, count: int = 32) -> str:
+    """``count`` bytes of the guest's /dev/urandom, as hex."""
+    out = run(box, ["sh", "-c", f"head -c {int(count)} /dev/urandom | od -An -tx1"])
+    return "".join(out.split())
+
+
+def clock(box: Any) -> int:
+    """The guest's wall clock, whole seconds since the epoch (busybox ``date +%s``)."""
+    return int(run(box, ["date", "+%s"]).strip())

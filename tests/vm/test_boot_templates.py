@@ -145,9 +145,16 @@ def _two_clones(runtime) -> list:
     runtime.remove(maker.id, force=True)
     made = _ours(runtime)[0].state.sealed_at
     time.sleep(max(0.0, made + 6 - time.time()))  # the template is >= 6 s old
-    clones = [_start(runtime), _start(runtime)]
-    boots = [_boot(c) for c in clones]
-    assert [b["source"] for b in boots] == ["template", "template"], boots
+    clones: list = []
+    try:
+        for _ in range(2):
+            clones.append(_start(runtime))
+        boots = [_boot(c) for c in clones]
+        assert [b["source"] for b in boots] == ["template", "template"], boots
+    except BaseException:
+        for c in clones:
+            runtime.remove(c.id, force=True)
+        raise
     return clones
 
 
