@@ -113,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             traceback.print_exc()
         error(f"internal error: {type(exc).__name__}: {exc} (BOXLITE_DEBUG=1 for a traceback)")
         code = 70
+    GATE.close()
     if GATE.received is not None and code == 0:
         code = 128 + GATE.received  # arrived during a shielded teardown: still report it
     try:

@@ -59,6 +59,17 @@ class SignalGate:
                 continue
             signal.signal(sig, self.handler)
 
+    def close(self) -> None:
+        """The work is done, the exit status decided: ignore teardown signals from now on.
+        Python restores the default action of signals with Python handlers while it shuts
+        down, so a second SIGTERM in those last milliseconds would otherwise kill us with
+        status -15 instead of the one main() chose (measured: a fast --rm teardown)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in TEARDOWN_SIGNALS:
+            if signal.getsignal(sig) == self.handler:
+                signal.signal(sig, signal.SIG_IGN)
+
     @contextlib.contextmanager
     def shielded(self) -> Iterator[None]:
         """Run a teardown that a signal must not cut short."""
