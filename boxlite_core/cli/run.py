@@ -217,17 +217,9 @@ def check_snapshot_options(rt: Runtime, options: BoxOptions, given: frozenset[st
     """
     if options.snapshot is None:
         return
-    from ..runtime.creation import FROM_SNAPSHOT
+    from ..runtime.creation import refuse_snapshot_conflicts
 
-    snap = rt.snapshot(options.snapshot)
-    defaults = BoxOptions()
-    for field in FROM_SNAPSHOT:
-        mine, theirs = getattr(options, field), getattr(snap.options, field)
-        if field in given and mine == getattr(defaults, field) and mine != theirs:
-            raise ConfigError(
-                f"{field}={mine!r}: a box created from snapshot {snap.name} continues its VM, "
-                f"so it has that box's {field} ({theirs!r}); leave {field} unset"
-            )
+    refuse_snapshot_conflicts(options, rt.snapshot(options.snapshot), given)
 
 
 def split_image(args: Sequence[str], snapshot: str | None) -> tuple[str | None, list[str]]:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from ..diskspace import ensure_free
 from ..errors import ImageError
 from ..images.layers import apply_layers_merged
-from ..tools import require_tool, run
 from ..vmm.spec import DiskSpec
+from . import qcow2
 from .base import DiskRootfs, RootfsArtifact, RootfsContext, RootfsStrategy
 from .util import MIB, ext4_size_for, file_lock, make_ext4, temp_dir_in, tree_usage
 
@@ -79,19 +79,13 @@ class DiskStrategy(RootfsStrategy):
         overlay = Path(box_dir) / OVERLAY_NAME
         if not overlay.is_file():
             base = ensure_base(image, ctx)
-            qemu_img = require_tool("qemu-img", why="create the box's qcow2 overlay")
             # the guest sees this size, not the image's: boxes of every image then share one
             # device layout, and so one boot template (runtime/templates.py)
             size = max(base.stat().st_size, (ctx.disk_size_mib or OVERLAY_VIRTUAL_MIB) * MIB)
             Path(box_dir).mkdir(parents=True, exist_ok=True)
             ensure_free(box_dir, MIB, f"the qcow2 overlay {overlay}")
-            tmp = overlay.with_suffix(".qcow2.tmp")
-            run(
-                [qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base.resolve(),
-                 tmp, str(size)],
-                timeout=120,
-            )  # fmt: skip
-            os.replace(tmp, overlay)
+            qcow2.create_overlay(overlay, base.resolve(), "raw", size,
+                                 why="create the box's qcow2 overlay")
         elif not base_image_path(ctx.home, image.digest).is_file():
             raise ImageError(
                 f"box overlay {overlay} exists but its base image for {image.digest} is gone; "

@@ -13,10 +13,36 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..tools import require_tool, run
 
 MAGIC = b"QFI\xfb"
 #: a longer backing name is not a qcow2 QEMU would write (its limit is 1023 bytes)
 MAX_BACKING_NAME = 1023
+
+
+def create_overlay(
+    overlay: Path, backing: Path, backing_format: str, size: int, *, open_backing: bool = True,
+    why: str = "create a qcow2 overlay",
+) -> None:
+    """Create ``overlay``, a qcow2 of ``size`` bytes over ``backing`` (``backing_format``
+    "raw" or "qcow2"), atomically (``NAME.tmp``, then renamed; the temp file goes on
+    failure). ``open_backing=False`` is ``qemu-img -u``: the backing is not read, for one a
+    running VM may be writing.
+
+    Raises:
+        ToolMissingError: no qemu-img (package qemu-utils). EngineError: it failed or took
+            longer than 120 s.
+    """
+    qemu_img = require_tool("qemu-img", why=why)
+    tmp = overlay.with_name(overlay.name + ".tmp")
+    argv = [qemu_img, "create", "-q", "-f", "qcow2", *(() if open_backing else ("-u",)),
+            "-b", str(backing), "-F", backing_format, str(tmp), str(size)]
+    try:
+        run(argv, timeout=120)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, overlay)
 
 
 def _header(path: Path) -> bytes:

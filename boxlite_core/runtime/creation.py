@@ -25,21 +25,34 @@ FROM_SNAPSHOT = ("image", "backend", "cpus", "memory_mib", "disk_size_mib", "vol
                  "rootfs", "volume_sharer", "network", "console_log_max_mib")
 
 
-def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxOptions:
-    """The snapshot's box's options, with this box's name, env, workdir, user, auto_remove.
+def refuse_snapshot_conflicts(
+    options: BoxOptions, snap: snapshots.Snapshot, given: frozenset[str] | None = None
+) -> None:
+    """Refuse an option the snapshot's VM fixes (image, cpus, memory, volumes…) set to
+    something else than the snapshot's. ``given``: the fields the caller knows were set (the
+    CLI does); without it a value equal to BoxOptions' default counts as unset.
 
     Raises:
-        ConfigError: an option the VM cannot change (image, cpus, memory, volumes…) was set
-            to something else than the snapshot's.
+        ConfigError: such an option, named.
     """
     defaults = BoxOptions()
     for field in FROM_SNAPSHOT:
         mine, theirs = getattr(options, field), getattr(snap.options, field)
-        if mine != getattr(defaults, field) and mine != theirs:
+        was_set = field in given if given is not None else mine != getattr(defaults, field)
+        if was_set and mine != theirs:
             raise ConfigError(
                 f"{field}={mine!r}: a box created from snapshot {snap.name} continues its VM, "
                 f"so it has that box's {field} ({theirs!r}); leave {field} unset"
             )
+
+
+def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxOptions:
+    """The snapshot's box's options, with this box's name, env, workdir, user, auto_remove.
+
+    Raises:
+        ConfigError: as :func:`refuse_snapshot_conflicts`.
+    """
+    refuse_snapshot_conflicts(options, snap)
     return attrs.evolve(
         snap.options, name=options.name, snapshot=snap.name, auto_remove=options.auto_remove,
         env=options.env or snap.options.env, workdir=options.workdir or snap.options.workdir,

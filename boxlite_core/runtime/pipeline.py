@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .. import envvars
-from ..diskspace import ensure_free
+from ..diskspace import MIB, ensure_free
 from ..errors import BoxliteError, ConfigError, GuestError, StateError
 from ..models import HostShare, JsonObject
 from ..rootfs.base import RootfsArtifact, RootfsContext
@@ -396,12 +396,6 @@ def guest_connect(ctx: StartContext) -> None:
 
 def _discard_vm(ctx: StartContext) -> None:
     """End the VM of a failed restore and what serves it (agent client and shim)."""
-    from ..channel.shimctl import stop_shim
-
-    if ctx.client is not None:
-        with contextlib.suppress(Exception):
-            ctx.client.close()
-        ctx.client = None
     if ctx.handle is not None:
         with contextlib.suppress(Exception):
             ctx.handle.kill()
@@ -409,7 +403,7 @@ def _discard_vm(ctx: StartContext) -> None:
             ctx.handle.release()
         ctx.handle = None
     with contextlib.suppress(Exception):
-        stop_shim(ctx.box_dir)
+        _drop_host(ctx)
 
 
 def _agent_wait(ctx: StartContext) -> float:
@@ -492,12 +486,11 @@ def template_save(ctx: StartContext) -> None:
 
 #: seconds the guest gets to see its host leave the agent port before the VM is saved
 DETACH_SETTLE = 0.2
-MIB = 1024 * 1024
 #: bytes beyond the guest's memory a template save needs room for
 TEMPLATE_SAVE_MARGIN = 64 * MIB
 
 
-def _detach_host(ctx: StartContext) -> None:
+def _drop_host(ctx: StartContext) -> None:
     """Close the agent client and stop the box's shim (the port's only host)."""
     from ..channel.shimctl import stop_shim
 
@@ -506,6 +499,11 @@ def _detach_host(ctx: StartContext) -> None:
             ctx.client.close()
         ctx.client = None
     stop_shim(ctx.box_dir)
+
+
+def _detach_host(ctx: StartContext) -> None:
+    """:func:`_drop_host`, then give the guest time to see its host leave."""
+    _drop_host(ctx)
     time.sleep(DETACH_SETTLE)
 
 

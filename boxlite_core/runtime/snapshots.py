@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -35,13 +34,12 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ..diskspace import ensure_free
+from ..diskspace import MIB, ensure_free
 from ..errors import ConfigError, NotFoundError, StateError, UnsupportedError
 from ..models import BoxOptions, BoxStatus, JsonObject
 from ..rootfs import qcow2
-from ..tools import require_tool, run
 from ..vmm.spec import Capability, DiskSwitch
-from .savedstate import SavedState, load, seal
+from .savedstate import SavedState, load, remove_sealed, seal
 
 if TYPE_CHECKING:
     from ..state.db import Database
@@ -53,7 +51,6 @@ log = logging.getLogger(__name__)
 SNAPSHOTS_DIR = "snapshots"
 STATE_SUBDIR = "vm"
 LOCK_NAME = ".lock"
-MIB = 1024 * 1024
 #: bytes beyond the guest's memory a save needs room for (device state, manifests)
 SAVE_MARGIN = 64 * MIB
 
@@ -201,13 +198,10 @@ class SnapshotStore:
 
 
 def new_overlay(overlay: Path, backing: Path, size: int) -> None:
-    """A qcow2 at ``overlay`` over ``backing`` (qcow2), ``size`` bytes; ``-u``: the backing
-    is not opened (a VM may be writing it: its header is all qemu-img would read)."""
-    qemu_img = require_tool("qemu-img", why="create a qcow2 overlay for a snapshot")
-    tmp = overlay.with_name(overlay.name + ".tmp")
-    run([qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b", str(backing), "-F", "qcow2",
-         str(tmp), str(size)], timeout=60)  # fmt: skip
-    os.replace(tmp, overlay)
+    """A qcow2 at ``overlay`` over the qcow2 ``backing``, ``size`` bytes, made without opening
+    the backing (a VM may be writing it)."""
+    qcow2.create_overlay(overlay, backing, "qcow2", size, open_backing=False,
+                         why="create a qcow2 overlay for a snapshot")
 
 
 def check(record: BoxRecord, backend: VmmBackend) -> str:
@@ -345,7 +339,7 @@ def _after_failed_save(
     if _disk_used_by(snap, [p for _s, p, _f in disks]):
         return  # the box now writes on top of the frozen disks: the snapshot stays
     store.delete_row(snap.name)
-    shutil.rmtree(snap.directory, ignore_errors=True)
+    remove_sealed(snap.directory)
 
 
 def _disk_used_by(snap: Snapshot, path_list: list[Path]) -> bool:
@@ -438,9 +432,7 @@ def _remove(snap: Snapshot, store: SnapshotStore, boxes: Iterator[tuple[str, Pat
             "(taken of boxes created from it); remove those snapshots first"
         )
     store.delete_row(snap.name)
-    with contextlib.suppress(FileNotFoundError):
-        os.chmod(snap.directory, 0o700)
-    shutil.rmtree(snap.directory, ignore_errors=True)
+    remove_sealed(snap.directory)
 
 
 def prune_auto(store: SnapshotStore, boxes: list[tuple[str, Path]]) -> list[str]:

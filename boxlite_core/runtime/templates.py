@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from ..models import JsonObject
 from ..rootfs import qcow2
 from ..vmm.base import VmmBackend
 from ..vmm.spec import Capability, DiskSpec, VmSpec
-from .savedstate import SavedState, StaleStateError, load, seal
+from .savedstate import SavedState, StaleStateError, load, remove_sealed, seal
 
 #: ``off`` turns boot templates off for every box of this process (``on``: the default)
 ENV_TEMPLATES = "BOXLITE_TEMPLATES"
@@ -206,7 +205,7 @@ class TemplateStore:
             return TemplateInfo(key, attrs.evolve(state, directory=self.path(key)))
         finally:
             if work.exists():
-                _rmtree(work)
+                remove_sealed(work)
 
     def list(self) -> list[TemplateInfo]:
         """Every template that loads (sizes checked); :meth:`broken` lists the others."""
@@ -242,7 +241,7 @@ class TemplateStore:
         directory = self.path(key)
         if not directory.is_dir():
             return False
-        _rmtree(directory)
+        remove_sealed(directory)
         return True
 
     def prune(self, keep_kit_ids: set[str] | None = None) -> list[str]:
@@ -250,21 +249,13 @@ class TemplateStore:
         remove all). Returns the removed directory names."""
         removed = []
         for directory in self.broken():
-            _rmtree(directory)
+            remove_sealed(directory)
             removed.append(directory.name)
         for info in self.list():
             if keep_kit_ids is None or info.kit_id not in keep_kit_ids:
                 self.remove(info.key)
                 removed.append(info.key)
         return removed
-
-
-def _rmtree(path: Path) -> None:
-    """Remove a sealed tree: its files are 0400, which root ignores and an owner may unlink
-    (write permission on the directory is what counts)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.chmod(path, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def template_notice(reason: str) -> str:
