@@ -123,5 +123,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(code)
 
 
+def entry() -> None:
+    """The console script: :func:`main`, then an exit that skips the interpreter's teardown.
+
+    Why: once grpc is imported, Python's own exit spends ~0.1 s shutting grpc's core down
+    (measured: ``import grpc`` alone adds 80 ms after the last atexit handler), on every
+    ``boxlite`` command, after the work is done and the exit code is known. Everything the
+    CLI writes is closed by then (``with`` blocks); stdout, stderr and logging are flushed
+    here. In-process callers (tests) use :func:`main`, which exits normally.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -4,8 +4,9 @@ Boot templates and user snapshots are both directories a backend filled with a V
 and device state. The backend's files are opaque to the core, so the core seals them: after
 the save it records each file's size and SHA-256 in ``MANIFEST`` and makes the files
 read-only (0400). Before a restore it checks the sizes (cheap, at once) and, while the VMM
-loads the state, the digests (:func:`verify_digests`, ~0.13 s per 120 MiB here): a VM
-restored from a changed file must not be taken for a good one. A state that fails either
+loads the state, the digests (:func:`verify_digests`, ~0.13 s per 120 MiB here, skipped for a
+file whose stat identity is unchanged since its last check): a VM restored from a changed file
+must not be taken for a good one. A state that fails either
 check is stale: templates are deleted and the box boots cold; a snapshot is refused.
 """
 
@@ -28,6 +29,10 @@ from ..models import JsonObject, JsonValue
 #: the core's manifest inside a saved-state directory (the backend never writes this name)
 MANIFEST = "boxlite-state.json"
 MANIFEST_VERSION = 1
+#: files whose digests verify_digests checked, by stat identity (not part of the seal)
+VERIFIED = "boxlite-verified.json"
+#: seconds a file's ctime must lie before a hash for its identity to be recorded
+TRUST_AFTER_S = 1.0
 #: file mode of everything sealed: read-only for its owner, nothing for anyone else
 SEALED_MODE = 0o400
 
@@ -87,7 +92,7 @@ def seal(directory: Path, meta: Mapping[str, JsonValue]) -> SavedState:
     directory = Path(directory)
     files = []
     for path in sorted(directory.iterdir()):
-        if path.name == MANIFEST:
+        if path.name in (MANIFEST, VERIFIED):
             continue
         if not path.is_file() or path.is_symlink():
             raise StaleStateError(f"saved state {directory}: {path.name} is not a plain file")
@@ -139,15 +144,44 @@ def load(directory: Path) -> SavedState:
     return SavedState(directory, files, meta, sealed_at)
 
 
+def _identity(st: os.stat_result, sha256: str) -> list[JsonValue]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256]
+
+
+def _verified(directory: Path) -> dict[str, JsonValue]:
+    with contextlib.suppress(OSError, ValueError):
+        body = json.loads((directory / VERIFIED).read_text())
+        if isinstance(body, dict):
+            return body
+    return {}
+
+
 def verify_digests(state: SavedState) -> None:
-    """Re-hash every file of ``state`` against its manifest.
+    """Re-hash every file of ``state`` against its manifest, except a file whose digest was
+    checked before and which has not changed since (:data:`VERIFIED`).
+
+    Why the exception: hashing a 120 MiB template took ~0.13 s of CPU on every start, beside
+    QEMU loading the same file on a 2-core host. "Not changed" is the file's device, inode,
+    size, mtime and ctime: any write or chmod moves the ctime, which no user can set back. An
+    identity is recorded only when its ctime was over :data:`TRUST_AFTER_S` old when the hash
+    began, so a change in the same clock tick as the last one (the kernel stamps ctime with a
+    coarse clock, ~4 ms) cannot hide behind it.
 
     Raises:
         StaleStateError: a file's SHA-256 differs (or it cannot be read).
     """
+    known = _verified(state.directory)
+    began_ns = time.time_ns()
+    checked: dict[str, JsonValue] = {}
     for f in state.files:
+        path = state.directory / f.name
         try:
-            digest = _sha256(state.directory / f.name)
+            st = path.stat()
+            identity = _identity(st, f.sha256)
+            if known.get(f.name) == identity:
+                checked[f.name] = identity
+                continue
+            digest = _sha256(path)
         except OSError as exc:
             raise StaleStateError(f"saved state {state.directory}: {f.name}: {exc}") from None
         if digest != f.sha256:
@@ -155,3 +189,12 @@ def verify_digests(state: SavedState) -> None:
                 f"saved state {state.directory}: {f.name} changed since it was saved "
                 f"(sha256 {digest[:12]}…, sealed {f.sha256[:12]}…)"
             )
+        if began_ns - st.st_ctime_ns > TRUST_AFTER_S * 1e9:
+            checked[f.name] = identity
+    if checked != known:
+        tmp = state.directory / (VERIFIED + ".tmp")
+        with contextlib.suppress(OSError):  # read-only media: hash again next time
+            tmp.unlink(missing_ok=True)
+            tmp.write_text(json.dumps(checked, sort_keys=True) + "\n")
+            os.chmod(tmp, SEALED_MODE)
+            os.replace(tmp, state.directory / VERIFIED)

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -87,11 +88,13 @@ def _write_state(box_dir: Path, data: JsonObject) -> None:
 
 def writer_argv(source: Path, out: Path, max_bytes: int, backups: int = BACKUPS,
                 append: bool = False, fifo: bool = False,
-                stdin_out: Path | None = None) -> list[str]:
+                stdin_out: Path | None = None, connected_fd: int | None = None) -> list[str]:
     """The writer's command line: a fresh isolated interpreter (``-I``) running the file."""
     argv = [sys.executable, "-I", _WRITER, "--fifo" if fifo else "--connect", str(source),
             "--out", str(out), "--max-bytes", str(int(max_bytes)), "--backups", str(int(backups)),
             "--connect-timeout", str(CONNECT_TIMEOUT)]
+    if connected_fd is not None:
+        argv += ["--connected-fd", str(connected_fd)]
     if stdin_out is not None:
         argv += ["--stdin-out", str(stdin_out)]
     return [*argv, "--append"] if append else argv
@@ -99,11 +102,15 @@ def writer_argv(source: Path, out: Path, max_bytes: int, backups: int = BACKUPS,
 
 def start_writer(box_dir: Path, source: Path, out: Path, max_bytes: int,
                  backups: int = BACKUPS, append: bool = False, *, fifo: bool = False,
-                 stdin_fd: int | None = None, stdin_out: Path | None = None) -> JsonObject:
+                 stdin_fd: int | None = None, stdin_out: Path | None = None,
+                 connected: socket.socket | None = None) -> JsonObject:
     """Start the capped writer for ``out`` (fresh files unless ``append``), before the VMM.
 
     ``source`` is the console socket the VMM will serve (the writer connects once it
     listens) or, with ``fifo``, a named pipe the VMM will write (created here if missing).
+    ``connected``: a connection to ``source`` the caller already made (it bound the socket
+    for the VMM itself), which the writer inherits instead of connecting; the caller closes
+    its copy. A restarted writer (:func:`ensure_writer`) connects to ``source`` again.
     ``stdin_fd``/``stdin_out``: the read end of a pipe whose write end becomes the VMM's
     stderr, copied to ``stdin_out`` under the same cap (the caller closes its copy of the fd).
     Returns the state record (pid, start_time, ...) also written to ``BOXDIR/logwriter.json``.
@@ -119,7 +126,8 @@ def start_writer(box_dir: Path, source: Path, out: Path, max_bytes: int,
         except OSError as exc:
             raise EngineError(f"could not create the console pipe {source}: {exc}") from exc
     argv = writer_argv(source, out, max_bytes, backups, append, fifo,
-                       stdin_out if stdin_fd is not None else None)
+                       stdin_out if stdin_fd is not None else None,
+                       connected.fileno() if connected is not None else None)
     try:
         with open(box_dir / WRITER_LOG, "ab" if append else "wb") as log:
             proc = subprocess.Popen(
@@ -128,6 +136,7 @@ def start_writer(box_dir: Path, source: Path, out: Path, max_bytes: int,
                 stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # outlives us, never gets our terminal's ^C
                 umask=0o077, close_fds=True,
+                pass_fds=(connected.fileno(),) if connected is not None else (),
             )
     except OSError as exc:
         raise EngineError(f"could not start the console log writer ({argv[0]}): {exc}") from exc

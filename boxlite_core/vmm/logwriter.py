@@ -244,6 +244,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="a named pipe the VMM writes its console into (libkrun)")
     where.add_argument("--stdin", action="store_true",
                        help="standard input is the stream (a daemon's stderr pipe: virtiofsd)")
+    parser.add_argument("--connected-fd", type=int, metavar="N",
+                        help="with --connect: an inherited socket already connected to it "
+                             "(the host bound the VMM's socket itself); a restarted writer "
+                             "connects to SOCKET again")
     parser.add_argument("--out", required=True, help="the console log (rotated to OUT.1 ...)")
     parser.add_argument("--stdin-out", metavar="PATH",
                         help="also copy standard input (the VMM's stderr pipe) to PATH, capped")
@@ -271,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         fresh = not args.append
         console = Source("console", CappedFile(args.out, args.max_bytes, args.backups, fresh))
         sources.append(console)
+        if args.connected_fd is not None:
+            if not args.connect:
+                raise ValueError("--connected-fd goes with --connect SOCKET")
+            console.attach(socket.socket(fileno=args.connected_fd))
         if args.fifo:
             console.fd = os.open(args.fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         if args.stdin:

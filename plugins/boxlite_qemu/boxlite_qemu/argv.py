@@ -190,7 +190,9 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
     argv += [
         "-chardev", f"socket,id=console,path={qopt(console_socket)},server=on,wait=on",
         "-serial", "chardev:console",
-        "-qmp", f"unix:{qopt(qmp_socket)},server=on,wait=off",
+        # QMP as a chardev (the long form of -qmp) so launch can hand QEMU a socket it bound
+        "-chardev", f"socket,id=qmp,path={qopt(qmp_socket)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
         "-pidfile", str(pidfile),
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
@@ -264,6 +266,8 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
         "state_file": str(box / VM_STATE),
         "sandbox": host.sandbox,
         "console_socket": str(console_socket),
+        # the server sockets launch binds itself and passes as fds (listeners.py)
+        "listen": [str(console_socket), str(qmp_socket), str(spec.agent.socket)],
         "console_log": str(spec.console_log),
         "console_log_max_bytes": spec.console_log_max_bytes,
         # disk serial → QEMU drive id: save_state switches a disk by its serial

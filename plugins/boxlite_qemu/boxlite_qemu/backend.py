@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from boxlite_core.errors import (
     ToolMissingError,
     UnsupportedError,
 )
+from boxlite_core.models import JsonValue
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend
 from boxlite_core.vmm.consolelog import (
     WRITER_LOG,
@@ -46,8 +48,9 @@ from boxlite_core.vmm.spec import Capability, ProbeResult, VmSpec
 
 from .accel import AccelChoice, host_accel
 from .argv import QEMU_BINARY, QemuHost, build_argv
-from .handle import MIGRATION_FD, QemuHandle, migration_bound, wait_migration, write_state
-from .qmp import QmpError, qmp_command, qmp_commands
+from .handle import MIGRATION_FD, QemuHandle, json_object, migration_bound, write_state
+from .listeners import bound, connect_now, pass_listeners
+from .qmp import Poll, QmpError, qmp_command, qmp_poll
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +102,13 @@ def _qemu_version(binary: str) -> tuple[str, bool] | None:
     if key is not None and key in _VERSIONS:
         return _VERSIONS[key]
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+        # one run: -help starts with the same "QEMU emulator version X" line as --version
         helptext = subprocess.run([binary, "-help"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    match = re.search(r"version (\S+)", out.stdout)
-    found = (match.group(1) if match else out.stdout.strip()), "-sandbox" in helptext.stdout
+    first = helptext.stdout.partition("\n")[0]
+    match = re.search(r"version (\S+)", first)
+    found = (match.group(1) if match else first.strip()), "-sandbox" in helptext.stdout
     if key is not None:
         _VERSIONS[key] = found
     return found
@@ -235,9 +239,11 @@ class QemuBackend(VmmBackend):
 
     def snapshot_compat(self, spec: VmSpec) -> str:
         """``qemu=<binary> <version> (<bytes> bytes, mtime <ns>); accel=<-accel value>;
-        machine=<-machine value>; sandbox=on|off``: what beyond the device layout a saved
-        state depends on. The binary's size and mtime (as libvirt's) make a QEMU upgraded in
-        place under the same path and version string (a distro rebuild) a new key.
+        machine=<-machine value>; cpu=<-cpu value, empty for QEMU's default>; sandbox=on|off``:
+        what beyond the device layout a saved state depends on (the CPU model: the guest's
+        CPUID must not change under a running kernel). The binary's size and mtime (as
+        libvirt's) make a QEMU upgraded in place under the same path and version string (a
+        distro rebuild) a new key.
 
         Raises:
             UnsupportedError: a virtiofs share (QEMU < 8.2 cannot migrate vhost-user-fs).
@@ -255,7 +261,8 @@ class QemuBackend(VmmBackend):
 
         return (
             f"qemu={host.binary} {version} ({binary}); accel={value('-accel') or host.accel}; "
-            f"machine={value('-machine')}; sandbox={'on' if host.sandbox else 'off'}"
+            f"machine={value('-machine')}; cpu={value('-cpu')}; "
+            f"sandbox={'on' if host.sandbox else 'off'}"
         )
 
     def _refuse_unmigratable(self, spec: VmSpec) -> None:
@@ -307,46 +314,19 @@ class QemuBackend(VmmBackend):
                       console_socket):
             if stale is not None:
                 stale.unlink(missing_ok=True)
-        argv = [str(a) for a in plan.data["argv"]]
-        stderr_w: int | None = None
-        if console_socket is not None:
-            # first: QEMU waits (wait=on) for the writer before it runs the guest. The same
-            # writer caps QEMU's stderr (qemu.log): a guest can provoke QEMU's error lines
-            stop_writer(box)  # a writer left from an earlier boot of this box
-            stderr_r, stderr_w = os.pipe()
+        listen = [Path(str(p)) for p in plan.data.get("listen") or []]
+        with bound(listen) as socks:
+            argv = pass_listeners([str(a) for a in plan.data["argv"]],
+                                  {path: sock.fileno() for path, sock in socks.items()})
+            connected = (connect_now(console_socket)
+                         if console_socket is not None and str(console_socket) in socks
+                         else None)
             try:
-                start_writer(
-                    box, console_socket, Path(spec.console_log),
-                    int(plan.data.get("console_log_max_bytes") or spec.console_log_max_bytes),
-                    stdin_fd=stderr_r, stdin_out=log_path,
-                )
-            except BaseException:
-                os.close(stderr_w)
-                raise
+                popen = self._spawn(plan, argv, console_socket, connected,
+                                    [sock.fileno() for sock in socks.values()])
             finally:
-                os.close(stderr_r)
-        log_target = (
-            open(log_path, "wb")  # noqa: SIM115 - closed by the with below
-            if stderr_w is None else os.fdopen(stderr_w, "wb")
-        )
-        with log_target as log, open(os.devnull, "rb") as devnull:
-            try:
-                popen = subprocess.Popen(
-                    argv,
-                    stdin=devnull,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # survives our exit and our terminal's signals
-                    # 022, not 077: the box dir (0700) already keeps QEMU's sockets and
-                    # pidfile private; this umask also shapes what a guest creates through
-                    # a writable 9p share (mapped-xattr fmode/dmode), which the volume's
-                    # owner must be able to read (0644/0755, never executable or setuid)
-                    umask=0o022,
-                    close_fds=True,
-                )
-            except FileNotFoundError as exc:
-                stop_writer(box)
-                raise ToolMissingError(argv[0], _FIX_PACKAGE.get(host_arch())) from exc
+                if connected is not None:
+                    connected.close()
         handle = QemuHandle(
             box, popen.pid, start_time(popen.pid), qmp_socket, Path(spec.console_log),
             log_path, popen,
@@ -377,6 +357,57 @@ class QemuBackend(VmmBackend):
         })
         return handle
 
+    def _spawn(self, plan: LaunchPlan, argv: list[str], console_socket: Path | None,
+               connected: socket.socket | None, pass_fds: list[int]) -> subprocess.Popen[bytes]:
+        """Start the console writer (``connected``: its connection to the console socket,
+        made already) and QEMU, which inherits ``pass_fds`` (its listening sockets)."""
+        spec = plan.spec
+        box = Path(spec.box_dir)
+        log_path = Path(plan.data["log"])
+        stderr_w: int | None = None
+        if console_socket is not None:
+            # first: QEMU waits (wait=on) for the writer before it runs the guest; with the
+            # socket bound by us the writer's connection is made already, so it never waits
+            # on the writer's start-up. The same writer caps QEMU's stderr (qemu.log): a
+            # guest can provoke QEMU's error lines
+            stop_writer(box)  # a writer left from an earlier boot of this box
+            stderr_r, stderr_w = os.pipe()
+            try:
+                start_writer(
+                    box, console_socket, Path(spec.console_log),
+                    int(plan.data.get("console_log_max_bytes") or spec.console_log_max_bytes),
+                    stdin_fd=stderr_r, stdin_out=log_path, connected=connected,
+                )
+            except BaseException:
+                os.close(stderr_w)
+                raise
+            finally:
+                os.close(stderr_r)
+        log_target = (
+            open(log_path, "wb")  # noqa: SIM115 - closed by the with below
+            if stderr_w is None else os.fdopen(stderr_w, "wb")
+        )
+        with log_target as log, open(os.devnull, "rb") as devnull:
+            try:
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=devnull,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # survives our exit and our terminal's signals
+                    # 022, not 077: the box dir (0700) already keeps QEMU's sockets and
+                    # pidfile private; this umask also shapes what a guest creates through
+                    # a writable 9p share (mapped-xattr fmode/dmode), which the volume's
+                    # owner must be able to read (0644/0755, never executable or setuid)
+                    umask=0o022,
+                    close_fds=True,
+                    pass_fds=pass_fds,
+                )
+            except FileNotFoundError as exc:
+                stop_writer(box)
+                raise ToolMissingError(argv[0], _FIX_PACKAGE.get(host_arch())) from exc
+        return popen
+
     def _restore(
         self, handle: QemuHandle, popen: subprocess.Popen[bytes], state_fd: int, state: Path
     ) -> dict[str, float | str]:
@@ -392,25 +423,35 @@ class QemuBackend(VmmBackend):
                 f"{what} failed: " + self._death_message(handle, popen.wait())
             )
 
+        def loaded(answer: JsonValue) -> bool:
+            info = json_object(answer)
+            status = str(info.get("status", "none"))
+            if status in ("failed", "cancelled"):
+                raise EngineError(
+                    f"{what} {status}: {info.get('error-desc') or 'QEMU gave no reason'}")
+            return status == "completed"
+
+        # one QMP session: hand over the fd, start loading, poll until loaded, then cont
+        # (the VM was paused when saved, so it stays paused after loading)
+        poll = Poll("query-migrate", loaded, migration_bound(size),
+                    f"{what} (QMP query-migrate on {handle.qmp_socket})",
+                    then=(("cont", None),))
         try:
-            qmp_commands(handle.qmp_socket, [
+            qmp_poll(handle.qmp_socket, [
                 ("getfd", {"fdname": MIGRATION_FD}),
                 ("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"}),
-            ], fds={0: state_fd}, timeout=10.0)
+            ], poll, fds={0: state_fd}, timeout=10.0)
         except QmpError as exc:
             if not handle.still_running(2.0):
                 raise gone() from None
-            raise EngineError(f"{what} failed: {exc}") from exc
-        try:
-            wait_migration(handle.qmp_socket, what, migration_bound(size),
-                           handle.still_running, gone)
-        except EngineError as exc:
-            if not handle.is_running():
-                raise
             raise EngineError(
-                f"{exc}\n--- QEMU stderr ---\n{log_tail(handle.log or Path(os.devnull))}"
+                f"{what} failed: {exc}\n--- QEMU stderr ---\n"
+                f"{log_tail(handle.log or Path(os.devnull))}"
             ) from exc
-        qmp_command(handle.qmp_socket, "cont")
+        except EngineError:
+            if not handle.still_running(2.0):
+                raise gone() from None
+            raise
         return {"restored_from": str(state),
                 "restore_seconds": round(time.monotonic() - started, 3)}
 

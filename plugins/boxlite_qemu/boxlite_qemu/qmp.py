@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import attrs
 
 from boxlite_core import envvars
 from boxlite_core.errors import EngineError
 from boxlite_core.models import JsonObject, JsonValue
+
+if TYPE_CHECKING:
+    from qemu.qmp import QMPClient
 
 
 class QmpError(EngineError):
@@ -43,8 +48,42 @@ def bound(timeout: float) -> float:
 QmpStep: TypeAlias = "tuple[str, JsonObject | None]"
 
 
+@attrs.frozen
+class Poll:
+    """A wait inside a QMP session: run ``command`` every ``interval`` seconds until
+    ``done(answer)`` is true (it may raise to end the session with an error), for at most
+    ``limit`` seconds; then the session's ``then`` steps run."""
+
+    command: str
+    done: Callable[[JsonValue], bool]
+    limit: float
+    what: str  # for the timeout message: what was being waited for
+    interval: float = 0.005
+    then: tuple[QmpStep, ...] = ()
+
+
+async def _poll(client: QMPClient, socket: Path, poll: Poll, timeout: float) -> JsonValue:
+    deadline = asyncio.get_running_loop().time() + poll.limit
+    while True:
+        try:
+            answer = await asyncio.wait_for(client.execute(poll.command), timeout)
+        except TimeoutError:
+            raise QmpTimeout(
+                f"QMP {poll.command} on {socket} did not answer within {timeout:g} s while "
+                f"waiting for {poll.what}; QEMU is stuck; on a slow host raise {ENV_TIMEOUT} "
+                "(seconds)") from None
+        if poll.done(answer):
+            return answer
+        if asyncio.get_running_loop().time() >= deadline:
+            raise QmpTimeout(
+                f"{poll.what}: not done within {poll.limit:.0f} s (last {poll.command}: "
+                f"{answer}); on a slow host raise {ENV_TIMEOUT} (seconds)")
+        await asyncio.sleep(poll.interval)
+
+
 async def _execute(
-    socket: Path, steps: Sequence[QmpStep], timeout: float, fds: Mapping[int, int]
+    socket: Path, steps: Sequence[QmpStep], timeout: float, fds: Mapping[int, int],
+    poll: Poll | None = None,
 ) -> list[JsonValue]:
     from qemu.qmp import QMPClient
 
@@ -68,6 +107,10 @@ async def _execute(
                 raise QmpTimeout(
                     f"QMP {command} on {socket} did not answer within {timeout:g} s; QEMU is "
                     f"stuck; on a slow host raise {ENV_TIMEOUT} (seconds)") from None
+        if poll is not None:
+            results.append(await _poll(client, socket, poll, timeout))
+            for command, args in poll.then:
+                results.append(await asyncio.wait_for(client.execute(command, args), timeout))
         return results
     finally:
         try:
@@ -123,28 +166,55 @@ def qmp_commands(
     return _run(socket, steps, timeout, fds or {})
 
 
+def qmp_poll(
+    socket: Path,
+    steps: Sequence[QmpStep],
+    poll: Poll,
+    *,
+    fds: Mapping[int, int] | None = None,
+    timeout: float = 5.0,
+) -> list[JsonValue]:
+    """:func:`qmp_commands`, then ``poll`` and its ``then`` steps, all in ONE QMP session:
+    the results of ``steps``, the poll's last answer, then the results of ``poll.then``.
+
+    Why one session: a wait polled with a connection per query (thread, event loop,
+    greeting, capabilities each time) cost a restore ~20 ms and up to one poll interval.
+
+    Raises:
+        QmpTimeout: the monitor did not answer in time, or ``poll`` was not done within
+            ``poll.limit`` seconds.
+        QmpError: a step failed or the monitor could not be reached (a QEMU that exited).
+        Whatever ``poll.done`` raises (e.g. EngineError for a failed migration).
+    """
+    return _run(socket, steps, timeout, fds or {}, poll)
+
+
 def _run(
-    socket: Path, steps: Sequence[QmpStep], timeout: float, fds: Mapping[int, int] | None = None
+    socket: Path, steps: Sequence[QmpStep], timeout: float, fds: Mapping[int, int] | None = None,
+    poll: Poll | None = None,
 ) -> list[JsonValue]:
     timeout = bound(timeout)
     box: dict[str, Any] = {}
-    names = "+".join(command for command, _ in steps)
+    names = "+".join([command for command, _ in steps]
+                     + ([poll.command, *(c for c, _ in poll.then)] if poll else []))
 
     def runner() -> None:
         try:
-            box["result"] = asyncio.run(_execute(socket, steps, timeout, fds or {}))
+            box["result"] = asyncio.run(_execute(socket, steps, timeout, fds or {}, poll))
         except BaseException as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=runner, name=f"qmp-{names}", daemon=True)
     thread.start()
-    limit = timeout * (2 + len(steps))
+    limit = timeout * (2 + len(steps)) + (poll.limit + timeout * (2 + len(poll.then))
+                                          if poll is not None else 0.0)
     thread.join(limit)
     if thread.is_alive():
         raise QmpTimeout(f"QMP {names} on {socket} did not answer within {limit:.0f}s")
     if "error" in box:
         exc = box["error"]
-        if isinstance(exc, QmpTimeout):
-            raise exc
+        if isinstance(exc, QmpTimeout) or (
+                isinstance(exc, EngineError) and not isinstance(exc, QmpError)):
+            raise exc  # a timeout, or what a poll's done() raised: already says it all
         raise QmpError(f"QMP {names} on {socket} failed: {type(exc).__name__}: {exc}") from exc
     return list(box["result"])

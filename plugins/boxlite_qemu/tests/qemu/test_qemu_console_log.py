@@ -194,6 +194,36 @@ def test_a_dead_writer_is_restarted_and_appends_double(tmp_path: Path) -> None:
         server.close()
 
 
+def test_writer_takes_a_connection_made_for_it_double(tmp_path: Path) -> None:
+    """The launch path (listeners.py): the host connects to the console socket it bound and
+    the writer inherits that connection, so QEMU's wait=on never waits for the writer's
+    start-up. Bytes sent before the writer runs are kept; a restart connects by path."""
+    box = tmp_path
+    server = ConsoleServerDouble(box / "console.sock")
+    made = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    made.connect(str(box / "console.sock"))
+    conn = server.accept()
+    conn.sendall(b"sent before the writer started\r\n")
+    first = consolelog.start_writer(box, box / "console.sock", box / "console.log", MIB,
+                                    connected=made)
+    made.close()  # the caller's copy; the writer holds its own
+    try:
+        until(lambda: (box / "console.log").exists()
+              and b"started" in (box / "console.log").read_bytes())
+        conn.sendall(b"and after\r\n")
+        until(lambda: b"after" in (box / "console.log").read_bytes())
+        os.kill(first["pid"], 9)
+        consolelog.wait_writer(box, 5)
+        assert consolelog.ensure_writer(box) is True
+        server.accept().sendall(b"restarted\r\n")
+        until(lambda: b"restarted" in (box / "console.log").read_bytes())
+        assert (box / "console.log").read_bytes() == (
+            b"sent before the writer started\r\nand after\r\nrestarted\r\n")
+    finally:
+        consolelog.stop_writer(box)
+        server.close()
+
+
 def test_writer_reads_a_named_pipe_and_a_stderr_pipe_double(tmp_path: Path) -> None:
     """The two other inputs: a FIFO (a VMM that takes a console *path*, as libkrun's
     krun_set_console_output does) and a pipe on stdin (QEMU's stderr, capped as qemu.log)."""

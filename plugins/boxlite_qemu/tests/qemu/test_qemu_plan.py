@@ -90,7 +90,13 @@ def test_essentials_no_network_no_defaults(tmp_path: Path) -> None:
     assert values(argv, "-m") == ["256M"]
     assert values(argv, "-smp") == ["1"]
     assert values(argv, "-accel") == ["tcg"]
-    assert values(argv, "-qmp") == [f"unix:{tmp_path}/qmp.sock,server=on,wait=off"]
+    # QMP as a chardev + monitor (the long form of -qmp): launch passes it a bound socket
+    assert f"socket,id=qmp,path={tmp_path}/qmp.sock,server=on,wait=off" in values(
+        argv, "-chardev")
+    assert values(argv, "-mon") == ["chardev=qmp,mode=control"]
+    listen = QemuBackend(HOST).plan(make_spec(tmp_path)).data["listen"]
+    assert listen == [f"{tmp_path}/console.sock", f"{tmp_path}/qmp.sock",
+                      f"{tmp_path}/agent.port"]
     assert values(argv, "-pidfile") == [f"{tmp_path}/qemu.pid"]
     assert f"socket,id=console,path={tmp_path}/console.sock,server=on,wait=on" in values(
         argv, "-chardev")
