@@ -12,6 +12,7 @@ Snapshots (``Capability.SNAPSHOT``) are QEMU migration to and from a file: the h
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,7 +33,6 @@ from boxlite_core.errors import (
     ToolMissingError,
     UnsupportedError,
 )
-from boxlite_core.models import JsonValue
 from boxlite_core.vmm.base import LaunchPlan, VmmBackend
 from boxlite_core.vmm.consolelog import (
     WRITER_LOG,
@@ -48,7 +48,13 @@ from boxlite_core.vmm.spec import Capability, ProbeResult, VmSpec
 
 from .accel import AccelChoice, host_accel
 from .argv import QEMU_BINARY, QemuHost, build_argv
-from .handle import MIGRATION_FD, QemuHandle, json_object, migration_bound, write_state
+from .handle import (
+    MIGRATION_FD,
+    QemuHandle,
+    migration_bound,
+    migration_finished,
+    write_state,
+)
 from .listeners import bound, connect_now, pass_listeners
 from .qmp import Poll, QmpError, qmp_command, qmp_poll
 
@@ -423,17 +429,10 @@ class QemuBackend(VmmBackend):
                 f"{what} failed: " + self._death_message(handle, popen.wait())
             )
 
-        def loaded(answer: JsonValue) -> bool:
-            info = json_object(answer)
-            status = str(info.get("status", "none"))
-            if status in ("failed", "cancelled"):
-                raise EngineError(
-                    f"{what} {status}: {info.get('error-desc') or 'QEMU gave no reason'}")
-            return status == "completed"
-
         # one QMP session: hand over the fd, start loading, poll until loaded, then cont
         # (the VM was paused when saved, so it stays paused after loading)
-        poll = Poll("query-migrate", loaded, migration_bound(size),
+        poll = Poll("query-migrate", functools.partial(migration_finished, what),
+                    migration_bound(size),
                     f"{what} (QMP query-migrate on {handle.qmp_socket})",
                     then=(("cont", None),))
         try:

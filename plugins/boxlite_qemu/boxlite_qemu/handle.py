@@ -62,6 +62,19 @@ def migration_bound(size_bytes: int) -> float:
     return bound(30.0 + size_bytes / MIGRATION_MIN_RATE)
 
 
+def migration_finished(what: str, answer: JsonValue) -> bool:
+    """Whether a ``query-migrate`` answer says the migration completed.
+
+    Raises:
+        EngineError: it failed or was cancelled (QEMU's error-desc quoted, after ``what``).
+    """
+    info = json_object(answer)
+    status = str(info.get("status", "none"))
+    if status in ("failed", "cancelled"):
+        raise EngineError(f"{what} {status}: {info.get('error-desc') or 'QEMU gave no reason'}")
+    return status == "completed"
+
+
 def wait_migration(
     qmp_socket: Path,
     what: str,
@@ -90,13 +103,9 @@ def wait_migration(
             if not alive_check(2.0):
                 raise gone() from None
             raise
-        status = str(info.get("status", "none"))
-        if status == "completed":
+        if migration_finished(what, info):
             return info
-        if status in ("failed", "cancelled"):
-            raise EngineError(
-                f"{what} {status}: {info.get('error-desc') or 'QEMU gave no reason'}"
-            )
+        status = str(info.get("status", "none"))
         if time.monotonic() >= deadline:
             ram = json_object(info.get("ram"))
             raise QmpTimeout(

@@ -25,29 +25,24 @@ import socket
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+from boxlite_core.channel.bridge import listen_private
 from boxlite_core.errors import EngineError
 
 from .argv import qopt
 
 
 def bind_listener(path: Path) -> socket.socket:
-    """A listening unix socket at ``path`` (mode 0600, a stale file replaced).
+    """A listening unix socket at ``path`` (0600 from the start, a stale file replaced;
+    ``channel.bridge.listen_private``).
 
     Raises:
         EngineError: the path cannot be bound (naming it and the reason).
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
     try:
         path.unlink(missing_ok=True)
-        sock.bind(os.fspath(path))
-        sock.listen(8)
+        return listen_private(path, backlog=8)
     except OSError as exc:
-        sock.close()
         raise EngineError(f"cannot create the socket {path} for QEMU: {exc}") from exc
-    finally:
-        os.umask(old)
-    return sock
 
 
 @contextlib.contextmanager
