@@ -62,16 +62,22 @@ class Poll:
     then: tuple[QmpStep, ...] = ()
 
 
+async def _step(client: QMPClient, socket: Path, command: str, args: JsonObject | None,
+                timeout: float, during: str = "") -> JsonValue:
+    """One command of a session, bounded by ``timeout`` (QmpTimeout names it)."""
+    try:
+        return await asyncio.wait_for(client.execute(command, args), timeout)
+    except TimeoutError:
+        raise QmpTimeout(
+            f"QMP {command} on {socket} did not answer within {timeout:g} s{during}; QEMU is "
+            f"stuck; on a slow host raise {ENV_TIMEOUT} (seconds)") from None
+
+
 async def _poll(client: QMPClient, socket: Path, poll: Poll, timeout: float) -> JsonValue:
     deadline = asyncio.get_running_loop().time() + poll.limit
     while True:
-        try:
-            answer = await asyncio.wait_for(client.execute(poll.command), timeout)
-        except TimeoutError:
-            raise QmpTimeout(
-                f"QMP {poll.command} on {socket} did not answer within {timeout:g} s while "
-                f"waiting for {poll.what}; QEMU is stuck; on a slow host raise {ENV_TIMEOUT} "
-                "(seconds)") from None
+        answer = await _step(client, socket, poll.command, None, timeout,
+                             f" while waiting for {poll.what}")
         if poll.done(answer):
             return answer
         if asyncio.get_running_loop().time() >= deadline:
@@ -101,16 +107,11 @@ async def _execute(
         for index, (command, args) in enumerate(steps):
             if index in fds:
                 client.send_fd_scm(fds[index])  # QEMU keeps it for this command
-            try:
-                results.append(await asyncio.wait_for(client.execute(command, args), timeout))
-            except TimeoutError:
-                raise QmpTimeout(
-                    f"QMP {command} on {socket} did not answer within {timeout:g} s; QEMU is "
-                    f"stuck; on a slow host raise {ENV_TIMEOUT} (seconds)") from None
+            results.append(await _step(client, socket, command, args, timeout))
         if poll is not None:
             results.append(await _poll(client, socket, poll, timeout))
             for command, args in poll.then:
-                results.append(await asyncio.wait_for(client.execute(command, args), timeout))
+                results.append(await _step(client, socket, command, args, timeout))
         return results
     finally:
         try:
