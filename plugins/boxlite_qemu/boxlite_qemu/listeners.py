@@ -30,6 +30,9 @@ from boxlite_core.errors import EngineError
 
 from .argv import qopt
 
+#: seconds connect_now waits (it returns at once unless the listen backlog is full)
+CONNECT_TIMEOUT = 5.0
+
 
 def bind_listener(path: Path) -> socket.socket:
     """A listening unix socket at ``path`` (0600 from the start, a stale file replaced;
@@ -65,14 +68,16 @@ def bound(paths: Iterable[Path]) -> Iterator[dict[str, socket.socket]]:
 
 def connect_now(path: Path) -> socket.socket:
     """A client connection to a socket :func:`bind_listener` made: it completes at once (the
-    backlog holds it until QEMU accepts).
+    backlog holds it until QEMU accepts), bounded by :data:`CONNECT_TIMEOUT` all the same.
 
     Raises:
-        EngineError: the connection was refused (naming the socket).
+        EngineError: the connection was refused or timed out (naming the socket).
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        sock.settimeout(CONNECT_TIMEOUT)  # a full backlog would block a unix connect()
         sock.connect(os.fspath(path))
+        sock.settimeout(None)
     except OSError as exc:
         sock.close()
         raise EngineError(f"cannot connect to {path}, bound for QEMU a moment ago: {exc}") from exc
