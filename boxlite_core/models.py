@@ -15,11 +15,15 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .network.policy import NetworkPolicy
+    from .network.ports import PortMapping
 
 #: A JSON value as ``json.loads`` returns it: the one alias for every boundary that carries
 #: JSON (box records, plan.json, OCI manifests and configs) instead of ``Any``.
@@ -273,6 +277,51 @@ def _snapshot_validator(_inst: object, _attr: object, value: str | None) -> None
         raise invalid("snapshot", value, "a snapshot name: 1-63 letters, digits, '_', '.' or '-'")
 
 
+def _network_converter(value: object) -> NetworkPolicy:
+    """``BoxOptions.network``: a NetworkPolicy; None/False (old records) → no network; a
+    mode name ("none", "allowlist", "full"); the JSON a record stores."""
+    from .network.policy import NetworkPolicy
+
+    if isinstance(value, NetworkPolicy):
+        return value
+    if value is None or value is False:
+        return NetworkPolicy.parse((), None)
+    if isinstance(value, str):
+        if value.strip().lower() not in ("none", "full"):
+            raise invalid("network", value, "'none' or 'full'; an allowlist is "
+                          "NetworkPolicy.parse(['pypi.org:443'], None)")
+        return NetworkPolicy.parse((), value)
+    if isinstance(value, Mapping):
+        return NetworkPolicy.from_json(dict(value))
+    raise invalid("network", value, "a NetworkPolicy (NetworkPolicy.parse(['pypi.org:443'])), "
+                  "or 'none' | 'full'")
+
+
+def _ports_converter(value: object) -> tuple[PortMapping, ...]:
+    """``BoxOptions.ports``: PortMapping items, docker's ``-p`` strings or their JSON."""
+    from .network.ports import PortMapping, parse_port
+
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise invalid("ports", value, "a list of PortMapping or '[HOSTIP:]HOSTPORT:GUESTPORT'")
+    out = []
+    for item in value:
+        if isinstance(item, PortMapping):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(parse_port(item))
+        elif isinstance(item, Mapping):
+            out.append(PortMapping.from_json(dict(item)))
+        else:
+            raise invalid("ports", item, "a PortMapping or '[HOSTIP:]HOSTPORT:GUESTPORT'")
+    seen: set[tuple[str, int]] = set()
+    for mapping in out:
+        key = (mapping.host_ip, mapping.host_port)
+        if mapping.host_port and key in seen:
+            raise invalid("ports", str(mapping), "two mappings use the same host address")
+        seen.add(key)
+    return tuple(out)
+
+
 def _console_cap_validator(_inst: object, _attr: object, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
         raise invalid("console_log_max_mib", value, "must be a whole number of MiB, 1 to 65536")
@@ -297,7 +346,10 @@ class BoxOptions:
     rootfs: str = "disk"
     volume_sharer: str | None = None
     auto_remove: bool = False
-    network: bool = False
+    #: what the box may connect to (checked on the host); the default is no network at all
+    network: NetworkPolicy = attrs.field(default=None, converter=_network_converter)
+    #: box ports published on the host (docker's ``-p``)
+    ports: tuple[PortMapping, ...] = attrs.field(factory=tuple, converter=_ports_converter)
     #: cap of each guest console file on the host, MiB (rotated: at most 3 files per box);
     #: the guest decides how much it writes, so the host bounds what it keeps
     console_log_max_mib: int = attrs.field(default=4, validator=_console_cap_validator)
@@ -311,13 +363,13 @@ class BoxOptions:
     def __attrs_post_init__(self) -> None:
         if not self.image:
             raise invalid("image", self.image, "name an image (e.g. 'busybox')")
-        if self.network:
-            raise invalid("network", True, "networking is not supported yet; boxes run with none")
 
     def to_dict(self) -> JsonObject:
         data = attrs.asdict(self, recurse=True)
         data["env"] = dict(self.env)
         data["volumes"] = [v.to_dict() for v in self.volumes]
+        data["network"] = self.network.to_json()
+        data["ports"] = [p.to_json() for p in self.ports]
         return data
 
     @classmethod

@@ -71,6 +71,9 @@ def main(argv: list[str]) -> None:
     is_pid1 = os.getpid() == 1
     if is_pid1:
         _pid1_mounts()
+        from .network import loopback_up
+
+        loopback_up()  # every box has a loopback, as every container does
     else:
         # Native runs: adopt the exec helpers' orphans exactly as PID 1 would.
         libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)

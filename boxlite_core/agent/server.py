@@ -10,7 +10,7 @@ import grpc
 
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as rpc
-from . import VERSION, container, files, identity, procs
+from . import VERSION, container, files, identity, network, procs
 from .pid1 import STARTED, Reaper, log, power_off
 
 MERGE_LIMIT = 1024 * 1024  # bytes per OutputChunk when coalescing
@@ -26,6 +26,7 @@ class Agent:
         self.root: str | None = None
         self.init_lock = threading.Lock()
         self.server: grpc.Server | None = None
+        self.net = network.NetStack(reaper, state_dir)
         # Only the guest's PID 1 steps the wall clock: a native agent (tests) shares the host's.
         self.set_clock = identity.step_realtime if os.getpid() == 1 else None
 
@@ -249,6 +250,32 @@ class FilesService(rpc.FilesServicer):
             _abort_for(context, exc)
 
 
+class NetworkService(rpc.NetworkServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def Configure(self, request, context):
+        try:
+            port = self.agent.net.configure(request, self.agent.root)
+        except Exception as exc:
+            log(f"network Configure failed: {exc}")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"network: {exc}")
+        return pb.NetConfigureReply(catch_port=port)
+
+    def Events(self, request, context):
+        yield from self.agent.net.events(context.is_active)
+
+    def Relay(self, request_iterator, context):
+        yield from self.agent.net.relay(request_iterator)
+
+    def Answer(self, request, context):
+        self.agent.net.answer(request)
+        return pb.NetAnswerReply()
+
+    def Dial(self, request_iterator, context):
+        yield from self.agent.net.dial(request_iterator)
+
+
 def start_server(agent: Agent, socket_path: str) -> grpc.Server:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -263,6 +290,7 @@ def start_server(agent: Agent, socket_path: str) -> grpc.Server:
     rpc.add_GuestServicer_to_server(GuestService(agent), server)
     rpc.add_ExecutionServicer_to_server(ExecutionService(agent), server)
     rpc.add_FilesServicer_to_server(FilesService(agent), server)
+    rpc.add_NetworkServicer_to_server(NetworkService(agent), server)
     try:
         os.unlink(socket_path)
     except FileNotFoundError:

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,7 @@ class AgentClient:
         self._guest = rpc.GuestStub(self._channel)
         self._execution = rpc.ExecutionStub(self._channel)
         self._files = rpc.FilesStub(self._channel)
+        self._network = rpc.NetworkStub(self._channel)
 
     @classmethod
     def connect(
@@ -393,6 +394,24 @@ class AgentClient:
             timeout=30,
         )
         return {"boot_id": reply.boot_id, "clock_step": reply.clock_step}
+
+    def configure_network(self, *, address: str, resolver: str,
+                          hosts: Iterable[tuple[str, Sequence[str]]] = (),
+                          egress: bool = True) -> int:
+        """Give the guest its side of the box network (the Network.Configure RPC): the address
+        with prefix (``"10.0.2.15/24"``), the resolver address the container's resolv.conf
+        names, extra /etc/hosts entries ``(address, names)``, and whether outbound connections
+        and DNS are caught for the host (False: published ports only). Returns the guest-local
+        port the redirect uses.
+
+        Raises:
+            GuestError: ``ip`` or ``nft`` failed in the guest (their output quoted), the guest
+                is configured differently already, or no answer within 60 s."""
+        request = pb.NetConfigureRequest(address=address, resolver=resolver, egress=egress)
+        for host_address, names in hosts:
+            request.hosts.add(address=host_address, names=list(names))
+        reply = self._unary(self._network.Configure, request, "network setup", timeout=60)
+        return int(reply.catch_port)
 
     def exec(
         self,

@@ -1,6 +1,6 @@
 """The `boxlite` click group: every command, gathered from the module for its concern.
 
-boxes.py (ls, inspect, rm, start, stop, pause, resume, logs, metrics), run.py (run, create,
+boxes.py (ls, inspect, rm, start, stop, pause, resume, logs, port, metrics), run.py (run, create,
 exec), files.py (cp), images.py (images …, pull), guest.py (guest build), host.py (backends,
 doctor), snapshots.py (snapshot save/ls/rm, fork), templates.py (templates ls/rm/prune).
 Each module lists what it adds in ``COMMANDS``; main.py runs the group.

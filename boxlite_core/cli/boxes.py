@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from ..errors import BoxliteError
+from ..errors import BoxliteError, ConfigError
 from ..models import BoxStatus, check_timeout
 from .context import runtime
 from .output import ago, emit_json, error, one_line, table
@@ -121,8 +121,11 @@ def resume(box: str) -> int:
 @click.option("--raw", is_flag=True,
               help="the guest's bytes as they are, escape sequences included, even on a "
                    "terminal (piped output is always raw)")
+@click.option("--network", "network", is_flag=True,
+              help="the box network's log instead: every connection and name the host "
+                   "allowed or denied, with the rule or the reason")
 @click.argument("box")
-def logs(box: str, follow: bool, tail: int | None, raw: bool) -> int:
+def logs(box: str, follow: bool, tail: int | None, raw: bool, network: bool) -> int:
     """The guest's serial console log of the current (or last) boot.
 
     The guest wrote these bytes. On a terminal, control characters (escape sequences, bare
@@ -130,6 +133,16 @@ def logs(box: str, follow: bool, tail: int | None, raw: bool) -> int:
     drive your terminal; piped or with --raw, the bytes pass unchanged."""
     from ..vmm.consolelog import TerminalSafe
 
+    if network:
+        if follow:
+            raise ConfigError("logs --network cannot follow yet; run it again for new lines")
+        from ..network.relayctl import network_log_lines
+
+        lines = network_log_lines(runtime().get(box).dir, tail)
+        safe_lines = TerminalSafe() if sys.stdout.isatty() and not raw else None
+        for line in lines:
+            click.echo(safe_lines.feed(line) if safe_lines else line, nl=False)
+        return 0
     chunks = runtime().get(box).log_chunks(tail=tail, follow=follow)
     sys.stdout.flush()
     out = sys.stdout.buffer
@@ -153,6 +166,18 @@ def logs(box: str, follow: bool, tail: int | None, raw: bool) -> int:
 
 
 @click.command()
+@click.argument("box")
+def port(box: str) -> int:
+    """The box's published ports (`-p`), as docker prints them: GUESTPORT/tcp -> HOST:PORT."""
+    from ..network.relayctl import published_ports
+
+    for mapping in published_ports(runtime().get(box).dir):
+        click.echo(f"{mapping.guest_port}/{mapping.protocol} -> "
+                   f"{mapping.host_ip}:{mapping.host_port}")
+    return 0
+
+
+@click.command()
 @click.option("--json", "as_json", is_flag=True)
 def metrics(as_json: bool) -> int:
     """Runtime counters (boxes created/failed/stopped/running, execs)."""
@@ -166,4 +191,4 @@ def metrics(as_json: bool) -> int:
 
 
 #: the commands this module adds to the top-level group
-COMMANDS = (ls, inspect, rm, start, stop, pause, resume, logs, metrics)
+COMMANDS = (ls, inspect, rm, start, stop, pause, resume, logs, port, metrics)

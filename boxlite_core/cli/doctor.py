@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 
 from ..tools import PACKAGES, find_tool
 from ..vmm.accel import kvm_usable
 from ..vmm.kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_problem
+
+if TYPE_CHECKING:
+    from ..plugins import PluginRegistry
 
 MIN_FREE_GIB = 1.0
 WARN_FREE_GIB = 5.0
@@ -98,6 +102,32 @@ def _saved_vms(home: Path, kit_id: str | None) -> Check:
     return Check("templates", "ok", detail)
 
 
+def _network(reg: PluginRegistry, usable: list[str]) -> Check:
+    """Which backends' boxes can have a network (they declare Capability.NETWORK) and
+    whether the host can resolve names for name rules (its /etc/resolv.conf)."""
+    from ..vmm.spec import Capability
+
+    with_net = [n for n in usable if Capability.NETWORK in reg.backend(n).capabilities()]
+    without = [n for n in usable if n not in with_net]
+    if not with_net:
+        return Check("network", "warn", "no usable backend declares 'network': boxes run "
+                     "without one (--allow-net/--network/-p are refused)",
+                     "use the qemu or libvirt backend")
+    detail = (f"modes none, allowlist, full and -p work on {', '.join(with_net)} (a host-side "
+              "relay per box: no root, no change to the host's firewall or routes)")
+    if without:
+        detail += f"; not on {', '.join(without)} (no 'network' capability)"
+    try:
+        import dns.resolver
+
+        dns.resolver.Resolver()
+    except Exception as exc:
+        return Check("network", "warn", f"{detail}; but the host has no usable resolver "
+                     f"({exc}), so name rules resolve nothing (address rules still work)",
+                     "configure /etc/resolv.conf")
+    return Check("network", "ok", detail)
+
+
 def run_checks() -> list[Check]:
     from ..plugins import PluginRegistry
     from ..runtime.runtime import default_home
@@ -121,6 +151,7 @@ def run_checks() -> list[Check]:
         why = "; ".join(f"{n}: {p.reason}" for n, p in probes.items()) or "none installed"
         checks.append(Check("backends", "fail", f"no usable VMM backend ({why})",
                             "pip install boxlite-qemu (and the fixes above)"))
+    checks.append(_network(reg, usable))
     for failure in reg.failures:
         checks.append(Check(f"plugin {failure.plugin}", "warn",
                             f"failed in {failure.where}: {failure.error}",

@@ -170,6 +170,16 @@ _BOX_OPTIONS = (
                       "image, resources and volumes are the snapshot's"),
     click.option("--no-template", "no_template", is_flag=True,
                  help="boot the kernel even if a boot template fits (slower, ~6 s)"),
+    click.option("--allow-net", "allow_net", multiple=True, metavar="RULE",
+                 help="let the box connect to HOST[:PORT], *.DOMAIN[:PORT], an IP or a CIDR "
+                      "(repeatable; checked on the host). No rule: no network"),
+    click.option("--network", "network", default=None, metavar="MODE",
+                 help="none | allowlist | full (any public address; never the host's "
+                      "loopback, private or link-local ranges)  [default: none, or allowlist "
+                      "with --allow-net]"),
+    click.option("-p", "--publish", "publish", multiple=True,
+                 metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/tcp]",
+                 help="publish a box port on the host (127.0.0.1 unless HOSTIP is given)"),
 )
 
 
@@ -185,6 +195,7 @@ def box_options(
     auto_remove: bool, name: str | None, volumes: tuple[str, ...], env: tuple[str, ...],
     workdir: str | None, user: str | None, cpus: int | None, memory: int | None,
     rootfs: str | None, sharer: str | None, console_mib: int | None,
+    allow_net: tuple[str, ...] = (), network: str | None = None, publish: tuple[str, ...] = (),
 ) -> tuple[BoxOptions, frozenset[str]]:
     """The BoxOptions of `run`/`create` and the names of the fields the user set: only those
     are passed, so a box from ``snapshot`` is refused an option only when the user gave one
@@ -199,6 +210,14 @@ def box_options(
         "volume_sharer": sharer, "console_log_max_mib": console_mib, "snapshot": snapshot,
     }
     set_options = {key: value for key, value in given.items() if value is not None}
+    if allow_net or network is not None:
+        from ..network.policy import NetworkPolicy
+
+        set_options["network"] = NetworkPolicy.parse(allow_net, network)
+    if publish:
+        from ..network.ports import parse_port
+
+        set_options["ports"] = tuple(parse_port(text) for text in publish)
     options = BoxOptions(
         env=parse_env(env), volumes=volumes, auto_remove=auto_remove,
         template=not no_template, **set_options,  # type: ignore[arg-type]
@@ -246,7 +265,8 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         volumes: tuple[str, ...], env: tuple[str, ...], workdir: str | None, user: str | None,
         cpus: int | None, memory: int | None, rootfs: str | None, sharer: str | None,
         timeout: float | None, interactive: bool, console_mib: int | None,
-        snapshot: str | None, no_template: bool, args: tuple[str, ...]) -> int:
+        snapshot: str | None, no_template: bool, allow_net: tuple[str, ...],
+        network: str | None, publish: tuple[str, ...], args: tuple[str, ...]) -> int:
     """Create a box from IMAGE, start it, run CMD (or the image's Entrypoint+Cmd).
 
     \b
@@ -263,7 +283,7 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         image=image, snapshot=snapshot, no_template=no_template, backend=backend,
         auto_remove=auto_remove, name=name, volumes=volumes, env=env, workdir=workdir,
         user=user, cpus=cpus, memory=memory, rootfs=rootfs, sharer=sharer,
-        console_mib=console_mib,
+        console_mib=console_mib, allow_net=allow_net, network=network, publish=publish,
     )
     if detach and interactive:
         raise ConfigError("-d and -i do not mix: a detached box has no stdin")
@@ -307,7 +327,8 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
 def create(backend: str | None, auto_remove: bool, name: str | None, volumes: tuple[str, ...],
            env: tuple[str, ...], workdir: str | None, user: str | None, cpus: int | None,
            memory: int | None, rootfs: str | None, sharer: str | None, console_mib: int | None,
-           snapshot: str | None, no_template: bool, image: str | None) -> int:
+           snapshot: str | None, no_template: bool, allow_net: tuple[str, ...],
+           network: str | None, publish: tuple[str, ...], image: str | None) -> int:
     """Create a box from IMAGE without starting it; print its id. `boxlite start` boots it.
 
     \b
@@ -322,7 +343,7 @@ def create(backend: str | None, auto_remove: bool, name: str | None, volumes: tu
         image=image, snapshot=snapshot, no_template=no_template, backend=backend,
         auto_remove=auto_remove, name=name, volumes=volumes, env=env, workdir=workdir,
         user=user, cpus=cpus, memory=memory, rootfs=rootfs, sharer=sharer,
-        console_mib=console_mib,
+        console_mib=console_mib, allow_net=allow_net, network=network, publish=publish,
     )
     rt = runtime()
     try:

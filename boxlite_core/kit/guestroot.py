@@ -33,7 +33,9 @@ from ..fscopy import copy_tree
 from .debian import installed_packages
 
 #: libstdc++6: the grpcio manylinux wheel links the system C++ runtime (not bundled).
-BASE_PACKAGES: tuple[str, ...] = ("python3", "mount", "libstdc++6")
+#: iproute2 and nftables: the agent sets up the box network with `ip` and `nft`
+#: (agent/network.py), only when the host asks for one
+BASE_PACKAGES: tuple[str, ...] = ("python3", "mount", "libstdc++6", "iproute2", "nftables")
 DPKG_EXCLUDES: tuple[str, ...] = (
     "/usr/share/doc/*",
     "/usr/share/man/*",

@@ -37,6 +37,15 @@ GUEST_MODULES: tuple[str, ...] = (
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    # box networking (agent/network.py): a dummy device and the nftables redirect that hands
+    # the container's connections to the agent. Loaded at every boot (~one template for
+    # boxes with and without a network); a guest without a policy never configures them.
+    "dummy",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_redir",
+    "nft_reject_ipv4",
+    "nft_reject_ipv6",
 )
 
 #: The guest end of virtio-vsock. libkrun and hvf have no virtio-serial port, so the agent

@@ -659,3 +659,278 @@ class Files:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class NetworkStub:
+    """---------------------------------------------------------------- Network
+
+    The guest has no network device. Once the host calls Configure, the agent catches the
+    container's outbound TCP connections (an nftables redirect to a local listener) and its DNS
+    queries (a UDP resolver address), and hands each to the host as an event; the host decides
+    by the box's policy and carries the bytes from its own sockets (Relay). Everything the
+    guest could lie about is judged on the host: a root guest can only ask.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Configure = channel.unary_unary(
+                '/boxlite.agent.v1.Network/Configure',
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetConfigureRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetConfigureReply.FromString,
+                _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/boxlite.agent.v1.Network/Events',
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetEventsRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetEvent.FromString,
+                _registered_method=True)
+        self.Relay = channel.stream_stream(
+                '/boxlite.agent.v1.Network/Relay',
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.FromString,
+                _registered_method=True)
+        self.Answer = channel.unary_unary(
+                '/boxlite.agent.v1.Network/Answer',
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetAnswer.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetAnswerReply.FromString,
+                _registered_method=True)
+        self.Dial = channel.stream_stream(
+                '/boxlite.agent.v1.Network/Dial',
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.FromString,
+                _registered_method=True)
+
+
+class NetworkServicer:
+    """---------------------------------------------------------------- Network
+
+    The guest has no network device. Once the host calls Configure, the agent catches the
+    container's outbound TCP connections (an nftables redirect to a local listener) and its DNS
+    queries (a UDP resolver address), and hands each to the host as an event; the host decides
+    by the box's policy and carries the bytes from its own sockets (Relay). Everything the
+    guest could lie about is judged on the host: a root guest can only ask.
+    """
+
+    def Configure(self, request, context):
+        """Address, routes, redirect rules, resolver, /etc/resolv.conf and /etc/hosts in the
+        container. After Init; once per boot (a second call is FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Events(self, request, context):
+        """The host's subscription: one event per caught connection or DNS query. One subscriber
+        at a time; a new call ends the old one. Without a subscriber, connections are reset
+        at once and queries dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Relay(self, request_iterator, context):
+        """One caught connection's bytes, both ways. The host's first frame names conn_id; a
+        reset frame from the host refuses the connection (the guest sends a TCP RST).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Answer(self, request, context):
+        """The host's answer to a DNS query event (wire format, RFC 1035).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Dial(self, request_iterator, context):
+        """A host-initiated connection to a TCP port inside the box (published ports); the
+        host's first frame names the port. Refused ports end with a reset frame.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NetworkServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Configure': grpc.unary_unary_rpc_method_handler(
+                    servicer.Configure,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetConfigureRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetConfigureReply.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetEventsRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetEvent.SerializeToString,
+            ),
+            'Relay': grpc.stream_stream_rpc_method_handler(
+                    servicer.Relay,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.SerializeToString,
+            ),
+            'Answer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Answer,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetAnswer.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetAnswerReply.SerializeToString,
+            ),
+            'Dial': grpc.stream_stream_rpc_method_handler(
+                    servicer.Dial,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'boxlite.agent.v1.Network', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('boxlite.agent.v1.Network', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Network:
+    """---------------------------------------------------------------- Network
+
+    The guest has no network device. Once the host calls Configure, the agent catches the
+    container's outbound TCP connections (an nftables redirect to a local listener) and its DNS
+    queries (a UDP resolver address), and hands each to the host as an event; the host decides
+    by the box's policy and carries the bytes from its own sockets (Relay). Everything the
+    guest could lie about is judged on the host: a root guest can only ask.
+    """
+
+    @staticmethod
+    def Configure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/boxlite.agent.v1.Network/Configure',
+            boxlite__core_dot_proto_dot_agent__pb2.NetConfigureRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.NetConfigureReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/boxlite.agent.v1.Network/Events',
+            boxlite__core_dot_proto_dot_agent__pb2.NetEventsRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.NetEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Relay(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/boxlite.agent.v1.Network/Relay',
+            boxlite__core_dot_proto_dot_agent__pb2.NetFrame.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.NetFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Answer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/boxlite.agent.v1.Network/Answer',
+            boxlite__core_dot_proto_dot_agent__pb2.NetAnswer.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.NetAnswerReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dial(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/boxlite.agent.v1.Network/Dial',
+            boxlite__core_dot_proto_dot_agent__pb2.NetFrame.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.NetFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

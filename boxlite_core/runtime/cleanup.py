@@ -251,9 +251,16 @@ def kill_vmm(services: Services, record: BoxRecord, box_dir: Path,
 
 def stop_helpers(services: Services, record: BoxRecord, box_dir: Path,
                  sharer_name: str | None = None) -> None:
-    """Stop the agent shim and the volume sharer's helpers (virtiofsd) from their records in
-    the box directory. The sharer in use is in the record before its helpers start."""
+    """Stop the network relay, the agent shim and the volume sharer's helpers (virtiofsd) from
+    their records in the box directory. The sharer in use is in the record before its
+    helpers start."""
     box_dir = Path(box_dir)
+    from ..network.relayctl import stop_relay
+
+    try:
+        stop_relay(box_dir)
+    except Exception as exc:
+        log.warning("box %s: stopping the network relay failed: %s", record.name, exc)
     try:
         stop_shim(box_dir)
     except Exception as exc:

@@ -47,7 +47,9 @@ def refuse_snapshot_conflicts(
 
 
 def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxOptions:
-    """The snapshot's box's options, with this box's name, env, workdir, user, auto_remove.
+    """The snapshot's box's options, with this box's name, env, workdir, user, auto_remove
+    and published ports (never the snapshot's: its source may still hold them). The network
+    policy is the snapshot's: the copy's guest continues its source's network setup.
 
     Raises:
         ConfigError: as :func:`refuse_snapshot_conflicts`.
@@ -57,6 +59,7 @@ def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxO
         snap.options, name=options.name, snapshot=snap.name, auto_remove=options.auto_remove,
         env=options.env or snap.options.env, workdir=options.workdir or snap.options.workdir,
         user=options.user or snap.options.user, template=options.template,
+        ports=options.ports,
     )
 
 

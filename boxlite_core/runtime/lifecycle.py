@@ -135,6 +135,8 @@ def start(link: BoxLink, progress: ProgressFn | None = None) -> None:
                     "layout_unsupported": ctx.layout_unsupported,
                     "snapshot_restored": bool(record.state.get("snapshot_restored"))
                     or from_snapshot,
+                    "network": {"policy": record.options.network.describe(),
+                                "ports": ctx.published},
                     "failed_stage": None,
                     "stop_reason": None,
                     "stage": None,  # started: no stage is running

@@ -31,7 +31,7 @@ import attrs
 
 from .. import envvars
 from ..diskspace import MIB, ensure_free
-from ..errors import BoxliteError, ConfigError, GuestError, StateError
+from ..errors import BoxliteError, ConfigError, GuestError, StateError, UnsupportedError
 from ..models import HostShare, JsonObject
 from ..rootfs.base import RootfsArtifact, RootfsContext
 from ..vmm.consolelog import log_files, neutralise, tail_bytes, wait_writer
@@ -119,6 +119,8 @@ class StartContext:
     layout_unsupported: str | None = None
     #: set by the caller for a box created from a snapshot, on its first start
     snapshot_state: restore.SavedState | None = None
+    #: the published ports as the network relay bound them (JSON of network.ports)
+    published: list[JsonObject] = attrs.field(factory=list)
 
     def report(self, message: str, fraction: float | None = None) -> None:
         if self.progress is not None:
@@ -143,7 +145,22 @@ class Stage:
 # -- stages ---------------------------------------------------------------------------------
 
 
+def check_network_capability(ctx: StartContext) -> None:
+    """Refuse, before anything boots, a network for a backend that does not declare one."""
+    from ..network.policy import NetworkMode
+
+    options = ctx.record.options
+    if options.network.mode is NetworkMode.NONE and not options.ports:
+        return
+    if Capability.NETWORK not in ctx.backend.capabilities():
+        raise UnsupportedError(
+            f"backend {ctx.record.backend!r} does not declare the 'network' capability, so "
+            "its boxes cannot have a network policy or published ports; use a backend that "
+            "does (`boxlite backends`) or drop --allow-net/--network/-p")
+
+
 def filesystem_setup(ctx: StartContext) -> None:
+    check_network_capability(ctx)
     ctx.box_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(ctx.box_dir, 0o700)  # sockets and the VM's disks live here
 
@@ -254,7 +271,6 @@ def build_spec(ctx: StartContext) -> VmSpec:
         disks=disks,
         shares=ctx.shares,
         name=ctx.record.name,
-        network=options.network,
         guest=kit.guest_hints(),
         console_log_max_bytes=options.console_log_max_mib * 1024 * 1024,
     )
@@ -557,6 +573,44 @@ def guest_init(ctx: StartContext) -> None:
     ctx.client.init(config)
 
 
+def network_setup(ctx: StartContext) -> None:
+    """The box network, if the box has a policy or published ports: the guest's side
+    (address, redirect, resolver; agent/network.py) then the host's relay
+    (network/relay.py), which judges every connection and query. Done at every start, after
+    Init, so a box restored from a template gets its own network, never a saved one."""
+    options = ctx.record.options
+    policy = options.network
+    from ..network.policy import (
+        GUEST_IP,
+        GUEST_PREFIX,
+        HOST_ALIAS_GUEST_IP,
+        HOST_ALIAS_NAME,
+        RESOLVER_GUEST_IP,
+        NetworkMode,
+    )
+
+    if policy.mode is NetworkMode.NONE and not options.ports:
+        return
+    from ..network.relayctl import RelayConfig, spawn_relay
+
+    assert ctx.client is not None
+    # the relay's interpreter starts while the guest sets its side up
+    relay = spawn_relay(ctx.box_dir, RelayConfig(box=ctx.record.name, policy=policy,
+                                                 ports=options.ports))
+    try:
+        ctx.client.configure_network(
+            address=f"{GUEST_IP}/{GUEST_PREFIX}", resolver=RESOLVER_GUEST_IP,
+            hosts=[(HOST_ALIAS_GUEST_IP, [HOST_ALIAS_NAME])] if policy.allows_host_alias
+            else [],
+            egress=policy.mode is not NetworkMode.NONE,
+        )
+        info = relay.wait()
+    except BaseException:
+        relay.cancel()
+        raise
+    ctx.published = list(info.get("ports", []))
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("filesystem_setup", filesystem_setup),
     Stage(
@@ -571,6 +625,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("guest_connect", guest_connect),
     Stage("template_save", template_save),
     Stage("guest_init", guest_init),
+    Stage("network", network_setup),
 )
 
 

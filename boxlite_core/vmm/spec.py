@@ -57,7 +57,11 @@ class Capability(enum.StrEnum):
     * operations — what it can do to a running VM: ``pause`` (``VmHandle.pause``/``resume``),
       ``snapshot`` (``VmHandle.save_state``, ``VmSpec.restore_from`` and
       ``VmmBackend.snapshot_compat``: boot templates, snapshots and fork), ``attach``
-      (``VmmBackend.attach`` re-adopts a VM another process launched).
+      (``VmmBackend.attach`` re-adopts a VM another process launched), ``network`` (boxes
+      may have a network policy and published ports: the box network rides the agent
+      channel — the core's relay on the host, the core's agent in the guest — so a backend
+      declares it when its guest runs the core's guest kit unchanged and its channel carries
+      many concurrent streams; it needs no network device of its own).
     * acceleration — how it runs guests on this host: ``kvm``, ``hvf`` (hardware) or ``tcg``
       (software emulation). Declare only what the host really gives:
       ``boxlite_core.vmm.accel.host_acceleration()`` says which.
@@ -72,6 +76,7 @@ class Capability(enum.StrEnum):
     PAUSE = "pause"
     SNAPSHOT = "snapshot"
     ATTACH = "attach"
+    NETWORK = "network"
     KVM = "kvm"
     TCG = "tcg"
     HVF = "hvf"
@@ -88,7 +93,8 @@ _CAPABILITY_GROUPS: dict[Capability, CapabilityGroup] = {
          Capability.VIRTIO_SERIAL, Capability.VSOCK),
         CapabilityGroup.DEVICES,
     ),
-    **dict.fromkeys((Capability.PAUSE, Capability.SNAPSHOT, Capability.ATTACH),
+    **dict.fromkeys((Capability.PAUSE, Capability.SNAPSHOT, Capability.ATTACH,
+                     Capability.NETWORK),
                     CapabilityGroup.OPERATIONS),
     **dict.fromkeys((Capability.KVM, Capability.TCG, Capability.HVF),
                     CapabilityGroup.ACCELERATION),

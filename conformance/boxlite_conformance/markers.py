@@ -18,7 +18,8 @@ HOST_MARK = "conformance_host"
 TIERS = {
     0: "contract: no VM (identity, capabilities, probe, plan, attach)",
     1: "boot and exec: exit codes, stdout/stderr, stdin, signals, stop, in-guest resources",
-    2: "storage: rootfs strategies, volumes through each sharer, copy in/out",
+    2: "storage and network: rootfs strategies, volumes through each sharer, copy in/out, "
+       "network policy and published ports",
     3: "lifecycle faults: VM death, restart, reattach from another process, pause/snapshot",
 }
 #: the lowest tier whose tests need a running VM (and so an available backend + runtime)

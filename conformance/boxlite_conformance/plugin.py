@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -48,6 +48,9 @@ from .markers import (
     item_tier,
 )
 from .requirements import HOST_REQUIREMENTS, Requirements
+
+if TYPE_CHECKING:
+    from .networld import World
 
 ENV_BACKEND = "BOXLITE_CONFORMANCE_BACKEND"
 
@@ -336,6 +339,27 @@ def box_pool(backend_name: str, boxlite_registry: PluginRegistry) -> Iterator[Bo
     pool = BoxPool(backend_name, conformance_home(), boxlite_registry)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The T2 network tests' outside world (networld.World), its hosts file in
+    BOXLITE_NET_HOSTS while it exists (the relays the boxes start inherit it)."""
+    from .networld import World
+
+    hosts = tmp_path_factory.mktemp("networld") / "hosts"
+    with World(tag=f"c{os.getpid() % 10000}", hosts_file=hosts) as made:
+        made.serve(8080)
+        made.serve(8081)
+        previous = os.environ.get("BOXLITE_NET_HOSTS")
+        os.environ["BOXLITE_NET_HOSTS"] = str(hosts)
+        try:
+            yield made
+        finally:
+            if previous is None:
+                os.environ.pop("BOXLITE_NET_HOSTS", None)
+            else:
+                os.environ["BOXLITE_NET_HOSTS"] = previous
 
 
 @pytest.fixture

@@ -145,7 +145,20 @@ AUTO_IDMAP = HostRequirement(
     "files the guest writes into a volume belong to the volume's owner on the host",
     _sharer_maps_ids,
 )
+def _test_world(req: Requirements, params: Mapping[str, object]) -> str | None:
+    from .networld import World
+
+    return World.available()
+
+
+TEST_WORLD = HostRequirement(
+    "test-network",
+    "the suite can make its own 'outside world' (networld.World: a network namespace and a "
+    "veth pair to one TEST-NET-3 address): root and iproute2",
+    _test_world,
+    strict=True,
+)
 #: every named host requirement a test may carry, by name
 HOST_REQUIREMENTS: dict[str, HostRequirement] = {
-    r.name: r for r in (SHARER_SERVES, AUTO_IDMAP)
+    r.name: r for r in (SHARER_SERVES, AUTO_IDMAP, TEST_WORLD)
 }

@@ -74,14 +74,15 @@ def test_host_requirements_are_named_with_their_reason() -> None:
         AUTO_IDMAP,
         HOST_REQUIREMENTS,
         SHARER_SERVES,
+        TEST_WORLD,
         Requirements,
     )
     from boxlite_core.errors import ToolMissingError
     from boxlite_core.plugins import PluginRegistry
     from boxlite_core.vmm.spec import Capability
 
-    assert set(HOST_REQUIREMENTS) == {AUTO_IDMAP.name, SHARER_SERVES.name}
-    assert SHARER_SERVES.strict and not AUTO_IDMAP.strict
+    assert set(HOST_REQUIREMENTS) == {AUTO_IDMAP.name, SHARER_SERVES.name, TEST_WORLD.name}
+    assert SHARER_SERVES.strict and TEST_WORLD.strict and not AUTO_IDMAP.strict
     caps = frozenset({Capability.NINEP, Capability.VIRTIOFS})
     req = Requirements("b", caps, PluginRegistry(load_entry_points=False))
     reason = req.host_unmet("auto-idmap", {"sharer": "9p"})

@@ -41,6 +41,10 @@ from boxlite_core.vmm.spec import DiskSpec
         ({"disk_size_mib": 1}, "disk_size_mib"),
         ({"image": ""}, "image"),
         ({"network": True}, "network"),
+        ({"network": "sometimes"}, "network"),
+        ({"ports": "8080:80"}, "ports"),
+        ({"ports": ["8080:80", "8080:81"]}, "ports"),
+        ({"ports": [8080]}, "ports"),
     ],
 )
 def test_bad_option_names_the_field(kwargs, field):
@@ -136,6 +140,32 @@ def test_options_round_trip_through_json():
     )
     again = BoxOptions.from_dict(json.loads(json.dumps(opts.to_dict())))
     assert again == opts
+
+
+def test_network_policy_and_ports_round_trip_through_json():
+    """A stored record keeps its policy and published ports: a box reloaded from the state db
+    (another process, after a restart) enforces exactly what it was created with."""
+    from boxlite_core.network.policy import NetworkPolicy
+
+    opts = BoxOptions(
+        network=NetworkPolicy.parse(["svc.test:8080", "*.example.com", "203.0.113.0/28"], None),
+        ports=["127.0.0.1:8080:80", "9000:9000/tcp"],
+    )
+    again = BoxOptions.from_dict(json.loads(json.dumps(opts.to_dict())))
+    assert again == opts
+    assert again.network.describe() == opts.network.describe()
+    assert [p.to_json() for p in again.ports] == [p.to_json() for p in opts.ports]
+    full = BoxOptions(network="full")
+    assert BoxOptions.from_dict(json.loads(json.dumps(full.to_dict()))).network == full.network
+
+
+def test_records_from_before_networking_load_with_no_network():
+    data = BoxOptions().to_dict()
+    data.pop("network")
+    data.pop("ports")
+    old = BoxOptions.from_dict(data)
+    assert old.network == BoxOptions().network and old.ports == ()
+    assert BoxOptions(network=None).network == BoxOptions(network="none").network
 
 
 def test_status_transitions():

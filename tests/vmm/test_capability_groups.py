@@ -13,7 +13,7 @@ def test_the_groups_are_the_contracts() -> None:
     by_group = {g: {c.value for c in Capability if c.group is g} for g in CapabilityGroup}
     assert by_group == {
         CapabilityGroup.DEVICES: {"9p", "virtiofs", "qcow2", "raw", "virtio-serial", "vsock"},
-        CapabilityGroup.OPERATIONS: {"pause", "snapshot", "attach"},
+        CapabilityGroup.OPERATIONS: {"pause", "snapshot", "attach", "network"},
         CapabilityGroup.ACCELERATION: {"kvm", "tcg", "hvf"},
     }
 

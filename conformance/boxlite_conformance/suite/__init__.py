@@ -16,9 +16,11 @@ from .tier0_contract import *  # noqa: F403
 from .tier0_contract import __all__ as _t0
 from .tier1_exec import *  # noqa: F403
 from .tier1_exec import __all__ as _t1
+from .tier2_network import *  # noqa: F403
+from .tier2_network import __all__ as _t2n
 from .tier2_storage import *  # noqa: F403
 from .tier2_storage import __all__ as _t2
 from .tier3_lifecycle import *  # noqa: F403
 from .tier3_lifecycle import __all__ as _t3
 
-__all__ = [*_t0, *_t1, *_t2, *_t3]
+__all__ = [*_t0, *_t1, *_t2, *_t2n, *_t3]

@@ -188,6 +188,7 @@ class QemuBackend(VmmBackend):
             Capability.PAUSE,
             Capability.SNAPSHOT,
             Capability.ATTACH,
+            Capability.NETWORK,
             Capability.TCG,
         }
         if tools.find_tool("virtiofsd"):

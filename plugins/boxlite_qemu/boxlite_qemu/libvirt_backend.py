@@ -806,7 +806,8 @@ class LibvirtBackend(VmmBackend):
                                                                    Capability.TCG)
         caps = {
             Capability.NINEP, Capability.VIRTIOFS, Capability.QCOW2, Capability.RAW,
-            Capability.VIRTIO_SERIAL, Capability.ATTACH, Capability.PAUSE, accel,
+            Capability.VIRTIO_SERIAL, Capability.ATTACH, Capability.PAUSE, Capability.NETWORK,
+            accel,
         }
         if is_local(self.uri):
             # the daemon writes and reads the state file on its own host
