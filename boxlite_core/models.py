@@ -15,21 +15,17 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .errors import ConfigError
+from .jsontypes import JsonObject as JsonObject  # re-exported: the usual import
+from .jsontypes import JsonValue as JsonValue
 
 if TYPE_CHECKING:
     from .network.policy import NetworkPolicy
     from .network.ports import PortMapping
-
-#: A JSON value as ``json.loads`` returns it: the one alias for every boundary that carries
-#: JSON (box records, plan.json, OCI manifests and configs) instead of ``Any``.
-JsonValue: TypeAlias = "dict[str, JsonValue] | list[JsonValue] | str | int | float | bool | None"
-#: A JSON object (``{...}``), the shape of a record, a manifest or an image config.
-JsonObject: TypeAlias = "dict[str, JsonValue]"
 
 MIN_MEMORY_MIB = 128
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")

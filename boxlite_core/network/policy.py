@@ -40,7 +40,7 @@ import attrs
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..models import JsonObject, JsonValue
+    from ..jsontypes import JsonObject, JsonValue
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -18,7 +18,7 @@ import attrs
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..models import JsonObject, JsonValue
+    from ..jsontypes import JsonObject, JsonValue
 
 _FORM = "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp], e.g. 8080:80 or 0.0.0.0:8080:80"
 
