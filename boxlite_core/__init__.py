@@ -21,6 +21,7 @@ _LAZY = {
     "AsyncRuntime": "boxlite_core.runtime.aio",
     "Box": "boxlite_core.runtime.box",
     "Snapshot": "boxlite_core.runtime.snapshots",
+    "Terminal": "boxlite_core.runtime.terminal",
     "BoxOptions": "boxlite_core.models",
     "VolumeSpec": "boxlite_core.models",
     "ExecResult": "boxlite_core.models",

@@ -5,9 +5,13 @@ and a default route. An nftables rule redirects every outbound TCP connection to
 of the agent (``CATCH_PORT`` on 127.0.0.1); the agent reads the original destination
 (``SO_ORIGINAL_DST``, as transparent proxies do) and offers the connection to the host as an
 event. DNS queries to the resolver address arrive on a UDP socket of the agent and go the
-same way. The host decides by the box's policy and carries the bytes from its own sockets
-(``Relay``); anything else (UDP, ICMP, raw packets, IPv6) leaves through the dummy device and
-is gone, and nftables rejects it first so programs fail fast.
+same way. Other UDP is redirected to a second agent socket (``UDP_CATCH_PORT``); its original
+destination comes from the kernel's connection tracking table (``/proc/net/nf_conntrack``:
+``SO_ORIGINAL_DST`` is TCP-only), and the host's replies, sent back from that socket, are
+un-NATed by the same conntrack entry, so the container sees them come from where it sent.
+The host decides by the box's policy and carries the bytes from its own sockets
+(``Relay``, ``Datagram``); anything else (ICMP, raw packets, IPv6) leaves through the dummy
+device and is gone, and nftables rejects it first so programs fail fast.
 
 None of this is a security boundary: a root guest can remove the rules, and then its packets
 go nowhere. The boundary is the host, which only ever connects what the policy allows.
@@ -16,6 +20,7 @@ go nowhere. The boundary is the host, which only ever connects what the policy a
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import os
 import queue
@@ -23,7 +28,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..proto import agent_pb2 as pb
@@ -33,6 +38,10 @@ from .pid1 import Reaper, log
 
 #: where the redirect sends the container's TCP connections (guest-local)
 CATCH_PORT = 15001
+#: where the redirect sends the container's UDP datagrams (guest-local, 127.0.0.1)
+UDP_CATCH_PORT = 15002
+#: the kernel's connection tracking table (CONFIG_NF_CONNTRACK_PROCFS, on in Debian kernels)
+CONNTRACK_TABLE = "/proc/net/nf_conntrack"
 #: getsockopt(SOL_IP, SO_ORIGINAL_DST): the destination before the NAT redirect
 SO_ORIGINAL_DST = 80
 #: the dummy device the container sees; docker's name
@@ -49,18 +58,24 @@ FRAME_LIMIT = 1024 * 1024
 IP_TIMEOUT = 15.0
 
 
-def nft_ruleset(resolver: str, address: str, *, egress: bool) -> str:
+def nft_ruleset(resolver: str, address: str, *, egress: bool,
+                udp_networks: Sequence[str] = ()) -> str:
     """The guest's nftables rules (``nft -f -`` input).
 
     Filter rules match on the destination after NAT: the output hook's interface is fixed
-    before the redirect reroutes a packet to ``lo``."""
+    before the redirect reroutes a packet to ``lo``. UDP is redirected only towards
+    ``udp_networks`` (the policy's address rules): elsewhere the host would drop it, so it
+    is rejected here at once (ICMP admin-prohibited: the sender fails fast)."""
+    udp = (f"    meta l4proto udp ip daddr {{ {', '.join(udp_networks)} }} "
+           f"redirect to :{UDP_CATCH_PORT}\n" if udp_networks else "")
     nat = (
         "  chain nat_out {\n"
         "    type nat hook output priority -100; policy accept;\n"
         "    ip daddr 127.0.0.0/8 return\n"
         f"    ip daddr {{ {resolver}, {address} }} return\n"
         f"    meta l4proto tcp redirect to :{CATCH_PORT}\n"
-        "  }\n"
+        + udp
+        + "  }\n"
         if egress
         else ""
     )
@@ -156,6 +171,42 @@ def recv_batch(sock: socket.socket) -> bytes:
     return b"".join(parts)
 
 
+def udp_original_destination(peer: tuple[str, int], table: str = CONNTRACK_TABLE
+                             ) -> tuple[str, int] | None:
+    """Where the container's datagram from ``peer`` (ip, port) was going before the redirect:
+    the conntrack entry whose original tuple has that source and whose reply tuple comes
+    from :data:`UDP_CATCH_PORT`. None when there is none (expired, or conntrack has no
+    procfs). A socket sending to several destinations at once matches several entries: the
+    first is taken (connected UDP sockets, as QUIC, NTP and DNS clients use, have one)."""
+    want_src, want_sport = peer[0], str(peer[1])
+    try:
+        with open(table) as fh:
+            lines = fh.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if "udp" not in fields[:4]:
+            continue
+        tuples: list[dict[str, str]] = [{}, {}]
+        current = 0
+        for field in fields:
+            key, sep, value = field.partition("=")
+            if not sep or key not in ("src", "dst", "sport", "dport"):
+                continue
+            if key in tuples[current]:
+                current += 1
+                if current > 1:
+                    break
+            tuples[current][key] = value
+        orig, reply = tuples
+        if (orig.get("src") == want_src and orig.get("sport") == want_sport
+                and reply.get("sport") == str(UDP_CATCH_PORT) and "dst" in orig
+                and orig.get("dport", "").isdigit()):
+            return orig["dst"], int(orig["dport"])
+    return None
+
+
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """(ip, port) the connection was made to before the redirect (IPv4 sockaddr_in)."""
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
@@ -249,6 +300,8 @@ class NetStack:
         self._conns: dict[int, tuple[Conn, float]] = {}
         self._queries: dict[int, tuple[tuple[str, int], float]] = {}
         self._dns: socket.socket | None = None
+        self._udp: socket.socket | None = None
+        self._udp_misses = 0
 
     # -- Configure ---------------------------------------------------------------------------
 
@@ -262,12 +315,17 @@ class NetStack:
                                  "guest (a box continued from a snapshot keeps its source's)")
             self.configured = request
         address = request.address.split("/")[0]
+        # nft rule text: only what parses as a network goes in, overlaps merged (an nft set
+        # refuses overlapping intervals)
+        udp_networks = [str(n) for n in ipaddress.collapse_addresses(
+            ipaddress.IPv4Network(n) for n in request.udp_networks)]
         command.run(self.reaper, ["ip", "-batch", "-"],
                     stdin=ip_batch(request.address, request.resolver,
                                    have_dummy0=os.path.exists("/sys/class/net/dummy0")).encode(),
                     timeout=IP_TIMEOUT)
         command.run(self.reaper, ["nft", "-f", "-"],
-                    stdin=nft_ruleset(request.resolver, address, egress=request.egress).encode(),
+                    stdin=nft_ruleset(request.resolver, address, egress=request.egress,
+                                      udp_networks=udp_networks).encode(),
                     timeout=IP_TIMEOUT)
         if request.egress:
             listener = socket.create_server(("127.0.0.1", CATCH_PORT), backlog=128)
@@ -277,6 +335,11 @@ class NetStack:
             dns.bind((request.resolver, 53))
             self._dns = dns
             threading.Thread(target=self._serve_dns, args=(dns,), name="net-dns",
+                             daemon=True).start()
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", UDP_CATCH_PORT))
+            self._udp = udp
+            threading.Thread(target=self._serve_udp, args=(udp,), name="net-udp",
                              daemon=True).start()
         if root is not None:
             self._write_resolver_files(root, request)
@@ -426,6 +489,38 @@ class NetStack:
             self._dns.sendto(request.response, entry[0])
         except OSError as exc:
             log(f"network: DNS answer to {entry[0]} failed: {exc}")
+
+    # -- other UDP ---------------------------------------------------------------------------
+
+    def _serve_udp(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data, peer = sock.recvfrom(65535)
+            except OSError as exc:
+                log(f"network: UDP receive failed: {exc}")
+                time.sleep(0.1)
+                continue
+            target = udp_original_destination(peer)
+            if target is None:
+                self._udp_misses += 1
+                if self._udp_misses in (1, 10, 100) or self._udp_misses % 1000 == 0:
+                    log(f"network: a datagram from {peer[0]}:{peer[1]} has no conntrack entry "
+                        f"(dropped; {self._udp_misses} so far)")
+                continue
+            self._publish(pb.NetEvent(id=next(self._ids), datagram=pb.NetDatagram(
+                address=target[0], port=target[1], source_address=peer[0],
+                source_port=peer[1], data=data)))
+
+    def datagram(self, request: pb.NetDatagram) -> None:
+        """The Datagram RPC: the host's reply, sent from the catch socket; conntrack makes it
+        come from ``request.address:port`` in the container's eyes."""
+        if self._udp is None:
+            raise ValueError("UDP is not caught in this box (its network has no egress)")
+        try:
+            self._udp.sendto(request.data, (request.source_address, request.source_port))
+        except OSError as exc:
+            log(f"network: UDP reply to {request.source_address}:{request.source_port} "
+                f"failed: {exc}")
 
     # -- published ports ---------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import deque
 
-from . import libc, users
+from . import libc, terminal, users
 from .pid1 import Reaper, log
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -125,6 +125,7 @@ class Process:
         self.timed_out = False
         self.finished_at = 0.0
         self._timer: threading.Timer | None = None
+        self.terminal_fd: int | None = None  # a tty exec's pty master (output side)
 
     # -- control ---------------------------------------------------------------
     def kill(self, sig: int) -> None:
@@ -164,6 +165,16 @@ class Process:
     def close_stdin(self) -> None:
         self.write_stdin(b"", True)
 
+    def resize(self, rows: int, cols: int) -> None:
+        """Set a tty exec's window size. ExecError when it has no terminal (or it closed)."""
+        fd = self.terminal_fd
+        if fd is None:
+            raise ExecError(f"exec {self.exec_id} has no terminal to resize (started without tty)")
+        try:
+            terminal.set_size(fd, rows, cols)
+        except OSError as exc:
+            raise ExecError(f"exec {self.exec_id}: resize: {exc.strerror}") from None
+
     # -- background readers ----------------------------------------------------
     def _finish(self, exit_code: int | None, sig: int | None) -> None:
         self.exit_code, self.signal = exit_code, sig
@@ -191,6 +202,27 @@ class Process:
                 self._finish(os.waitstatus_to_exitcode(st), None)
         else:
             self._finish(None, signal.SIGKILL)
+
+    def _pump_terminal(self, master: int) -> None:
+        """A tty exec's output: everything the pty's master reads, as STDOUT. EIO means every
+        slave fd closed (the program and whatever it left behind are gone): the end."""
+        try:
+            while True:
+                try:
+                    data = os.read(master, READ_CHUNK)
+                except InterruptedError:  # pragma: no cover
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EIO:
+                        break
+                    raise
+                if not data:
+                    break
+                self.output.put(STDOUT, data)
+        finally:
+            self.terminal_fd = None
+            os.close(master)
+            self.output.close()
 
     def _pump_output(self, out_fd: int, err_fd: int) -> None:
         fds = {out_fd: STDOUT, err_fd: STDERR}
@@ -355,24 +387,48 @@ class ProcessTable:
         user: str,
         timeout: float,
         want_stdin: bool,
+        tty: bool = False,
+        size: tuple[int, int] = terminal.DEFAULT_SIZE,
     ) -> Process:
+        """Start ``args`` in the container at ``root``; returns once it was exec'd.
+
+        With ``tty`` the program runs on a new pty of the container's devpts (window ``size``:
+        rows, cols), which is also its stdin, stdout and stderr and its controlling terminal.
+
+        Raises:
+            ExecError: no program, or the program could not be started (named).
+        """
         if not args:
             raise ExecError("exec needs at least one argument (the program)")
         self._prune()
         proc = Process(uuid.uuid4().hex[:16])
-        stdin_r, stdin_w = os.pipe() if want_stdin else (os.open(os.devnull, os.O_RDONLY), -1)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
-        fds = [stdin_r, out_w, err_w, status_w]
-        params = {"root": root, "args": args, "env": env, "cwd": cwd or "/", "user": user}
+        if tty:
+            try:
+                master, slave = terminal.open_pty(root)
+                terminal.set_size(master, *size)
+            except OSError as exc:
+                os.close(status_r)
+                os.close(status_w)
+                raise ExecError(f"cannot allocate a terminal: {exc.strerror or exc}") from None
+            stdin_w = os.dup(master) if want_stdin else -1
+            out_r, err_r = master, -1
+            fds = [slave, slave, slave, status_w]
+        else:
+            stdin_r, stdin_w = (os.pipe() if want_stdin
+                                else (os.open(os.devnull, os.O_RDONLY), -1))
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            fds = [stdin_r, out_w, err_w, status_w]
+        params = {"root": root, "args": args, "env": env, "cwd": cwd or "/", "user": user,
+                  "tty": tty}
         try:
             if self.zygote is not None:
                 self.zygote.spawn(fds, params)
             else:
                 self.reaper.spawn(lambda: _stage_a(fds, **params), lambda _status: None)
         finally:
-            for fd in (stdin_r, out_w, err_w, status_w):
+            for fd in set(fds):
                 os.close(fd)
         try:
             msg = _read_msg(status_r)
@@ -383,17 +439,20 @@ class ProcessTable:
                 why = msg[1] if msg and msg[0] == "E" else "the exec helper died during setup"
                 raise ExecError(why)
         except BaseException:
-            for fd in (status_r, out_r, err_r) + ((stdin_w,) if stdin_w >= 0 else ()):
-                os.close(fd)
+            for fd in (status_r, out_r, err_r, stdin_w):
+                if fd >= 0:
+                    os.close(fd)
             raise
         if want_stdin:
             proc.stdin_fd = stdin_w
-        threading.Thread(
-            target=proc._pump_output,
-            args=(out_r, err_r),
-            daemon=True,
-            name=f"out-{proc.exec_id}",
-        ).start()
+        if tty:
+            proc.terminal_fd = out_r
+            pump = threading.Thread(target=proc._pump_terminal, args=(out_r,))
+        else:
+            pump = threading.Thread(target=proc._pump_output, args=(out_r, err_r))
+        pump.daemon = True
+        pump.name = f"out-{proc.exec_id}"
+        pump.start()
         threading.Thread(
             target=proc._watch_status,
             args=(status_r,),
@@ -472,7 +531,7 @@ def _arrange_fds(fds: list[int]) -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def _stage_a(fds: list[int], root: str, args, env, cwd, user) -> None:
+def _stage_a(fds: list[int], root: str, args, env, cwd, user, tty=False) -> None:
     """Fallback path without the zygote: unshare here, fork the namespace's init."""
     try:
         _arrange_fds(fds)
@@ -484,10 +543,10 @@ def _stage_a(fds: list[int], root: str, args, env, cwd, user) -> None:
     if pid:
         _send(STATUS_FD, b"P", pid)
         os._exit(0)
-    _stage_b(root, args, env, cwd, user)
+    _stage_b(root, args, env, cwd, user, tty)
 
 
-def _stage_b_entry(fds: list[int], root: str, args, env, cwd, user) -> None:
+def _stage_b_entry(fds: list[int], root: str, args, env, cwd, user, tty=False) -> None:
     """Zygote path: already PID 1 of a new pid namespace; take a private mount namespace."""
     try:
         _arrange_fds(fds)
@@ -497,10 +556,10 @@ def _stage_b_entry(fds: list[int], root: str, args, env, cwd, user) -> None:
     except BaseException as exc:
         _send(STATUS_FD, b"E", f"exec setup failed: {exc}")
         os._exit(127)
-    _stage_b(root, args, env, cwd, user)
+    _stage_b(root, args, env, cwd, user, tty)
 
 
-def _stage_b(root: str, args, env, cwd, user) -> None:
+def _stage_b(root: str, args, env, cwd, user, tty=False) -> None:
     child = 0
     try:
         libc.mount("none", "/", None, libc.MS_REC | libc.MS_PRIVATE)
@@ -529,7 +588,7 @@ def _stage_b(root: str, args, env, cwd, user) -> None:
         child = os.fork()
         if child == 0:
             os.close(err_r)
-            _stage_c(err_w, args, env, cwd, ident)
+            _stage_c(err_w, args, env, cwd, ident, tty)
         os.close(err_w)
         problem = b""
         while chunk := os.read(err_r, 4096):
@@ -554,9 +613,14 @@ def _stage_b(root: str, args, env, cwd, user) -> None:
             os._exit(0)
 
 
-def _stage_c(err_w: int, args, env, cwd, ident) -> None:
+def _stage_c(err_w: int, args, env, cwd, ident, tty=False) -> None:
     try:
         os.setsid()
+        if tty:
+            # fds 0-2 are the pty's slave: make it this new session's controlling terminal
+            # (so ^C reaches the foreground job) and the user's, as login(1) and runc do
+            terminal.make_controlling(0)
+            os.fchown(0, ident.uid, -1)
         for sig in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -10,7 +10,7 @@ import grpc
 
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as rpc
-from . import VERSION, container, files, identity, network, procs
+from . import VERSION, container, files, identity, network, procs, terminal
 from .pid1 import STARTED, Reaper, log, power_off
 
 MERGE_LIMIT = 1024 * 1024  # bytes per OutputChunk when coalescing
@@ -150,8 +150,6 @@ class ExecutionService(rpc.ExecutionServicer):
 
     def Exec(self, request, context):
         root = self.agent.require_root(context)
-        if request.tty:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "tty exec is not supported yet")
         try:
             proc = self.agent.procs.start(
                 root,
@@ -161,6 +159,8 @@ class ExecutionService(rpc.ExecutionServicer):
                 request.user,
                 request.timeout,
                 request.stdin,
+                tty=request.tty,
+                size=terminal.clamp_size(request.size.rows, request.size.cols),
             )
         except Exception as exc:
             _abort_for(context, exc)
@@ -215,6 +215,14 @@ class ExecutionService(rpc.ExecutionServicer):
         proc = self._get(context, request.exec_id)
         proc.kill(request.signal or 15)
         return pb.KillReply()
+
+    def Resize(self, request, context):
+        proc = self._get(context, request.exec_id)
+        try:
+            proc.resize(request.size.rows, request.size.cols)
+        except procs.ExecError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.ResizeReply()
 
 
 class FilesService(rpc.FilesServicer):
@@ -274,6 +282,13 @@ class NetworkService(rpc.NetworkServicer):
 
     def Dial(self, request_iterator, context):
         yield from self.agent.net.dial(request_iterator)
+
+    def Datagram(self, request, context):
+        try:
+            self.agent.net.datagram(request)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.NetDatagramReply()
 
 
 def start_server(agent: Agent, socket_path: str) -> grpc.Server:

@@ -188,6 +188,17 @@ class ExecSession:
             timeout=15,
         )
 
+    def resize(self, rows: int, cols: int) -> None:
+        """Set a tty exec's window size (character cells). GuestError when it has no
+        terminal or the agent predates terminals."""
+        self._client._unary(
+            self._client._execution.Resize,
+            pb.ResizeRequest(exec_id=self.exec_id,
+                             size=pb.TerminalSize(rows=rows, cols=cols)),
+            "exec (resize)",
+            timeout=15,
+        )
+
 
 class AgentClient:
     """gRPC client of one box's guest agent (see agent.proto for the semantics)."""
@@ -336,6 +347,10 @@ class AgentClient:
                 f"the guest agent sent a message larger than {limit} MiB during {what}; the "
                 f"real agent never does, so code in the box is misbehaving ({details})"
             )
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return GuestError(
+                f"{what}: the box's guest agent is older than this boxlite and cannot do it "
+                f"({details}); a box started now (or from a newer snapshot) can")
         return GuestError(f"{what} failed in the guest: {details}")
 
     def _unary(self, method, request, what: str, *, timeout: float):
@@ -397,17 +412,19 @@ class AgentClient:
 
     def configure_network(self, *, address: str, resolver: str,
                           hosts: Iterable[tuple[str, Sequence[str]]] = (),
-                          egress: bool = True) -> int:
+                          egress: bool = True, udp_networks: Sequence[str] = ()) -> int:
         """Give the guest its side of the box network (the Network.Configure RPC): the address
         with prefix (``"10.0.2.15/24"``), the resolver address the container's resolv.conf
         names, extra /etc/hosts entries ``(address, names)``, and whether outbound connections
-        and DNS are caught for the host (False: published ports only). Returns the guest-local
+        and DNS are caught for the host (False: published ports only), and the IPv4 networks
+        whose UDP is caught too (others are rejected in the guest). Returns the guest-local
         port the redirect uses.
 
         Raises:
             GuestError: ``ip`` or ``nft`` failed in the guest (their output quoted), the guest
                 is configured differently already, or no answer within 60 s."""
-        request = pb.NetConfigureRequest(address=address, resolver=resolver, egress=egress)
+        request = pb.NetConfigureRequest(address=address, resolver=resolver, egress=egress,
+                                         udp_networks=list(udp_networks))
         for host_address, names in hosts:
             request.hosts.add(address=host_address, names=list(names))
         reply = self._unary(self._network.Configure, request, "network setup", timeout=60)
@@ -422,7 +439,10 @@ class AgentClient:
         user: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
     ) -> ExecSession:
+        """Start ``args``; with ``tty``, on a pseudo-terminal of ``size`` (rows, cols)."""
         request = pb.ExecRequest(
             args=list(args),
             env=dict(env or {}),
@@ -430,7 +450,10 @@ class AgentClient:
             user=user or "",
             timeout=float(timeout or 0),
             stdin=stdin,
+            tty=tty,
         )
+        if tty and size is not None:
+            request.size.rows, request.size.cols = size
         reply = self._unary(self._execution.Exec, request, "exec", timeout=60)
         return ExecSession(self, reply.exec_id, stdin)
 
@@ -442,7 +465,8 @@ class AgentClient:
     def run(
         self, args: list[str], *, input: bytes | None = None, **kw: Any
     ) -> tuple[int | None, int | None, bool, bytes, bytes]:
-        """Exec, feed input, collect output: (exit_code, signal, timed_out, stdout, stderr)."""
+        """Exec, feed input, collect output: (exit_code, signal, timed_out, stdout, stderr).
+        With ``tty=True`` everything arrives as stdout (a terminal merges the streams)."""
         session = self.exec(args, stdin=input is not None, **kw)
         if input is not None:
             writer_error: list[BaseException] = []

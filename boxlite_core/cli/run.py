@@ -5,7 +5,9 @@ Exit codes follow a shell: the command's own code, 128+N for a signal, 124 for a
 after our stdout closed (``| head``: the command in the box is SIGKILLed, as a shell pipeline's
 writer would die of SIGPIPE). A teardown signal (signals.GATE) is passed on to the command,
 which gets KILL_GRACE seconds before SIGKILL; ``run`` then stops the box (and removes it with
---rm) under the gate's shield, so a second ^C cannot leave a VM behind.
+--rm) under the gate's shield, so a second ^C cannot leave a VM behind. With ``-t`` the
+command runs on a pty in the box and our terminal is attached to it (cli/attach.py); a
+detach (^P ^Q) ends `exec` with 0 and leaves a `run` box running, as ``-d`` would.
 """
 
 from __future__ import annotations
@@ -80,8 +82,13 @@ def _command(cmd: Sequence[str]) -> list[str]:
 
 def _stream(box: Box, argv: list[str], *, interactive: bool, env: dict[str, str] | None = None,
             cwd: str | None = None, user: str | None = None,
-            timeout: float | None = None) -> int:
-    """Run argv in the box, streaming its output to our fds; return the shell-style code."""
+            timeout: float | None = None, tty: bool = False,
+            detachable: bool = True) -> int | None:
+    """Run argv in the box, streaming its output to our fds; return the shell-style code, or
+    None when the user detached from a terminal (the command runs on)."""
+    if tty:
+        return _stream_tty(box, argv, interactive=interactive, env=env, cwd=cwd, user=user,
+                           timeout=timeout, detachable=detachable)
     execution = box.exec_stream(argv, env=env, cwd=cwd, user=user, timeout=timeout,
                                 stdin=interactive)
     if interactive:
@@ -127,6 +134,38 @@ def _stream(box: Box, argv: list[str], *, interactive: bool, env: dict[str, str]
             _end_command(execution, getattr(exc, "signum", signal.SIGINT))
         raise
     return EXIT_BROKEN_PIPE if out_closed else status.returncode
+
+
+def _stream_tty(box: Box, argv: list[str], *, interactive: bool, env: dict[str, str] | None,
+                cwd: str | None, user: str | None, timeout: float | None,
+                detachable: bool) -> int | None:
+    """`-t`: the command on a pty in the box, attached to our terminal (cli/attach.py)."""
+    from .attach import DETACH_KEYS, attach, check_tty_input, window_size
+
+    check_tty_input(interactive)
+    env = dict(env or {})
+    if "TERM" in os.environ:  # the program draws for the terminal the user has
+        env.setdefault("TERM", os.environ["TERM"])
+    execution = box.exec_stream(argv, env=env, cwd=cwd, user=user, timeout=timeout,
+                                stdin=interactive, tty=True, size=window_size())
+    try:
+        ended = attach(execution, interactive=interactive,
+                       detach_keys=DETACH_KEYS if detachable else b"")
+        if not ended:
+            click.echo(f"boxlite: detached from {argv[0]} in box {box.name}; it keeps running "
+                       f"(`boxlite stop {box.name}` ends the box)", err=True)
+            return None
+        status = execution.wait()
+    except BrokenPipeError:
+        silence_stdout()  # as without -t: a closed stdout ends the command (see _stream)
+        with GATE.shielded():
+            execution.kill(signal.SIGKILL)
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt as exc:
+        with GATE.shielded():
+            _end_command(execution, getattr(exc, "signum", signal.SIGINT))
+        raise
+    return status.returncode
 
 
 def _end_command(execution: RunningCommand, signum: int) -> None:
@@ -260,11 +299,14 @@ def split_image(args: Sequence[str], snapshot: str | None) -> tuple[str | None, 
 @click.option("-d", "--detach", is_flag=True, help="start, print the box id, leave it running")
 @click.option("--timeout", type=float, default=None, help="seconds before the command is killed")
 @click.option("-i", "--interactive", is_flag=True, help="feed our stdin to the command")
+@click.option("-t", "--tty", is_flag=True,
+              help="run the command on a terminal (with -i: ours, raw; ^P ^Q detaches "
+                   "unless --rm)")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [CMD]...")
 def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         volumes: tuple[str, ...], env: tuple[str, ...], workdir: str | None, user: str | None,
         cpus: int | None, memory: int | None, rootfs: str | None, sharer: str | None,
-        timeout: float | None, interactive: bool, console_mib: int | None,
+        timeout: float | None, interactive: bool, tty: bool, console_mib: int | None,
         snapshot: str | None, no_template: bool, allow_net: tuple[str, ...],
         network: str | None, publish: tuple[str, ...], args: tuple[str, ...]) -> int:
     """Create a box from IMAGE, start it, run CMD (or the image's Entrypoint+Cmd).
@@ -287,21 +329,31 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
     )
     if detach and interactive:
         raise ConfigError("-d and -i do not mix: a detached box has no stdin")
+    if tty and not detach:
+        from .attach import check_tty_input
+
+        check_tty_input(interactive)  # before a box is made for nothing
     rt = runtime()
     check_snapshot_options(rt, options, given)
     box = rt.create(options)
+    detached = False
     try:
         argv = cmd or (None if detach else box.default_command())
         with Reporter(plain_off_tty=False) as progress:
             box.start(progress=progress)
         if detach:
-            if argv:
-                box.exec_stream(argv)  # started in the background; output kept by the agent
+            if argv:  # started in the background; output kept by the agent
+                box.exec_stream(argv, tty=tty)
             rt.close()
             click.echo(box.id)
             return 0
         assert argv is not None
-        return _stream(box, argv, interactive=interactive, timeout=timeout)
+        code = _stream(box, argv, interactive=interactive, timeout=timeout, tty=tty,
+                       detachable=not auto_remove)
+        if code is None:  # ^P ^Q: the box runs on, as with -d
+            detached = True
+            return 0
+        return code
     except BaseException as exc:
         # --rm removes a box whose start failed too: its console log goes with it, so the one
         # error line must carry the reason and the console's last lines.
@@ -314,7 +366,7 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         primary = sys.exc_info()[1]
         with GATE.shielded():
             try:
-                _finish_run(rt, box, detach=detach, auto_remove=auto_remove)
+                _finish_run(rt, box, detach=detach or detached, auto_remove=auto_remove)
             except BoxliteError:
                 if primary is None:
                     raise
@@ -412,14 +464,16 @@ def _summarise_removed_failure(exc: BoxliteError, box: Box) -> None:
 
 @click.command("exec", context_settings=_EXEC_CONTEXT)
 @click.option("-i", "--interactive", is_flag=True, help="feed our stdin to the command")
+@click.option("-t", "--tty", is_flag=True,
+              help="run the command on a terminal (with -i: ours, raw; ^P ^Q detaches)")
 @click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE")
 @click.option("-w", "--workdir", default=None)
 @click.option("-u", "--user", default=None)
 @click.option("--timeout", type=float, default=None, help="seconds before the command is killed")
 @click.argument("box")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(interactive: bool, env: tuple[str, ...], workdir: str | None, user: str | None,
-          timeout: float | None, box: str, cmd: tuple[str, ...]) -> int:
+def exec_(interactive: bool, tty: bool, env: tuple[str, ...], workdir: str | None,
+          user: str | None, timeout: float | None, box: str, cmd: tuple[str, ...]) -> int:
     """Run CMD in a running box; exit with its code."""
     if workdir is not None and not workdir.startswith("/"):
         raise ConfigError(f"-w {workdir!r}: working directory must be absolute")
@@ -429,8 +483,13 @@ def exec_(interactive: bool, env: tuple[str, ...], workdir: str | None, user: st
         argv = _command(cmd)
         if not argv:
             raise ConfigError("exec: give a command after the box (boxlite exec BOX -- CMD...)")
-        return _stream(rt.get(box), argv, interactive=interactive, env=parse_env(env),
-                       cwd=workdir, user=user, timeout=timeout)
+        if tty:
+            from .attach import check_tty_input
+
+            check_tty_input(interactive)
+        code = _stream(rt.get(box), argv, interactive=interactive, env=parse_env(env),
+                       cwd=workdir, user=user, timeout=timeout, tty=tty)
+        return 0 if code is None else code
     finally:
         rt.close()
 

@@ -296,6 +296,15 @@ class NetworkPolicy:
         return any(r.kind is RuleKind.HOST_ALIAS for r in self.rules)
 
     @property
+    def udp_networks(self) -> tuple[str, ...]:
+        """The IPv4 networks an address or CIDR rule names ("203.0.113.0/28"): the only
+        destinations UDP may go to (:meth:`Decider.check_udp` decides, per port). The guest
+        redirects UDP to these alone and rejects the rest at once, so a program sending
+        elsewhere fails fast instead of waiting for an answer the host will never relay."""
+        return tuple(str(r.network) for r in self.rules
+                     if r.network is not None and r.network.version == 4)
+
+    @property
     def has_name_rules(self) -> bool:
         return any(r.kind in (RuleKind.HOST, RuleKind.WILDCARD) for r in self.rules)
 

@@ -1,12 +1,13 @@
 """Per-box network relay: the host side of a box's network, as its own process.
 
-The guest has no network device; its agent catches the container's TCP connections and DNS
-queries and offers each to this process over the agent channel (the Network service in
-agent.proto). Here every one is judged by the box's policy (``policy.Decider``): a query is
-answered by the host-side resolver, which only resolves allowed names; an allowed connection
-is made from this process's own socket and its bytes are relayed; a denied one is reset at
-once and logged with the reason (``BOXDIR/network.log``). Published ports (``-p``) listen here
-and dial into the box through the same channel. Nothing changes the host's firewall or routes.
+The guest has no network device; its agent catches the container's TCP connections, DNS
+queries and other UDP datagrams and offers each to this process over the agent channel (the
+Network service in agent.proto). Here every one is judged by the box's policy
+(``policy.Decider``): a query is answered by the host-side resolver, which only resolves
+allowed names; an allowed connection is made from this process's own socket and its bytes are
+relayed; a denied one is reset at once and logged with the reason (``BOXDIR/network.log``);
+UDP flows live in ``udpflows``. Published ports (``-p``) listen here and dial into the box
+through the same channel. Nothing changes the host's firewall or routes.
 
 Why a process (like the agent shim and virtiofsd): a box started with ``run -d`` keeps its
 network after the starting process exits. It is started and stopped with the box
@@ -46,6 +47,7 @@ from .ports import PortMapping
 from .relayctl import CONFIG_NAME, NETWORK_LOG, RELAY_JSON, RelayConfig
 from .resolver import Resolver
 from .sniff import peek_names
+from .udpflows import UdpFlows
 
 #: seconds a connection from this host to an allowed destination may take
 CONNECT_TIMEOUT = 10.0
@@ -159,6 +161,7 @@ class Relay:
         self._log_lock = threading.Lock()
         self._log = open(box_dir / NETWORK_LOG, "a", buffering=1)  # noqa: SIM115
         self.listeners: list[tuple[PortMapping, socket.socket]] = []
+        self.udp = UdpFlows(self.stub, self.decider, self.log)
         self._missing_since: float | None = None
 
     def log(self, line: str) -> None:
@@ -234,6 +237,8 @@ class Relay:
                 for event in self.stub.Events(pb.NetEventsRequest()):
                     if event.HasField("connect"):
                         self.pool.submit(self._connect, event.id, event.connect)
+                    elif event.HasField("datagram"):
+                        self.udp.handle(event.datagram)
                     else:
                         self.pool.submit(self._query, event.id, event.dns_query)
             except grpc.RpcError as exc:

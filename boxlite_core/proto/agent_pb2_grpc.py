@@ -317,6 +317,11 @@ class ExecutionStub:
                 request_serializer=boxlite__core_dot_proto_dot_agent__pb2.KillRequest.SerializeToString,
                 response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.KillReply.FromString,
                 _registered_method=True)
+        self.Resize = channel.unary_unary(
+                '/boxlite.agent.v1.Execution/Resize',
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.ResizeRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ResizeReply.FromString,
+                _registered_method=True)
 
 
 class ExecutionServicer:
@@ -360,6 +365,15 @@ class ExecutionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resize(self, request, context):
+        """Set the window size of a tty exec's terminal (TIOCSWINSZ on the pty's master: the
+        kernel sends SIGWINCH to its foreground process group). FAILED_PRECONDITION when the
+        exec has no terminal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -387,6 +401,11 @@ def add_ExecutionServicer_to_server(servicer, server):
                     servicer.Kill,
                     request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.KillRequest.FromString,
                     response_serializer=boxlite__core_dot_proto_dot_agent__pb2.KillReply.SerializeToString,
+            ),
+            'Resize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resize,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ResizeRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.ResizeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -536,6 +555,33 @@ class Execution:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Resize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/boxlite.agent.v1.Execution/Resize',
+            boxlite__core_dot_proto_dot_agent__pb2.ResizeRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.ResizeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class FilesStub:
     """---------------------------------------------------------------- Files
@@ -665,8 +711,9 @@ class NetworkStub:
     """---------------------------------------------------------------- Network
 
     The guest has no network device. Once the host calls Configure, the agent catches the
-    container's outbound TCP connections (an nftables redirect to a local listener) and its DNS
-    queries (a UDP resolver address), and hands each to the host as an event; the host decides
+    container's outbound TCP connections (an nftables redirect to a local listener), its DNS
+    queries (a UDP resolver address) and its other UDP datagrams (a redirect to a local
+    socket), and hands each to the host as an event; the host decides
     by the box's policy and carries the bytes from its own sockets (Relay). Everything the
     guest could lie about is judged on the host: a root guest can only ask.
     """
@@ -702,14 +749,20 @@ class NetworkStub:
                 request_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.SerializeToString,
                 response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.FromString,
                 _registered_method=True)
+        self.Datagram = channel.unary_unary(
+                '/boxlite.agent.v1.Network/Datagram',
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetDatagram.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetDatagramReply.FromString,
+                _registered_method=True)
 
 
 class NetworkServicer:
     """---------------------------------------------------------------- Network
 
     The guest has no network device. Once the host calls Configure, the agent catches the
-    container's outbound TCP connections (an nftables redirect to a local listener) and its DNS
-    queries (a UDP resolver address), and hands each to the host as an event; the host decides
+    container's outbound TCP connections (an nftables redirect to a local listener), its DNS
+    queries (a UDP resolver address) and its other UDP datagrams (a redirect to a local
+    socket), and hands each to the host as an event; the host decides
     by the box's policy and carries the bytes from its own sockets (Relay). Everything the
     guest could lie about is judged on the host: a root guest can only ask.
     """
@@ -754,6 +807,14 @@ class NetworkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Datagram(self, request, context):
+        """A UDP reply from the host: delivered to the container's socket (source_address,
+        source_port) as coming from (address, port), the destination its datagram was sent to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NetworkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -782,6 +843,11 @@ def add_NetworkServicer_to_server(servicer, server):
                     request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.FromString,
                     response_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetFrame.SerializeToString,
             ),
+            'Datagram': grpc.unary_unary_rpc_method_handler(
+                    servicer.Datagram,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.NetDatagram.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.NetDatagramReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'boxlite.agent.v1.Network', rpc_method_handlers)
@@ -794,8 +860,9 @@ class Network:
     """---------------------------------------------------------------- Network
 
     The guest has no network device. Once the host calls Configure, the agent catches the
-    container's outbound TCP connections (an nftables redirect to a local listener) and its DNS
-    queries (a UDP resolver address), and hands each to the host as an event; the host decides
+    container's outbound TCP connections (an nftables redirect to a local listener), its DNS
+    queries (a UDP resolver address) and its other UDP datagrams (a redirect to a local
+    socket), and hands each to the host as an event; the host decides
     by the box's policy and carries the bytes from its own sockets (Relay). Everything the
     guest could lie about is judged on the host: a root guest can only ask.
     """
@@ -925,6 +992,33 @@ class Network:
             '/boxlite.agent.v1.Network/Dial',
             boxlite__core_dot_proto_dot_agent__pb2.NetFrame.SerializeToString,
             boxlite__core_dot_proto_dot_agent__pb2.NetFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Datagram(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/boxlite.agent.v1.Network/Datagram',
+            boxlite__core_dot_proto_dot_agent__pb2.NetDatagram.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.NetDatagramReply.FromString,
             options,
             channel_credentials,
             insecure,

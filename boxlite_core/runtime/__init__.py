@@ -5,7 +5,7 @@
 - ``aio``: the asyncio API over the synchronous one.
 - ``box``: :class:`Box`, the facade users touch; it delegates to
   ``lifecycle`` (start/stop/kill/pause/resume/remove, as checked transitions) and
-  ``boxexec`` (exec, streamed exec, copy in/out).
+  ``boxexec`` (exec, streamed exec, copy in/out); ``terminal``: a tty exec's session.
 - ``link``: :class:`BoxLink`, one process's live hold on a box (lock, VM handle, agent).
 - ``cleanup``: stopping whatever a box directory names; the start's CleanupGuard.
 - ``pipeline``: the init pipeline's stages (Configured → Running).

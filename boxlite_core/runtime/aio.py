@@ -16,7 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TypeAlias
+from typing import Literal, TypeAlias, overload
 
 from ..models import BoxOptions, BoxStatus, ExecResult, ExitStatus, JsonValue
 from ..plugins import PluginRegistry
@@ -25,6 +25,7 @@ from .records import BoxRecord
 from .runtime import Runtime
 from .services import KitProvider, ProgressFn
 from .snapshots import Snapshot
+from .terminal import Terminal
 
 _DONE = object()
 #: what the event pump hands the consumer: an output chunk, the error, or the end
@@ -88,6 +89,45 @@ class AsyncExecution:
     async def kill(self, sig: int = 15) -> None:
         await asyncio.to_thread(self._ex.kill, sig)
 
+    async def resize(self, rows: int, cols: int) -> None:
+        await asyncio.to_thread(self._ex.resize, rows, cols)
+
+
+class AsyncTerminal:
+    """:class:`Terminal` for asyncio: ``await term.write(b"ls\r")``, ``await term.read()``,
+    ``await term.resize(rows, cols)``, ``await term.wait()``; ``async with`` hangs up at the
+    end. Each call runs the synchronous session's call in a worker thread."""
+
+    def __init__(self, terminal: Terminal) -> None:
+        self.sync = terminal
+
+    async def write(self, data: bytes | str) -> None:
+        await asyncio.to_thread(self.sync.write, data)
+
+    async def read(self, timeout: float | None = None) -> bytes:
+        return await asyncio.to_thread(self.sync.read, timeout)
+
+    async def read_until(self, expected: bytes | str, timeout: float = 30.0) -> bytes:
+        return await asyncio.to_thread(self.sync.read_until, expected, timeout)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await asyncio.to_thread(self.sync.resize, rows, cols)
+
+    async def wait(self, timeout: float | None = None) -> ExitStatus:
+        return await asyncio.to_thread(self.sync.wait, timeout)
+
+    async def kill(self, sig: int = 15) -> None:
+        await asyncio.to_thread(self.sync.kill, sig)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.sync.close)
+
+    async def __aenter__(self) -> AsyncTerminal:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
 
 class AsyncBox:
     def __init__(self, box: Box) -> None:
@@ -132,6 +172,18 @@ class AsyncBox:
         copies = await asyncio.to_thread(lambda: self.sync.fork(n, name=name))
         return [AsyncBox(c) for c in copies]
 
+    @overload
+    async def exec(self, args: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None,
+                   timeout: float | None = None, input: bytes | None = None,
+                   tty: Literal[False] = False, size: None = None) -> ExecResult: ...
+
+    @overload
+    async def exec(self, args: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, user: str | None = None,
+                   timeout: float | None = None, input: None = None,
+                   tty: Literal[True], size: tuple[int, int] | None = None) -> AsyncTerminal: ...
+
     async def exec(
         self,
         args: Sequence[str],
@@ -141,10 +193,18 @@ class AsyncBox:
         user: str | None = None,
         timeout: float | None = None,
         input: bytes | None = None,
-    ) -> ExecResult:
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
+    ) -> ExecResult | AsyncTerminal:
+        """See :meth:`Box.exec`; with ``tty=True`` an :class:`AsyncTerminal`."""
+        if tty:
+            terminal = await asyncio.to_thread(
+                lambda: self.sync.exec(args, env=env, cwd=cwd, user=user, timeout=timeout,
+                                       input=input, tty=True, size=size))
+            return AsyncTerminal(terminal)
         return await asyncio.to_thread(
             lambda: self.sync.exec(args, env=env, cwd=cwd, user=user, timeout=timeout,
-                                   input=input)
+                                   input=input, size=size)
         )
 
     async def exec_stream(
@@ -156,10 +216,12 @@ class AsyncBox:
         user: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
     ) -> AsyncExecution:
         ex = await asyncio.to_thread(
             lambda: self.sync.exec_stream(args, env=env, cwd=cwd, user=user, timeout=timeout,
-                                          stdin=stdin)
+                                          stdin=stdin, tty=tty, size=size)
         )
         return AsyncExecution(ex)
 

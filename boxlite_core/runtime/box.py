@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict, overload
 
 from ..errors import BoxliteError, ConfigError, NotFoundError
 from ..images.model import ImageConfig
@@ -29,6 +29,7 @@ from .link import BoxLink, is_clean_exit
 from .pipeline import CONSOLE_LOG
 from .records import BoxRecord
 from .services import ProgressFn, Services
+from .terminal import Terminal
 
 if TYPE_CHECKING:  # imported when first used: gRPC is slow to import
     from ..channel.client import AgentClient
@@ -263,6 +264,18 @@ class Box:
         """Image config, then box options, then this call: later wins."""
         return boxexec.exec_params(self._link, env, cwd, user)
 
+    @overload
+    def exec(self, args: Sequence[str], *, env: Mapping[str, str] | None = None,
+             cwd: str | None = None, user: str | None = None, timeout: float | None = None,
+             input: bytes | None = None, tty: Literal[False] = False,
+             size: None = None) -> ExecResult: ...
+
+    @overload
+    def exec(self, args: Sequence[str], *, env: Mapping[str, str] | None = None,
+             cwd: str | None = None, user: str | None = None, timeout: float | None = None,
+             input: None = None, tty: Literal[True],
+             size: tuple[int, int] | None = None) -> Terminal: ...
+
     def exec(
         self,
         args: Sequence[str],
@@ -272,16 +285,30 @@ class Box:
         user: str | None = None,
         timeout: float | None = None,
         input: bytes | None = None,
-    ) -> ExecResult:
-        """Run a command to completion and capture its output.
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
+    ) -> ExecResult | Terminal:
+        """Run a command to completion and capture its output; with ``tty=True``, start it on
+        a pseudo-terminal of ``size`` (rows, cols; default 24 x 80) and return the
+        :class:`Terminal` session at once (``write``, ``read``, ``resize``, ``wait``).
 
         ``timeout``: seconds (> 0, finite) before the command is killed (then ``timed_out``).
-        Raises ConfigError (bad args or timeout), StateError (box not running; paused: names
-        `boxlite resume`), BoxGoneError (the box was stopped or removed while the command
-        ran), GuestError (the VM died).
+        ``TERM`` is ``xterm`` in a terminal unless the image, the box or ``env`` sets it.
+        Raises ConfigError (bad args, timeout or size; ``input`` with ``tty``), StateError
+        (box not running; paused: names `boxlite resume`), BoxGoneError (the box was stopped
+        or removed while the command ran), GuestError (the VM died).
         """
         argv = boxexec.check_args(args)
         check_timeout("timeout", timeout)
+        if tty:
+            if input is not None:
+                raise ConfigError("exec: input= and tty=True do not mix; write() to the "
+                                  "returned terminal instead")
+            return Terminal(self.exec_stream(argv, env=env, cwd=cwd, user=user,
+                                             timeout=timeout, stdin=True, tty=True,
+                                             size=size))
+        if size is not None:
+            raise ConfigError(f"exec: size={size!r} needs tty=True")
         client = self._live_client()
         params = self.exec_params(env, cwd, user)
         return boxexec.run(self._link, client, argv, params, timeout=timeout, input=input)
@@ -295,17 +322,25 @@ class Box:
         user: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
     ) -> Execution:
         """Start a command and return at once; read ``events()``, then ``wait()``.
 
-        ``timeout`` as for :meth:`exec` (ConfigError unless > 0 and finite); the other
-        errors as for :meth:`exec`.
+        With ``tty``, on a pseudo-terminal of ``size`` (rows, cols): one "stdout" stream,
+        ``resize()`` available (see :meth:`exec`). ``timeout`` as for :meth:`exec`
+        (ConfigError unless > 0 and finite); the other errors as for :meth:`exec`.
         """
         argv = boxexec.check_args(args)
         check_timeout("timeout", timeout)
+        if size is not None:
+            if not tty:
+                raise ConfigError(f"exec: size={size!r} needs tty=True")
+            size = boxexec.check_size(size)
         client = self._live_client()
         params = self.exec_params(env, cwd, user)
-        return boxexec.stream(self._link, client, argv, params, timeout=timeout, stdin=stdin)
+        return boxexec.stream(self._link, client, argv, params, timeout=timeout, stdin=stdin,
+                              tty=tty, size=size)
 
     # -- files -----------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # imported when first used: gRPC is slow to import
     from ..transfer.request import OutRequest
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: TERM of a tty command when neither the image, the box nor the call sets one (docker's)
+DEFAULT_TERM = "xterm"
 CHUNK = 1024 * 1024
 #: stop reasons Box.stop/kill record: someone asked for the box to go down
 ON_REQUEST = ("stopped on request", "killed on request")
@@ -173,6 +175,15 @@ class Execution:
         with contextlib.suppress(Exception):
             self.session.kill(sig)
 
+    def resize(self, rows: int, cols: int) -> None:
+        """A tty command's new window size (character cells). ConfigError for a size a
+        terminal cannot have; GuestError when the command has no terminal."""
+        rows, cols = check_size((rows, cols))
+        try:
+            self.session.resize(rows, cols)
+        except Exception as exc:
+            raise self._wrap(exc) from exc
+
 
 # -- what a command runs with ----------------------------------------------------------------
 
@@ -210,6 +221,26 @@ def exec_params(link: BoxLink, env: Mapping[str, str] | None, cwd: str | None,
     }
 
 
+#: a terminal's largest side, in cells (struct winsize holds unsigned shorts)
+MAX_CELLS = 0xFFFF
+
+
+def check_size(size: object) -> tuple[int, int]:
+    """A terminal window size as (rows, cols), each 1..65535.
+
+    Raises:
+        ConfigError: anything else, naming the value.
+    """
+    ok = (isinstance(size, (tuple, list)) and len(size) == 2
+          and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CELLS
+                  for n in size))
+    if not ok:
+        raise ConfigError(f"size={size!r}: a terminal size is (rows, cols), each 1 to "
+                          f"{MAX_CELLS}, e.g. (24, 80)")
+    rows, cols = size  # type: ignore[misc]
+    return int(rows), int(cols)
+
+
 def check_args(args: Sequence[str]) -> list[str]:
     """The argv as a list of str. ConfigError for a bare string or an empty list."""
     if isinstance(args, str) or not args:
@@ -239,12 +270,16 @@ def run(link: BoxLink, client: AgentClient, argv: list[str], params: ExecParams,
 
 
 def stream(link: BoxLink, client: AgentClient, argv: list[str], params: ExecParams, *,
-           timeout: float | None, stdin: bool) -> Execution:
+           timeout: float | None, stdin: bool, tty: bool = False,
+           size: tuple[int, int] | None = None) -> Execution:
     """Start ``argv`` through ``client`` and return at once. See Box.exec_stream."""
     link.count("execs")
+    env = params["env"]
+    if tty and "TERM" not in env:
+        env = {**env, "TERM": DEFAULT_TERM}
     try:
-        session = client.exec(argv, timeout=timeout, stdin=stdin, env=params["env"],
-                              cwd=params["cwd"], user=params["user"])
+        session = client.exec(argv, timeout=timeout, stdin=stdin, env=env,
+                              cwd=params["cwd"], user=params["user"], tty=tty, size=size)
     except Exception as exc:
         raise exec_failed(link, exc) from exc
     return Execution(link, session, argv)

@@ -603,6 +603,7 @@ def network_setup(ctx: StartContext) -> None:
             hosts=[(HOST_ALIAS_GUEST_IP, [HOST_ALIAS_NAME])] if policy.allows_host_alias
             else [],
             egress=policy.mode is not NetworkMode.NONE,
+            udp_networks=policy.udp_networks,
         )
         info = relay.wait()
     except BaseException:
