@@ -210,6 +210,9 @@ def attach(command: TerminalCommand, *, interactive: bool, detach_keys: bytes = 
             if item is _DETACH:
                 return False
             if isinstance(item, BaseException):
+                if os.isatty(out):  # the error line starts on a line of its own
+                    with contextlib.suppress(OSError):
+                        os.write(out, b"\r\n")
                 raise item
             assert isinstance(item, bytes)
             view = memoryview(item)
