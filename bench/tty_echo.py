@@ -104,7 +104,12 @@ def main() -> int:
     if args.json:
         args.json.write_text(text + "\n")
     if args.png:
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            print("bench: no PNG: matplotlib is not installed (pip install matplotlib)",
+                  file=sys.stderr)
+            return 0
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
