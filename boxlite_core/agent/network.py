@@ -207,6 +207,18 @@ def udp_original_destination(peer: tuple[str, int], table: str = CONNTRACK_TABLE
     return None
 
 
+def _datagrams(sock: socket.socket, size: int,
+               what: str) -> Iterator[tuple[bytes, tuple[str, int]]]:
+    """(data, peer) of every datagram ``sock`` receives, forever; a failed receive is logged
+    (naming ``what``) and retried after 0.1 s."""
+    while True:
+        try:
+            yield sock.recvfrom(size)
+        except OSError as exc:
+            log(f"network: {what} receive failed: {exc}")
+            time.sleep(0.1)
+
+
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """(ip, port) the connection was made to before the redirect (IPv4 sockaddr_in)."""
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
@@ -462,13 +474,7 @@ class NetStack:
     # -- DNS ---------------------------------------------------------------------------------
 
     def _serve_dns(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                data, peer = sock.recvfrom(4096)
-            except OSError as exc:
-                log(f"network: DNS receive failed: {exc}")
-                time.sleep(0.1)
-                continue
+        for data, peer in _datagrams(sock, 4096, "DNS"):
             query_id = next(self._ids)
             with self._lock:
                 self._queries[query_id] = (peer, time.monotonic())
@@ -493,13 +499,7 @@ class NetStack:
     # -- other UDP ---------------------------------------------------------------------------
 
     def _serve_udp(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                data, peer = sock.recvfrom(65535)
-            except OSError as exc:
-                log(f"network: UDP receive failed: {exc}")
-                time.sleep(0.1)
-                continue
+        for data, peer in _datagrams(sock, 65535, "UDP"):
             target = udp_original_destination(peer)
             if target is None:
                 self._udp_misses += 1
