@@ -10,6 +10,20 @@ import os
 from pathlib import Path
 
 
+def command_lines() -> list[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process this host shows in /proc (no procps needed); processes
+    that end while being read are left out."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            found.append((int(entry.name), argv))
+    return found
+
+
 def _bound_under(prefixes: tuple[str, ...]) -> set[str]:
     """``socket:[INODE]`` links of the unix sockets bound under one of ``prefixes``."""
     found = set()

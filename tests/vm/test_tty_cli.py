@@ -16,6 +16,7 @@ import pytest
 
 from boxlite_core.models import BoxOptions
 from boxlite_testing.homes import unique
+from boxlite_testing.orphans import command_lines
 from boxlite_testing.tmux import TmuxTerminal, tmux_missing
 
 pytestmark = [pytest.mark.vm,
@@ -69,19 +70,6 @@ def _ended(term: TmuxTerminal, tmp: Path, timeout: float = 60) -> int:
     after = (tmp / "after").read_text().splitlines()[1:]
     assert after == (tmp / "before").read_text().splitlines()[1:], "terminal not restored"
     return code
-
-
-def _processes() -> list[tuple[int, list[str]]]:
-    """(pid, argv) of this host's processes, from /proc (no procps needed)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            found.append((int(entry.name), [a.decode(errors="replace") for a in argv]))
-    return found
 
 
 def test_size_resize_ctrl_c_and_exit_code(term, tty_box, tmp_path):
@@ -166,8 +154,8 @@ def test_box_killed_during_a_session(term, runtime, tmp_path):
 
 def test_sigterm_to_the_cli_restores_the_terminal(term, tty_box, tmp_path):
     _exec_shell(term, tty_box, tmp_path)
-    pids = [pid for pid, argv in _processes() if "boxlite_core.cli.main" in argv
-            and "exec" in argv and tty_box.name in argv]
+    pids = [pid for pid, argv in command_lines() if b"boxlite_core.cli.main" in argv
+            and b"exec" in argv and tty_box.name.encode() in argv]
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGTERM)
     assert _ended(term, tmp_path) == 128 + signal.SIGTERM

@@ -18,6 +18,7 @@ from boxlite_core import tools
 from boxlite_core.models import HostShare
 from boxlite_core.vmm.procstat import alive
 from boxlite_core.volumes.virtiofs import VirtiofsSharer
+from boxlite_testing.orphans import command_lines
 
 VIRTIOFSD = tools.find_tool("virtiofsd")
 pytestmark = pytest.mark.skipif(
@@ -68,13 +69,5 @@ def test_virtiofsd_log_flood_stays_under_the_cap(tmp_path: Path) -> None:
 
 
 def _writers_of(log: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if str(log).encode() in argv and alive(int(entry.name), None):
-                pids.append(int(entry.name))
-    return pids
+    return [pid for pid, argv in command_lines()
+            if str(log).encode() in argv and alive(pid, None)]
