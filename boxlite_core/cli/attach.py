@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import select
 import signal
 import sys
 import termios
@@ -150,8 +151,6 @@ class _WindowWatch:
 def _feed_keys(command: TerminalCommand, in_fd: int, stop_fd: int, detach_keys: bytes,
                events: queue.Queue[object]) -> None:
     """Our stdin → the box's terminal, until EOF, the stop pipe, detach or an error."""
-    import select
-
     keys = DetachFilter(detach_keys)
     try:
         while True:
