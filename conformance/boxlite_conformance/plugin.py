@@ -351,6 +351,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with World(tag=f"c{os.getpid() % 10000}", hosts_file=hosts) as made:
         made.serve(8080)
         made.serve(8081)
+        made.serve_dns(5353)
         previous = os.environ.get("BOXLITE_NET_HOSTS")
         os.environ["BOXLITE_NET_HOSTS"] = str(hosts)
         try:
