@@ -247,6 +247,26 @@ def _workdir_validator(_inst: object, _attr: object, value: str | None) -> None:
         _check_abs_guest_path("workdir", value)
 
 
+def _argv_converter(field: str, *, empty_is_unset: bool):
+    """A converter for an argv-like option: None stays None; a list/tuple of str becomes a
+    tuple. A bare string is refused (``"sh -c"`` would otherwise be split one way or another
+    behind the user's back: docker's API takes a list too)."""
+
+    def convert(value: object) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise invalid(field, value, "give a list of arguments, e.g. ['sh', '-c'], or None")
+        for item in value:
+            if not isinstance(item, str) or "\0" in item:
+                raise invalid(field, value, "each argument must be a string without NUL")
+        if empty_is_unset and not value:
+            return None
+        return tuple(value)
+
+    return convert
+
+
 def _volumes_converter(value: object) -> tuple[VolumeSpec, ...]:
     out = []
     for item in value or ():
@@ -355,6 +375,18 @@ class BoxOptions:
     #: the snapshot this box continues from on its first start (``boxlite snapshot ls``);
     #: its image, resources and volumes come from the snapshot's box
     snapshot: str | None = attrs.field(default=None, validator=_snapshot_validator)
+    #: the program the box's default command starts with, replacing the image's
+    #: Entrypoint (docker's ``--entrypoint``): None keeps the image's; ``[]`` clears it. As
+    #: in docker, setting it also drops the image's Cmd: only ``cmd`` follows it
+    entrypoint: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_argv_converter("entrypoint", empty_is_unset=False)
+    )
+    #: the arguments after the Entrypoint, replacing the image's Cmd (``boxlite run IMAGE --
+    #: ARGS``); None (or empty) keeps the image's Cmd. See :func:`~boxlite_core.runtime.
+    #: argv.default_argv` for the whole rule
+    cmd: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_argv_converter("cmd", empty_is_unset=True)
+    )
 
     def __attrs_post_init__(self) -> None:
         if not self.image:
@@ -366,6 +398,9 @@ class BoxOptions:
         data["volumes"] = [v.to_dict() for v in self.volumes]
         data["network"] = self.network.to_json()
         data["ports"] = [p.to_json() for p in self.ports]
+        for argv in ("entrypoint", "cmd"):
+            value = getattr(self, argv)
+            data[argv] = None if value is None else list(value)
         return data
 
     @classmethod

@@ -255,7 +255,14 @@ class Box:
         return boxexec.image_config(self._link)
 
     def default_command(self) -> list[str]:
-        """The image's Entrypoint + Cmd: what `boxlite run IMAGE` runs without a command."""
+        """What `boxlite run IMAGE [-- ARGS]` runs: the image's Entrypoint + Cmd, with
+        ``BoxOptions.entrypoint`` replacing the Entrypoint (and dropping the image's Cmd) and
+        ``BoxOptions.cmd`` replacing the Cmd: docker's rule (runtime/entrypoint.py). Read
+        from the record, so it is the same after a restart.
+
+        Raises:
+            ConfigError: nothing to run (no Entrypoint or Cmd, or a cleared Entrypoint and
+                no ``cmd``)."""
         return boxexec.default_command(self._link)
 
     def exec_params(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypedDict
 from ..errors import BoxliteError, ConfigError, GuestError, NotFoundError, StateError
 from ..images.model import ImageConfig
 from ..models import BoxStatus, ExecResult, ExitStatus
+from .entrypoint import default_argv
 from .link import BoxLink
 
 if TYPE_CHECKING:  # imported when first used: gRPC is slow to import
@@ -197,15 +198,13 @@ def image_config(link: BoxLink) -> ImageConfig:
 
 
 def default_command(link: BoxLink) -> list[str]:
-    """The image's Entrypoint + Cmd. ConfigError if it has neither."""
+    """The box's default command: the image's Entrypoint and Cmd with the box's
+    ``entrypoint``/``cmd`` options applied (:func:`.entrypoint.default_argv`, docker's rule).
+    ConfigError when that leaves nothing to run."""
     cfg = image_config(link)
-    argv = [*cfg.entrypoint, *cfg.cmd]
-    if not argv:
-        raise ConfigError(
-            f"image {link.record.image} has no Entrypoint or Cmd; give a command "
-            "(boxlite run IMAGE -- CMD...)"
-        )
-    return argv
+    options = link.record.options
+    return default_argv(cfg.entrypoint, cfg.cmd, options.entrypoint, options.cmd,
+                        image=link.record.image)
 
 
 def exec_params(link: BoxLink, env: Mapping[str, str] | None, cwd: str | None,

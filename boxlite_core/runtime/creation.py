@@ -47,8 +47,9 @@ def refuse_snapshot_conflicts(
 
 
 def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxOptions:
-    """The snapshot's box's options, with this box's name, env, workdir, user, auto_remove
-    and published ports (never the snapshot's: its source may still hold them). The network
+    """The snapshot's box's options, with this box's name, env, workdir, user, entrypoint,
+    cmd, auto_remove and published ports (never the snapshot's: its source may still hold
+    them). The network
     policy is the snapshot's: the copy's guest continues its source's network setup.
 
     Raises:
@@ -60,6 +61,8 @@ def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxO
         env=options.env or snap.options.env, workdir=options.workdir or snap.options.workdir,
         user=options.user or snap.options.user, template=options.template,
         ports=options.ports,
+        entrypoint=snap.options.entrypoint if options.entrypoint is None else options.entrypoint,
+        cmd=options.cmd or snap.options.cmd,
     )
 
 
