@@ -22,6 +22,7 @@ import attrs
 from .errors import ConfigError
 from .jsontypes import JsonObject as JsonObject  # re-exported: the usual import
 from .jsontypes import JsonValue as JsonValue
+from .proto.wire import RESERVED_GUEST_DIRS as _RESERVED_GUEST_DIRS
 
 if TYPE_CHECKING:
     from .network.policy import NetworkPolicy
@@ -91,10 +92,8 @@ def _check_abs_guest_path(field: str, value: str) -> None:
         raise invalid(field, value, "guest path must not contain '..' or NUL")
 
 
-#: guest directories a volume may not cover: the guest's kernel fills them (devices, procfs,
-#: sysfs). A host directory over /dev turns `>/dev/null` into a write to the host; over /proc
-#: or /sys it is silently hidden by the kernel's own mount, or hides the kernel's.
-RESERVED_GUEST_DIRS = ("/dev", "/proc", "/sys")
+#: guest directories a volume may not cover (defined with the wire: the agent checks them too)
+RESERVED_GUEST_DIRS = _RESERVED_GUEST_DIRS
 
 
 def normal_guest_path(value: str) -> str:

@@ -209,7 +209,16 @@ def default_command(link: BoxLink) -> list[str]:
 
 def exec_params(link: BoxLink, env: Mapping[str, str] | None, cwd: str | None,
                 user: str | None) -> ExecParams:
-    """Image config, then box options, then this call: later wins."""
+    """Image config, then box options, then this call: later wins. A missing working
+    directory is created in the box (agent/procs.py, as runc does).
+
+    Raises:
+        ConfigError: a relative ``cwd`` (docker refuses it too: "the working directory
+            'x' is invalid, it needs to be an absolute path").
+    """
+    if cwd and not cwd.startswith("/"):  # "" is unset, as in docker's API
+        raise ConfigError(f"cwd={cwd!r}: the working directory must be an absolute path "
+                          f"(e.g. /{cwd.lstrip('./') or 'work'})")
     cfg = image_config(link)
     options = link.record.options
     merged = {"PATH": DEFAULT_PATH, **cfg.env_dict(), **options.env, **(env or {})}
