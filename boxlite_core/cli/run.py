@@ -25,7 +25,14 @@ import click
 from ..errors import BoxliteError, ConfigError, NotFoundError
 from ..models import BoxOptions, BoxStatus, check_timeout
 from .context import runtime
-from .output import EXIT_BROKEN_PIPE, MAX_ERROR_CHARS, inert, one_line, silence_stdout
+from .output import (
+    EXIT_BROKEN_PIPE,
+    MAX_ERROR_CHARS,
+    inert,
+    one_line,
+    silence_stdout,
+    warnings_on_stderr,
+)
 from .progress import Reporter
 from .signals import GATE, KILL_GRACE
 
@@ -203,7 +210,9 @@ _BOX_OPTIONS = (
     click.option("--cpus", type=int, default=None, help="[default: 1]"),
     click.option("--memory", "memory", type=int, default=None, help="MiB  [default: 512]"),
     click.option("--rootfs", default=None, help="disk | merged | layers  [default: disk]"),
-    click.option("--sharer", default=None, help="volume sharer: virtiofs | 9p"),
+    click.option("--sharer", default=None,
+                 help="volume sharer: virtiofs | 9p (its limitations are printed)  "
+                      "[default: virtiofs where virtiofsd runs, else 9p]"),
     click.option("--console-log-max-mib", "console_mib", type=int, default=None,
                  help="cap of each guest console file on the host (rotated, 3 kept)  "
                       "[default: 4]"),
@@ -349,7 +358,8 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         check_tty_input(interactive)  # before a box is made for nothing
     rt = runtime()
     check_snapshot_options(rt, options, given)
-    box = rt.create(options)
+    with warnings_on_stderr():  # e.g. the limitation a --sharer declares
+        box = rt.create(options)
     idle = detach and not cmd and entrypoint is None
     try:
         argv = None if idle else box.default_command()
@@ -424,7 +434,8 @@ def create(backend: str | None, auto_remove: bool, name: str | None, volumes: tu
     rt = runtime()
     try:
         check_snapshot_options(rt, options, given)
-        box = rt.create(options)
+        with warnings_on_stderr():
+            box = rt.create(options)
     finally:
         rt.close()
     click.echo(box.id)
