@@ -381,8 +381,8 @@ class BoxOptions:
         default=None, converter=_argv_converter("entrypoint", empty_is_unset=False)
     )
     #: the arguments after the Entrypoint, replacing the image's Cmd (``boxlite run IMAGE --
-    #: ARGS``); None (or empty) keeps the image's Cmd. See :func:`~boxlite_core.runtime.
-    #: argv.default_argv` for the whole rule
+    #: ARGS``); None (or empty) keeps the image's Cmd. The whole rule:
+    #: :func:`boxlite_core.runtime.entrypoint.default_argv`
     cmd: tuple[str, ...] | None = attrs.field(
         default=None, converter=_argv_converter("cmd", empty_is_unset=True)
     )

@@ -51,8 +51,8 @@ def refuse_snapshot_conflicts(
 def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxOptions:
     """The snapshot's box's options, with this box's name, env, workdir, user, entrypoint,
     cmd, auto_remove and published ports (never the snapshot's: its source may still hold
-    them). The network
-    policy is the snapshot's: the copy's guest continues its source's network setup.
+    them). The network policy is the snapshot's: the copy's guest continues its source's
+    network setup.
 
     Raises:
         ConfigError: as :func:`refuse_snapshot_conflicts`.

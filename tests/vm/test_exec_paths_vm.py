@@ -14,6 +14,7 @@ import pytest
 
 from boxlite_core.errors import BoxliteError, GuestError
 from boxlite_core.models import BoxOptions, BoxStatus
+from boxlite_core.tools import find_tool
 from boxlite_testing.cli import boxlite
 from boxlite_testing.derived import busybox_derived
 from boxlite_testing.homes import unique
@@ -124,3 +125,12 @@ def test_a_volume_a_link_leads_astray_fails_the_start_clearly(runtime, linked_im
         assert list(host.iterdir()) == []
     finally:
         runtime.remove(box.id, force=True)
+
+
+@pytest.mark.skipif(find_tool("virtiofsd") is None, reason="virtiofsd is not installed")
+def test_a_box_naming_no_sharer_gets_virtiofs_where_virtiofsd_runs(linked_box):
+    """Issue 17 item 7: 9p declares a limitation, so virtiofs stays the default."""
+    box, _host = linked_box
+    assert box.record.state["sharer"] == "virtiofs"
+    mounts = [line.split() for line in _sh(box, "cat /proc/self/mounts").splitlines()]
+    assert {fields[2] for fields in mounts if fields[1] in VOLUMES.values()} == {"virtiofs"}
