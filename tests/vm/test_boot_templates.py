@@ -13,6 +13,7 @@ and the same checks pass once the host's entropy and clock go with Init.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -70,10 +71,12 @@ def _clock_offset(box) -> float:
 
 
 @pytest.fixture
-def second_image(runtime, tmp_path) -> str:
+def second_image(runtime, tmp_path) -> Iterator[str]:
     """busybox's layers plus a /marker file: another image, same VM layout."""
-    return busybox_derived(runtime.images, tmp_path, entries=[f("marker", b"image two\n")],
-                           name=unique("img-two"))
+    ref = busybox_derived(runtime.images, tmp_path, entries=[f("marker", b"image two\n")],
+                          name=unique("img-two"))
+    yield ref
+    runtime.images.remove(ref, in_use=runtime.images_in_use())  # untag; kept if in use
 
 
 def test_second_start_restores_the_template_with_another_image(runtime, second_image):

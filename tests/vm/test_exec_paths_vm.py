@@ -37,7 +37,7 @@ def linked_image(runtime, tmp_path_factory):
     ref = busybox_derived(runtime.images, tmp_path_factory.mktemp("linked"), entries=entries,
                           config={"WorkingDir": "/srv/app", "User": "nobody"})
     yield ref
-    runtime.images.remove(ref, force=True)
+    runtime.images.remove(ref, in_use=runtime.images_in_use())  # untag; kept if in use
 
 
 @pytest.fixture(scope="module")
