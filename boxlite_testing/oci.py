@@ -94,9 +94,12 @@ def oci_layout_files(
     ref: str | None = "test:1",
     gzip_layers: bool = True,
     extra_platforms: tuple[str, ...] = (),
+    config: dict[str, Any] | None = None,
 ) -> dict[str, bytes]:
     """{relative path: bytes} of an OCI image layout. ``extra_platforms`` adds decoy
-    manifests for other architectures (listed first, so picking the first would be wrong)."""
+    manifests for other architectures (listed first, so picking the first would be wrong).
+    ``config``: keys of the image config's ``config`` object over the defaults (``Env``
+    PATH=/bin, ``Cmd`` sh); a key set to None is left out."""
     files: dict[str, bytes] = {}
 
     def put(data: bytes) -> str:
@@ -107,7 +110,9 @@ def oci_layout_files(
     raw_layers = [gzip.compress(x, mtime=0) if gzip_layers else x for x in layers]
     mt = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzip_layers else "")
     layer_descs = [{"mediaType": mt, "digest": put(r), "size": len(r)} for r in raw_layers]
-    cfg = json.dumps(config_for(raw_layers)).encode()
+    image_config = config_for(raw_layers, **(config or {}))
+    image_config["config"] = {k: v for k, v in image_config["config"].items() if v is not None}
+    cfg = json.dumps(image_config).encode()
     manifest = json.dumps(
         {
             "schemaVersion": 2,

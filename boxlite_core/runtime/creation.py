@@ -7,12 +7,14 @@ must not import the Runtime (see services.py).
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import attrs
 
 from ..errors import ConfigError, NotFoundError
 from ..images.model import Image
 from ..models import BoxOptions, BoxStatus
+from ..volumes.base import SharerLimitationWarning, VolumeSharer
 from ..volumes.resolve import resolve_user_volumes
 from . import snapshots
 from .capacity import check_capacity
@@ -47,9 +49,10 @@ def refuse_snapshot_conflicts(
 
 
 def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxOptions:
-    """The snapshot's box's options, with this box's name, env, workdir, user, auto_remove
-    and published ports (never the snapshot's: its source may still hold them). The network
-    policy is the snapshot's: the copy's guest continues its source's network setup.
+    """The snapshot's box's options, with this box's name, env, workdir, user, entrypoint,
+    cmd, auto_remove and published ports (never the snapshot's: its source may still hold
+    them). The network policy is the snapshot's: the copy's guest continues its source's
+    network setup.
 
     Raises:
         ConfigError: as :func:`refuse_snapshot_conflicts`.
@@ -60,7 +63,17 @@ def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxO
         env=options.env or snap.options.env, workdir=options.workdir or snap.options.workdir,
         user=options.user or snap.options.user, template=options.template,
         ports=options.ports,
+        entrypoint=snap.options.entrypoint if options.entrypoint is None else options.entrypoint,
+        cmd=options.cmd or snap.options.cmd,
     )
+
+
+def warn_limitations(name: str, sharer: VolumeSharer) -> None:
+    """A SharerLimitationWarning per limitation ``sharer`` declares (the CLI prints them on
+    stderr), so whoever picks it by name hears what it lacks before relying on it."""
+    for limitation in sharer.limitations:
+        warnings.warn(f"volume sharer {name}: {limitation.summary}", SharerLimitationWarning,
+                      stacklevel=4)  # Runtime.create's caller
 
 
 def _local_or_pulled(services: Services, ref: str) -> Image:
@@ -82,6 +95,8 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
 
     Raises ConfigError (bad option, taken name, too many CPUs/memory), NotFoundError (no such
     snapshot), ImageError (image not found/pulled), StateError (an incomplete snapshot).
+    Warns SharerLimitationWarning when ``volume_sharer`` names a sharer that declares
+    limitations (9p: see volumes/ninep.py).
     """
     snap = None
     if options.snapshot:
@@ -101,6 +116,8 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
             f"volume_sharer={options.volume_sharer!r}: unknown volume sharer; known: "
             f"{', '.join(plugins.sharer_names()) or 'none'}"
         )
+    if options.volume_sharer:
+        warn_limitations(options.volume_sharer, plugins.volume_sharer(options.volume_sharer))
     if snap is not None:
         image_digest, image_config = snap.image_digest, snap.image_config
         backend = snap.backend

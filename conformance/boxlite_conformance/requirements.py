@@ -87,6 +87,18 @@ class Requirements:
         """The volume sharer registered as ``name``, from the run's registry."""
         return (self.registry or PluginRegistry()).volume_sharer(name)
 
+    def declared_limitation(self, name: str, params: Mapping[str, object]) -> str | None:
+        """When the test's ``sharer`` parameter declares limitation ``name``
+        (``VolumeSharer.limitations``): why the test is expected to fail there; else None."""
+        if "sharer" not in params:
+            return None
+        sharer = str(params["sharer"])
+        for limitation in self.sharer(sharer).limitations:
+            if limitation.name == name:
+                return (f"declared limitation {name!r} of volume sharer {sharer!r}: "
+                        f"{limitation.summary}")
+        return None
+
 
 @attrs.frozen
 class HostRequirement:

@@ -17,12 +17,14 @@ import attrs
 import pytest
 
 from boxlite_core.vmm.spec import Capability
+from boxlite_core.volumes.base import OPEN_UNLINKED_FD
 
 from .. import guest_probe
 from ..boxes import BoxPool
-from ..markers import needs_host, requires, tier
+from ..markers import limited_by, needs_host, requires, tier
 from ..requirements import AUTO_IDMAP, SHARER_SERVES, Requirements
 from ..share_privilege import PLANT_SCRIPT, build_privilege_helper, privilege_problems
+from ..static_helper import COMPILER_PACKAGES, OPEN_UNLINKED_C, compile_static
 
 __all__ = ["TestCopy", "TestRootfsStrategies", "TestVolumes"]
 
@@ -204,6 +206,36 @@ class TestVolumes:
             assert (planted / "users" / "by_owner_uid").read_text() == "owner\n", log
         finally:
             (dirs.rw / f"helper-{tag}").unlink(missing_ok=True)
+
+    @limited_by(OPEN_UNLINKED_FD)
+    def test_an_open_unlinked_file_keeps_ftruncate_and_fchmod(
+        self, box_pool: BoxPool, sharer: str, tmp_path: Path
+    ) -> None:
+        """POSIX: a file lives on while open after its name is gone, and its descriptor still
+        truncates and chmods it (temporary files, SQLite journals, package managers rely on
+        it). 9p declares it cannot (QEMU's server works by path): expected to fail there."""
+        helper = compile_static(tmp_path, "open-unlinked", OPEN_UNLINKED_C)
+        if helper is None:
+            pytest.skip(f"needs a C compiler with a static libc on the host ({COMPILER_PACKAGES})"
+                        " to build the guest's helper")
+        box, dirs = _volume_box(box_pool, sharer)
+        tag = os.urandom(3).hex()
+        shutil.copy(helper, dirs.rw / f"open-unlinked-{tag}")
+        (dirs.rw / f"open-unlinked-{tag}").chmod(0o755)
+        try:
+            result = box.exec([f"/data/rw/open-unlinked-{tag}", f"/data/rw/unlinked-{tag}"],
+                              timeout=60)
+        finally:
+            (dirs.rw / f"open-unlinked-{tag}").unlink(missing_ok=True)
+        said = result.stdout.decode(errors="replace").strip()
+        if "size=" not in said:  # not the behaviour under test: a failure, never "limited"
+            pytest.fail(f"the helper did not get to fstat in a {sharer} volume: {said!r} "
+                        f"{result.stderr!r} (exit {result.returncode})", pytrace=False)
+        assert result.exit_code == 0 and said.endswith("size=4 mode=600"), (
+            f"ftruncate/fchmod on an open, unlinked file in a {sharer} volume: {said!r} "
+            f"{result.stderr!r}"
+        )
+        assert not (dirs.rw / f"unlinked-{tag}").exists()
 
     def test_host_writes_are_seen_by_the_guest(self, box_pool: BoxPool, sharer: str) -> None:
         box, dirs = _volume_box(box_pool, sharer)
