@@ -327,7 +327,7 @@ def _launch(ctx: StartContext) -> None:
     if ctx.boot.source == restore.TEMPLATE:
         _dial_early(ctx)
     try:
-        ctx.handle = ctx.backend.launch(ctx.plan)
+        ctx.handle = ctx.backend.launch(attrs.evolve(ctx.plan, progress=ctx.report))
     except BaseException as exc:
         _cancel_early_dial(ctx)
         if ctx.boot.source != restore.TEMPLATE or not isinstance(exc, BoxliteError):

@@ -21,8 +21,9 @@ escaping a backend is a bug in it and reaches the user as such.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -39,11 +40,24 @@ class LaunchPlan:
 
     ``data`` holds whatever the backend executes (e.g. ``{"argv": [...]}`` or
     ``{"xml": "..."}``); it must survive ``json.dumps`` so plans can be logged and compared.
+
+    ``progress`` is not part of the recipe (never serialised or compared): the core sets it
+    before :meth:`VmmBackend.launch`, so a launch that does long work first (uploading files
+    to a remote host) can say so through :meth:`report`.
     """
 
     backend: str
     spec: VmSpec
     data: Mapping[str, JsonValue]
+    progress: Callable[[str, float | None], None] | None = attrs.field(
+        default=None, eq=False, repr=False)
+
+    def report(self, message: str, fraction: float | None = None) -> None:
+        """Tell the user what the launch is doing (``fraction`` 0..1 when known); a no-op
+        without a progress display, and a broken display never fails the launch."""
+        if self.progress is not None:
+            with contextlib.suppress(Exception):
+                self.progress(message, fraction)
 
     def to_dict(self) -> dict[str, JsonValue]:
         return {"backend": self.backend, "spec": self.spec.to_dict(), "data": dict(self.data)}
