@@ -109,6 +109,11 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
         image_digest = getattr(image, "digest", None)
         image_config = image.config.to_dict() if hasattr(image, "config") else None
         backend = plugins.select_backend(options)
+    if options.host is None and backend:
+        # a backend whose default is another machine (BOXLITE_LIBVIRT_URI): the record
+        # keeps where the box is, so later commands find it whatever their environment
+        where = plugins.backend(backend).host
+        options = attrs.evolve(options, host=where or None)
     box_id = new_box_id()
     name = options.name
     if name is None:

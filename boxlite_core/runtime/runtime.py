@@ -179,6 +179,19 @@ class Runtime:
             records = [r for r in records if r.status.may_have_vm]
         return records
 
+    def host_problem(self, record: BoxRecord) -> str | None:
+        """Why the machine ``record``'s box runs on cannot be reached now (its backend's
+        probe there, reused for a while), or None: reachable, or the box is on this one."""
+        if not record.options.host or not record.backend:
+            return None
+        try:
+            result = self.plugins.probe(record.backend, record.options.host)
+        except NotFoundError as exc:
+            return str(exc)
+        if result.available:
+            return None
+        return f"host {record.options.host} unreachable: {result.reason}"
+
     def remove(self, id_or_name: str, force: bool = False) -> None:
         """Delete a box: its VM (only with ``force`` if it has one), files and record.
 
@@ -299,7 +312,7 @@ class Runtime:
         changed += self._recover_leftovers(records)
         for record in self.store.list(set(_WATCHED)):
             try:
-                backend = self.plugins.backend(record.backend or "")
+                backend = self.plugins.backend(record.backend or "", record.options.host)
             except Exception:
                 continue
             box_dir = self.box_dir(record.id)

@@ -226,6 +226,36 @@ class VmmBackend(abc.ABC):
     #: ``FIRECRACKER_CONNECT`` for Firecracker-style hybrid vsock)
     channel_handshake: ClassVar[Handshake] = Handshake.NONE
 
+    @property
+    def host(self) -> str:
+        """The machine this instance runs boxes on, in the backend's own terms (libvirt: the
+        URI of a remote daemon); "" for this machine. The core records it in each box it
+        creates (``BoxOptions.host``), so later commands reach the box where it runs."""
+        return ""
+
+    def for_host(self, host: str) -> VmmBackend:
+        """An instance of this backend that runs boxes on ``host`` (``BoxOptions.host``,
+        ``boxlite run --host``). The core asks once per host and process, and uses the
+        result like any backend: probe, plan, launch, attach, forget.
+
+        Raises:
+            UnsupportedError: this backend runs boxes on this machine only (this default).
+            ConfigError: ``host`` is not something this backend can reach (a malformed URI).
+        """
+        raise UnsupportedError(
+            f"backend {self.name!r} runs boxes on this machine only; --host needs a backend "
+            "that reaches other machines (libvirt)")
+
+    def forget(self, box_dir: Path) -> None:
+        """The box is being removed: delete what the backend keeps for it outside
+        ``box_dir`` (a remote host's disk volumes). Called after the VM is gone. The default
+        keeps nothing elsewhere and does nothing.
+
+        Raises:
+            EngineError: the place that holds them cannot be reached now; the core then
+                keeps the box (record and directory), unless the removal is forced.
+        """
+
     @abc.abstractmethod
     def capabilities(self) -> frozenset[Capability]:
         """What this backend can do on a host where :meth:`probe` says available.

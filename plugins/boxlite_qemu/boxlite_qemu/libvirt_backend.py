@@ -40,6 +40,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -50,6 +51,7 @@ from boxlite_core.vmm.consolelog import (
     BACKUPS,
     CONSOLE_SOCKET,
     WRITER_STATE,
+    ensure_writer,
     start_writer,
     stop_writer,
     wait_writer,
@@ -77,6 +79,7 @@ from .libvirt_conn import (
 )
 from .libvirt_xml import (
     DEFAULT_VIRTIOFSD,
+    DOMAIN_TYPES,
     MACHINES,
     SAVE_HEADER,
     SaveImageError,
@@ -94,6 +97,8 @@ if TYPE_CHECKING:
 
 VM_FILE = "vm.json"
 _POLL = 0.1
+#: the libvirt domain type to use whatever the host offers (kvm, qemu, hvf)
+ENV_DOMAIN_TYPE = "BOXLITE_LIBVIRT_DOMAIN_TYPE"
 #: in a ``save_state`` directory: libvirt's save image (header + domain XML + QEMU stream)
 SAVE_FILE = "domain.save"
 #: beside it: what was saved and how long it took (``{"image", "image_bytes", "libvirt",
@@ -147,6 +152,25 @@ def _host_domain_type() -> tuple[str, str]:
     except ConfigError as exc:
         return "qemu", f"{exc}; using TCG"
     return {"kvm": "kvm", "hvf": "hvf"}.get(choice.accel, "qemu"), choice.reason
+
+
+def _remote_domain_type(uri: str, arch: str) -> tuple[str, str]:
+    """(kvm or qemu, why) for a remote daemon: kvm when it describes kvm domains for
+    ``arch``. Never raises: an unreachable daemon gives qemu (its probe says the rest)."""
+    try:
+        libvirt = import_libvirt()
+        conn = open_connection(uri)
+    except (ImportError, EngineError) as exc:
+        return "qemu", f"could not ask {uri} ({exc})"
+    try:
+        bounded("virConnectGetDomainCapabilities", uri, conn.getDomainCapabilities, None,
+                arch, None, "kvm", 0)
+        return "kvm", (f"{uri} offers kvm domains (set {ENV_DOMAIN_TYPE}=qemu if its KVM "
+                       "cannot boot them)")
+    except (libvirt.libvirtError, LibvirtTimeout) as exc:
+        return "qemu", f"{uri} offers no kvm domains ({exc})"
+    finally:
+        close_connection(uri, conn)
 
 
 def _pid_file(uri: str, name: str) -> Path | None:
@@ -689,10 +713,22 @@ class LibvirtBackend(VmmBackend):
 
     @property
     def domain_type(self) -> str:
-        """kvm only where KVM really boots a guest (the qemu backend's probe), else qemu (TCG).
-        Probed once per instance so every plan of this backend is the same."""
+        """``BOXLITE_LIBVIRT_DOMAIN_TYPE`` if set; for a local daemon kvm only where KVM
+        really boots a guest (the qemu backend's probe), else qemu (TCG); for a remote one
+        kvm when its daemon offers kvm domains, else qemu. Probed once per instance so every
+        plan of this backend is the same."""
         if self._domain_type is None:
-            self._domain_type, self._domain_type_reason = _host_domain_type()
+            forced = os.environ.get(ENV_DOMAIN_TYPE, "").strip()
+            if forced:
+                if forced not in DOMAIN_TYPES:
+                    raise ConfigError(f"{ENV_DOMAIN_TYPE}={forced!r}: must be one of "
+                                      f"{', '.join(DOMAIN_TYPES)}")
+                self._domain_type, self._domain_type_reason = forced, f"{ENV_DOMAIN_TYPE}"
+            elif is_local(self.uri):
+                self._domain_type, self._domain_type_reason = _host_domain_type()
+            else:
+                self._domain_type, self._domain_type_reason = _remote_domain_type(
+                    self.uri, self.arch)
         return self._domain_type
 
     @property
@@ -1011,7 +1047,48 @@ class LibvirtBackend(VmmBackend):
         if not handle.is_running():
             handle.release()
             return None
+        if not is_local(handle.uri) and libvirt_remote.ensure_bridge(Path(box_dir)):
+            ensure_writer(Path(box_dir))  # its console source came back with the bridge
         return handle
+
+    @property
+    def host(self) -> str:
+        """The daemon's URI when it is on another machine, else ""."""
+        return "" if is_local(self.uri) else self.uri
+
+    def for_host(self, host: str) -> LibvirtBackend:
+        """This backend on the libvirtd at URI ``host`` (``qemu+ssh://user@host/system``,
+        ``qemu+tls://host/system``, ``qemu+tcp://...``; see libvirt's remote URIs).
+
+        Raises:
+            ConfigError: ``host`` is not a libvirt URI.
+        """
+        parts = urlsplit(host)
+        if not parts.scheme or "://" not in host:
+            raise ConfigError(f"--host {host!r}: the libvirt backend takes a libvirt URI, "
+                              "e.g. qemu+ssh://user@host/system or qemu+tls://host/system")
+        return LibvirtBackend(host, arch=self.arch, virtiofsd=self.virtiofsd)
+
+    def forget(self, box_dir: Path) -> None:
+        """Delete the box's volumes from a remote daemon's pool (``box-<id>-*``); nothing for
+        a local daemon (the box's disks are in its directory).
+
+        Raises:
+            EngineError: the daemon cannot be reached, or refuses (LibvirtTimeout: stalls).
+        """
+        try:
+            info = json.loads((Path(box_dir) / VM_FILE).read_text())
+        except (OSError, ValueError):
+            return  # never launched here
+        uri = str(info.get("uri") or "")
+        if info.get("backend") != self.name or not uri or is_local(uri):
+            return
+        box_id = Path(box_dir).name
+        conn = open_connection(uri)
+        try:
+            libvirt_remote.forget(conn, uri, box_id)
+        finally:
+            close_connection(uri, conn)
 
 
 def _destroy_late_domain(dom: libvirt.virDomain, conn: libvirt.virConnect) -> None:

@@ -161,6 +161,16 @@ class RemotePool:
         self._pool = pool
         return pool
 
+    def exists(self) -> bool:
+        """Is the pool defined on the daemon (without defining it)?"""
+        libvirt = import_libvirt()
+        try:
+            bounded("virStoragePoolLookupByName", self.uri, self.conn.storagePoolLookupByName,
+                    self.name)
+        except libvirt.libvirtError:
+            return False
+        return True
+
     def find(self, name: str) -> Volume | None:
         """The volume called ``name``, or None."""
         libvirt = import_libvirt()

@@ -16,6 +16,7 @@ on; the local overlay (which the rootfs strategy made, empty) only says the disk
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -220,6 +221,8 @@ def forget(conn: libvirt.virConnect, uri: str, box_id: str) -> list[str]:
         EngineError: the daemon refused or did not answer in time.
     """
     pool = RemotePool(uri, conn)
+    if not pool.exists():
+        return []
     gone = []
     for name in pool.names(f"{BOX_PREFIX}{box_id}-"):
         if pool.delete(name):
@@ -232,6 +235,7 @@ def forget(conn: libvirt.virConnect, uri: str, box_id: str) -> list[str]:
 #: the bridge's identity and parameters, in the box dir
 BRIDGE_JSON = "libvirt-bridge.json"
 BRIDGE_LOG = "libvirt-bridge.log"
+BRIDGE_LOCK = "libvirt-bridge.lock"
 #: seconds the bridge has to open the console and listen
 BRIDGE_START_LIMIT = 60.0
 
@@ -298,3 +302,30 @@ def stop_bridge(box_dir: Path, grace: float = 5.0) -> bool:
         with contextlib.suppress(OSError):
             (Path(box_dir) / BRIDGE_JSON).unlink()
     return stopped
+
+
+def ensure_bridge(box_dir: Path) -> bool:
+    """Start the box's bridge again with its recorded parameters if it is not running (the
+    machine that ran it rebooted, or it was killed); True if it had to. Serialised between
+    processes by BOXDIR/libvirt-bridge.lock.
+
+    Raises:
+        EngineError: there is no record to restart it from, or it does not start.
+    """
+    box_dir = Path(box_dir)
+    if live_bridge(box_dir) is not None:
+        return False
+    with open(box_dir / BRIDGE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if live_bridge(box_dir) is not None:
+            return False
+        try:
+            info = json.loads((box_dir / BRIDGE_JSON).read_text())
+            args = (str(info["uri"]), str(info["uuid"]), str(info["port_name"]),
+                    Path(info["agent_socket"]), Path(info["console_socket"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EngineError(f"the libvirt stream bridge of {box_dir} is not running and "
+                              f"cannot be restarted: {BRIDGE_JSON} is unreadable ({exc})"
+                              ) from None
+        start_bridge(box_dir, *args)
+        return True
