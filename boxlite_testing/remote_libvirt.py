@@ -200,6 +200,12 @@ class RemoteLibvirtd:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
+    def run(self, argv: list[str]) -> str:
+        """Run ``argv`` on the "remote host" (in the namespace); its stdout. Raises
+        CalledProcessError on failure."""
+        return subprocess.run(["nsenter", "-t", str(self._inner_pid()), "-m", "--", *argv],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
     def destroy_domains(self) -> list[str]:
         """Destroy every domain of the daemon (what a test left); their names."""
         out = subprocess.run(["virsh", "-c", self.uri, "list", "--name"], capture_output=True,

@@ -13,7 +13,7 @@ import attrs
 from ..errors import ConfigError, NotFoundError
 from ..images.model import Image
 from ..models import BoxOptions, BoxStatus
-from ..volumes.resolve import resolve_user_volumes
+from ..volumes.resolve import remote_user_volumes, resolve_user_volumes
 from . import snapshots
 from .capacity import check_capacity
 from .records import BoxRecord, generated_name, new_box_id
@@ -88,9 +88,17 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
         snap = services.snapshots.get(options.snapshot)
         snapshots.saved_state(snap)  # an incomplete or damaged one fails here, not at start
         options = options_from_snapshot(options, snap)
-    check_capacity(options)  # more CPUs/memory than the host has: refused, no record
-    resolve_user_volumes(options.volumes)
     plugins = services.plugins
+    backend = snap.backend if snap is not None else plugins.select_backend(options)
+    if options.host is None and backend:
+        # a backend whose default is another machine (BOXLITE_LIBVIRT_URI): the record
+        # keeps where the box is, so later commands find it whatever their environment
+        options = attrs.evolve(options, host=plugins.backend(backend).host or None)
+    if options.host:  # another machine's capacity and directories are its backend's
+        remote_user_volumes(options.volumes, options.host)
+    else:
+        check_capacity(options)  # more CPUs/memory than the host has: refused, no record
+        resolve_user_volumes(options.volumes)
     if options.rootfs not in plugins.strategy_names():
         raise ConfigError(
             f"rootfs={options.rootfs!r}: unknown rootfs strategy; known: "
@@ -103,17 +111,10 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
         )
     if snap is not None:
         image_digest, image_config = snap.image_digest, snap.image_config
-        backend = snap.backend
     else:
         image = _local_or_pulled(services, options.image)
         image_digest = getattr(image, "digest", None)
         image_config = image.config.to_dict() if hasattr(image, "config") else None
-        backend = plugins.select_backend(options)
-    if options.host is None and backend:
-        # a backend whose default is another machine (BOXLITE_LIBVIRT_URI): the record
-        # keeps where the box is, so later commands find it whatever their environment
-        where = plugins.backend(backend).host
-        options = attrs.evolve(options, host=where or None)
     box_id = new_box_id()
     name = options.name
     if name is None:

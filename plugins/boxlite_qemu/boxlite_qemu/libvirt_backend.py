@@ -997,6 +997,7 @@ class LibvirtBackend(VmmBackend):
         log writer serve."""
         libvirt = import_libvirt()
         uri, name, spec = str(plan.data["uri"]), str(plan.data["name"]), plan.spec
+        libvirt_remote.check_directories(conn, uri, [s.host_path for s in spec.shares])
         libvirt_remote.stage(conn, uri, layout, plan.report)
         plan.report(f"starting domain {name} on {uri}", None)
         late_conn = conn

@@ -93,7 +93,7 @@ def box_volume_name(box_id: str, serial: str) -> str:
     return f"{BOX_PREFIX}{box_id}-{serial}.qcow2"
 
 
-def _pool_xml(name: str, path: str) -> str:
+def pool_xml(name: str, path: str) -> str:
     pool = ET.Element("pool", type="dir")
     ET.SubElement(pool, "name").text = name
     target = ET.SubElement(pool, "target")
@@ -151,7 +151,7 @@ class RemotePool:
                            self.conn.storagePoolLookupByName, self.name)
         except libvirt.libvirtError:
             pool = self._call("virStoragePoolDefineXML", self.conn.storagePoolDefineXML,
-                              _pool_xml(self.name, self.path), 0)
+                              pool_xml(self.name, self.path), 0)
             self._call("virStoragePoolBuild", pool.build, 0)
             self._call("virStoragePoolSetAutostart", pool.setAutostart, 1)
         if not self._call("virStoragePoolIsActive", pool.isActive):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import select
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,7 @@ from boxlite_core.rootfs import qcow2
 from boxlite_core.vmm.procstat import alive, log_tail, start_time, terminate
 from boxlite_core.vmm.spec import VmSpec
 
-from .libvirt_conn import bounded
+from .libvirt_conn import bounded, import_libvirt
 from .libvirt_pool import (
     BOX_PREFIX,
     RemotePool,
@@ -45,6 +46,7 @@ from .libvirt_pool import (
     file_digest,
     pool_name,
     pool_path,
+    pool_xml,
 )
 from .libvirt_xml import RemoteFiles
 
@@ -171,6 +173,30 @@ def layout(spec: VmSpec) -> RemoteLayout:
         disks.append(f"{path}/{volume}")
     return RemoteLayout(name, path, tuple(uploads.values()), overlays,
                         RemoteFiles(kernel, initrd, disks))
+
+
+def check_directories(conn: libvirt.virConnect, uri: str, paths: Sequence[Path]) -> None:
+    """Each of ``paths`` must be a directory on the daemon's host (a remote box's volumes).
+
+    libvirt has no stat call; a transient ``dir`` pool over a path starts only when it is a
+    directory there (it is destroyed at once, the directory untouched).
+
+    Raises:
+        ConfigError: a path that is not a directory there, naming it and libvirt's words.
+        EngineError: the daemon stalled (LibvirtTimeout).
+    """
+    libvirt = import_libvirt()
+    for path in paths:
+        name = "boxlite-check-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        try:
+            pool = bounded("virStoragePoolCreateXML", uri, conn.storagePoolCreateXML,
+                           pool_xml(name, str(path)), 0)
+        except libvirt.libvirtError as exc:
+            raise ConfigError(
+                f"volume {path}: not a directory on {uri} ({exc.get_error_message()}); with "
+                "--host, -v names directories of that machine") from None
+        with contextlib.suppress(Exception):
+            bounded("virStoragePoolDestroy", uri, pool.destroy)
 
 
 def _pool_target(uri: str, pool: libvirt.virStoragePool) -> str:

@@ -156,8 +156,8 @@ def build_domain_xml(
     ``remote``: the daemon is on another host, where none of the spec's paths exist: the
     kernel, initrd and disks are the given paths of that host, the serial console is a pty
     and the agent channel a unix socket whose path libvirt chooses there (both read through
-    the connection: ``virDomainOpenConsole``, ``virDomainOpenChannel``), and there are no
-    shares (a directory of this host cannot be shared into a VM on another).
+    the connection: ``virDomainOpenConsole``, ``virDomainOpenChannel``), and shares are 9p
+    exports of that host's directories (``ShareSpec.host_path`` is a path there).
 
     ``console_socket``: serve the serial console on this unix socket (QEMU binds it; the
     core's capped writer connects and copies it into ``spec.console_log`` under the box's
@@ -181,11 +181,12 @@ def build_domain_xml(
             "no backend options"
         )
     if remote is not None:
-        if spec.shares:
-            raise ConfigError(
-                f"share {spec.shares[0].tag!r} ({spec.shares[0].host_path}): a remote libvirt "
-                "host cannot share a directory of this host into its VM; use --rootfs disk "
-                "and no volumes with a remote host")
+        for share in spec.shares:
+            if share.kind != "9p" or share.socket is not None:
+                raise ConfigError(
+                    f"share {share.tag!r} ({share.host_path}, {share.kind}): a remote libvirt "
+                    "host shares its own directories, through its QEMU's 9p server; a "
+                    "sharer process of this machine cannot serve it")
         if len(remote.disks) != len(spec.disks):
             raise ConfigError(f"remote files name {len(remote.disks)} disks, the spec has "
                               f"{len(spec.disks)}")
