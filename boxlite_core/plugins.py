@@ -234,7 +234,7 @@ class PluginRegistry:
             PluginError: its ``for_host`` returned something else than a VmmBackend.
         """
         base = self._instance(self._backends, name, "VMM backend", VmmBackend)
-        if not host or host == base.host:
+        if not host or host == base.remote_host:
             return base
         with self._hosted_lock:
             made = self._hosted.get((name, host))

@@ -93,7 +93,8 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
     if options.host is None and backend:
         # a backend whose default is another machine (BOXLITE_LIBVIRT_URI): the record
         # keeps where the box is, so later commands find it whatever their environment
-        options = attrs.evolve(options, host=plugins.backend(backend).host or None)
+        where = plugins.backend(backend).remote_host
+        options = attrs.evolve(options, host=where if isinstance(where, str) and where else None)
     if options.host:  # another machine's capacity and directories are its backend's
         remote_user_volumes(options.volumes, options.host)
     else:

@@ -312,8 +312,17 @@ def _forget_elsewhere(services: Services, record: BoxRecord, box_dir: Path,
     if not record.backend:
         return
     try:
-        services.plugins.backend(record.backend, record.options.host).forget(box_dir)
-    except (EngineError, UnsupportedError, ConfigError) as exc:
+        backend = services.plugins.backend(record.backend, record.options.host)
+    except NotFoundError as exc:  # uninstalled since: nothing of it can be reached
+        log.warning("box %s: %s; removing it here only", record.name, exc)
+        return
+    except (UnsupportedError, ConfigError) as exc:
+        log.warning("box %s: its backend cannot reach %s (%s); removing it here only",
+                    record.name, record.options.host, exc)
+        return
+    try:
+        backend.forget(box_dir)
+    except EngineError as exc:
         where = record.options.host or "this host"
         if not force:
             raise StateError(

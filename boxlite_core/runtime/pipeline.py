@@ -237,8 +237,8 @@ REMOTE_SHARER = "9p"
 
 def volumes(ctx: StartContext) -> None:
     assert ctx.artifact is not None
-    if ctx.backend.host:
-        _remote_volumes(ctx, ctx.backend.host)
+    if ctx.backend.remote_host:
+        _remote_volumes(ctx, ctx.backend.remote_host)
         return
     ctx.volumes = resolve_user_volumes(ctx.record.options.volumes)
     wanted: list[HostShare] = [*ctx.artifact.shares, *ctx.volumes]

@@ -227,7 +227,7 @@ class VmmBackend(abc.ABC):
     channel_handshake: ClassVar[Handshake] = Handshake.NONE
 
     @property
-    def host(self) -> str:
+    def remote_host(self) -> str:
         """The machine this instance runs boxes on, in the backend's own terms (libvirt: the
         URI of a remote daemon); "" for this machine. The core records it in each box it
         creates (``BoxOptions.host``), so later commands reach the box where it runs."""

@@ -747,6 +747,9 @@ class LibvirtBackend(VmmBackend):
         if is_local(self.uri):
             # the daemon writes and reads the state file on its own host
             caps.add(Capability.SNAPSHOT)
+        else:
+            # virtiofsd would be a process of ours, here; the remote host's QEMU serves 9p
+            caps.discard(Capability.VIRTIOFS)
         return frozenset(caps)
 
     def probe(self) -> ProbeResult:
@@ -1053,7 +1056,7 @@ class LibvirtBackend(VmmBackend):
         return handle
 
     @property
-    def host(self) -> str:
+    def remote_host(self) -> str:
         """The daemon's URI when it is on another machine, else ""."""
         return "" if is_local(self.uri) else self.uri
 
