@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ..errors import NotFoundError, StateError
+from ..errors import BoxliteError, NotFoundError, StateError
 from ..models import BoxOptions, BoxStatus
 from ..plugins import PluginRegistry
 from ..state.db import Database
@@ -178,6 +178,20 @@ class Runtime:
         if not all:
             records = [r for r in records if r.status.may_have_vm]
         return records
+
+    def prune_hosts(self) -> list[tuple[str, str]]:
+        """Let the backend of every other machine a box of this home is on delete what
+        nothing there uses any more (``VmmBackend.prune``); (host, name) of what went. An
+        unreachable machine is logged and skipped: its files wait for the next prune."""
+        gone = []
+        for backend, host in sorted({(r.backend, r.options.host) for r in self.store.list()
+                                     if r.backend and r.options.host}):
+            assert backend is not None and host is not None
+            try:
+                gone += [(host, name) for name in self.plugins.backend(backend, host).prune()]
+            except BoxliteError as exc:
+                log.warning("pruning %s on %s skipped: %s", backend, host, exc)
+        return gone
 
     def host_problem(self, record: BoxRecord) -> str | None:
         """Why the machine ``record``'s box runs on cannot be reached now (its backend's

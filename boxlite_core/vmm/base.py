@@ -246,6 +246,17 @@ class VmmBackend(abc.ABC):
             f"backend {self.name!r} runs boxes on this machine only; --host needs a backend "
             "that reaches other machines (libvirt)")
 
+    def prune(self) -> list[str]:
+        """Delete what this instance keeps on its machine that no box needs any more (a
+        remote host's uploaded guest kits and image bases no VM or box disk uses); the names
+        of what went. Called by ``boxlite images prune`` and ``guest build`` for every
+        machine a box of this home is on. The default keeps nothing and does nothing.
+
+        Raises:
+            EngineError: that machine cannot be reached now.
+        """
+        return []
+
     def forget(self, box_dir: Path) -> None:
         """The box is being removed: delete what the backend keeps for it outside
         ``box_dir`` (a remote host's disk volumes). Called after the VM is gone. The default

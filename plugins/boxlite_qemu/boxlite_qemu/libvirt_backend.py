@@ -748,7 +748,8 @@ class LibvirtBackend(VmmBackend):
             # the daemon writes and reads the state file on its own host
             caps.add(Capability.SNAPSHOT)
         else:
-            # virtiofsd would be a process of ours, here; the remote host's QEMU serves 9p
+            # 9p of that machine's directories (its QEMU serves them); virtiofsd would be a
+            # process of ours, here
             caps.discard(Capability.VIRTIOFS)
         return frozenset(caps)
 
@@ -1072,6 +1073,21 @@ class LibvirtBackend(VmmBackend):
             raise ConfigError(f"--host {host!r}: the libvirt backend takes a libvirt URI, "
                               "e.g. qemu+ssh://user@host/system or qemu+tls://host/system")
         return LibvirtBackend(host, arch=self.arch, virtiofsd=self.virtiofsd)
+
+    def prune(self) -> list[str]:
+        """A remote daemon's content volumes nothing uses there (see libvirt_remote.prune);
+        nothing for a local daemon (the files are in our home's caches).
+
+        Raises:
+            EngineError: the daemon cannot be reached, or refuses (LibvirtTimeout: stalls).
+        """
+        if is_local(self.uri):
+            return []
+        conn = open_connection(self.uri)
+        try:
+            return libvirt_remote.prune(conn, self.uri)
+        finally:
+            close_connection(self.uri, conn)
 
     def forget(self, box_dir: Path) -> None:
         """Delete the box's volumes from a remote daemon's pool (``box-<id>-*``); nothing for

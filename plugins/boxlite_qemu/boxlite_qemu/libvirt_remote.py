@@ -40,6 +40,8 @@ from boxlite_core.vmm.spec import VmSpec
 from .libvirt_conn import bounded, import_libvirt
 from .libvirt_pool import (
     BOX_PREFIX,
+    CONTENT_PREFIX,
+    MARK,
     RemotePool,
     box_volume_name,
     content_name,
@@ -61,18 +63,28 @@ DIGEST_XATTR = "user.boxlite.sha256"
 Report = Callable[[str, float | None], None]
 
 
-def cached_digest(path: Path) -> str:
-    """sha256 of ``path``'s content, from its xattr when size and mtime still match."""
+def _stamp(path: Path) -> str:
     st = os.stat(path)
-    stamp = f"{st.st_size}:{st.st_mtime_ns}:"
-    with contextlib.suppress(OSError):
+    return f"{st.st_size}:{st.st_mtime_ns}:"
+
+
+def cached_digest(path: Path) -> str:
+    """sha256 of ``path``'s content: from its xattr (:func:`remember_digest`, written at
+    launch) when size and mtime still match, else read and hashed. Writes nothing: a plan
+    calls it."""
+    stamp = _stamp(path)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
         value = os.getxattr(path, DIGEST_XATTR).decode()
         if value.startswith(stamp):
             return value[len(stamp):]
-    digest = file_digest(path)
-    with contextlib.suppress(OSError):  # no user xattrs here, or no right to set them
-        os.setxattr(path, DIGEST_XATTR, (stamp + digest).encode())
-    return digest
+    return file_digest(path)
+
+
+def remember_digest(path: Path, digest: str) -> None:
+    """Cache ``digest`` on ``path`` (its xattr), so the next plan need not read the file;
+    best effort (no user xattrs on that filesystem, or no right to set them)."""
+    with contextlib.suppress(OSError):
+        os.setxattr(path, DIGEST_XATTR, (_stamp(path) + digest).encode())
 
 
 @attrs.frozen
@@ -158,7 +170,7 @@ def layout(spec: VmSpec) -> RemoteLayout:
     overlays: list[Overlay] = []
     for index, disk in enumerate(spec.disks):
         serial = disk.serial or f"disk{index}"
-        if disk.read_only and disk.format == "raw":
+        if disk.format == "raw" and disk.read_only:
             disks.append(content(disk.path))
             continue
         base = qcow2.backing_file(disk.path) if disk.format == "qcow2" else None
@@ -230,8 +242,9 @@ def stage(conn: libvirt.virConnect, uri: str, plan: RemoteLayout,
                 report(f"{verb} {local.name} to {uri} ({done // 2**20}/{total // 2**20} MiB)",
                        done / total if total else None)
 
-        got = pool.upload(local, progress, digest=item.volume.split("-", 1)[1])
-        volumes[item.volume] = got
+        digest = item.volume.split("-", 1)[1]
+        volumes[item.volume] = pool.upload(local, progress, digest=digest)
+        remember_digest(local, digest)
     for overlay in plan.overlays:
         backing = volumes.get(overlay.backing) or pool.find(overlay.backing)
         if backing is None:
@@ -355,3 +368,37 @@ def ensure_bridge(box_dir: Path) -> bool:
                               ) from None
         start_bridge(box_dir, *args)
         return True
+
+
+def prune(conn: libvirt.virConnect, uri: str) -> list[str]:
+    """Delete the pool's content volumes that nothing uses: no box volume's backing file, no
+    disk, kernel or initrd of any domain on that daemon (ours or not); their names. An
+    unfinished upload (no marker yet: another client's, maybe) is left alone.
+
+    Raises:
+        EngineError: the daemon refused or did not answer in time.
+    """
+    pool = RemotePool(uri, conn)
+    if not pool.exists():
+        return []
+    names = pool.names()
+    used: set[str] = set()
+    for name in names:
+        if name.startswith(BOX_PREFIX):
+            vol = bounded("virStorageVolLookupByName", uri, pool.pool().storageVolLookupByName,
+                          name)
+            xml = ET.fromstring(bounded("virStorageVolGetXMLDesc", uri, vol.XMLDesc, 0))
+            used.add(os.path.basename(xml.findtext("backingStore/path") or ""))
+    for dom in bounded("virConnectListAllDomains", uri, conn.listAllDomains, 0):
+        xml = ET.fromstring(bounded("virDomainGetXMLDesc", uri, dom.XMLDesc, 0))
+        paths = [xml.findtext("os/kernel"), xml.findtext("os/initrd")]
+        paths += [s.get("file") for s in xml.iterfind("devices/disk/source")]
+        used.update(os.path.basename(p) for p in paths if p)
+    gone = []
+    for name in names:
+        if (name.startswith(CONTENT_PREFIX) and not name.endswith(MARK)
+                and name + MARK in names and name not in used):
+            pool.delete(name + MARK)  # first: a crash in between leaves an unmarked volume
+            pool.delete(name)
+            gone.append(name)
+    return gone

@@ -204,3 +204,24 @@ def test_volumes_are_that_machines_directories(runtime, remote, shared_home):
 def test_relative_volume_path_is_refused_for_a_remote_box():
     with pytest.raises(ConfigError, match="must be absolute"):
         remote_user_volumes(["data:/data"], "qemu+ssh://h/system")
+
+
+def test_prune_deletes_only_what_nothing_there_uses(runtime, remote, box, tmp_path):
+    import libvirt
+
+    from boxlite_qemu.libvirt_pool import RemotePool
+
+    stray = tmp_path / "stray.bin"
+    stray.write_bytes(b"an old kit's file " * 1000)
+    conn = libvirt.open(remote.uri)
+    try:
+        orphan = RemotePool(remote.uri, conn).upload(stray).name
+    finally:
+        conn.close()
+    before = set(_volumes(remote))
+    gone = runtime.prune_hosts()
+    assert gone == [(remote.uri, orphan)]
+    assert set(_volumes(remote)) == before - {orphan, orphan + ".ok"}
+    # what the running box boots from and writes to stayed
+    assert box.exec(["true"], timeout=60).exit_code == 0
+    assert runtime.prune_hosts() == []
