@@ -287,6 +287,14 @@ def _volumes_validator(_inst: object, _attr: object, value: tuple[VolumeSpec, ..
         seen.add(target)
 
 
+def _host_validator(_inst: object, _attr: object, value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()
+                              or len(value) > 1024
+                              or any(c.isspace() or ord(c) < 32 for c in value)):
+        raise invalid("host", value, "a backend's name for another machine, e.g. the libvirt "
+                                     "URI qemu+ssh://user@host/system (no spaces)")
+
+
 def _snapshot_validator(_inst: object, _attr: object, value: str | None) -> None:
     if value is not None and not _NAME_RE.match(value):
         raise invalid("snapshot", value, "a snapshot name: 1-63 letters, digits, '_', '.' or '-'")
@@ -386,6 +394,10 @@ class BoxOptions:
     cmd: tuple[str, ...] | None = attrs.field(
         default=None, converter=_argv_converter("cmd", empty_is_unset=True)
     )
+    #: the machine the box runs on, as its backend names one (libvirt: a connection URI such
+    #: as ``qemu+ssh://user@host/system``); None: this one (or the backend's default, e.g.
+    #: BOXLITE_LIBVIRT_URI). A box created there stays there: the record keeps it.
+    host: str | None = attrs.field(default=None, validator=_host_validator)
 
     def __attrs_post_init__(self) -> None:
         if not self.image:

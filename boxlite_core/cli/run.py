@@ -198,6 +198,9 @@ _EXEC_CONTEXT = {"allow_interspersed_args": False}
 #: (the runtime refuses an image, cpus, memory, volumes... that differ from the snapshot's)
 _BOX_OPTIONS = (
     click.option("--backend", default=None, help="VMM backend (see `boxlite backends`)"),
+    click.option("--host", default=None, metavar="URI",
+                 help="run the box on another machine, as the backend reaches it (libvirt: "
+                      "qemu+ssh://user@host/system); -v paths are then that machine's"),
     click.option("--rm", "auto_remove", is_flag=True, help="remove the box when it stops"),
     click.option("--name", default=None, help="box name (unique)"),
     click.option("-v", "--volume", "volumes", multiple=True, help="HOST:GUEST[:ro]"),
@@ -248,6 +251,7 @@ def box_options(
     rootfs: str | None, sharer: str | None, console_mib: int | None,
     allow_net: tuple[str, ...] = (), network: str | None = None, publish: tuple[str, ...] = (),
     entrypoint: str | None = None, cmd: Sequence[str] = (),
+    host: str | None = None,
 ) -> tuple[BoxOptions, frozenset[str]]:
     """The BoxOptions of `run`/`create` and the names of the fields the user set: only those
     are passed, so a box from ``snapshot`` is refused an option only when the user gave one
@@ -265,6 +269,7 @@ def box_options(
         "volume_sharer": sharer, "console_log_max_mib": console_mib, "snapshot": snapshot,
         "entrypoint": None if entrypoint is None else tuple(a for a in (entrypoint,) if a),
         "cmd": tuple(cmd) or None,
+        "host": host,
     }
     set_options = {key: value for key, value in given.items() if value is not None}
     if allow_net or network is not None:
@@ -321,7 +326,8 @@ def split_image(args: Sequence[str], snapshot: str | None) -> tuple[str | None, 
               help="run the command on a terminal (with -i: ours, raw; ^P ^Q detaches "
                    "unless --rm)")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [CMD]...")
-def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
+def run(backend: str | None, host: str | None, auto_remove: bool, detach: bool,
+        name: str | None,
         volumes: tuple[str, ...], env: tuple[str, ...], workdir: str | None, user: str | None,
         entrypoint: str | None, cpus: int | None, memory: int | None, rootfs: str | None,
         sharer: str | None, timeout: float | None, interactive: bool, tty: bool,
@@ -348,7 +354,7 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         auto_remove=auto_remove, name=name, volumes=volumes, env=env, workdir=workdir,
         user=user, cpus=cpus, memory=memory, rootfs=rootfs, sharer=sharer,
         console_mib=console_mib, allow_net=allow_net, network=network, publish=publish,
-        entrypoint=entrypoint, cmd=cmd,
+        entrypoint=entrypoint, cmd=cmd, host=host,
     )
     if detach and interactive:
         raise ConfigError("-d and -i do not mix: a detached box has no stdin")
@@ -405,12 +411,12 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
 @click.command()
 @_box_options
 @click.argument("image", required=False)
-def create(backend: str | None, auto_remove: bool, name: str | None, volumes: tuple[str, ...],
-           env: tuple[str, ...], workdir: str | None, user: str | None,
-           entrypoint: str | None, cpus: int | None, memory: int | None, rootfs: str | None,
-           sharer: str | None, console_mib: int | None, snapshot: str | None,
-           no_template: bool, allow_net: tuple[str, ...], network: str | None,
-           publish: tuple[str, ...], image: str | None) -> int:
+def create(backend: str | None, host: str | None, auto_remove: bool, name: str | None,
+           volumes: tuple[str, ...], env: tuple[str, ...], workdir: str | None,
+           user: str | None, entrypoint: str | None, cpus: int | None, memory: int | None,
+           rootfs: str | None, sharer: str | None, console_mib: int | None,
+           snapshot: str | None, no_template: bool, allow_net: tuple[str, ...],
+           network: str | None, publish: tuple[str, ...], image: str | None) -> int:
     """Create a box from IMAGE without starting it; print its id. `boxlite start` boots it.
 
     --entrypoint is kept in the box's record: its default command (`Box.default_command()`)
@@ -429,7 +435,7 @@ def create(backend: str | None, auto_remove: bool, name: str | None, volumes: tu
         auto_remove=auto_remove, name=name, volumes=volumes, env=env, workdir=workdir,
         user=user, cpus=cpus, memory=memory, rootfs=rootfs, sharer=sharer,
         console_mib=console_mib, allow_net=allow_net, network=network, publish=publish,
-        entrypoint=entrypoint,
+        entrypoint=entrypoint, host=host,
     )
     rt = runtime()
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, TypedDict, overload
 
-from ..errors import BoxliteError, ConfigError, NotFoundError
+from ..errors import BoxliteError, ConfigError, EngineError, GuestError, NotFoundError
 from ..images.model import ImageConfig
 from ..models import BoxOptions, BoxStatus, ExecResult, JsonValue, check_timeout
 from ..vmm import consolelog
@@ -133,9 +133,12 @@ class Box:
         link = self._link
         if self.status not in (BoxStatus.RUNNING, BoxStatus.PAUSED):
             return True
-        if link.handle is None:
-            link.handle = link.attach_handle()  # once: polled every 0.2 s while idle
-        return link.handle is None or not link.handle.is_running()
+        try:
+            if link.handle is None:
+                link.handle = link.attach_handle()  # once: polled every 0.2 s while idle
+            return link.handle is None or not link.handle.is_running()
+        except (GuestError, EngineError):  # its host is unreachable: nothing more to show
+            return True
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:

@@ -15,7 +15,7 @@ from ..errors import ConfigError, NotFoundError
 from ..images.model import Image
 from ..models import BoxOptions, BoxStatus
 from ..volumes.base import SharerLimitationWarning, VolumeSharer
-from ..volumes.resolve import resolve_user_volumes
+from ..volumes.resolve import remote_user_volumes, resolve_user_volumes
 from . import snapshots
 from .capacity import check_capacity
 from .records import BoxRecord, generated_name, new_box_id
@@ -103,9 +103,18 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
         snap = services.snapshots.get(options.snapshot)
         snapshots.saved_state(snap)  # an incomplete or damaged one fails here, not at start
         options = options_from_snapshot(options, snap)
-    check_capacity(options)  # more CPUs/memory than the host has: refused, no record
-    resolve_user_volumes(options.volumes)
     plugins = services.plugins
+    backend = snap.backend if snap is not None else plugins.select_backend(options)
+    if options.host is None and backend:
+        # a backend whose default is another machine (BOXLITE_LIBVIRT_URI): the record
+        # keeps where the box is, so later commands find it whatever their environment
+        where = plugins.backend(backend).remote_host
+        options = attrs.evolve(options, host=where if isinstance(where, str) and where else None)
+    if options.host:  # another machine's capacity and directories are its backend's
+        remote_user_volumes(options.volumes, options.host)
+    else:
+        check_capacity(options)  # more CPUs/memory than the host has: refused, no record
+        resolve_user_volumes(options.volumes)
     if options.rootfs not in plugins.strategy_names():
         raise ConfigError(
             f"rootfs={options.rootfs!r}: unknown rootfs strategy; known: "
@@ -120,12 +129,10 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
         warn_limitations(options.volume_sharer, plugins.volume_sharer(options.volume_sharer))
     if snap is not None:
         image_digest, image_config = snap.image_digest, snap.image_config
-        backend = snap.backend
     else:
         image = _local_or_pulled(services, options.image)
         image_digest = getattr(image, "digest", None)
         image_config = image.config.to_dict() if hasattr(image, "config") else None
-        backend = plugins.select_backend(options)
     box_id = new_box_id()
     name = options.name
     if name is None:

@@ -340,8 +340,11 @@ def conformance_requirements(
     backend_name: str,
     backend_capabilities: frozenset[Capability],
     boxlite_registry: PluginRegistry,
+    backend: VmmBackend,
 ) -> Requirements:
-    return Requirements(backend_name, backend_capabilities, boxlite_registry)
+    where = getattr(backend, "remote_host", "")
+    return Requirements(backend_name, backend_capabilities, boxlite_registry,
+                        remote_host=where if isinstance(where, str) else "")
 
 
 @pytest.fixture(scope="session")

@@ -37,9 +37,12 @@ class Requirements:
         backend_name: str,
         capabilities: frozenset[Capability],
         registry: PluginRegistry | None = None,
+        remote_host: str = "",
     ) -> None:
         self.backend_name = backend_name
         self.capabilities = frozenset(capabilities)
+        #: the other machine the backend runs boxes on (VmmBackend.remote_host), "" for this
+        self.remote_host = remote_host
         #: where volume sharers are looked up for host requirements (default: installed ones)
         self.registry = registry
 
@@ -145,6 +148,19 @@ def _sharer_maps_ids(req: Requirements, params: Mapping[str, object]) -> str | N
     )
 
 
+def _runs_here(req: Requirements, params: Mapping[str, object]) -> str | None:
+    if not req.remote_host:
+        return None
+    return (f"backend {req.backend_name!r} runs boxes on {req.remote_host}: a directory of "
+            "this machine cannot be shared into them (volumes there are that machine's)")
+
+
+SHARES_FROM_HERE = HostRequirement(
+    "shares-from-here",
+    "a directory of this machine can be shared into the backend's VMs (they run here, not "
+    "on another machine: VmmBackend.remote_host is empty)",
+    _runs_here,
+)
 SHARER_SERVES = HostRequirement(
     "sharer-on-host",
     "the test's volume sharer (a rootfs through a share: one declared sharer) can serve "
@@ -172,5 +188,5 @@ TEST_WORLD = HostRequirement(
 )
 #: every named host requirement a test may carry, by name
 HOST_REQUIREMENTS: dict[str, HostRequirement] = {
-    r.name: r for r in (SHARER_SERVES, AUTO_IDMAP, TEST_WORLD)
+    r.name: r for r in (SHARES_FROM_HERE, SHARER_SERVES, AUTO_IDMAP, TEST_WORLD)
 }

@@ -22,7 +22,7 @@ from boxlite_core.volumes.base import OPEN_UNLINKED_FD
 from .. import guest_probe
 from ..boxes import BoxPool
 from ..markers import limited_by, needs_host, requires, tier
-from ..requirements import AUTO_IDMAP, SHARER_SERVES, Requirements
+from ..requirements import AUTO_IDMAP, SHARER_SERVES, SHARES_FROM_HERE, Requirements
 from ..share_privilege import PLANT_SCRIPT, build_privilege_helper, privilege_problems
 from ..static_helper import COMPILER_PACKAGES, OPEN_UNLINKED_C, compile_static
 
@@ -30,7 +30,7 @@ __all__ = ["TestCopy", "TestRootfsStrategies", "TestVolumes"]
 
 _ANY_SHARER = requires(Capability.NINEP, Capability.VIRTIOFS, any_of=True)
 #: a rootfs through a share needs one of the declared sharers to work on this host
-_SHARER_HERE = needs_host(SHARER_SERVES.name)
+_SHARER_HERE = needs_host(SHARES_FROM_HERE.name, SHARER_SERVES.name)
 #: strategy → (marks, fstypes the guest may show for it)
 _STRATEGIES = {
     "disk": ([requires(Capability.QCOW2)], {"ext4"}),
@@ -115,7 +115,7 @@ def _volume_box(pool: BoxPool, sharer: str) -> tuple[Any, _VolumeDirs]:
 
 @tier(2)
 @pytest.mark.vm
-@needs_host(SHARER_SERVES.name)
+@needs_host(SHARES_FROM_HERE.name, SHARER_SERVES.name)
 @pytest.mark.parametrize("sharer", _SHARER_PARAMS)
 class TestVolumes:
     conformance_group_by = "sharer"
