@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from figures import pyplot  # noqa: E402  (bench/, the script's own folder)
+
 from boxlite_core.kit import ensure_kit  # noqa: E402
 from boxlite_core.models import BoxOptions  # noqa: E402
 from boxlite_core.runtime.runtime import Runtime  # noqa: E402
@@ -140,15 +142,9 @@ def main() -> int:
     out = Path(args.out)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    try:
-        import matplotlib
-    except ImportError:
-        print("bench: no PNG: matplotlib is not installed (pip install matplotlib)",
-              file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return 0
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     left.bar(["boxlite\n(upload+verify)", "virsh\nvol-upload"],
              [upload["boxlite_s"], upload["virsh_vol_upload_s"]], color=["#36c", "#bbb"])

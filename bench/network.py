@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "conformance"))
 
+from figures import pyplot  # noqa: E402  (bench/, the script's own folder)
+
 from boxlite_conformance.networld import SERVER_IP, World  # noqa: E402
 
 SERVERS = r"""
@@ -187,12 +189,8 @@ def main() -> int:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-    if args.png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot() if args.png else None
+    if plt is not None:
         t = report["throughput_mib_s"]
         fig, ax = plt.subplots(figsize=(7, 3.5))
         names = list(t)

@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from figures import pyplot  # noqa: E402  (bench/, the script's own folder)
+
 
 def summary(samples: list[float]) -> dict:
     ordered = sorted(samples)
@@ -104,16 +106,9 @@ def main() -> int:
     if args.json:
         args.json.write_text(text + "\n")
     if args.png:
-        try:
-            import matplotlib
-        except ImportError:
-            print("bench: no PNG: matplotlib is not installed (pip install matplotlib)",
-                  file=sys.stderr)
+        plt = pyplot()
+        if plt is None:
             return 0
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         fig, ax = plt.subplots(figsize=(7, 3.2))
         labels = ["host pty", "box terminal"]
         medians = [report["host_pty"]["median_ms"], report["box_terminal"]["median_ms"]]

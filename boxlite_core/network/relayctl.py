@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 
 from ..errors import ConfigError, EngineError
-from ..vmm.procstat import alive, log_tail, terminate
+from ..vmm.procstat import live_record, log_tail, stop_recorded
 from .policy import NetworkPolicy
 from .ports import PortMapping
 
@@ -54,12 +54,7 @@ class RelayConfig:
 
 def live_relay(box_dir: Path) -> dict | None:
     """netrelay.json of the box's running relay, else None."""
-    try:
-        info = json.loads((Path(box_dir) / RELAY_JSON).read_text())
-        pid, started = int(info["pid"]), int(info["start_time"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return info if alive(pid, started) else None
+    return live_record(Path(box_dir) / RELAY_JSON)
 
 
 def published_ports(box_dir: Path) -> list[PortMapping]:
@@ -159,12 +154,4 @@ def network_log_lines(box_dir: Path, tail: int | None = None) -> list[str]:
 
 def stop_relay(box_dir: Path, timeout: float = 5.0) -> bool:
     """End the box's relay (SIGTERM, then SIGKILL) and remove its record. True if one ran."""
-    box_dir = Path(box_dir)
-    info = live_relay(box_dir)
-    stopped = False
-    if info is not None:
-        stopped = terminate(int(info["pid"]), int(info["start_time"]), timeout)
-    if live_relay(box_dir) is None:
-        with contextlib.suppress(OSError):
-            (box_dir / RELAY_JSON).unlink()
-    return stopped
+    return stop_recorded(Path(box_dir) / RELAY_JSON, timeout)

@@ -14,6 +14,7 @@ not pull in attrs or the models. Handles for one-process VMs: :mod:`.process`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -90,3 +91,27 @@ def log_tail(path: Path | str, lines: int = 20, max_bytes: int = 64 * 1024) -> s
         return ""
     text = data.decode(errors="replace").replace("\r", "")
     return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def live_record(path: Path) -> dict | None:
+    """The JSON record of a helper process (``{"pid", "start_time", ...}``, e.g. a box's
+    network relay or libvirt stream bridge) if that very process still runs, else None."""
+    try:
+        info = json.loads(Path(path).read_text())
+        pid, started = int(info["pid"]), int(info["start_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if alive(pid, started) else None
+
+
+def stop_recorded(path: Path, grace: float) -> bool:
+    """End the process a :func:`live_record` names (SIGTERM, SIGKILL after ``grace`` s),
+    then remove the record once nothing it names runs. True if the process was running."""
+    info = live_record(path)
+    stopped = False
+    if info is not None:
+        stopped = terminate(int(info["pid"]), int(info["start_time"]), grace)
+    if live_record(path) is None:
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+    return stopped

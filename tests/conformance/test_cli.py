@@ -129,7 +129,7 @@ def test_list_and_report_show_capability_groups(doubles_env, tmp_path: Path) -> 
     assert "host:auto-idmap" in done.stdout and "host:sharer-on-host" in done.stdout
     listed = json.loads(cli("list", "--json", env=doubles_env).stdout)
     owner = next(t for t in listed if "as_the_volume_owner[9p]" in t["test"])
-    assert set(owner["host_requirements"]) == {"sharer-on-host", "auto-idmap"}
+    assert set(owner["host_requirements"]) == {"shares-from-here", "sharer-on-host", "auto-idmap"}
 
     reports = tmp_path / "reports"
     cli("run", "--backend", "double-good", "--tier", "0", "--report", str(reports),

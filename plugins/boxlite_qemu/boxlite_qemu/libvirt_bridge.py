@@ -119,14 +119,19 @@ def _close_stream(stream: libvirt.virStream) -> None:
         stream.abort()
 
 
-def _stream_to_socket(stream: libvirt.virStream, sock: socket.socket) -> None:
-    """Copy until either end closes or fails; then shut the socket's write side."""
+def _copy_out(stream: libvirt.virStream, sock: socket.socket) -> None:
+    """Copy the stream into the socket until either end closes or fails."""
     with contextlib.suppress(Exception):
         while True:
             data = stream.recv(CHUNK)
             if not isinstance(data, bytes) or not data:
-                break
+                return
             sock.sendall(data)
+
+
+def _stream_to_socket(stream: libvirt.virStream, sock: socket.socket) -> None:
+    """:func:`_copy_out`; then shut the socket's write side."""
+    _copy_out(stream, sock)
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)
 
@@ -205,12 +210,7 @@ def serve_console(bridge: Bridge, listener: socket.socket, first: libvirt.virStr
             except Exception:
                 time.sleep(RETRY_DELAY)
                 continue
-        with contextlib.suppress(Exception):
-            while True:
-                data = stream.recv(CHUNK)
-                if not isinstance(data, bytes) or not data:
-                    break
-                writer.sendall(data)
+        _copy_out(stream, writer)
         _close_stream(stream)
         stream = None
         if bridge.domain_gone():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -36,7 +37,7 @@ import attrs
 
 from boxlite_core.errors import EngineError
 
-from .libvirt_conn import T, bounded, import_libvirt
+from .libvirt_conn import LibvirtTimeout, T, bounded, call_timeout, import_libvirt
 
 if TYPE_CHECKING:
     import libvirt
@@ -171,14 +172,19 @@ class RemotePool:
             return False
         return True
 
-    def find(self, name: str) -> Volume | None:
-        """The volume called ``name``, or None."""
+    def _lookup(self, name: str) -> libvirt.virStorageVol | None:
         libvirt = import_libvirt()
         pool = self.pool()
         try:
-            vol = bounded("virStorageVolLookupByName", self.uri, pool.storageVolLookupByName,
-                          name)
+            return bounded("virStorageVolLookupByName", self.uri, pool.storageVolLookupByName,
+                           name)
         except libvirt.libvirtError:
+            return None
+
+    def find(self, name: str) -> Volume | None:
+        """The volume called ``name``, or None."""
+        vol = self._lookup(name)
+        if vol is None:
             return None
         info = self._call("virStorageVolGetInfo", vol.info)
         return Volume(name, str(self._call("virStorageVolGetPath", vol.path)), int(info[1]))
@@ -191,12 +197,8 @@ class RemotePool:
 
     def delete(self, name: str) -> bool:
         """Delete volume ``name``; False if there was none."""
-        libvirt = import_libvirt()
-        pool = self.pool()
-        try:
-            vol = bounded("virStorageVolLookupByName", self.uri, pool.storageVolLookupByName,
-                          name)
-        except libvirt.libvirtError:
+        vol = self._lookup(name)
+        if vol is None:
             return False
         self._call("virStorageVolDelete", vol.delete, 0)
         return True
@@ -266,47 +268,89 @@ class RemotePool:
                           f"upload runs, delete it: virsh -c {self.uri} vol-delete {name} "
                           f"--pool {self.name}")
 
+    def _stream(self, what: str, start: Callable[[libvirt.virStream], object],
+                 move: Callable[[libvirt.virStream, Callable[[int], None]], None]) -> None:
+        """A transfer on a new stream: ``start(stream)`` (the upload or download call), then
+        ``move(stream, tick)`` in a worker thread, which calls ``tick(n)`` for every ``n``
+        bytes moved. Bounded by stall, not by size: LibvirtTimeout when no byte moved for
+        :func:`~.libvirt_conn.call_timeout` seconds (the stream is aborted).
+
+        Why a watchdog and not :func:`bounded` per chunk: libvirt streams move ~256 KiB per
+        message, and a thread per call made the read-back twice as slow as the data.
+        """
+        libvirt = import_libvirt()
+        stream = self._call("virStreamNew", self.conn.newStream, 0)
+        last = [time.monotonic()]
+        failed: list[BaseException] = []
+        done = threading.Event()
+
+        def tick(n: int) -> None:
+            last[0] = time.monotonic()
+
+        def run() -> None:
+            try:
+                move(stream, tick)
+                stream.finish()
+            except BaseException as exc:
+                failed.append(exc)
+            finally:
+                done.set()
+
+        try:
+            self._call(what, start, stream)
+            threading.Thread(target=run, daemon=True, name=f"libvirt {what}").start()
+            bound = call_timeout()
+            while not done.wait(0.5):
+                if time.monotonic() - last[0] > bound:
+                    raise LibvirtTimeout(
+                        f"libvirt {what} on {self.uri} (pool {self.name!r}): no data moved "
+                        f"for {bound:g} s; the daemon or the network is stuck (raise "
+                        "BOXLITE_LIBVIRT_TIMEOUT on a slow link)")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                bounded("virStreamAbort", self.uri, stream.abort, timeout=5.0)
+            raise
+        if failed:
+            if isinstance(failed[0], libvirt.libvirtError):
+                raise EngineError(f"libvirt {what} on {self.uri} (pool {self.name!r}): "
+                                  f"{failed[0]}") from failed[0]
+            raise failed[0]
+
     def _send(self, vol: libvirt.virStorageVol, local: Path, size: int, name: str,
               progress: TransferProgress | None) -> None:
-        stream = self._call("virStreamNew", self.conn.newStream, 0)
-        try:
-            self._call("virStorageVolUpload", vol.upload, stream, 0, size, 0)
-            sent = 0
+        sent = [0]
+
+        def move(stream: libvirt.virStream, tick: Callable[[int], None]) -> None:
             with open(local, "rb") as fh:
                 while chunk := fh.read(CHUNK):
                     view = memoryview(chunk)
                     while view:
-                        n = int(self._call("virStreamSend", stream.send, view.tobytes()))
+                        n = int(stream.send(view.tobytes()))
                         view = view[n:]
-                    sent += len(chunk)
+                        tick(n)
+                    sent[0] += len(chunk)
                     if progress:
-                        progress(f"upload {name}", sent, size)
-            self._call("virStreamFinish", stream.finish)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                bounded("virStreamAbort", self.uri, stream.abort, timeout=5.0)
-            raise
+                        progress(f"upload {name}", sent[0], size)
+
+        self._stream("virStorageVolUpload", lambda st: vol.upload(st, 0, size, 0), move)
 
     def _read_back_digest(self, vol: libvirt.virStorageVol, size: int, name: str,
                           progress: TransferProgress | None) -> str:
-        stream = self._call("virStreamNew", self.conn.newStream, 0)
         digest = hashlib.sha256()
-        try:
-            self._call("virStorageVolDownload", vol.download, stream, 0, size, 0)
-            got = 0
+        got = [0]
+
+        def move(stream: libvirt.virStream, tick: Callable[[int], None]) -> None:
             while True:
-                data = self._call("virStreamRecv", stream.recv, CHUNK)
+                data = stream.recv(CHUNK)
                 if not isinstance(data, bytes) or not data:
-                    break
+                    return
                 digest.update(data)
-                got += len(data)
-                if progress:
-                    progress(f"verify {name}", got, size)
-            self._call("virStreamFinish", stream.finish)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                bounded("virStreamAbort", self.uri, stream.abort, timeout=5.0)
-            raise
+                got[0] += len(data)
+                tick(len(data))
+                if progress and got[0] % CHUNK < len(data):  # about every CHUNK bytes
+                    progress(f"verify {name}", got[0], size)
+
+        self._stream("virStorageVolDownload", lambda st: vol.download(st, 0, size, 0), move)
         return digest.hexdigest()
 
     def overlay(self, name: str, backing: Volume, virtual_size: int) -> Volume:

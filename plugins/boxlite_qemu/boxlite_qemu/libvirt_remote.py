@@ -34,7 +34,7 @@ import attrs
 from boxlite_core.errors import ConfigError, EngineError
 from boxlite_core.models import JsonObject, JsonValue
 from boxlite_core.rootfs import qcow2
-from boxlite_core.vmm.procstat import alive, log_tail, start_time, terminate
+from boxlite_core.vmm.procstat import live_record, log_tail, start_time, stop_recorded
 from boxlite_core.vmm.spec import VmSpec
 
 from .libvirt_conn import bounded, import_libvirt
@@ -281,12 +281,7 @@ BRIDGE_START_LIMIT = 60.0
 
 def live_bridge(box_dir: Path) -> JsonObject | None:
     """BOXDIR/libvirt-bridge.json of the box's running bridge, else None."""
-    try:
-        info = json.loads((Path(box_dir) / BRIDGE_JSON).read_text())
-        pid, started = int(info["pid"]), int(info["start_time"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return info if alive(pid, started) else None
+    return live_record(Path(box_dir) / BRIDGE_JSON)
 
 
 def start_bridge(box_dir: Path, uri: str, uuid: str, port_name: str, agent_socket: Path,
@@ -333,14 +328,7 @@ def start_bridge(box_dir: Path, uri: str, uuid: str, port_name: str, agent_socke
 
 def stop_bridge(box_dir: Path, grace: float = 5.0) -> bool:
     """End the box's bridge and remove its record. True if one ran."""
-    info = live_bridge(box_dir)
-    stopped = False
-    if info is not None:
-        stopped = terminate(int(info["pid"]), int(info["start_time"]), grace)
-    if live_bridge(box_dir) is None:
-        with contextlib.suppress(OSError):
-            (Path(box_dir) / BRIDGE_JSON).unlink()
-    return stopped
+    return stop_recorded(Path(box_dir) / BRIDGE_JSON, grace)
 
 
 def ensure_bridge(box_dir: Path) -> bool:
