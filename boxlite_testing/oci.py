@@ -175,7 +175,15 @@ def write_dir(files: dict[str, bytes], dest: Path) -> Path:
     return dest
 
 
-def write_tar(files: dict[str, bytes], dest: Path) -> Path:
+def write_tar(
+    files: dict[str, bytes],
+    dest: Path,
+    *,
+    symlinks: dict[str, str] | None = None,
+    hardlinks: dict[str, str] | None = None,
+) -> Path:
+    """``files`` as a tar archive, then ``symlinks`` / ``hardlinks`` ({member: link target})
+    as link members (``docker save`` and skopeo link identical layers this way)."""
     with tarfile.open(dest, "w") as tar:
         for rel, data in files.items():
             if rel.startswith("_"):
@@ -184,6 +192,13 @@ def write_tar(files: dict[str, bytes], dest: Path) -> Path:
             info.size = len(data)
             info.mtime = T0
             tar.addfile(info, io.BytesIO(data))
+        for kind, links in ((tarfile.SYMTYPE, symlinks), (tarfile.LNKTYPE, hardlinks)):
+            for rel, target in (links or {}).items():
+                info = tarfile.TarInfo(rel)
+                info.type = kind
+                info.linkname = target
+                info.mtime = T0
+                tar.addfile(info)
     return dest
 
 

@@ -43,6 +43,8 @@ from .reference import normalize_reference
 
 #: a manifest or config bigger than this is not an image we want to parse
 MAX_JSON = 8 * 1024 * 1024
+#: links followed to reach one archive member (the kernel's limit for a path, 40)
+MAX_LINK_HOPS = 40
 
 ProgressFn = Callable[[str, float | None], None]
 
@@ -131,12 +133,53 @@ class _TarSource(_Source):
         for member in members:
             self.members[_norm(member.name)] = member
 
-    def _resolve(self, rel: str, hops: int = 0) -> tarfile.TarInfo | None:
-        member = self.members.get(_norm(rel))
-        if member is not None and (member.issym() or member.islnk()) and hops < 8:
-            # docker save links identical layers; follow inside the archive only
-            base = PurePosixPath(_norm(rel)).parent if member.issym() else PurePosixPath()
-            return self._resolve(str(base / member.linkname), hops + 1)
+    def _resolve(self, rel: str) -> tarfile.TarInfo | None:
+        """The regular member that ``rel`` names, following links inside the archive.
+
+        ``docker save`` writes one copy of identical layers and links the others to it
+        (``ID/layer.tar -> ../OTHER/layer.tar``; skopeo: ``../DIGEST.tar``), so links are
+        followed the way a file system would after extraction, but lexically and never
+        leaving the archive: a symlink's target is read relative to its own directory, ``..``
+        is collapsed, a hardlink names a member from the archive root, and a link on a
+        directory on the way is followed too.
+
+        Returns None when nothing (or no regular file) is there. Raises ImageError for a link
+        that climbs out of the archive (``..`` past its root, or an absolute target) and for
+        a chain longer than :data:`MAX_LINK_HOPS` (a loop).
+        """
+        todo = [p for p in rel.split("/") if p not in ("", ".")]
+        done: list[str] = []
+        hops = 0
+        while todo:
+            part = todo.pop(0)
+            if part == "..":
+                if not done:
+                    raise ImageError(
+                        f"{self.label}: {rel!r} leads outside the archive through a link; "
+                        "the archive is malformed: save the image again"
+                    )
+                done.pop()
+                continue
+            member = self.members.get("/".join([*done, part]))
+            if member is None or not (member.issym() or member.islnk()):
+                done.append(part)
+                continue
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                raise ImageError(
+                    f"{self.label}: {rel!r}: more than {MAX_LINK_HOPS} links to follow (a link "
+                    "loop); the archive is malformed: save the image again"
+                )
+            target = member.linkname
+            if target.startswith("/"):
+                raise ImageError(
+                    f"{self.label}: {member.name!r} links to the absolute path {target!r}, "
+                    "outside the archive; the archive is malformed: save the image again"
+                )
+            if member.islnk():  # a hardlink names a member from the archive root
+                done = []
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+        member = self.members.get("/".join(done))
         return member if member is not None and member.isreg() else None
 
     def exists(self, rel: str) -> bool:
