@@ -21,12 +21,11 @@ Two modes:
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
 import shutil
 import stat
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -34,6 +33,7 @@ import attrs
 
 from ..diskspace import ensure_free
 from ..errors import ImageError
+from .compression import DECODE_ERRORS, decompressed
 from .oci import LAYER_MEDIA_TYPES
 
 if TYPE_CHECKING:
@@ -68,32 +68,6 @@ class ApplyStats:
 
 def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-@contextlib.contextmanager
-def decompressed(fh: BinaryIO, layer_name: str) -> Iterator[BinaryIO]:
-    """Yield the uncompressed tar stream of a layer, whatever its compression.
-
-    Detected by magic bytes, not media type: docker-save tars and some registries label
-    layers loosely, and the bytes do not lie.
-    """
-    peek = getattr(fh, "peek", None)
-    head = peek(4)[:4] if peek else b""
-    if head[:2] == b"\x1f\x8b":
-        with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
-            yield gz  # type: ignore[misc]
-    elif head == b"\x28\xb5\x2f\xfd":
-        try:
-            import zstandard  # type: ignore[import-not-found]
-        except ImportError:
-            raise ImageError(
-                f"layer {layer_name} is zstd-compressed and the zstandard module is not "
-                "installed; install it: pip install zstandard"
-            ) from None
-        with zstandard.ZstdDecompressor().stream_reader(fh) as zs:
-            yield zs
-    else:
-        yield fh
 
 
 def _split_member(name: str, layer_name: str) -> list[str]:
@@ -396,7 +370,7 @@ def apply_layer_stream(
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 return applier.apply(tar)
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile) as exc:
+        except DECODE_ERRORS as exc:
             raise ImageError(f"layer {layer_name} is not a valid tar archive: {exc}") from exc
 
 
