@@ -46,7 +46,8 @@ def chrdev(name: str, major: int = 1, minor: int = 3) -> dict[str, Any]:
 
 
 def layer_tar(entries: list[dict[str, Any]]) -> bytes:
-    """An uncompressed layer tar holding ``entries`` in the given order."""
+    """An uncompressed layer tar holding ``entries`` in the given order (an entry's
+    ``xattrs`` ({name: value}) go in PAX ``SCHILY.xattr.*`` headers, as docker writes them)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for e in entries:
@@ -55,6 +56,7 @@ def layer_tar(entries: list[dict[str, Any]]) -> bytes:
             info.uid = e.get("uid", 0)
             info.gid = e.get("gid", 0)
             info.mode = e.get("mode", 0o644)
+            info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in e.get("xattrs", {}).items()}
             data = None
             kind = e["kind"]
             if kind == "file":

@@ -16,6 +16,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+from .static_helper import build_static_helper
+
 __all__ = [
     "PLANTED_EXECUTABLES",
     "PLANT_SCRIPT",
@@ -88,18 +90,7 @@ def build_privilege_helper(where: Path) -> Path | None:
     """Compile :data:`PRIVILEGE_HELPER_C` static into ``where``; None when this host has no C
     compiler with a static libc (Debian: gcc, libc6-dev) — the checks that need it are then
     left out, the others still run."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        return None
-    (where / "helper.c").write_text(PRIVILEGE_HELPER_C)
-    try:
-        subprocess.run(
-            [gcc, "-static", "-O1", "-o", str(where / "helper"), str(where / "helper.c")],
-            check=True, timeout=120, capture_output=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return where / "helper"
+    return build_static_helper(PRIVILEGE_HELPER_C, where, "helper")
 
 
 def _run_as_nobody(path: Path, args: list[str]) -> subprocess.CompletedProcess[str] | None:

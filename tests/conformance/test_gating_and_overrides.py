@@ -73,6 +73,7 @@ def test_host_requirements_are_named_with_their_reason() -> None:
     from boxlite_conformance.requirements import (
         AUTO_IDMAP,
         HOST_REQUIREMENTS,
+        LAYER_WHITEOUTS,
         SHARER_SERVES,
         TEST_WORLD,
         Requirements,
@@ -81,7 +82,9 @@ def test_host_requirements_are_named_with_their_reason() -> None:
     from boxlite_core.plugins import PluginRegistry
     from boxlite_core.vmm.spec import Capability
 
-    assert set(HOST_REQUIREMENTS) == {AUTO_IDMAP.name, SHARER_SERVES.name, TEST_WORLD.name}
+    assert set(HOST_REQUIREMENTS) == {
+        AUTO_IDMAP.name, SHARER_SERVES.name, TEST_WORLD.name, LAYER_WHITEOUTS.name
+    }
     assert SHARER_SERVES.strict and TEST_WORLD.strict and not AUTO_IDMAP.strict
     caps = frozenset({Capability.NINEP, Capability.VIRTIOFS})
     req = Requirements("b", caps, PluginRegistry(load_entry_points=False))

@@ -18,13 +18,14 @@ import pytest
 
 from boxlite_core.vmm.spec import Capability
 
-from .. import guest_probe
-from ..boxes import BoxPool
+from .. import guest_probe, layered_image
+from ..boxes import IMAGE, BoxPool
 from ..markers import needs_host, requires, tier
-from ..requirements import AUTO_IDMAP, SHARER_SERVES, Requirements
+from ..requirements import AUTO_IDMAP, LAYER_WHITEOUTS, SHARER_SERVES, Requirements
 from ..share_privilege import PLANT_SCRIPT, build_privilege_helper, privilege_problems
+from ..static_helper import NO_COMPILER
 
-__all__ = ["TestCopy", "TestRootfsStrategies", "TestVolumes"]
+__all__ = ["TestCopy", "TestRootfsStrategies", "TestStrategyEquivalence", "TestVolumes"]
 
 _ANY_SHARER = requires(Capability.NINEP, Capability.VIRTIOFS, any_of=True)
 #: a rootfs through a share needs one of the declared sharers to work on this host
@@ -78,6 +79,85 @@ class TestRootfsStrategies:
         box = _rootfs_box(box_pool, conformance_requirements, strategy)
         guest_probe.run(box, ["sh", "-c", f"mkdir -p /var/c && echo {strategy} > /var/c/f"])
         assert guest_probe.run(box, ["cat", "/var/c/f"]) == f"{strategy}\n"
+
+
+#: the image TestStrategyEquivalence boots (layered_image: built and imported once a run)
+_LAYERED_REF = "conformance-layered:1"
+
+
+def _layered_image(pool: BoxPool) -> bool:
+    """Import the layered image into the pool's runtime (once); True when it carries the
+    xattr helper (a C compiler was there to build it)."""
+
+    def make() -> bool:
+        work = Path(tempfile.mkdtemp(prefix="boxlite-conformance-layered-"))
+        try:
+            store = pool.runtime.images
+            base = store.get(IMAGE)
+            base_layers = [
+                (store.blobs.path(x.digest).read_bytes(), x.media_type) for x in base.layers
+            ]
+            helper = layered_image.build_xattr_helper(work)
+            layout = layered_image.write_layout(
+                work / "layout", store.config_json(base), base_layers,
+                layered_image.layers(helper), _LAYERED_REF,
+            )  # fmt: skip
+            store.import_path(layout, name=_LAYERED_REF)
+            return helper is not None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    return bool(pool.remember("layered-image", make))
+
+
+def _layered_box(pool: BoxPool, strategy: str) -> Any:
+    _layered_image(pool)
+    return pool.shared(
+        f"layered-{strategy}", memory_mib=256, rootfs=strategy, image=_LAYERED_REF
+    )
+
+
+@tier(2)
+@pytest.mark.vm
+@needs_host(LAYER_WHITEOUTS.name)
+@pytest.mark.parametrize("strategy", _STRATEGY_PARAMS)
+class TestStrategyEquivalence:
+    """Every rootfs strategy shows one image the same: an image whose layers have
+    whiteouts, opaque directories (nested, top-level), hardlinks across layers, symlinks and
+    xattrs (layered_image), read in the guest and compared with the view the OCI layer rules
+    give (worked out by hand, so strategies agreeing on a wrong view still fail)."""
+
+    conformance_group_by = "strategy"
+
+    def test_tree_follows_the_layer_rules(self, box_pool: BoxPool, strategy: str) -> None:
+        box = _layered_box(box_pool, strategy)
+        out = guest_probe.run(box, ["sh", "-c", layered_image.LISTING_SCRIPT], timeout=120)
+        seen = layered_image.parse_listing(out)
+        want = layered_image.EXPECTED
+        extra, missing = sorted(set(seen) - set(want)), sorted(set(want) - set(seen))
+        wrong = {
+            path: f"shows {seen[path]!r}, the layers make {line!r}"
+            for path, line in want.items()
+            if line is not None and path in seen and seen[path] != line
+        }
+        assert not (extra or missing or wrong), (
+            f"rootfs {strategy!r} shows the layered image differently from the OCI layer "
+            f"rules: entries that should be gone {extra}, entries missing {missing}, "
+            f"differing {wrong}"
+        )
+
+    def test_user_xattrs_follow_the_layer_rules(self, box_pool: BoxPool, strategy: str) -> None:
+        if not _layered_image(box_pool):
+            pytest.skip(f"the guest's xattr lister could not be built: {NO_COMPILER}")
+        box = _layered_box(box_pool, strategy)
+        paths = sorted(layered_image.EXPECTED)
+        out = guest_probe.run(box, ["sh", "-c", f'cd / && exec {layered_image.XATTR_HELPER} "$@"',
+                                    "lsxattr", *paths])  # fmt: skip
+        seen = layered_image.parse_xattrs(out)
+        assert seen == layered_image.EXPECTED_XATTRS, (
+            f"rootfs {strategy!r}: user xattrs {seen}, the layers set "
+            f"{layered_image.EXPECTED_XATTRS}"
+        )
 
 
 @attrs.frozen
