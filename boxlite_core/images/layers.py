@@ -27,6 +27,7 @@ Two modes:
 xattrs named ``user.overlay.*`` are dropped from every layer in both modes: overlayfs reads
 them as its own metadata, and the three strategies must show the same files.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,16 +116,17 @@ def resolve_in_root(root: str, parts: list[str], *, follow_last: bool) -> list[s
     return LayerView((root,), overlay=False).resolve(parts, follow_last=follow_last)
 
 
-def _remove(path: str) -> None:
-    """Remove whatever is at path (never following a symlink)."""
+def _remove(path: str) -> os.stat_result | None:
+    """Remove whatever is at path (never following a symlink); return what it was."""
     try:
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
-        return
+        return None
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(path)
     else:
         os.unlink(path)
+    return st
 
 
 class _Applier:
@@ -159,6 +161,9 @@ class _Applier:
         self._unchecked = SPACE_CHECK_EVERY
         #: lower layer index → inode → its paths there (hardlink groups, built when needed)
         self._inodes: dict[int, dict[int, list[list[str]]]] = {}
+        #: member parent → its resolved components; most members share a few parents, and a
+        #: lookup through every layer is the costly part (cleared by whatever changes one)
+        self._parents: dict[tuple[str, ...], list[str]] = {}
 
     # -- paths -------------------------------------------------------------------------
     def _abs(self, parts: list[str]) -> str:
@@ -177,16 +182,19 @@ class _Applier:
                 st = None
             if st is not None and self.overlay and is_whiteout(st):
                 os.unlink(path)
+                self._changed()
                 os.mkdir(path, 0o755)
                 os.setxattr(path, OVERLAY_OPAQUE_XATTR, b"y", follow_symlinks=False)
                 continue
-            below = self.view.lookup(parts[:i], start=1) if st is None and self.overlay else None
-            if st is None and (below is None or stat.S_ISDIR(below.st.st_mode)):
-                os.mkdir(path, 0o755)
-                if below is not None:
-                    self._copy_attributes(below, path)
-                continue
-            if not stat.S_ISDIR((st or below.st).st_mode):  # type: ignore[union-attr]
+            if st is None:
+                below = self.view.lookup(parts[:i], start=1) if self.overlay else None
+                if below is None or stat.S_ISDIR(below.st.st_mode):
+                    os.mkdir(path, 0o755)
+                    if below is not None:
+                        self._copy_attributes(below, path)
+                    continue
+                st = below.st  # a lower non-directory: as malformed as in merged mode
+            if not stat.S_ISDIR(st.st_mode):
                 raise ImageError(
                     f"layer {self.layer}: {'/'.join(parts)!r} needs {'/'.join(parts[:i])!r} "
                     "to be a directory but it is not; the image is malformed"
@@ -196,8 +204,22 @@ class _Applier:
         parts = _split_member(member.name, self.layer)
         if not parts:
             return []
-        parent = self.view.resolve(parts[:-1], follow_last=True)
+        key = tuple(parts[:-1])
+        parent = self._parents.get(key)
+        if parent is None:
+            parent = self._parents[key] = self.view.resolve(parts[:-1], follow_last=True)
         return [*parent, parts[-1]]
+
+    def _replace(self, path: str) -> None:
+        """Remove what is at ``path`` before something new goes there. Only a regular file
+        never changes how a path resolves; anything else forgets the resolved parents."""
+        old = _remove(path)
+        if old is not None and not stat.S_ISREG(old.st_mode):
+            self._changed()
+
+    def _changed(self) -> None:
+        """A symlink, directory, whiteout or opaque mark changed: resolve parents anew."""
+        self._parents.clear()
 
     # -- metadata ----------------------------------------------------------------------
     def _metadata(self, path: str, member: tarfile.TarInfo) -> None:
@@ -255,7 +277,7 @@ class _Applier:
             with contextlib.suppress(FileNotFoundError):
                 st = os.lstat(path)
             if st is None or not stat.S_ISDIR(st.st_mode):
-                _remove(path)
+                self._replace(path)
                 os.mkdir(path, 0o700)
                 if st is not None and self.overlay and is_whiteout(st):
                     # re-created after this layer deleted it: nothing below may show through
@@ -267,7 +289,7 @@ class _Applier:
                     f"layer {self.layer} exceeds the size limit of {self.size_limit} bytes "
                     f"(at {member.name!r}); raise the limit or use a smaller image"
                 )
-            _remove(path)
+            self._replace(path)
             # a small gzip layer can decompress to anything: check space as the tree grows
             # (between checks at most SPACE_CHECK_EVERY more is written: the reserve covers it)
             self._unchecked += member.size
@@ -283,8 +305,9 @@ class _Applier:
             self.stats.files += 1
             self.stats.bytes += member.size
         elif member.issym():
-            _remove(path)
+            self._replace(path)
             os.symlink(member.linkname, path)
+            self._changed()
             self.stats.symlinks += 1
         elif member.islnk():
             self._hardlink(member, parts, path)
@@ -294,12 +317,12 @@ class _Applier:
             if not (self.allow_devices and self.is_root):
                 self.stats.skipped_devices += 1
                 return
-            _remove(path)
+            self._replace(path)
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
             os.mknod(path, kind | 0o600, os.makedev(member.devmajor, member.devminor))
             self.stats.devices += 1
         elif member.isfifo():
-            _remove(path)
+            self._replace(path)
             os.mkfifo(path, 0o600)
         else:
             return  # unknown types (e.g. GNU volume headers) carry no file
@@ -327,8 +350,9 @@ class _Applier:
             return
         if entry.layer != 0:  # overlay mode, the file is a lower layer's: copy it up first
             self._copy_up(src_parts, entry)
-        _remove(path)
+        self._replace(path)
         os.link(self._abs(src_parts), path, follow_symlinks=False)
+        self._changed()  # a link to a symlink is one
         self.stats.hardlinks += 1
 
     def _copy_up(self, parts: list[str], entry: Entry) -> None:
@@ -339,6 +363,7 @@ class _Applier:
         copy too, so a link chain across layers counts every name, as one directory does.
         """
         self._copy_file(parts, entry)
+        self._changed()
         if entry.st.st_nlink < 2:
             return
         for other in self._names_of(entry):
@@ -400,6 +425,7 @@ class _Applier:
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
     def _whiteout(self, parts: list[str]) -> None:
+        self._changed()
         parent = parts[:-1]
         base = parts[-1]
         if base == OPAQUE_MARKER:
@@ -416,7 +442,7 @@ class _Applier:
         victim = [*parent, name]
         if "/".join(victim) in self.written:
             return  # whiteouts hide lower layers only
-        _remove(self._abs(victim))
+        self._replace(self._abs(victim))
         if self.overlay and self.view.lookup(victim, start=1) is None:
             return  # nothing below to hide: no marker (merged mode has nothing to delete)
         self.stats.whiteouts += 1
@@ -436,7 +462,7 @@ class _Applier:
             rel = f"{prefix}/{name}" if prefix else name
             path = os.path.join(directory, name)
             if rel not in self.touched:
-                _remove(path)
+                self._replace(path)
             elif stat.S_ISDIR(os.lstat(path).st_mode):
                 self._clear_lower([*parts, name])
 

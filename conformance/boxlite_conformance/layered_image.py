@@ -28,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,9 @@ __all__ = [
     "LISTING_SCRIPT",
     "XATTR_HELPER",
     "build_xattr_helper",
+    "import_into",
     "parse_listing",
+    "parse_xattrs",
     "write_layout",
 ]
 
@@ -240,8 +244,13 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def write_layout(dest: Path, base_config: dict[str, Any], base_layers: list[tuple[bytes, str]],
-                 new_layers: list[bytes], ref: str) -> Path:
+def write_layout(
+    dest: Path,
+    base_config: dict[str, Any],
+    base_layers: list[tuple[bytes, str]],
+    new_layers: list[bytes],
+    ref: str,
+) -> Path:
     """An OCI image layout at ``dest``: ``base_layers`` ((blob, media type), bottom first,
     with ``base_config``'s diff IDs) and then ``new_layers`` (uncompressed tars)."""
     blobs: dict[str, bytes] = {}
@@ -274,6 +283,24 @@ def write_layout(dest: Path, base_config: dict[str, Any], base_layers: list[tupl
     (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     (dest / "index.json").write_text(json.dumps(index))
     return dest
+
+
+def import_into(store: Any, ref: str, base: str = "busybox") -> bool:
+    """Build the image on top of ``base`` and import it into ``store`` (a runtime's
+    ``images``) as ``ref``; True when it carries the xattr helper (a compiler was there)."""
+    work = Path(tempfile.mkdtemp(prefix="boxlite-layered-image-"))
+    try:
+        image = store.get(base)
+        base_layers = [
+            (store.blobs.path(x.digest).read_bytes(), x.media_type) for x in image.layers
+        ]
+        helper = build_xattr_helper(work)
+        layout = write_layout(work / "layout", store.config_json(image), base_layers,
+                              layers(helper), ref)  # fmt: skip
+        store.import_path(layout, name=ref)
+        return helper is not None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def parse_listing(text: str) -> dict[str, str]:

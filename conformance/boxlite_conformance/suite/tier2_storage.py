@@ -88,26 +88,9 @@ _LAYERED_REF = "conformance-layered:1"
 def _layered_image(pool: BoxPool) -> bool:
     """Import the layered image into the pool's runtime (once); True when it carries the
     xattr helper (a C compiler was there to build it)."""
-
-    def make() -> bool:
-        work = Path(tempfile.mkdtemp(prefix="boxlite-conformance-layered-"))
-        try:
-            store = pool.runtime.images
-            base = store.get(IMAGE)
-            base_layers = [
-                (store.blobs.path(x.digest).read_bytes(), x.media_type) for x in base.layers
-            ]
-            helper = layered_image.build_xattr_helper(work)
-            layout = layered_image.write_layout(
-                work / "layout", store.config_json(base), base_layers,
-                layered_image.layers(helper), _LAYERED_REF,
-            )  # fmt: skip
-            store.import_path(layout, name=_LAYERED_REF)
-            return helper is not None
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    return bool(pool.remember("layered-image", make))
+    return bool(pool.remember(
+        "layered-image", lambda: layered_image.import_into(pool.runtime.images, _LAYERED_REF, IMAGE)
+    ))  # fmt: skip
 
 
 def _layered_box(pool: BoxPool, strategy: str) -> Any:
