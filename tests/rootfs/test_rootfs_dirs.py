@@ -132,6 +132,7 @@ def test_layers_below_an_opaque_root_are_left_out(ctx, store, tmp_path: Path):
     cache = layer_cache_dir(ctx.home)
     chain = chain_keys([layer.digest for layer in image.layers])
     assert [(s.tag, s.host_path) for s in art.shares] == [
-        ("layer0", cache / chain[1][7:]), ("layer1", cache / chain[2][7:])
+        ("layer0", cache / chain[1][7:]),
+        ("layer1", cache / chain[2][7:]),
     ]
     assert art.guest == LayersRootfs((GuestShare("layer0"), GuestShare("layer1")), "bxupper")
