@@ -155,3 +155,27 @@ def test_long_chain_is_followed_up_to_the_limit(store, tmp_path: Path, hops: int
     else:
         with pytest.raises(ImageError, match="link loop"):
             store.import_path(path)
+
+
+def test_extracted_archive_directory_follows_the_same_links(store, db, tmp_path: Path):
+    """The same archive unpacked into a directory: the file system follows the links, and
+    one that climbs out of the directory is still refused."""
+    import tarfile
+
+    path = archive(
+        tmp_path,
+        {f"{A}/layer.tar": L1, f"{B}/layer.tar": L2},
+        [f"{A}/layer.tar", f"{B}/layer.tar", f"{C}/layer.tar"],
+        symlinks={f"{C}/layer.tar": f"../{A}/layer.tar"},
+    )
+    extracted = tmp_path / "extracted"
+    with tarfile.open(path) as tar:
+        tar.extractall(extracted, filter="tar")
+    check_imported(store, tmp_path, extracted)
+    (extracted / C / "layer.tar").unlink()
+    (extracted / C / "layer.tar").symlink_to("../../outside.tar")
+    (tmp_path / "outside.tar").write_bytes(L1)
+    store.remove("links:1")
+    with pytest.raises(ImageError, match="outside the image directory"):
+        store.import_path(extracted)
+    assert index_rows(db) == (0, 0)
