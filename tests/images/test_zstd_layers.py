@@ -109,3 +109,23 @@ def test_config_and_manifest_disagree_on_layer_count(store, db, tmp_path: Path):
     with pytest.raises(ImageError, match=r"config lists 3 layers .*manifest 2"):
         store.import_path(write_tar(files, tmp_path / "save.tar"))
     assert index_rows(db) == (0, 0)
+
+
+def test_cli_import_of_a_damaged_layer_is_one_error_and_no_box(tmp_path: Path):
+    """What a user sees: ``images import`` fails with one error naming the layer and the fix,
+    the image is not listed, and running it makes no box (nothing to fail later)."""
+    from boxlite_testing.cli import boxlite
+
+    home = tmp_path / "home"
+    blob = DAMAGED[0][1]
+    layout = write_dir(oci_layout_files([LOWER, UPPER], codec="zstd", damaged={1: blob}),
+                       tmp_path / "layout")  # fmt: skip
+    proc = boxlite("images", "import", str(layout), "--name", "damaged:1", home=home)
+    assert proc.returncode != 0
+    error = proc.stderr.strip().splitlines()[-1]  # after the progress lines
+    assert "cannot be decoded" in error and sha(blob) in error and "again" in error, error
+    assert proc.stderr.count("cannot be decoded") == 1
+    assert "damaged" not in boxlite("images", "ls", home=home).stdout
+    created = boxlite("create", "damaged:1", home=home)
+    assert created.returncode != 0
+    assert json.loads(boxlite("ls", "-a", "--json", home=home).stdout) == []
