@@ -129,3 +129,20 @@ def test_cli_import_of_a_damaged_layer_is_one_error_and_no_box(tmp_path: Path):
     created = boxlite("create", "damaged:1", home=home)
     assert created.returncode != 0
     assert json.loads(boxlite("ls", "-a", "--json", home=home).stdout) == []
+
+
+def test_export_keeps_zstd_layers_and_reimports_identical(store, tmp_path: Path):
+    from boxlite_core.images.export import export_image
+    from boxlite_core.images.store import ImageStore
+    from boxlite_core.state.db import Database
+
+    image = store.import_path(write_dir(oci_layout_files([LOWER, UPPER], codec="zstd"),
+                                        tmp_path / "layout"))  # fmt: skip
+    out = export_image(store, image.digest, tmp_path / "exported")
+    other_home = tmp_path / "other"
+    other = ImageStore(other_home, Database(other_home / "boxlite.db"))
+    again = other.import_path(out)
+    assert again.digest == image.digest
+    assert [x.media_type for x in again.layers] == [ZSTD, ZSTD]
+    apply_layers_merged(again, other.blobs, tmp_path / "root")
+    check_tree(tmp_path / "root")
