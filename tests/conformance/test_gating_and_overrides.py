@@ -83,7 +83,10 @@ def test_host_requirements_are_named_with_their_reason() -> None:
     from boxlite_core.vmm.spec import Capability
 
     assert set(HOST_REQUIREMENTS) == {
-        AUTO_IDMAP.name, SHARER_SERVES.name, TEST_WORLD.name, LAYER_WHITEOUTS.name
+        AUTO_IDMAP.name,
+        SHARER_SERVES.name,
+        TEST_WORLD.name,
+        LAYER_WHITEOUTS.name,
     }
     assert SHARER_SERVES.strict and TEST_WORLD.strict and not AUTO_IDMAP.strict
     caps = frozenset({Capability.NINEP, Capability.VIRTIOFS})

@@ -177,4 +177,3 @@ def test_not_an_archive(store, db, tmp_path: Path):
     with pytest.raises(ImageError, match="does not exist"):
         store.import_path(tmp_path / "nope")
     assert index_rows(db) == (0, 0)
-
