@@ -22,6 +22,7 @@ import attrs
 from .errors import ConfigError
 from .jsontypes import JsonObject as JsonObject  # re-exported: the usual import
 from .jsontypes import JsonValue as JsonValue
+from .proto.wire import RESERVED_GUEST_DIRS as _RESERVED_GUEST_DIRS
 
 if TYPE_CHECKING:
     from .network.policy import NetworkPolicy
@@ -91,10 +92,8 @@ def _check_abs_guest_path(field: str, value: str) -> None:
         raise invalid(field, value, "guest path must not contain '..' or NUL")
 
 
-#: guest directories a volume may not cover: the guest's kernel fills them (devices, procfs,
-#: sysfs). A host directory over /dev turns `>/dev/null` into a write to the host; over /proc
-#: or /sys it is silently hidden by the kernel's own mount, or hides the kernel's.
-RESERVED_GUEST_DIRS = ("/dev", "/proc", "/sys")
+#: guest directories a volume may not cover (defined with the wire: the agent checks them too)
+RESERVED_GUEST_DIRS = _RESERVED_GUEST_DIRS
 
 
 def normal_guest_path(value: str) -> str:
@@ -247,6 +246,26 @@ def _workdir_validator(_inst: object, _attr: object, value: str | None) -> None:
         _check_abs_guest_path("workdir", value)
 
 
+def _argv_converter(field: str, *, empty_is_unset: bool):
+    """A converter for an argv-like option: None stays None; a list/tuple of str becomes a
+    tuple. A bare string is refused (``"sh -c"`` would otherwise be split one way or another
+    behind the user's back: docker's API takes a list too)."""
+
+    def convert(value: object) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise invalid(field, value, "give a list of arguments, e.g. ['sh', '-c'], or None")
+        for item in value:
+            if not isinstance(item, str) or "\0" in item:
+                raise invalid(field, value, "each argument must be a string without NUL")
+        if empty_is_unset and not value:
+            return None
+        return tuple(value)
+
+    return convert
+
+
 def _volumes_converter(value: object) -> tuple[VolumeSpec, ...]:
     out = []
     for item in value or ():
@@ -266,6 +285,14 @@ def _volumes_validator(_inst: object, _attr: object, value: tuple[VolumeSpec, ..
             raise invalid("volume.guest_path", vol.guest_path,
                           "two volumes use the same guest path")
         seen.add(target)
+
+
+def _host_validator(_inst: object, _attr: object, value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()
+                              or len(value) > 1024
+                              or any(c.isspace() or ord(c) < 32 for c in value)):
+        raise invalid("host", value, "a backend's name for another machine, e.g. the libvirt "
+                                     "URI qemu+ssh://user@host/system (no spaces)")
 
 
 def _snapshot_validator(_inst: object, _attr: object, value: str | None) -> None:
@@ -355,6 +382,22 @@ class BoxOptions:
     #: the snapshot this box continues from on its first start (``boxlite snapshot ls``);
     #: its image, resources and volumes come from the snapshot's box
     snapshot: str | None = attrs.field(default=None, validator=_snapshot_validator)
+    #: the program the box's default command starts with, replacing the image's
+    #: Entrypoint (docker's ``--entrypoint``): None keeps the image's; ``[]`` clears it. As
+    #: in docker, setting it also drops the image's Cmd: only ``cmd`` follows it
+    entrypoint: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_argv_converter("entrypoint", empty_is_unset=False)
+    )
+    #: the arguments after the Entrypoint, replacing the image's Cmd (``boxlite run IMAGE --
+    #: ARGS``); None (or empty) keeps the image's Cmd. The whole rule:
+    #: :func:`boxlite_core.runtime.entrypoint.default_argv`
+    cmd: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_argv_converter("cmd", empty_is_unset=True)
+    )
+    #: the machine the box runs on, as its backend names one (libvirt: a connection URI such
+    #: as ``qemu+ssh://user@host/system``); None: this one (or the backend's default, e.g.
+    #: BOXLITE_LIBVIRT_URI). A box created there stays there: the record keeps it.
+    host: str | None = attrs.field(default=None, validator=_host_validator)
 
     def __attrs_post_init__(self) -> None:
         if not self.image:
@@ -366,6 +409,9 @@ class BoxOptions:
         data["volumes"] = [v.to_dict() for v in self.volumes]
         data["network"] = self.network.to_json()
         data["ports"] = [p.to_json() for p in self.ports]
+        for argv in ("entrypoint", "cmd"):
+            value = getattr(self, argv)
+            data[argv] = None if value is None else list(value)
         return data
 
     @classmethod

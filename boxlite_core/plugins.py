@@ -19,7 +19,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import ConfigError, NotFoundError, PluginError
+from .errors import ConfigError, NotFoundError, PluginError, UnsupportedError
 from .models import BoxOptions
 from .rootfs.base import RootfsStrategy
 from .vmm.base import VmmBackend
@@ -107,8 +107,11 @@ class PluginRegistry:
         self._backends: dict[str, _Registered] = {}
         self._strategies: dict[str, _Registered] = {}
         self._sharers: dict[str, _Registered] = {}
-        self._probes: dict[str, tuple[float, ProbeResult]] = {}
+        self._probes: dict[tuple[str, str], tuple[float, ProbeResult]] = {}
         self._probe_lock = threading.Lock()
+        #: (backend name, host) -> the backend's instance for that host (VmmBackend.for_host)
+        self._hosted: dict[tuple[str, str], VmmBackend] = {}
+        self._hosted_lock = threading.Lock()
         if load_entry_points:
             self._load_entry_points()
         else:
@@ -219,8 +222,30 @@ class PluginRegistry:
     def backend_plugin(self, name: str) -> str:
         return self._backends[name].plugin
 
-    def backend(self, name: str) -> VmmBackend:
-        return self._instance(self._backends, name, "VMM backend", VmmBackend)
+    def backend(self, name: str, host: str | None = None) -> VmmBackend:
+        """Backend ``name``; with ``host``, its instance for that machine (made once per
+        process by ``VmmBackend.for_host``; the default instance when it already runs boxes
+        there).
+
+        Raises:
+            NotFoundError: no backend ``name``.
+            UnsupportedError: the backend runs boxes on this machine only.
+            ConfigError: the backend cannot reach ``host`` as written.
+            PluginError: its ``for_host`` returned something else than a VmmBackend.
+        """
+        base = self._instance(self._backends, name, "VMM backend", VmmBackend)
+        if not host or host == base.remote_host:
+            return base
+        with self._hosted_lock:
+            made = self._hosted.get((name, host))
+            if made is None:
+                made = base.for_host(host)
+                if not isinstance(made, VmmBackend):
+                    raise PluginError(
+                        f"plugin {self._backends[name].plugin!r}: backend {name!r} for_host "
+                        f"returned {type(made).__name__}, not a VmmBackend")
+                self._hosted[(name, host)] = made
+            return made
 
     def strategy_names(self) -> list[str]:
         return sorted(self._strategies)
@@ -234,7 +259,7 @@ class PluginRegistry:
     def volume_sharer(self, name: str) -> VolumeSharer:
         return self._instance(self._sharers, name, "volume sharer", VolumeSharer)
 
-    def probe(self, name: str) -> ProbeResult:
+    def probe(self, name: str, host: str | None = None) -> ProbeResult:
         """Backend ``name``'s probe, reused for :data:`PROBE_TTL` seconds; a backend whose
         factory or probe raises is unavailable (the result says so and names its plugin).
 
@@ -242,18 +267,21 @@ class PluginRegistry:
         if name not in self._backends:
             self.backend(name)  # raises NotFoundError with the known names
         with self._probe_lock:  # concurrent starts probe once, not once each
-            cached = self._probes.get(name)
+            cached = self._probes.get((name, host or ""))
             if cached is not None and time.monotonic() - cached[0] < PROBE_TTL:
                 return cached[1]
             try:
-                result = self.backend(name).probe()
+                result = self.backend(name, host).probe()
+            except (UnsupportedError, ConfigError) as exc:  # for_host: not there, or not so
+                result = ProbeResult(False, reason=str(exc),
+                                     fix=f"check --host {host!r}, or pick another --backend")
             except Exception as exc:
                 result = ProbeResult(
                     False,
                     reason=f"backend raised while probing: {type(exc).__name__}: {exc}",
                     fix=f"report this to the maker of plugin {self._backends[name].plugin!r}",
                 )
-            self._probes[name] = (time.monotonic(), result)
+            self._probes[(name, host or "")] = (time.monotonic(), result)
             return result
 
     def probe_all(self) -> dict[str, ProbeResult]:
@@ -261,10 +289,20 @@ class PluginRegistry:
         return {name: self.probe(name) for name in self.backend_names()}
 
     def select_backend(self, options: BoxOptions) -> str:
-        """The backend a box gets: the one named in options, else the hook's choice."""
+        """The backend a box gets: the one named in options, else (with ``options.host``)
+        the first whose instance for that host probes available, else the hook's choice."""
         if options.backend:
             self.backend(options.backend)  # raises NotFoundError with the known names
             return options.backend
+        if options.host:  # the first backend that runs boxes there
+            reasons = []
+            for name in self.backend_names():
+                result = self.probe(name, options.host)
+                if result.available:
+                    return name
+                reasons.append(f"{name}: {result.reason}")
+            raise ConfigError(f"no backend can run boxes on host {options.host!r} "
+                              f"({'; '.join(reasons) or 'none registered'})")
         probes = LazyProbes(self)
         choice = self.pm.hook.boxlite_select_backend(options=options, probes=probes)
         if not choice:

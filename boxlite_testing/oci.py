@@ -135,13 +135,16 @@ def oci_layout_files(
     codec: str | None = None,
     extra_platforms: tuple[str, ...] = (),
     damaged: dict[int, bytes] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, bytes]:
     """{relative path: bytes} of an OCI image layout. Layers are gzip-compressed, or stored
     as they are with ``gzip_layers=False``, or compressed with ``codec`` ("gzip", "zstd")
     when given. ``extra_platforms`` adds decoy manifests for other architectures (listed
     first, so picking the first would be wrong). ``damaged`` ({index: blob}) stores those
     bytes as layer ``index``: the manifest's digest matches them, the config keeps the
-    intact layer's diff ID (an image damaged before it was saved or pushed)."""
+    intact layer's diff ID (an image damaged before it was saved or pushed). ``config``:
+    keys of the image config's ``config`` object over the defaults (``Env`` PATH=/bin,
+    ``Cmd`` sh); a key set to None is left out."""
     files: dict[str, bytes] = {}
 
     def put(data: bytes) -> str:
@@ -152,7 +155,9 @@ def oci_layout_files(
     if codec is None and gzip_layers:
         codec = "gzip"
     compressed = [compress_layer(x, codec) for x in layers]
-    cfg = json.dumps(config_for([blob for blob, _mt in compressed])).encode()
+    image_config = config_for([blob for blob, _mt in compressed], **(config or {}))
+    image_config["config"] = {k: v for k, v in image_config["config"].items() if v is not None}
+    cfg = json.dumps(image_config).encode()
     for i, blob in (damaged or {}).items():
         compressed[i] = (blob, compressed[i][1])
     layer_descs = [{"mediaType": mt, "digest": put(r), "size": len(r)} for r, mt in compressed]

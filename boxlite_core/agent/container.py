@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import libc
+from ..proto.wire import RESERVED_GUEST_DIRS
+from . import libc, rootpath
 from .blockdev import flush_block_device
 from .pid1 import log
 
@@ -69,6 +70,34 @@ def safe_join(root: str, path: str) -> str:
         if os.path.islink(current):
             raise ValueError(f"path {path!r} goes through a symlink in the container ({part!r})")
     return current
+
+
+def volume_target(root: str, guest_path: str) -> str:
+    """Where a volume for ``guest_path`` mounts: the path resolved inside the container's
+    root with chroot semantics (rootpath.resolve: ``/var/run -> /run`` is followed, an
+    absolute link restarts at the root, ``..`` stops there), missing directories created.
+
+    Raises:
+        ValueError: the path is relative, resolves to the root or into a reserved directory
+            (/dev, /proc, /sys: a symlink in the image may lead there), meets a file or a
+            link cycle, or cannot be created; the message names the volume's path.
+    """
+    what = f"volume guest path {guest_path!r}"
+    if not guest_path.startswith("/"):
+        raise ValueError(f"{what} must be absolute")
+    try:
+        target, _created = rootpath.resolve(root, guest_path, create=True)
+    except OSError as exc:
+        raise ValueError(f"{what}: {rootpath.describe(exc, guest_path)}") from None
+    inside = rootpath.in_container(root, target)
+    via = "" if inside == rootpath.normal(guest_path) else " (through a symlink in the image)"
+    if inside == "/":
+        raise ValueError(f"{what} resolves to the container's root{via}; mount it elsewhere")
+    for reserved in RESERVED_GUEST_DIRS:
+        if inside == reserved or inside.startswith(reserved + "/"):
+            raise ValueError(f"{what} resolves to {inside}{via}: {reserved} is reserved for "
+                             "the guest kernel; mount the volume elsewhere")
+    return target
 
 
 def _mkdirs(path: str, mode: int = 0o755) -> None:
@@ -187,10 +216,7 @@ def init_container(state_dir: str, cfg) -> str:
         raise ValueError("InitRequest has no rootfs (set disk, share or layers)")
     setup_pseudo_fs(root)
     for vol in cfg.volumes:
-        if not vol.guest_path.startswith("/"):
-            raise ValueError(f"volume {vol.tag!r}: guest_path {vol.guest_path!r} must be absolute")
-        target = safe_join(root, vol.guest_path)
-        _mkdirs(target)
+        target = volume_target(root, vol.guest_path)
         mount_share(
             vol.tag, vol.fstype, target, read_only=vol.read_only, options=vol.options, volume=True
         )

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import deque
 
-from . import libc, terminal, users
+from . import libc, rootpath, terminal, users
 from .pid1 import Reaper, log
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -571,6 +571,7 @@ def _stage_b(root: str, args, env, cwd, user, tty=False) -> None:
             pass
         libc.mount("proc", "/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
         ident = users.resolve(user)
+        _make_working_directory(cwd, ident)
         env = dict(env)
         env.setdefault("PATH", DEFAULT_PATH)
         env.setdefault("HOME", ident.home)
@@ -594,6 +595,9 @@ def _stage_b(root: str, args, env, cwd, user, tty=False) -> None:
         while chunk := os.read(err_r, 4096):
             problem += chunk
         os.close(err_r)
+    except ExecError as exc:  # said for the user already
+        _send(STATUS_FD, b"E", str(exc))
+        os._exit(127)
     except BaseException as exc:
         _send(STATUS_FD, b"E", f"exec setup failed: {exc}")
         os._exit(127)
@@ -611,6 +615,26 @@ def _stage_b(root: str, args, env, cwd, user, tty=False) -> None:
         if pid == child:
             _send(STATUS_FD, b"X", status)
             os._exit(0)
+
+
+def _make_working_directory(cwd: str, ident: users.Identity) -> None:
+    """Create a missing working directory in the (chrooted) container before the program
+    runs there, as runc (``MkdirAll(cwd, 0755)`` in prepareRootfs) and docker
+    (``SetupWorkingDirectory``) do: components resolved inside the root (rootpath), missing
+    ones made 0755. The last one created is given to the exec's user, as podman does
+    (``resolveWorkDir``), so a non-root user can write where it was put; runc and docker leave
+    it root's. An existing directory is left as it is.
+
+    Raises:
+        ExecError: the path meets a file, a link cycle, or cannot be created (read-only
+            root), naming the path.
+    """
+    try:
+        _real, created = rootpath.resolve("/", cwd or "/", create=True)
+    except OSError as exc:
+        raise ExecError(f"working directory {cwd!r}: {rootpath.describe(exc, cwd)}") from None
+    if created:
+        os.chown(created[-1], ident.uid, ident.gid)
 
 
 def _stage_c(err_w: int, args, env, cwd, ident, tty=False) -> None:

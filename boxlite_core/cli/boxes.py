@@ -23,19 +23,28 @@ from .progress import Reporter
 @click.option("--json", "as_json", is_flag=True)
 def ls(show_all: bool, as_json: bool) -> int:
     """List boxes (running ones; -a for all)."""
-    records = runtime().list(all=show_all)
+    rt = runtime()
+    records = rt.list(all=show_all)
     if as_json:
         emit_json([r.to_dict() for r in records])
         return 0
+    hosts = any(r.options.host for r in records)  # a HOST column only when one is elsewhere
     rows = []
     for r in records:
         status = r.status.value
-        if r.status is BoxStatus.FAILED and r.error:
+        unreachable = rt.host_problem(r) if r.options.host and r.status.may_have_vm else None
+        if unreachable:  # its record is kept as it was: nothing is known, nothing settled
+            status = f"unknown ({one_line(unreachable)[:80]}; recorded: {r.status.value})"
+        elif r.status is BoxStatus.FAILED and r.error:
             status += f" ({one_line(r.error)[:60]})"
         elif r.status is BoxStatus.STARTING:  # where it is, or that its starter is gone
             status += f" ({'abandoned, ' if r.abandoned else ''}{r.stage or 'queued'})"
-        rows.append([r.id, r.name, r.image, r.backend or "-", ago(r.created_at), status])
-    table(rows, ["ID", "NAME", "IMAGE", "BACKEND", "CREATED", "STATUS"])
+        row = [r.id, r.name, r.image, r.backend or "-"]
+        if hosts:
+            row.append(r.options.host or "-")
+        rows.append([*row, ago(r.created_at), status])
+    table(rows, ["ID", "NAME", "IMAGE", "BACKEND", *(["HOST"] if hosts else []), "CREATED",
+                 "STATUS"])
     return 0
 
 

@@ -32,6 +32,11 @@ def guest_build(force: bool) -> int:
     if removed:
         click.echo(f"removed {len(removed)} boot template(s): broken or of other guest kits",
                    err=True)
+    from ..runtime.runtime import Runtime
+
+    with Runtime(home) as rt:  # the old kit's files on other machines boxes run on
+        for host, name in rt.prune_hosts():
+            click.echo(f"deleted on {host}: {name}", err=True)
     click.echo(f"{kit.kit_id} {kit.directory}")
     return 0
 

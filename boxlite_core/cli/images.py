@@ -60,7 +60,8 @@ def images_rm(ref: str) -> int:
 
 @images.command("prune")
 def images_prune() -> int:
-    """Remove images no box uses, and blobs no image needs."""
+    """Remove images no box uses, blobs no image needs, and files no VM uses on the other
+    machines boxes run on (`--host`)."""
     from ..images.prune import prune
 
     rt = runtime()
@@ -72,6 +73,8 @@ def images_prune() -> int:
         f"removed {len(result.removed_images)} images, {len(result.removed_blobs)} blobs, "
         f"reclaimed {result.reclaimed_bytes / 1e6:.1f} MB"
     )
+    for host, name in rt.prune_hosts():  # what other machines keep for boxes of ours
+        click.echo(f"deleted on {host}: {name}")
     return 0
 
 

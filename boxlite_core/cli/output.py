@@ -8,12 +8,14 @@ raw, an escape sequence in it would drive the user's terminal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 import click
 
@@ -50,6 +52,21 @@ def one_line(message: str) -> str:
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 1] + "…"
     return text or "unknown error"
+
+
+@contextlib.contextmanager
+def warnings_on_stderr() -> Iterator[None]:
+    """Print each Python warning raised inside as one ``boxlite: warning: …`` line on stderr
+    (escaped like errors), instead of Python's default file:line format."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                with contextlib.suppress(OSError):
+                    print(f"boxlite: warning: {one_line(str(warning.message))}",
+                          file=sys.stderr, flush=True)
 
 
 def error(message: str) -> None:

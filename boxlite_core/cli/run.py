@@ -25,7 +25,14 @@ import click
 from ..errors import BoxliteError, ConfigError, NotFoundError
 from ..models import BoxOptions, BoxStatus, check_timeout
 from .context import runtime
-from .output import EXIT_BROKEN_PIPE, MAX_ERROR_CHARS, inert, one_line, silence_stdout
+from .output import (
+    EXIT_BROKEN_PIPE,
+    MAX_ERROR_CHARS,
+    inert,
+    one_line,
+    silence_stdout,
+    warnings_on_stderr,
+)
 from .progress import Reporter
 from .signals import GATE, KILL_GRACE
 
@@ -191,16 +198,24 @@ _EXEC_CONTEXT = {"allow_interspersed_args": False}
 #: (the runtime refuses an image, cpus, memory, volumes... that differ from the snapshot's)
 _BOX_OPTIONS = (
     click.option("--backend", default=None, help="VMM backend (see `boxlite backends`)"),
+    click.option("--host", default=None, metavar="URI",
+                 help="run the box on another machine, as the backend reaches it (libvirt: "
+                      "qemu+ssh://user@host/system); -v paths are then that machine's"),
     click.option("--rm", "auto_remove", is_flag=True, help="remove the box when it stops"),
     click.option("--name", default=None, help="box name (unique)"),
     click.option("-v", "--volume", "volumes", multiple=True, help="HOST:GUEST[:ro]"),
     click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE"),
     click.option("-w", "--workdir", default=None, help="working directory in the box"),
     click.option("-u", "--user", default=None, help="user[:group] in the box"),
+    click.option("--entrypoint", default=None, metavar="PROGRAM",
+                 help="replace the image's Entrypoint (and drop its Cmd, as docker does); "
+                      "'' clears it"),
     click.option("--cpus", type=int, default=None, help="[default: 1]"),
     click.option("--memory", "memory", type=int, default=None, help="MiB  [default: 512]"),
     click.option("--rootfs", default=None, help="disk | merged | layers  [default: disk]"),
-    click.option("--sharer", default=None, help="volume sharer: virtiofs | 9p"),
+    click.option("--sharer", default=None,
+                 help="volume sharer: virtiofs | 9p (its limitations are printed)  "
+                      "[default: virtiofs where virtiofsd runs, else 9p]"),
     click.option("--console-log-max-mib", "console_mib", type=int, default=None,
                  help="cap of each guest console file on the host (rotated, 3 kept)  "
                       "[default: 4]"),
@@ -235,10 +250,15 @@ def box_options(
     workdir: str | None, user: str | None, cpus: int | None, memory: int | None,
     rootfs: str | None, sharer: str | None, console_mib: int | None,
     allow_net: tuple[str, ...] = (), network: str | None = None, publish: tuple[str, ...] = (),
+    entrypoint: str | None = None, cmd: Sequence[str] = (),
+    host: str | None = None,
 ) -> tuple[BoxOptions, frozenset[str]]:
     """The BoxOptions of `run`/`create` and the names of the fields the user set: only those
     are passed, so a box from ``snapshot`` is refused an option only when the user gave one
     (never for a CLI default).
+
+    ``entrypoint``: ``--entrypoint``, one program as docker takes it (never split; '' clears
+    the image's); ``cmd``: `run`'s arguments after IMAGE (they replace the image's Cmd).
 
     Raises:
         ConfigError: an invalid option, or -e KEY not set on the host (:func:`parse_env`).
@@ -247,6 +267,9 @@ def box_options(
         "image": image, "backend": backend, "cpus": cpus, "memory_mib": memory,
         "workdir": workdir, "user": user, "name": name, "rootfs": rootfs,
         "volume_sharer": sharer, "console_log_max_mib": console_mib, "snapshot": snapshot,
+        "entrypoint": None if entrypoint is None else tuple(a for a in (entrypoint,) if a),
+        "cmd": tuple(cmd) or None,
+        "host": host,
     }
     set_options = {key: value for key, value in given.items() if value is not None}
     if allow_net or network is not None:
@@ -303,13 +326,18 @@ def split_image(args: Sequence[str], snapshot: str | None) -> tuple[str | None, 
               help="run the command on a terminal (with -i: ours, raw; ^P ^Q detaches "
                    "unless --rm)")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[IMAGE] [CMD]...")
-def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
+def run(backend: str | None, host: str | None, auto_remove: bool, detach: bool,
+        name: str | None,
         volumes: tuple[str, ...], env: tuple[str, ...], workdir: str | None, user: str | None,
-        cpus: int | None, memory: int | None, rootfs: str | None, sharer: str | None,
-        timeout: float | None, interactive: bool, tty: bool, console_mib: int | None,
-        snapshot: str | None, no_template: bool, allow_net: tuple[str, ...],
-        network: str | None, publish: tuple[str, ...], args: tuple[str, ...]) -> int:
-    """Create a box from IMAGE, start it, run CMD (or the image's Entrypoint+Cmd).
+        entrypoint: str | None, cpus: int | None, memory: int | None, rootfs: str | None,
+        sharer: str | None, timeout: float | None, interactive: bool, tty: bool,
+        console_mib: int | None, snapshot: str | None, no_template: bool,
+        allow_net: tuple[str, ...], network: str | None, publish: tuple[str, ...],
+        args: tuple[str, ...]) -> int:
+    """Create a box from IMAGE, start it, run its Entrypoint with CMD as arguments (CMD
+    replaces the image's Cmd; without CMD the image's Cmd runs). --entrypoint PROGRAM runs
+    PROGRAM CMD... instead; --entrypoint '' runs CMD alone. With -d and neither CMD nor
+    --entrypoint the box starts idle (`boxlite exec` into it).
 
     \b
     With --snapshot NAME there is no IMAGE: every argument is CMD, run in a box that
@@ -326,6 +354,7 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         auto_remove=auto_remove, name=name, volumes=volumes, env=env, workdir=workdir,
         user=user, cpus=cpus, memory=memory, rootfs=rootfs, sharer=sharer,
         console_mib=console_mib, allow_net=allow_net, network=network, publish=publish,
+        entrypoint=entrypoint, cmd=cmd, host=host,
     )
     if detach and interactive:
         raise ConfigError("-d and -i do not mix: a detached box has no stdin")
@@ -335,10 +364,16 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
         check_tty_input(interactive)  # before a box is made for nothing
     rt = runtime()
     check_snapshot_options(rt, options, given)
-    box = rt.create(options)
+    with warnings_on_stderr():  # e.g. the limitation a --sharer declares
+        box = rt.create(options)
+    idle = detach and not cmd and entrypoint is None
+    try:
+        argv = None if idle else box.default_command()
+    except ConfigError:  # nothing to run (docker: "No command specified"): no box is left
+        rt.remove(box.id, force=True)
+        raise
     detached = False
     try:
-        argv = cmd or (None if detach else box.default_command())
         with Reporter(plain_off_tty=False) as progress:
             box.start(progress=progress)
         if detach:
@@ -376,12 +411,16 @@ def run(backend: str | None, auto_remove: bool, detach: bool, name: str | None,
 @click.command()
 @_box_options
 @click.argument("image", required=False)
-def create(backend: str | None, auto_remove: bool, name: str | None, volumes: tuple[str, ...],
-           env: tuple[str, ...], workdir: str | None, user: str | None, cpus: int | None,
-           memory: int | None, rootfs: str | None, sharer: str | None, console_mib: int | None,
+def create(backend: str | None, host: str | None, auto_remove: bool, name: str | None,
+           volumes: tuple[str, ...], env: tuple[str, ...], workdir: str | None,
+           user: str | None, entrypoint: str | None, cpus: int | None, memory: int | None,
+           rootfs: str | None, sharer: str | None, console_mib: int | None,
            snapshot: str | None, no_template: bool, allow_net: tuple[str, ...],
            network: str | None, publish: tuple[str, ...], image: str | None) -> int:
     """Create a box from IMAGE without starting it; print its id. `boxlite start` boots it.
+
+    --entrypoint is kept in the box's record: its default command (`Box.default_command()`)
+    is the same after every start.
 
     \b
     With --snapshot NAME (and no IMAGE) the box continues snapshot NAME on its first
@@ -396,11 +435,13 @@ def create(backend: str | None, auto_remove: bool, name: str | None, volumes: tu
         auto_remove=auto_remove, name=name, volumes=volumes, env=env, workdir=workdir,
         user=user, cpus=cpus, memory=memory, rootfs=rootfs, sharer=sharer,
         console_mib=console_mib, allow_net=allow_net, network=network, publish=publish,
+        entrypoint=entrypoint, host=host,
     )
     rt = runtime()
     try:
         check_snapshot_options(rt, options, given)
-        box = rt.create(options)
+        with warnings_on_stderr():
+            box = rt.create(options)
     finally:
         rt.close()
     click.echo(box.id)

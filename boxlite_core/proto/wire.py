@@ -13,6 +13,8 @@ imports nothing: stdlib only, no attrs.
   it to the spec's cmdline for a vsock channel; backends never add it.
 * :data:`READY`: the line the agent writes on the virtio-serial port each time a host
   attaches; the host reads it before it speaks HTTP/2 (vsock streams have none).
+* :data:`RESERVED_GUEST_DIRS`: container directories no volume may cover. The host refuses
+  a guest path naming one; the agent refuses one a symlink in the image leads to.
 """
 
 from __future__ import annotations
@@ -22,5 +24,10 @@ AGENT_PORT_NAME = "org.boxlite.agent"
 AGENT_VSOCK_PORT = 1024
 AGENT_VSOCK_CMDLINE_KEY = "boxlite.agent_vsock"
 READY = b"READY\n"
+#: the guest kernel fills these (devices, procfs, sysfs). A host directory over /dev turns
+#: `>/dev/null` into a write to the host; over /proc or /sys it is silently hidden by the
+#: kernel's own mount, or hides the kernel's.
+RESERVED_GUEST_DIRS = ("/dev", "/proc", "/sys")
 
-__all__ = ["AGENT_PORT_NAME", "AGENT_VSOCK_CMDLINE_KEY", "AGENT_VSOCK_PORT", "READY"]
+__all__ = ["AGENT_PORT_NAME", "AGENT_VSOCK_CMDLINE_KEY", "AGENT_VSOCK_PORT", "READY",
+           "RESERVED_GUEST_DIRS"]

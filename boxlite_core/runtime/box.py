@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, TypedDict, overload
 
-from ..errors import BoxliteError, ConfigError, NotFoundError
+from ..errors import BoxliteError, ConfigError, EngineError, GuestError, NotFoundError
 from ..images.model import ImageConfig
 from ..models import BoxOptions, BoxStatus, ExecResult, JsonValue, check_timeout
 from ..vmm import consolelog
@@ -133,9 +133,12 @@ class Box:
         link = self._link
         if self.status not in (BoxStatus.RUNNING, BoxStatus.PAUSED):
             return True
-        if link.handle is None:
-            link.handle = link.attach_handle()  # once: polled every 0.2 s while idle
-        return link.handle is None or not link.handle.is_running()
+        try:
+            if link.handle is None:
+                link.handle = link.attach_handle()  # once: polled every 0.2 s while idle
+            return link.handle is None or not link.handle.is_running()
+        except (GuestError, EngineError):  # its host is unreachable: nothing more to show
+            return True
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -255,7 +258,14 @@ class Box:
         return boxexec.image_config(self._link)
 
     def default_command(self) -> list[str]:
-        """The image's Entrypoint + Cmd: what `boxlite run IMAGE` runs without a command."""
+        """What `boxlite run IMAGE [-- ARGS]` runs: the image's Entrypoint + Cmd, with
+        ``BoxOptions.entrypoint`` replacing the Entrypoint (and dropping the image's Cmd) and
+        ``BoxOptions.cmd`` replacing the Cmd: docker's rule (runtime/entrypoint.py). Read
+        from the record, so it is the same after a restart.
+
+        Raises:
+            ConfigError: nothing to run (no Entrypoint or Cmd, or a cleared Entrypoint and
+                no ``cmd``)."""
         return boxexec.default_command(self._link)
 
     def exec_params(
@@ -294,7 +304,10 @@ class Box:
 
         ``timeout``: seconds (> 0, finite) before the command is killed (then ``timed_out``).
         ``TERM`` is ``xterm`` in a terminal unless the image, the box or ``env`` sets it.
-        Raises ConfigError (bad args, timeout or size; ``input`` with ``tty``), StateError
+        ``cwd`` (else the box's ``workdir``, else the image's WorkingDir, else /): absolute;
+        created when missing, the last directory made the command's user's (GuestError when
+        it is a file). Raises ConfigError (bad args, timeout or size; ``input`` with ``tty``;
+        a relative ``cwd``), StateError
         (box not running; paused: names `boxlite resume`), BoxGoneError (the box was stopped
         or removed while the command ran), GuestError (the VM died).
         """
@@ -309,8 +322,8 @@ class Box:
                                              size=size))
         if size is not None:
             raise ConfigError(f"exec: size={size!r} needs tty=True")
-        client = self._live_client()
         params = self.exec_params(env, cwd, user)
+        client = self._live_client()
         return boxexec.run(self._link, client, argv, params, timeout=timeout, input=input)
 
     def exec_stream(
@@ -337,8 +350,8 @@ class Box:
             if not tty:
                 raise ConfigError(f"exec: size={size!r} needs tty=True")
             size = boxexec.check_size(size)
-        client = self._live_client()
         params = self.exec_params(env, cwd, user)
+        client = self._live_client()
         return boxexec.stream(self._link, client, argv, params, timeout=timeout, stdin=stdin,
                               tty=tty, size=size)
 

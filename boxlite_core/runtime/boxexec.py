@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypedDict
 from ..errors import BoxliteError, ConfigError, GuestError, NotFoundError, StateError
 from ..images.model import ImageConfig
 from ..models import BoxStatus, ExecResult, ExitStatus
+from .entrypoint import default_argv
 from .link import BoxLink
 
 if TYPE_CHECKING:  # imported when first used: gRPC is slow to import
@@ -197,20 +198,27 @@ def image_config(link: BoxLink) -> ImageConfig:
 
 
 def default_command(link: BoxLink) -> list[str]:
-    """The image's Entrypoint + Cmd. ConfigError if it has neither."""
+    """The box's default command: the image's Entrypoint and Cmd with the box's
+    ``entrypoint``/``cmd`` options applied (:func:`.entrypoint.default_argv`, docker's rule).
+    ConfigError when that leaves nothing to run."""
     cfg = image_config(link)
-    argv = [*cfg.entrypoint, *cfg.cmd]
-    if not argv:
-        raise ConfigError(
-            f"image {link.record.image} has no Entrypoint or Cmd; give a command "
-            "(boxlite run IMAGE -- CMD...)"
-        )
-    return argv
+    options = link.record.options
+    return default_argv(cfg.entrypoint, cfg.cmd, options.entrypoint, options.cmd,
+                        image=link.record.image)
 
 
 def exec_params(link: BoxLink, env: Mapping[str, str] | None, cwd: str | None,
                 user: str | None) -> ExecParams:
-    """Image config, then box options, then this call: later wins."""
+    """Image config, then box options, then this call: later wins. A missing working
+    directory is created in the box (agent/procs.py, as runc does).
+
+    Raises:
+        ConfigError: a relative ``cwd`` (docker refuses it too: "the working directory
+            'x' is invalid, it needs to be an absolute path").
+    """
+    if cwd and not cwd.startswith("/"):  # "" is unset, as in docker's API
+        raise ConfigError(f"cwd={cwd!r}: the working directory must be an absolute path "
+                          f"(e.g. /{cwd.lstrip('./') or 'work'})")
     cfg = image_config(link)
     options = link.record.options
     merged = {"PATH": DEFAULT_PATH, **cfg.env_dict(), **options.env, **(env or {})}

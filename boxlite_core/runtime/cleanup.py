@@ -222,7 +222,8 @@ def kill_vmm(services: Services, record: BoxRecord, box_dir: Path,
     handles: list[VmHandle] = [handle] if handle is not None else []
     if record.backend:
         try:
-            attached = services.plugins.backend(record.backend).attach(box_dir)
+            attached = services.plugins.backend(record.backend,
+                                                      record.options.host).attach(box_dir)
         except Exception as exc:  # a broken state file must not keep a VM alive
             log.warning("box %s: attach failed while stopping it: %s", record.name, exc)
             attached = None

@@ -7,13 +7,15 @@ must not import the Runtime (see services.py).
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import attrs
 
 from ..errors import ConfigError, NotFoundError
 from ..images.model import Image
 from ..models import BoxOptions, BoxStatus
-from ..volumes.resolve import resolve_user_volumes
+from ..volumes.base import SharerLimitationWarning, VolumeSharer
+from ..volumes.resolve import remote_user_volumes, resolve_user_volumes
 from . import snapshots
 from .capacity import check_capacity
 from .records import BoxRecord, generated_name, new_box_id
@@ -47,9 +49,10 @@ def refuse_snapshot_conflicts(
 
 
 def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxOptions:
-    """The snapshot's box's options, with this box's name, env, workdir, user, auto_remove
-    and published ports (never the snapshot's: its source may still hold them). The network
-    policy is the snapshot's: the copy's guest continues its source's network setup.
+    """The snapshot's box's options, with this box's name, env, workdir, user, entrypoint,
+    cmd, auto_remove and published ports (never the snapshot's: its source may still hold
+    them). The network policy is the snapshot's: the copy's guest continues its source's
+    network setup.
 
     Raises:
         ConfigError: as :func:`refuse_snapshot_conflicts`.
@@ -60,7 +63,17 @@ def options_from_snapshot(options: BoxOptions, snap: snapshots.Snapshot) -> BoxO
         env=options.env or snap.options.env, workdir=options.workdir or snap.options.workdir,
         user=options.user or snap.options.user, template=options.template,
         ports=options.ports,
+        entrypoint=snap.options.entrypoint if options.entrypoint is None else options.entrypoint,
+        cmd=options.cmd or snap.options.cmd,
     )
+
+
+def warn_limitations(name: str, sharer: VolumeSharer) -> None:
+    """A SharerLimitationWarning per limitation ``sharer`` declares (the CLI prints them on
+    stderr), so whoever picks it by name hears what it lacks before relying on it."""
+    for limitation in sharer.limitations:
+        warnings.warn(f"volume sharer {name}: {limitation.summary}", SharerLimitationWarning,
+                      stacklevel=4)  # Runtime.create's caller
 
 
 def _local_or_pulled(services: Services, ref: str) -> Image:
@@ -82,15 +95,26 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
 
     Raises ConfigError (bad option, taken name, too many CPUs/memory), NotFoundError (no such
     snapshot), ImageError (image not found/pulled), StateError (an incomplete snapshot).
+    Warns SharerLimitationWarning when ``volume_sharer`` names a sharer that declares
+    limitations (9p: see volumes/ninep.py).
     """
     snap = None
     if options.snapshot:
         snap = services.snapshots.get(options.snapshot)
         snapshots.saved_state(snap)  # an incomplete or damaged one fails here, not at start
         options = options_from_snapshot(options, snap)
-    check_capacity(options)  # more CPUs/memory than the host has: refused, no record
-    resolve_user_volumes(options.volumes)
     plugins = services.plugins
+    backend = snap.backend if snap is not None else plugins.select_backend(options)
+    if options.host is None and backend:
+        # a backend whose default is another machine (BOXLITE_LIBVIRT_URI): the record
+        # keeps where the box is, so later commands find it whatever their environment
+        where = plugins.backend(backend).remote_host
+        options = attrs.evolve(options, host=where if isinstance(where, str) and where else None)
+    if options.host:  # another machine's capacity and directories are its backend's
+        remote_user_volumes(options.volumes, options.host)
+    else:
+        check_capacity(options)  # more CPUs/memory than the host has: refused, no record
+        resolve_user_volumes(options.volumes)
     if options.rootfs not in plugins.strategy_names():
         raise ConfigError(
             f"rootfs={options.rootfs!r}: unknown rootfs strategy; known: "
@@ -101,14 +125,14 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
             f"volume_sharer={options.volume_sharer!r}: unknown volume sharer; known: "
             f"{', '.join(plugins.sharer_names()) or 'none'}"
         )
+    if options.volume_sharer:
+        warn_limitations(options.volume_sharer, plugins.volume_sharer(options.volume_sharer))
     if snap is not None:
         image_digest, image_config = snap.image_digest, snap.image_config
-        backend = snap.backend
     else:
         image = _local_or_pulled(services, options.image)
         image_digest = getattr(image, "digest", None)
         image_config = image.config.to_dict() if hasattr(image, "config") else None
-        backend = plugins.select_backend(options)
     box_id = new_box_id()
     name = options.name
     if name is None:

@@ -17,9 +17,10 @@ import contextlib
 import logging
 import shutil
 import time
+from pathlib import Path
 
 from ..channel.shimctl import stop_shim
-from ..errors import ConfigError, NotFoundError, StateError, UnsupportedError
+from ..errors import ConfigError, EngineError, NotFoundError, StateError, UnsupportedError
 from ..models import BoxStatus, check_timeout
 from ..vmm.base import VmHandle
 from ..vmm.spec import Capability
@@ -28,7 +29,7 @@ from .cleanup import CleanupGuard, settle_abandoned, starter_is_elsewhere, stop_
 from .link import ATTACH_TIMEOUT, BoxLink, paused_error
 from .pipeline import StartContext, run_stages, writable_disks
 from .records import BoxRecord, process_identity
-from .services import ProgressFn
+from .services import ProgressFn, Services
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,13 @@ def start(link: BoxLink, progress: ProgressFn | None = None) -> None:
             )
         plugins = services.plugins
         backend_name = record.backend or plugins.select_backend(record.options)
-        backend = plugins.backend(backend_name)
-        probe = plugins.probe(backend_name)  # cached: create's selection probed already
+        host = record.options.host
+        backend = plugins.backend(backend_name, host)
+        probe = plugins.probe(backend_name, host)  # cached: create's selection probed already
         if not probe.available:
             raise ConfigError(
-                f"backend {backend_name!r} is not available here: {probe.reason}"
+                f"backend {backend_name!r} is not available "
+                f"{f'on host {host}' if host else 'here'}: {probe.reason}"
                 + (f"; {probe.fix}" if probe.fix else "")
             )
         if record.backend != backend_name:
@@ -197,7 +200,7 @@ def _require_pause(link: BoxLink) -> None:
     plugins = link.services.plugins
     record = link.record
     name = record.backend or plugins.select_backend(record.options)
-    if Capability.PAUSE not in plugins.backend(name).capabilities():
+    if Capability.PAUSE not in plugins.backend(name, record.options.host).capabilities():
         raise UnsupportedError(
             f"box {link.name}: backend {name!r} cannot pause a VM (it does not declare "
             "the 'pause' capability); use a backend that does (qemu, libvirt)"
@@ -284,6 +287,7 @@ def remove(link: BoxLink, force: bool = False) -> None:
         box_dir = link.dir
         link.detach()
         stop_box_processes(services, link.refresh(), box_dir)
+        _forget_elsewhere(services, record, box_dir, force)
         with contextlib.suppress(NotFoundError):
             strategy = services.plugins.rootfs_strategy(record.rootfs)
             try:
@@ -301,6 +305,34 @@ def remove(link: BoxLink, force: bool = False) -> None:
             log.warning("removing fork snapshots nothing uses failed: %s", exc)
 
 
+def _forget_elsewhere(services: Services, record: BoxRecord, box_dir: Path,
+                      force: bool) -> None:
+    """What the backend keeps for the box outside its directory (a remote host's volumes).
+    Unreachable: the box stays, unless ``force`` (then what is there is left, and said)."""
+    if not record.backend:
+        return
+    try:
+        backend = services.plugins.backend(record.backend, record.options.host)
+    except NotFoundError as exc:  # uninstalled since: nothing of it can be reached
+        log.warning("box %s: %s; removing it here only", record.name, exc)
+        return
+    except (UnsupportedError, ConfigError) as exc:
+        log.warning("box %s: its backend cannot reach %s (%s); removing it here only",
+                    record.name, record.options.host, exc)
+        return
+    try:
+        backend.forget(box_dir)
+    except EngineError as exc:
+        where = record.options.host or "this host"
+        if not force:
+            raise StateError(
+                f"box {record.name}: cannot delete what backend {record.backend!r} keeps for "
+                f"it on {where} ({exc}); nothing was removed: retry when it is reachable, or "
+                "`rm -f` to forget the box here and leave that behind") from exc
+        log.warning("box %s: left on %s, which could not be reached: %s", record.name,
+                    where, exc)
+
+
 def snapshot(link: BoxLink, name: str, *, auto: bool = False) -> snapshots.Snapshot:
     """Save a running (or paused) box as snapshot ``name``; it goes on as it was. See
     :func:`boxlite_core.runtime.snapshots.take` for what is captured and raised."""
@@ -312,7 +344,7 @@ def snapshot(link: BoxLink, name: str, *, auto: bool = False) -> snapshots.Snaps
                 f"`boxlite start {link.name}` first"
             )
         services = link.services
-        backend = services.plugins.backend(record.backend or "")
+        backend = services.plugins.backend(record.backend or "", record.options.host)
         snapshots.check(record, backend)  # before anything is touched
         handle = _live_handle(link, record.status)
         # Saved with the shim attached, unlike a boot template: other processes' commands in

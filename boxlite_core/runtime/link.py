@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from ..errors import GuestError, NotFoundError, StateError
+from ..errors import EngineError, GuestError, NotFoundError, StateError
 from ..models import BoxStatus
 from ..vmm.base import VmHandle
 from ..vmm.spec import AGENT_VSOCK_PORT, Handshake
@@ -131,13 +131,23 @@ class BoxLink:
 
     def attach_handle(self) -> VmHandle | None:
         """The backend's handle on this box's VM, or None (no backend, none running, or the
-        backend's attach failed: logged)."""
+        backend's attach failed for another reason than the one below: logged).
+
+        Raises:
+            GuestError: the backend cannot tell whether the VM runs (its daemon, maybe on
+                another machine, is unreachable: an EngineError from ``attach``). Nothing is
+                settled: the record stays as it was, for when the daemon is back.
+        """
         record = self.record
         if not record.backend:
             return None
         try:
-            backend = self.services.plugins.backend(record.backend)
+            backend = self.services.plugins.backend(record.backend, record.options.host)
             return backend.attach(self.dir)
+        except EngineError as exc:
+            raise GuestError(
+                f"box {self.name}: cannot tell whether its VM runs ({exc}); nothing was "
+                f"changed: it is still recorded as {record.status.value}") from exc
         except Exception as exc:
             log.warning("box %s: attach failed: %s", self.name, exc)
             return None

@@ -37,7 +37,7 @@ from ..rootfs.base import RootfsArtifact, RootfsContext
 from ..vmm.consolelog import log_files, neutralise, tail_bytes, wait_writer
 from ..vmm.procstat import start_time as proc_start_time
 from ..vmm.spec import AgentChannel, Capability, ChannelKind, DiskSpec, ShareSpec, VmSpec
-from ..volumes.resolve import resolve_user_volumes
+from ..volumes.resolve import remote_user_volumes, resolve_user_volumes
 from . import restore
 from .restore import BootChoice, FallBack
 from .services import ProgressFn, Services
@@ -230,8 +230,16 @@ def pick_sharer(ctx: StartContext, caps: frozenset[Capability]) -> tuple[str, Vo
     )
 
 
+#: how a box on another machine gets its volumes: that machine's QEMU serves them over 9p
+#: (a sharer of ours, e.g. virtiofsd, would run here, where those directories are not)
+REMOTE_SHARER = "9p"
+
+
 def volumes(ctx: StartContext) -> None:
     assert ctx.artifact is not None
+    if ctx.backend.remote_host:
+        _remote_volumes(ctx, ctx.backend.remote_host)
+        return
     ctx.volumes = resolve_user_volumes(ctx.record.options.volumes)
     wanted: list[HostShare] = [*ctx.artifact.shares, *ctx.volumes]
     if not wanted:
@@ -239,6 +247,27 @@ def volumes(ctx: StartContext) -> None:
     ctx.sharer_name, ctx.sharer = pick_sharer(ctx, ctx.backend.capabilities())
     ctx.services.store.update(ctx.record.id, state={"sharer": ctx.sharer_name})
     ctx.shares = tuple(ctx.sharer.start(wanted, ctx.box_dir))
+
+
+def _remote_volumes(ctx: StartContext, host: str) -> None:
+    """volumes() for a box on ``host``: its paths are that machine's, shared by 9p there."""
+    assert ctx.artifact is not None
+    options = ctx.record.options
+    if ctx.artifact.shares:
+        raise ConfigError(
+            f"rootfs {options.rootfs!r} shares directories of this machine, which a box on "
+            f"{host} cannot reach; use --rootfs disk")
+    ctx.volumes = remote_user_volumes(options.volumes, host)
+    if not ctx.volumes:
+        return
+    if options.volume_sharer not in (None, REMOTE_SHARER):
+        raise ConfigError(
+            f"--sharer {options.volume_sharer}: a box on {host} gets its volumes from that "
+            f"machine's QEMU ({REMOTE_SHARER}); drop --sharer")
+    ctx.sharer_name, ctx.sharer = REMOTE_SHARER, ctx.services.plugins.volume_sharer(
+        REMOTE_SHARER)
+    ctx.services.store.update(ctx.record.id, state={"sharer": ctx.sharer_name})
+    ctx.shares = tuple(ctx.sharer.start(ctx.volumes, ctx.box_dir))
 
 
 def build_spec(ctx: StartContext) -> VmSpec:
@@ -327,7 +356,7 @@ def _launch(ctx: StartContext) -> None:
     if ctx.boot.source == restore.TEMPLATE:
         _dial_early(ctx)
     try:
-        ctx.handle = ctx.backend.launch(ctx.plan)
+        ctx.handle = ctx.backend.launch(attrs.evolve(ctx.plan, progress=ctx.report))
     except BaseException as exc:
         _cancel_early_dial(ctx)
         if ctx.boot.source != restore.TEMPLATE or not isinstance(exc, BoxliteError):

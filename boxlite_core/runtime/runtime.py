@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ..errors import NotFoundError, StateError
+from ..errors import BoxliteError, NotFoundError, StateError
 from ..models import BoxOptions, BoxStatus
 from ..plugins import PluginRegistry
 from ..state.db import Database
@@ -179,6 +179,33 @@ class Runtime:
             records = [r for r in records if r.status.may_have_vm]
         return records
 
+    def prune_hosts(self) -> list[tuple[str, str]]:
+        """Let the backend of every other machine a box of this home is on delete what
+        nothing there uses any more (``VmmBackend.prune``); (host, name) of what went. An
+        unreachable machine is logged and skipped: its files wait for the next prune."""
+        gone = []
+        for backend, host in sorted({(r.backend, r.options.host) for r in self.store.list()
+                                     if r.backend and r.options.host}):
+            assert backend is not None and host is not None
+            try:
+                gone += [(host, name) for name in self.plugins.backend(backend, host).prune()]
+            except BoxliteError as exc:
+                log.warning("pruning %s on %s skipped: %s", backend, host, exc)
+        return gone
+
+    def host_problem(self, record: BoxRecord) -> str | None:
+        """Why the machine ``record``'s box runs on cannot be reached now (its backend's
+        probe there, reused for a while), or None: reachable, or the box is on this one."""
+        if not record.options.host or not record.backend:
+            return None
+        try:
+            result = self.plugins.probe(record.backend, record.options.host)
+        except NotFoundError as exc:
+            return str(exc)
+        if result.available:
+            return None
+        return f"host {record.options.host} unreachable: {result.reason}"
+
     def remove(self, id_or_name: str, force: bool = False) -> None:
         """Delete a box: its VM (only with ``force`` if it has one), files and record.
 
@@ -299,7 +326,7 @@ class Runtime:
         changed += self._recover_leftovers(records)
         for record in self.store.list(set(_WATCHED)):
             try:
-                backend = self.plugins.backend(record.backend or "")
+                backend = self.plugins.backend(record.backend or "", record.options.host)
             except Exception:
                 continue
             box_dir = self.box_dir(record.id)

@@ -21,8 +21,9 @@ escaping a backend is a bug in it and reaches the user as such.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -39,11 +40,24 @@ class LaunchPlan:
 
     ``data`` holds whatever the backend executes (e.g. ``{"argv": [...]}`` or
     ``{"xml": "..."}``); it must survive ``json.dumps`` so plans can be logged and compared.
+
+    ``progress`` is not part of the recipe (never serialised or compared): the core sets it
+    before :meth:`VmmBackend.launch`, so a launch that does long work first (uploading files
+    to a remote host) can say so through :meth:`report`.
     """
 
     backend: str
     spec: VmSpec
     data: Mapping[str, JsonValue]
+    progress: Callable[[str, float | None], None] | None = attrs.field(
+        default=None, eq=False, repr=False)
+
+    def report(self, message: str, fraction: float | None = None) -> None:
+        """Tell the user what the launch is doing (``fraction`` 0..1 when known); a no-op
+        without a progress display, and a broken display never fails the launch."""
+        if self.progress is not None:
+            with contextlib.suppress(Exception):
+                self.progress(message, fraction)
 
     def to_dict(self) -> dict[str, JsonValue]:
         return {"backend": self.backend, "spec": self.spec.to_dict(), "data": dict(self.data)}
@@ -211,6 +225,47 @@ class VmmBackend(abc.ABC):
     #: what the core must say on a fresh stream before it is the agent's (VSOCK channels:
     #: ``FIRECRACKER_CONNECT`` for Firecracker-style hybrid vsock)
     channel_handshake: ClassVar[Handshake] = Handshake.NONE
+
+    @property
+    def remote_host(self) -> str:
+        """The machine this instance runs boxes on, in the backend's own terms (libvirt: the
+        URI of a remote daemon); "" for this machine. The core records it in each box it
+        creates (``BoxOptions.host``), so later commands reach the box where it runs."""
+        return ""
+
+    def for_host(self, host: str) -> VmmBackend:
+        """An instance of this backend that runs boxes on ``host`` (``BoxOptions.host``,
+        ``boxlite run --host``). The core asks once per host and process, and uses the
+        result like any backend: probe, plan, launch, attach, forget.
+
+        Raises:
+            UnsupportedError: this backend runs boxes on this machine only (this default).
+            ConfigError: ``host`` is not something this backend can reach (a malformed URI).
+        """
+        raise UnsupportedError(
+            f"backend {self.name!r} runs boxes on this machine only; --host needs a backend "
+            "that reaches other machines (libvirt)")
+
+    def prune(self) -> list[str]:
+        """Delete what this instance keeps on its machine that no box needs any more (a
+        remote host's uploaded guest kits and image bases no VM or box disk uses); the names
+        of what went. Called by ``boxlite images prune`` and ``guest build`` for every
+        machine a box of this home is on. The default keeps nothing and does nothing.
+
+        Raises:
+            EngineError: that machine cannot be reached now.
+        """
+        return []
+
+    def forget(self, box_dir: Path) -> None:
+        """The box is being removed: delete what the backend keeps for it outside
+        ``box_dir`` (a remote host's disk volumes). Called after the VM is gone. The default
+        keeps nothing elsewhere and does nothing.
+
+        Raises:
+            EngineError: the place that holds them cannot be reached now; the core then
+                keeps the box (record and directory), unless the removal is forced.
+        """
 
     @abc.abstractmethod
     def capabilities(self) -> frozenset[Capability]:

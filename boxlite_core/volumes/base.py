@@ -12,8 +12,35 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import attrs
+
 from ..models import HostShare
 from ..vmm.spec import Capability, ShareSpec
+
+
+@attrs.frozen
+class Limitation:
+    """A behaviour a sharer knowingly does not provide, declared so users are told and the
+    conformance suite expects it (a declared limitation's test must fail: one that passes
+    means the declaration is stale).
+
+    ``name``: a stable id the suite gates on (e.g. ``"open-unlinked-fd"``); ``summary``: one
+    line for users (printed by `boxlite run/create --sharer NAME`): what breaks, why, and
+    what to use instead.
+    """
+
+    name: str
+    summary: str
+
+
+#: the limitation names boxlite knows (the conformance suite has a test for each): a file
+#: open but unlinked keeps working through its descriptor (ftruncate, fchmod)
+OPEN_UNLINKED_FD = "open-unlinked-fd"
+
+
+class SharerLimitationWarning(UserWarning):
+    """A box was created with a volume sharer that declares a :class:`Limitation`; the
+    message is the sharer's name and the limitation's summary."""
 
 
 class VolumeSharer(abc.ABC):
@@ -28,6 +55,8 @@ class VolumeSharer(abc.ABC):
     #: True when files the guest writes belong to the host directory's owner (auto-idmap);
     #: the conformance suite checks it only for sharers that declare it
     idmap: ClassVar[bool] = False
+    #: what this sharer knowingly lacks (see :class:`Limitation`); empty for a full one
+    limitations: ClassVar[tuple[Limitation, ...]] = ()
 
     def check(self) -> None:
         """Check that the host can serve shares, before any box relies on it. Cheap; no

@@ -30,6 +30,12 @@ host-made symlinks) keep the old model (``passthrough`` as root), as do read-onl
 
 Left: an existing host file with the setuid bit in a share keeps it when the guest writes to
 it (QEMU as root holds CAP_FSETID); virtiofs clears it (``modcaps=-fsetid``).
+
+**Declared limitation** (:data:`OPEN_UNLINKED`, not ours to fix): QEMU's 9p server acts on a
+file by its path, so once a file that is still open is unlinked, ``ftruncate`` and ``fchmod``
+on its descriptor fail (the path is gone) — the pattern of temporary files, SQLite journals
+and package managers. virtiofs (virtiofsd keeps an O_PATH fd per inode) does not lose them;
+it stays the default wherever virtiofsd runs (runtime/pipeline.py SHARER_PREFERENCE).
 """
 
 from __future__ import annotations
@@ -39,7 +45,15 @@ from pathlib import Path
 
 from ..models import HostShare
 from ..vmm.spec import Capability, ShareSpec
-from .base import VolumeSharer
+from .base import OPEN_UNLINKED_FD, Limitation, VolumeSharer
+
+#: QEMU's 9p server works by path (hw/9pfs: a fid's setattr truncates/chmods its path)
+OPEN_UNLINKED = Limitation(
+    OPEN_UNLINKED_FD,
+    "a file that is open but deleted loses ftruncate and fchmod through its descriptor "
+    "(QEMU's 9p server works by path); use --sharer virtiofs (the default where virtiofsd "
+    "is installed) when programs rely on that",
+)
 
 
 class NinePSharer(VolumeSharer):
@@ -48,6 +62,7 @@ class NinePSharer(VolumeSharer):
     name = "9p"
     capability = Capability.NINEP
     guest_fstype = "9p"
+    limitations = (OPEN_UNLINKED,)
 
     def start(self, shares: Sequence[HostShare], box_dir: Path) -> tuple[ShareSpec, ...]:
         return tuple(

@@ -66,3 +66,29 @@ def resolve_user_volumes(specs: Iterable[VolumeSpec | str]) -> tuple[HostShare, 
             )
         )
     return tuple(out)
+
+
+def remote_user_volumes(specs: Iterable[VolumeSpec | str], host: str) -> tuple[HostShare, ...]:
+    """The volumes of a box on another machine (``BoxOptions.host``): their host paths are
+    that machine's, so nothing is checked here but their form (the backend checks them
+    there, before the VM starts); their owner there is unknown, so root is assumed.
+
+    Raises:
+        ConfigError: a host path that is not absolute (``~`` and relative paths name this
+            machine's directories), or a string that is not ``HOST:GUEST[:ro]``.
+    """
+    out: list[HostShare] = []
+    for index, spec in enumerate(specs):
+        if isinstance(spec, str):
+            spec = VolumeSpec.parse(spec)
+        if not spec.host_path.startswith("/"):
+            raise ConfigError(
+                f"volume {spec.host_path}:{spec.guest_path}: the box runs on {host}, so its "
+                f"host path is a path of that machine and must be absolute")
+        # owner root: a writable one is then shared in QEMU's mapped mode, which keeps the
+        # guest's owners, modes and device nodes in xattrs there (no setuid file of a root
+        # guest lands on that machine as one)
+        out.append(HostShare(tag=f"{TAG_PREFIX}{index}", host_path=Path(spec.host_path),
+                             read_only=spec.read_only, uid=0, gid=0,
+                             guest_path=spec.guest_path))
+    return tuple(out)

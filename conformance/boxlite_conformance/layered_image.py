@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .static_helper import build_static_helper
+from .static_helper import compile_static
 
 __all__ = [
     "EXPECTED",
@@ -237,7 +237,7 @@ def layers(xattr_helper: Path | None) -> list[bytes]:
 
 def build_xattr_helper(where: Path) -> Path | None:
     """The static xattr lister for the guest, or None without a C compiler and static libc."""
-    return build_static_helper(XATTR_HELPER_C, where, "lsxattr")
+    return compile_static(where, "lsxattr", XATTR_HELPER_C)
 
 
 def _sha(data: bytes) -> str:

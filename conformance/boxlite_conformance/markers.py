@@ -13,6 +13,7 @@ from boxlite_core.vmm.spec import Capability
 TIER_MARK = "conformance_tier"
 REQUIRES_MARK = "conformance_requires"
 HOST_MARK = "conformance_host"
+LIMITATION_MARK = "conformance_limitation"
 
 #: tier → what it proves; tiers >= 1 boot VMs
 TIERS = {
@@ -56,6 +57,24 @@ def needs_host(*names: str) -> pytest.MarkDecorator:
     if not names:
         raise ValueError("needs_host() needs at least one requirement name")
     return getattr(pytest.mark, HOST_MARK)(*names)
+
+
+def limited_by(name: str) -> pytest.MarkDecorator:
+    """The test checks a behaviour a volume sharer may declare it lacks
+    (:class:`~boxlite_core.volumes.base.Limitation` ``name``, e.g. "open-unlinked-fd"). For
+    the test's ``sharer`` when it declares it, the test is expected to fail an assertion
+    (strict xfail, reported as "limited"): passing there means the declaration is stale, and
+    fails the run; any other error is still a failure. Elsewhere it must pass.
+    """
+    return getattr(pytest.mark, LIMITATION_MARK)(name)
+
+
+def item_limitations(item: pytest.Item) -> list[str]:
+    """The limitation names on the item (:func:`limited_by`)."""
+    seen: list[str] = []
+    for mark in item.iter_markers(LIMITATION_MARK):
+        seen += [str(n) for n in mark.args if str(n) not in seen]
+    return seen
 
 
 def item_host_requirements(item: pytest.Item) -> list[str]:

@@ -15,6 +15,8 @@ never boots a VM; tier >= 1 tests also need an available backend and an importab
 named host requirements (``needs_host``, see ``requirements.HOST_REQUIREMENTS``) are checked
 with its parameters: skipped naming the requirement and why (failed under strict for the
 ones a certified host should meet, e.g. virtiofsd installed when 'virtiofs' is declared).
+A test ``limited_by`` a limitation its sharer declares runs as a strict xfail on
+AssertionError: reported "limited" when it fails as declared, failed when it passes.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ from .boxes import BoxPool, conformance_home, import_runtime
 from .markers import (
     FIRST_VM_TIER,
     HOST_MARK,
+    LIMITATION_MARK,
     REQUIRES_MARK,
     TIER_MARK,
     TIERS,
     item_capabilities,
     item_capability_text,
     item_host_requirements,
+    item_limitations,
     item_requirements,
     item_tier,
 )
@@ -123,6 +127,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"{HOST_MARK}(*names): skip unless these named host requirements hold"
     )
+    config.addinivalue_line(
+        "markers", f"{LIMITATION_MARK}(name): expected to fail where the test's volume sharer "
+        "declares this limitation"
+    )
     config.addinivalue_line("markers", "vm: boots a real VM (slow under TCG)")
     _state(config)
 
@@ -174,6 +182,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             "tier": level,
             "capabilities": item_capabilities(item),
             "host_requirements": item_host_requirements(item),
+            "limitations": item_limitations(item),
             "requires": item_capability_text(item),
             "outcome": "not run",
             "duration": 0.0,
@@ -208,6 +217,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     elif report.when == "call":
         if report.passed:
             entry["outcome"] = "passed"
+        elif hasattr(report, "wasxfail"):  # failed as a declared limitation says it does
+            entry["outcome"], entry["message"] = "limited", str(report.wasxfail)
         elif report.skipped:
             entry["outcome"], entry["message"] = "skipped", _skip_reason(report)
         else:
@@ -329,8 +340,11 @@ def conformance_requirements(
     backend_name: str,
     backend_capabilities: frozenset[Capability],
     boxlite_registry: PluginRegistry,
+    backend: VmmBackend,
 ) -> Requirements:
-    return Requirements(backend_name, backend_capabilities, boxlite_registry)
+    where = getattr(backend, "remote_host", "")
+    return Requirements(backend_name, backend_capabilities, boxlite_registry,
+                        remote_host=where if isinstance(where, str) else "")
 
 
 @pytest.fixture(scope="session")
@@ -351,6 +365,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with World(tag=f"c{os.getpid() % 10000}", hosts_file=hosts) as made:
         made.serve(8080)
         made.serve(8081)
+        made.serve_dns(5353)
         previous = os.environ.get("BOXLITE_NET_HOSTS")
         os.environ["BOXLITE_NET_HOSTS"] = str(hosts)
         try:
@@ -403,6 +418,10 @@ def _conformance_gate(request: pytest.FixtureRequest) -> None:
         reason = requirements.host_unmet(host, params)
         if reason:
             _close(strict and HOST_REQUIREMENTS[host].strict, reason)
+    for name in item_limitations(item):
+        reason = requirements.declared_limitation(name, params)
+        if reason:
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=True, raises=AssertionError))
 
 
 def _close(strict: bool, reason: str) -> None:

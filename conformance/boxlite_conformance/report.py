@@ -4,6 +4,8 @@ Markdown backend x capability table, plus the combined table for ``--backend all
 The verdict is computed here, once, so the CLI's exit code and the table always agree: a
 backend fails when any test fails or errors. Tests closed by an undeclared capability are
 skipped, never failed, so declaring less is allowed — declaring and not delivering is not.
+A test a volume sharer's declared limitation expects to fail, and that does, is "limited":
+neither a pass nor a failure.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def verdict_of(counts: Mapping[str, int]) -> str:
         return "FAIL"
     if counts.get("passed"):
         return "pass"
+    if counts.get("limited"):
+        return "limited"
     if counts.get("skipped"):
         return "skip"
     return "—"
@@ -129,6 +133,10 @@ def markdown(data: Mapping[str, Any]) -> str:
     if failures:
         lines += ["", "## Failures", ""]
         lines += [f"- T{t['tier']} `{t['test']}`: {t['message']}" for t in failures]
+    limited = [t for t in data["tests"] if t["outcome"] == "limited"]
+    if limited:
+        lines += ["", "## Declared limitations (failed as declared)", ""]
+        lines += [f"- T{t['tier']} `{t['test']}`: {t['message']}" for t in limited]
     skips: dict[str, int] = {}
     for t in data["tests"]:
         if t["outcome"] == "skipped":

@@ -38,9 +38,12 @@ class Requirements:
         backend_name: str,
         capabilities: frozenset[Capability],
         registry: PluginRegistry | None = None,
+        remote_host: str = "",
     ) -> None:
         self.backend_name = backend_name
         self.capabilities = frozenset(capabilities)
+        #: the other machine the backend runs boxes on (VmmBackend.remote_host), "" for this
+        self.remote_host = remote_host
         #: where volume sharers are looked up for host requirements (default: installed ones)
         self.registry = registry
 
@@ -88,6 +91,18 @@ class Requirements:
         """The volume sharer registered as ``name``, from the run's registry."""
         return (self.registry or PluginRegistry()).volume_sharer(name)
 
+    def declared_limitation(self, name: str, params: Mapping[str, object]) -> str | None:
+        """When the test's ``sharer`` parameter declares limitation ``name``
+        (``VolumeSharer.limitations``): why the test is expected to fail there; else None."""
+        if "sharer" not in params:
+            return None
+        sharer = str(params["sharer"])
+        for limitation in self.sharer(sharer).limitations:
+            if limitation.name == name:
+                return (f"declared limitation {name!r} of volume sharer {sharer!r}: "
+                        f"{limitation.summary}")
+        return None
+
 
 @attrs.frozen
 class HostRequirement:
@@ -134,6 +149,19 @@ def _sharer_maps_ids(req: Requirements, params: Mapping[str, object]) -> str | N
     )
 
 
+def _runs_here(req: Requirements, params: Mapping[str, object]) -> str | None:
+    if not req.remote_host:
+        return None
+    return (f"backend {req.backend_name!r} runs boxes on {req.remote_host}: a directory of "
+            "this machine cannot be shared into them (volumes there are that machine's)")
+
+
+SHARES_FROM_HERE = HostRequirement(
+    "shares-from-here",
+    "a directory of this machine can be shared into the backend's VMs (they run here, not "
+    "on another machine: VmmBackend.remote_host is empty)",
+    _runs_here,
+)
 SHARER_SERVES = HostRequirement(
     "sharer-on-host",
     "the test's volume sharer (a rootfs through a share: one declared sharer) can serve "
@@ -159,6 +187,8 @@ TEST_WORLD = HostRequirement(
     _test_world,
     strict=True,
 )
+
+
 def _layer_whiteouts(req: Requirements, params: Mapping[str, object]) -> str | None:
     if params.get("strategy") != "layers" or os.geteuid() == 0:
         return None
@@ -176,5 +206,5 @@ LAYER_WHITEOUTS = HostRequirement(
 )
 #: every named host requirement a test may carry, by name
 HOST_REQUIREMENTS: dict[str, HostRequirement] = {
-    r.name: r for r in (SHARER_SERVES, AUTO_IDMAP, TEST_WORLD, LAYER_WHITEOUTS)
+    r.name: r for r in (SHARES_FROM_HERE, SHARER_SERVES, AUTO_IDMAP, TEST_WORLD, LAYER_WHITEOUTS)
 }

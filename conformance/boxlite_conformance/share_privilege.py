@@ -16,7 +16,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from .static_helper import build_static_helper
+from .static_helper import compile_static
 
 __all__ = [
     "PLANTED_EXECUTABLES",
@@ -90,7 +90,7 @@ def build_privilege_helper(where: Path) -> Path | None:
     """Compile :data:`PRIVILEGE_HELPER_C` static into ``where``; None when this host has no C
     compiler with a static libc (Debian: gcc, libc6-dev) — the checks that need it are then
     left out, the others still run."""
-    return build_static_helper(PRIVILEGE_HELPER_C, where, "helper")
+    return compile_static(where, "helper", PRIVILEGE_HELPER_C)
 
 
 def _run_as_nobody(path: Path, args: list[str]) -> subprocess.CompletedProcess[str] | None:

@@ -44,6 +44,31 @@ def share(root: Path, kind: str, tag: str, read_only: bool = False) -> ShareSpec
     return ShareSpec(tag=tag, host_path=host, kind=kind, read_only=read_only, socket=socket)
 
 
+def qcow2_overlay(path: Path, backing: Path, size: int = 64 * 2**20) -> None:
+    """Write a valid, empty qcow2 (version 2, 64 KiB clusters) of ``size`` bytes whose
+    backing file is ``backing`` (raw): what the ``disk`` rootfs strategy gives a VM, so a
+    backend that reads its disks' headers at plan time (a remote one, which uploads the
+    base) sees a real one. Layout per QEMU's docs/interop/qcow2.txt: header + backing name
+    in cluster 0, the refcount table in 1, its one block in 2, the L1 table in 3."""
+    cluster = 1 << 16
+    name = str(backing).encode()
+    l1_size = max(1, -(-size // (cluster * (cluster // 8))))
+    header = b"".join((
+        b"QFI\xfb", (2).to_bytes(4, "big"), (72).to_bytes(8, "big"),
+        len(name).to_bytes(4, "big"), (16).to_bytes(4, "big"), size.to_bytes(8, "big"),
+        (0).to_bytes(4, "big"), l1_size.to_bytes(4, "big"), (3 * cluster).to_bytes(8, "big"),
+        cluster.to_bytes(8, "big"), (1).to_bytes(4, "big"), (0).to_bytes(4, "big"),
+        (0).to_bytes(8, "big"),
+    ))
+    image = bytearray(4 * cluster)
+    image[:len(header)] = header
+    image[72:72 + len(name)] = name
+    image[cluster:cluster + 8] = (2 * cluster).to_bytes(8, "big")  # refcount block
+    for index in range(4):  # clusters 0-3 are in use once each
+        image[2 * cluster + 2 * index:2 * cluster + 2 * index + 2] = (1).to_bytes(2, "big")
+    path.write_bytes(bytes(image))
+
+
 def build_spec(
     root: Path,
     *,
@@ -56,7 +81,8 @@ def build_spec(
     shares: Iterable[ShareSpec] = (),
     with_disk: bool = True,
 ) -> VmSpec:
-    """A complete VmSpec rooted in ``root``; files the backend may look at exist (empty).
+    """A complete VmSpec rooted in ``root``; files the backend may look at exist (empty,
+    but a qcow2 disk is a real qcow2 overlay over an empty raw base).
 
     The agent channel is built as the core builds it from the backend's ``channel_kind`` and
     ``channel_handshake`` (runtime/pipeline.py build_spec), the vsock cmdline key included.
@@ -71,7 +97,12 @@ def build_spec(
     fmt = disk_format_for(capabilities)
     if with_disk and fmt is not None:
         disk_path = box_dir / f"rootfs.{fmt}"
-        disk_path.touch()
+        if fmt == "qcow2":  # an overlay over a raw base, as the disk strategy makes
+            base = kit / "base.raw"
+            base.touch()
+            qcow2_overlay(disk_path, base)
+        else:
+            disk_path.touch()
         disks = (DiskSpec(disk_path, fmt, disk_read_only, "rootfs"),)
     agent = AgentChannel(
         kind=channel_kind, socket=box_dir / "agent.sock", handshake=channel_handshake

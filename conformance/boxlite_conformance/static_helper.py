@@ -1,8 +1,5 @@
-"""Small static C programs the suite puts in a guest, for what busybox cannot do.
-
-Built on the host at test time, never a binary in git; static, so they run in any image. A
-host without a C compiler and a static libc (Debian: gcc, libc6-dev) gets None, and the
-checks that need the program are left out with that reason; the others still run.
+"""Small C programs the suite runs in a box, for what busybox cannot do, compiled static on
+the host at test time (never a binary in git): the guest image has no libc to link against.
 """
 
 from __future__ import annotations
@@ -11,13 +8,41 @@ import shutil
 import subprocess
 from pathlib import Path
 
-#: what a missing helper is reported as (the Debian packages that bring a static C toolchain)
-NO_COMPILER = "no C compiler with a static libc on this host (Debian: gcc, libc6-dev)"
+__all__ = ["COMPILER_PACKAGES", "OPEN_UNLINKED_C", "compile_static"]
+
+#: Debian's packages for :func:`compile_static`, for skip reasons
+COMPILER_PACKAGES = "gcc, libc6-dev"
+
+#: ``helper PATH``: create PATH, write 10 bytes, unlink it while open, then ftruncate(fd, 4)
+#: and fchmod(fd, 0600) on the descriptor; prints each failure, then ``size=N mode=M`` from
+#: fstat. Exit 0 only when both calls worked (POSIX: an open file outlives its name).
+OPEN_UNLINKED_C = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    struct stat st;
+    int bad = 0, fd;
+    if (argc != 2) { fprintf(stderr, "usage: helper PATH\n"); return 2; }
+    fd = open(argv[1], O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) { printf("open: %s\n", strerror(errno)); return 2; }
+    if (write(fd, "0123456789", 10) != 10) { printf("write: %s\n", strerror(errno)); return 2; }
+    if (unlink(argv[1]) != 0) { printf("unlink: %s\n", strerror(errno)); return 2; }
+    if (ftruncate(fd, 4) != 0) { printf("ftruncate: %s\n", strerror(errno)); bad = 1; }
+    if (fchmod(fd, 0600) != 0) { printf("fchmod: %s\n", strerror(errno)); bad = 1; }
+    if (fstat(fd, &st) != 0) { printf("fstat: %s\n", strerror(errno)); return 1; }
+    printf("size=%lld mode=%o\n", (long long)st.st_size, (unsigned)(st.st_mode & 07777));
+    return bad;
+}
+"""
 
 
-def build_static_helper(source: str, where: Path, name: str) -> Path | None:
-    """Compile C ``source`` statically to ``where/name``; None when it cannot be built
-    (no gcc/cc, no static libc, or the compiler took longer than 120 s)."""
+def compile_static(where: Path, name: str, source: str) -> Path | None:
+    """Compile C ``source`` static into ``where/name``; None when this host has no C
+    compiler with a static libc (:data:`COMPILER_PACKAGES`), bounded at 120 s."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         return None
@@ -26,7 +51,7 @@ def build_static_helper(source: str, where: Path, name: str) -> Path | None:
         subprocess.run(
             [gcc, "-static", "-O1", "-o", str(where / name), str(where / f"{name}.c")],
             check=True, timeout=120, capture_output=True,
-        )  # fmt: skip
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return where / name

@@ -75,6 +75,7 @@ def test_host_requirements_are_named_with_their_reason() -> None:
         HOST_REQUIREMENTS,
         LAYER_WHITEOUTS,
         SHARER_SERVES,
+        SHARES_FROM_HERE,
         TEST_WORLD,
         Requirements,
     )
@@ -87,6 +88,7 @@ def test_host_requirements_are_named_with_their_reason() -> None:
         SHARER_SERVES.name,
         TEST_WORLD.name,
         LAYER_WHITEOUTS.name,
+        SHARES_FROM_HERE.name,
     }
     assert SHARER_SERVES.strict and TEST_WORLD.strict and not AUTO_IDMAP.strict
     caps = frozenset({Capability.NINEP, Capability.VIRTIOFS})
@@ -111,3 +113,46 @@ def test_host_requirements_are_named_with_their_reason() -> None:
     assert reason is not None
     assert "capability 'virtiofs' declared, but this host cannot serve a virtiofs share" in reason
     assert "apt-get install qemu-system-common" in reason
+
+
+def test_a_declared_limitation_is_expected_to_fail_and_a_stale_one_fails(run_suite) -> None:
+    """Issue 17 item 7: a test ``limited_by`` a limitation its sharer declares (9p:
+    open-unlinked-fd) runs as a strict xfail on AssertionError — reported "limited" with the
+    declaration when it fails, a failure when it passes (the declaration is stale) or when
+    it breaks some other way; for a sharer that declares nothing it is an ordinary test."""
+    module = """\
+import pytest
+from boxlite_conformance.markers import limited_by, tier
+from boxlite_core.volumes.base import OPEN_UNLINKED_FD
+
+
+@tier(0)
+@pytest.mark.parametrize("sharer", ["9p", "virtiofs"])
+class TestLimited:
+    @limited_by(OPEN_UNLINKED_FD)
+    def test_fails_where_declared(self, sharer):
+        assert sharer != "9p", "ftruncate on an unlinked file: ENOENT"
+
+    @limited_by(OPEN_UNLINKED_FD)
+    def test_stale_declaration(self, sharer):
+        pass
+
+    @limited_by(OPEN_UNLINKED_FD)
+    def test_other_errors_still_fail(self, sharer):
+        raise RuntimeError("the box did not start")
+"""
+    run = run_suite("double-good", "--conformance-max-tier", "0", test_module=module)
+    outcomes = run.outcomes()
+    assert outcomes == {
+        "TestLimited::test_fails_where_declared[9p]": "limited",
+        "TestLimited::test_fails_where_declared[virtiofs]": "passed",
+        "TestLimited::test_stale_declaration[9p]": "failed",
+        "TestLimited::test_stale_declaration[virtiofs]": "passed",
+        "TestLimited::test_other_errors_still_fail[9p]": "failed",
+        "TestLimited::test_other_errors_still_fail[virtiofs]": "failed",
+    }, run.output
+    limited = run.messages("limited")["TestLimited::test_fails_where_declared[9p]"]
+    assert limited.startswith("declared limitation 'open-unlinked-fd' of volume sharer '9p': ")
+    assert "XPASS(strict)" in run.messages("failed")["TestLimited::test_stale_declaration[9p]"]
+    assert run.report["verdict"] == "fail" and run.proc.returncode == 1
+    assert "## Declared limitations (failed as declared)" in run.markdown

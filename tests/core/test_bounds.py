@@ -177,14 +177,14 @@ def test_a_mistyped_bound_is_refused_by_name(monkeypatch, name: str, value: str)
     from boxlite_core.channel import client
     from boxlite_core.errors import ConfigError
     from boxlite_core.runtime import pipeline
-    from boxlite_qemu import libvirt_backend
+    from boxlite_qemu import libvirt_conn
     from boxlite_qemu.qmp import bound
 
     readers = {
         "BOXLITE_TOOL_TIMEOUT": tools.default_timeout,
         "BOXLITE_AGENT_TRANSFER_TIMEOUT": client.transfer_timeout,
         "BOXLITE_BOOT_TIMEOUT": pipeline.boot_timeout,
-        "BOXLITE_LIBVIRT_TIMEOUT": libvirt_backend.call_timeout,
+        "BOXLITE_LIBVIRT_TIMEOUT": libvirt_conn.call_timeout,
         "BOXLITE_QMP_TIMEOUT": lambda: bound(5.0),
     }
     monkeypatch.setenv(name, value)

@@ -159,6 +159,20 @@ def test_image_config_merge(rt):
     assert box.default_command() == ["/bin/hello"]
 
 
+@pytest.mark.parametrize("cwd", ["work", "./work", "../x"])
+def test_a_relative_working_directory_is_refused_as_docker_does(rt, cwd):
+    """Issue 17 item 5's neighbour: the API refuses it before asking the box (docker: "the
+    working directory 'x' is invalid, it needs to be an absolute path"); the CLI's -w and
+    BoxOptions.workdir refuse it too."""
+    box = rt.create(opts(name="rel"))
+    with pytest.raises(ConfigError, match=r"cwd=.*: the working directory must be an absol"):
+        box.exec(["true"], cwd=cwd)
+    with pytest.raises(ConfigError, match=r"cwd=.*: the working directory must be an absol"):
+        box.exec_stream(["true"], cwd=cwd)
+    with pytest.raises(ConfigError, match=r"workdir='work': guest path must be absolute"):
+        opts(workdir="work")
+
+
 def test_remove_keeps_nothing(rt):
     box = rt.create(opts(name="tidy"))
     with pytest.raises(EngineError):

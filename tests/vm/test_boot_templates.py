@@ -12,16 +12,17 @@ and the same checks pass once the host's entropy and clock go with Init.
 
 from __future__ import annotations
 
-import gzip
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from boxlite_core.channel import identity as channel_identity
 from boxlite_core.models import BoxOptions
 from boxlite_core.runtime.savedstate import MANIFEST
+from boxlite_testing.derived import busybox_derived
 from boxlite_testing.homes import unique
-from boxlite_testing.oci import f, layer_tar, oci_layout_files, write_dir
+from boxlite_testing.oci import f
 
 pytestmark = pytest.mark.vm
 
@@ -70,19 +71,12 @@ def _clock_offset(box) -> float:
 
 
 @pytest.fixture
-def second_image(runtime, tmp_path) -> str:
+def second_image(runtime, tmp_path) -> Iterator[str]:
     """busybox's layers plus a /marker file: another image, same VM layout."""
-    busybox = runtime.images.get("busybox")
-    raw = []
-    for layer in busybox.layers:
-        data = runtime.images.blobs.path(layer.digest).read_bytes()
-        raw.append(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
-    raw.append(layer_tar([f("marker", b"image two\n")]))
-    files = oci_layout_files(raw, ref="two", gzip_layers=False)
-    files.pop("_manifest_digest")
-    name = unique("img-two")
-    runtime.images.import_path(write_dir(files, tmp_path / "layout"), name=name)
-    return name
+    ref = busybox_derived(runtime.images, tmp_path, entries=[f("marker", b"image two\n")],
+                          name=unique("img-two"))
+    yield ref
+    runtime.images.remove(ref, in_use=runtime.images_in_use())  # untag; kept if in use
 
 
 def test_second_start_restores_the_template_with_another_image(runtime, second_image):

@@ -32,10 +32,20 @@ BOOT_WAIT = float(os.environ.get("BOXLITE_BOOT_TIMEOUT") or 300) + 60
 TEARDOWN_WAIT = 120.0
 
 
+def _default_signal_actions() -> None:
+    """In the CLI child, before exec: the default action for the teardown signals, as a
+    terminal's shell gives. A runner started under ``nohup`` hands SIGHUP down ignored, and
+    the CLI keeps an inherited ignore (nohup's contract), so a SIGHUP test would see the
+    SIGTERM that follows it instead (CI measured exactly that: 143 for 129)."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _cli(home: Path, *args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "boxlite_core.cli.main", *args],
-        env=boxlite_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw,
+        env=boxlite_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=_default_signal_actions, **kw,
     )
 
 

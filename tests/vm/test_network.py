@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from boxlite_conformance.networld import BODY, SERVER_IP, SERVER_NAME, World
+from boxlite_conformance.networld import BODY, SERVER_IP, SERVER_NAME, World, dns_answer
 from boxlite_core.errors import ConfigError
 from boxlite_core.models import BoxOptions
 from boxlite_core.network.policy import NetworkPolicy
@@ -31,6 +31,9 @@ pytestmark = pytest.mark.vm
 WGET = "wget -q -O- {url}"
 #: an HTTP GET by hand, bounded by nc's own timeout
 GET_8081 = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {SERVER_IP} 8081"
+#: a DNS query over UDP to the test world's server on PORT (busybox has no ``nc -u``; its
+#: nslookup takes ADDRESS:PORT, and drops an answer from any other address or port)
+UDP_QUERY = "nslookup {name} " + SERVER_IP + ":{port}"
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,8 @@ def world(tmp_path_factory):
     with World(tag=str(os.getpid() % 100000), hosts_file=hosts) as w:
         w.serve(8080)
         w.serve(8081)
+        w.serve_dns(5353)
+        w.serve_dns(5354)
         yield w
 
 
@@ -135,6 +140,40 @@ def test_name_rule_needs_the_name(make_box, world):
     # names outside the allowlist do not resolve at all
     result, _ = sh(box, "nslookup other.test")
     assert result.exit_code != 0
+
+
+def udp(box, port: int, name: str = "any.test"):
+    """(answered?, seconds): whether the query to the test world's PORT was answered."""
+    result, took = sh(box, UDP_QUERY.format(name=name, port=port))
+    return dns_answer(port) in result.text, took
+
+
+def test_udp_goes_where_an_address_rule_allows(make_box, world):
+    box = make_box(network=NetworkPolicy.parse([f"{SERVER_IP}:5353", SERVER_NAME], None))
+    # twice: a flow's second datagram goes on the flow the first opened
+    for name in ("one.test", "two.test"):
+        answered, _ = udp(box, 5353, name)
+        assert answered, name
+    # the same address on another port: the name rule covering it does not allow UDP
+    answered, took = udp(box, 5354)
+    assert not answered and took < 20
+    assert f"DENY udp {SERVER_IP}:5354" in network_log(box)
+    assert f"ALLOW udp {SERVER_IP}:5353" in network_log(box)
+    # the box's own resolver still answers (its UDP is not sent out as a flow)
+    result, _ = sh(box, f"nslookup {SERVER_NAME}")
+    assert result.exit_code == 0 and SERVER_IP in result.text, result.text
+
+
+def test_udp_by_cidr_any_port_and_never_by_mode_alone(make_box, world):
+    box = make_box(network=NetworkPolicy.parse([f"{SERVER_IP}/32"], None))
+    for port in (5353, 5354):
+        answered, _ = udp(box, port)
+        assert answered, port
+    # --network full opens TCP to public addresses, not UDP: no rule names the address, so
+    # the guest refuses the datagram itself, at once
+    full = make_box(network=NetworkPolicy.parse((), "full"))
+    answered, took = udp(full, 5353)
+    assert not answered and took < 10
 
 
 def test_name_rule_with_address_rule(make_box, world):

@@ -1,7 +1,8 @@
 """T2 network: a box reaches what its policy allows and nothing else; published ports work.
 
 Gated on ``Capability.NETWORK``. The "outside world" is the suite's own (networld.World: a
-network namespace with HTTP servers on 203.0.113.10:8080 and :8081, ``svc.test`` in a hosts
+network namespace with HTTP servers on 203.0.113.10:8080 and :8081, a DNS server on UDP
+:5353, ``svc.test`` in a hosts
 file the box's host-side resolver reads through BOXLITE_NET_HOSTS). Denials must be quick:
 a box waits for a refused connection no longer than for an allowed one.
 """
@@ -19,12 +20,14 @@ from boxlite_core.vmm.spec import Capability
 
 from ..boxes import BoxPool
 from ..markers import needs_host, requires, tier
-from ..networld import BODY, SERVER_IP, SERVER_NAME, World
+from ..networld import BODY, SERVER_IP, SERVER_NAME, World, dns_answer
 
 __all__ = ["TestNetwork"]
 
 #: bounded by nc's own timeout (busybox wget's -T crashes the static busybox of the image)
 GET = "printf 'GET / HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n' | nc -w 5 {target} {port}"
+#: a DNS query over UDP to the world's server on a port (busybox has no ``nc -u``)
+UDP_QUERY = "nslookup any.test " + SERVER_IP + ":{port}"
 #: seconds a denied connection may take to fail
 QUICK = 10.0
 
@@ -55,7 +58,8 @@ class TestNetwork:
 
     def test_allowlist_by_address_and_name(self, box_pool: BoxPool, world: World) -> None:
         box = box_pool.fresh(memory_mib=256,
-                             network=_policy([f"{SERVER_IP}:8081", f"{SERVER_NAME}:8080"]))
+                             network=_policy([f"{SERVER_IP}:8081", f"{SERVER_NAME}:8080",
+                                              f"{SERVER_IP}:5353"]))
         try:
             text, _ = _get(box, SERVER_IP, 8081)
             assert f"{BODY} 8081" in text, "an address rule did not let its port through"
@@ -63,6 +67,9 @@ class TestNetwork:
             assert BODY not in text and took < QUICK, "a name rule opened an address by number"
             text, _ = _get(box, SERVER_NAME, 8080)
             assert f"{BODY} 8080" in text, "a name rule did not let its name through"
+            answer = box.exec(["sh", "-c", UDP_QUERY.format(port=5353)], timeout=60)
+            assert dns_answer(5353) in answer.stdout.decode(errors="replace"), (
+                "UDP to an address rule's port was not carried")
         finally:
             box_pool.discard(box)
 

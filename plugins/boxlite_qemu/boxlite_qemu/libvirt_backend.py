@@ -34,26 +34,24 @@ import hashlib
 import json
 import os
 import platform
-import threading
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
 
-from boxlite_core import envvars
 from boxlite_core.errors import ConfigError, EngineError, StateError, UnsupportedError
-from boxlite_core.models import JsonObject
+from boxlite_core.models import JsonObject, JsonValue
 from boxlite_core.vmm.base import LaunchPlan, VmHandle, VmmBackend
 from boxlite_core.vmm.consolelog import (
     BACKUPS,
     CONSOLE_SOCKET,
     WRITER_STATE,
+    ensure_writer,
     start_writer,
     stop_writer,
     wait_writer,
@@ -61,10 +59,27 @@ from boxlite_core.vmm.consolelog import (
 from boxlite_core.vmm.kvm_access import KVM_DEV, KVM_FIX, QEMU_CONF, kvm_access_problem
 from boxlite_core.vmm.spec import Capability, DiskSwitch, ProbeResult, VmSpec
 
+from . import libvirt_remote
 from .accel import host_accel
 from .handle import migration_bound, write_state
+from .libvirt_conn import (
+    CLOSE_TIMEOUT,
+    DAEMON_FIX,
+    ENV_TIMEOUT,
+    INSTALL_FIX,
+    LibvirtTimeout,
+    bounded,
+    call_timeout,
+    close_connection,
+    default_uri,
+    import_libvirt,
+    is_local,
+    is_session,
+    open_connection,
+)
 from .libvirt_xml import (
     DEFAULT_VIRTIOFSD,
+    DOMAIN_TYPES,
     MACHINES,
     SAVE_HEADER,
     SaveImageError,
@@ -80,19 +95,10 @@ from .libvirt_xml import (
 if TYPE_CHECKING:
     import libvirt
 
-ENV_URI = "BOXLITE_LIBVIRT_URI"
 VM_FILE = "vm.json"
-INSTALL_FIX = "pip install 'boxlite-qemu[libvirt]' (needs libvirt-dev and pkg-config to build)"
-DAEMON_FIX = (
-    "start libvirtd (virtlogd -d && libvirtd -d, or systemctl start libvirtd); "
-    "if it is not installed: apt-get install libvirt-daemon-system"
-)
 _POLL = 0.1
-#: bound on every call into libvirt (seconds); libvirt-python blocks in C with no timeout
-ENV_TIMEOUT = "BOXLITE_LIBVIRT_TIMEOUT"
-DEFAULT_TIMEOUT = 60.0
-#: close() may wait on a stuck daemon too; it is best effort
-_CLOSE_TIMEOUT = 5.0
+#: the libvirt domain type to use whatever the host offers (kvm, qemu, hvf)
+ENV_DOMAIN_TYPE = "BOXLITE_LIBVIRT_DOMAIN_TYPE"
 #: in a ``save_state`` directory: libvirt's save image (header + domain XML + QEMU stream)
 SAVE_FILE = "domain.save"
 #: beside it: what was saved and how long it took (``{"image", "image_bytes", "libvirt",
@@ -124,35 +130,6 @@ _SHUTOFF_REASONS = {0: "unknown", 1: "guest powered off", 2: "destroyed", 3: "cr
                     8: "daemon restarted"}
 
 
-def default_uri(env: dict[str, str] | None = None) -> str:
-    """BOXLITE_LIBVIRT_URI, else the system daemon as root and the session daemon otherwise."""
-    env = dict(os.environ) if env is None else env
-    uri = env.get(ENV_URI, "").strip()
-    if uri:
-        return uri
-    return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
-
-
-def is_local(uri: str) -> bool:
-    """True when the daemon runs on this host (no hostname in the URI)."""
-    parts = urlsplit(uri)
-    return not parts.hostname and "+ssh" not in parts.scheme and "+tcp" not in parts.scheme \
-        and "+tls" not in parts.scheme
-
-
-def is_session(uri: str) -> bool:
-    return urlsplit(uri).path.rstrip("/") == "/session"
-
-
-class LibvirtTimeout(EngineError):
-    """A call into libvirt did not return within its bound (the daemon is stuck or slow)."""
-
-
-def call_timeout(env: dict[str, str] | None = None) -> float:
-    """``BOXLITE_LIBVIRT_TIMEOUT`` (seconds, > 0) or 60: the bound of each libvirt call."""
-    return envvars.seconds(ENV_TIMEOUT, DEFAULT_TIMEOUT, env)
-
-
 def save_bound(size_bytes: int, env: dict[str, str] | None = None) -> float:
     """Seconds libvirt may take to save (or restore) a guest of ``size_bytes`` of memory:
     the qemu backend's migration bound (30 s + the size at 20 MB/s, raised by
@@ -167,81 +144,6 @@ def save_bound(size_bytes: int, env: dict[str, str] | None = None) -> float:
     return limit
 
 
-def _stall_hint(uri: str) -> str:
-    hint = (f"the daemon is stuck or overloaded: check `virsh -c {uri} list` and libvirtd's "
-            f"log; on a slow host raise {ENV_TIMEOUT} (seconds)")
-    if is_local(uri) and not is_session(uri):
-        problem = kvm_access_problem(KVM_DEV, QEMU_CONF)
-        if problem:
-            hint = f"likely cause: {problem}; fix: {KVM_FIX}; else {hint}"
-    return hint
-
-
-def bounded(what: str, uri: str, fn: Callable[..., T], *args: Any,
-            timeout: float | None = None,
-            on_abandoned: Callable[[T], None] | None = None) -> T:
-    """Run one libvirt-python call in a worker thread and wait at most ``timeout`` seconds
-    (default :func:`call_timeout`); LibvirtTimeout naming ``what`` and ``uri`` otherwise.
-
-    Why a thread: libvirt-python calls block in C (a daemon that accepts and never answers
-    stalls them forever, and keepalive needs an event loop boxlite does not own). A call
-    that times out is abandoned on its daemon thread; if it returns later anyway, its result
-    goes to ``on_abandoned`` (createXML: destroy the domain nobody will track) and is
-    otherwise dropped. The call's own exceptions (libvirt.libvirtError) are re-raised.
-    """
-    bound = call_timeout() if timeout is None else timeout
-    box: dict[str, Any] = {}
-    done = threading.Event()
-    lock = threading.Lock()
-
-    def runner() -> None:
-        try:
-            box["result"] = fn(*args)
-        except BaseException as exc:
-            box["error"] = exc
-        finally:
-            with lock:
-                done.set()
-                late = box.get("abandoned", False)
-        if late and on_abandoned is not None and "result" in box:
-            with contextlib.suppress(Exception):
-                on_abandoned(box["result"])
-
-    threading.Thread(target=runner, name=f"libvirt {what}", daemon=True).start()
-    finished = done.wait(bound)
-    if not finished:
-        with lock:
-            finished = done.is_set()
-            box["abandoned"] = not finished
-    if not finished:
-        raise LibvirtTimeout(f"libvirt {what} on {uri} did not answer in {bound:g} s; "
-                             f"{_stall_hint(uri)}")
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
-def _close(uri: str, conn: libvirt.virConnect) -> None:
-    with contextlib.suppress(Exception):
-        bounded("virConnectClose", uri, conn.close, timeout=_CLOSE_TIMEOUT)
-
-
-def _import_libvirt() -> ModuleType:
-    import libvirt
-
-    # libvirt prints every error to stderr by default ("Domain not found" on each poll)
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    return libvirt
-
-
-def _open(uri: str) -> libvirt.virConnect:
-    libvirt = _import_libvirt()
-    try:
-        return bounded("virConnectOpen", uri, libvirt.open, uri)
-    except libvirt.libvirtError as exc:
-        raise EngineError(f"cannot connect to libvirt at {uri}: {exc}; {DAEMON_FIX}") from exc
-
-
 def _host_domain_type() -> tuple[str, str]:
     """(libvirt domain type, why): the qemu backend's accelerator choice. Never raises (it
     backs ``capabilities()``): a bad ``BOXLITE_ACCEL`` falls back to TCG, with the reason."""
@@ -250,6 +152,25 @@ def _host_domain_type() -> tuple[str, str]:
     except ConfigError as exc:
         return "qemu", f"{exc}; using TCG"
     return {"kvm": "kvm", "hvf": "hvf"}.get(choice.accel, "qemu"), choice.reason
+
+
+def _remote_domain_type(uri: str, arch: str) -> tuple[str, str]:
+    """(kvm or qemu, why) for a remote daemon: kvm when it describes kvm domains for
+    ``arch``. Never raises: an unreachable daemon gives qemu (its probe says the rest)."""
+    try:
+        libvirt = import_libvirt()
+        conn = open_connection(uri)
+    except (ImportError, EngineError) as exc:
+        return "qemu", f"could not ask {uri} ({exc})"
+    try:
+        bounded("virConnectGetDomainCapabilities", uri, conn.getDomainCapabilities, None,
+                arch, None, "kvm", 0)
+        return "kvm", (f"{uri} offers kvm domains (set {ENV_DOMAIN_TYPE}=qemu if its KVM "
+                       "cannot boot them)")
+    except (libvirt.libvirtError, LibvirtTimeout) as exc:
+        return "qemu", f"{uri} offers no kvm domains ({exc})"
+    finally:
+        close_connection(uri, conn)
 
 
 def _pid_file(uri: str, name: str) -> Path | None:
@@ -384,15 +305,15 @@ class LibvirtHandle(VmHandle):
             with contextlib.suppress(Exception):
                 if bounded("virConnectIsAlive", self.uri, self._conn.isAlive):
                     return self._conn
-            _close(self.uri, self._conn)
+            close_connection(self.uri, self._conn)
             self._conn = None
-        self._conn = _open(self.uri)
+        self._conn = open_connection(self.uri)
         return self._conn
 
     def _domain(self) -> libvirt.virDomain | None:
         """This boot's domain (its UUID), or None when it is gone or not active. A new ID
         means a save + restore of it (by any process): the handle follows it."""
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         conn = self._connection()
         try:
             dom = self._call("virDomainLookupByUUIDString", conn.lookupByUUIDString, self.uuid)
@@ -466,7 +387,7 @@ class LibvirtHandle(VmHandle):
                 return True
             self._note_gone()
             return False
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         try:
             active = bool(self._call("virDomainIsActive", dom.isActive))
         except libvirt.libvirtError:  # vanished between lookup and the call
@@ -505,7 +426,7 @@ class LibvirtHandle(VmHandle):
             self._note_gone()
             self._finish_console()
             return
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         with contextlib.suppress(libvirt.libvirtError):
             self._call("virDomainShutdown", dom.shutdown)
         if self.wait(timeout):
@@ -525,9 +446,11 @@ class LibvirtHandle(VmHandle):
             return
         wait_writer(self.box_dir, 2.0)
         stop_writer(self.box_dir)
+        if not is_local(self.uri):
+            libvirt_remote.stop_bridge(self.box_dir)
 
     def _destroy(self, reason: str) -> None:
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         dom = self._settled_domain()
         if dom is None:
             self._note_gone()
@@ -569,7 +492,7 @@ class LibvirtHandle(VmHandle):
     def _control(self, what: str, fn: Callable[[], object]) -> None:
         """A bounded libvirt call whose refusal is the VMM's failure (EngineError), not a
         libvirt-python exception escaping the contract."""
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         try:
             self._call(what, fn)
         except libvirt.libvirtError as exc:
@@ -616,7 +539,7 @@ class LibvirtHandle(VmHandle):
                 domain is restored first).
             KeyboardInterrupt: re-raised once the domain runs again (as above).
         """
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         directory = Path(directory)
         if not is_local(self.uri):
             raise UnsupportedError(
@@ -684,9 +607,9 @@ class LibvirtHandle(VmHandle):
         domain, restore it from ``image``. Waits at most ``timeout`` + 30 s for libvirt.
         Anything else failing here is swallowed (the caller re-raises the original error),
         except a failed restore: its EngineError says where the state is."""
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         with contextlib.suppress(Exception):
-            self._call("virDomainAbortJob", dom.abortJob, timeout=_CLOSE_TIMEOUT)
+            self._call("virDomainAbortJob", dom.abortJob, timeout=CLOSE_TIMEOUT)
         deadline = time.monotonic() + timeout + _RESCUE_BOUND
         while True:
             try:
@@ -694,7 +617,7 @@ class LibvirtHandle(VmHandle):
                 if current is None:
                     break  # the save ended the domain
                 job = self._call("virDomainGetJobInfo", current.jobInfo,
-                                 timeout=_CLOSE_TIMEOUT)[0]
+                                 timeout=CLOSE_TIMEOUT)[0]
                 if job == libvirt.VIR_DOMAIN_JOB_NONE:
                     return  # aborted (or failed): libvirt resumed the domain as it was
             except Exception:
@@ -715,7 +638,7 @@ class LibvirtHandle(VmHandle):
             EngineError: libvirt refused or timed out, or anything else failed: the domain
                 is gone and the message says its state is kept in ``image``.
         """
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         if self.box_dir is not None:
             # the saved QEMU closed the console socket: its writer drains and exits
             wait_writer(self.box_dir, 2.0)
@@ -763,7 +686,7 @@ class LibvirtHandle(VmHandle):
 
     def release(self) -> None:
         if self._conn is not None:
-            _close(self.uri, self._conn)
+            close_connection(self.uri, self._conn)
             self._conn = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -790,10 +713,22 @@ class LibvirtBackend(VmmBackend):
 
     @property
     def domain_type(self) -> str:
-        """kvm only where KVM really boots a guest (the qemu backend's probe), else qemu (TCG).
-        Probed once per instance so every plan of this backend is the same."""
+        """``BOXLITE_LIBVIRT_DOMAIN_TYPE`` if set; for a local daemon kvm only where KVM
+        really boots a guest (the qemu backend's probe), else qemu (TCG); for a remote one
+        kvm when its daemon offers kvm domains, else qemu. Probed once per instance so every
+        plan of this backend is the same."""
         if self._domain_type is None:
-            self._domain_type, self._domain_type_reason = _host_domain_type()
+            forced = os.environ.get(ENV_DOMAIN_TYPE, "").strip()
+            if forced:
+                if forced not in DOMAIN_TYPES:
+                    raise ConfigError(f"{ENV_DOMAIN_TYPE}={forced!r}: must be one of "
+                                      f"{', '.join(DOMAIN_TYPES)}")
+                self._domain_type, self._domain_type_reason = forced, f"{ENV_DOMAIN_TYPE}"
+            elif is_local(self.uri):
+                self._domain_type, self._domain_type_reason = _host_domain_type()
+            else:
+                self._domain_type, self._domain_type_reason = _remote_domain_type(
+                    self.uri, self.arch)
         return self._domain_type
 
     @property
@@ -812,12 +747,16 @@ class LibvirtBackend(VmmBackend):
         if is_local(self.uri):
             # the daemon writes and reads the state file on its own host
             caps.add(Capability.SNAPSHOT)
+        else:
+            # 9p of that machine's directories (its QEMU serves them); virtiofsd would be a
+            # process of ours, here
+            caps.discard(Capability.VIRTIOFS)
         return frozenset(caps)
 
     def probe(self) -> ProbeResult:
         details: dict[str, Any] = {"uri": self.uri}
         try:
-            libvirt = _import_libvirt()
+            libvirt = import_libvirt()
         except ImportError as exc:
             return ProbeResult(False, reason=f"libvirt-python is not installed ({exc})",
                                fix=INSTALL_FIX, details=details)
@@ -852,7 +791,7 @@ class LibvirtBackend(VmmBackend):
                     fix="apt-get install qemu-system-x86 (and restart libvirtd)",
                     details=details)
         finally:
-            _close(uri, conn)
+            close_connection(uri, conn)
         problem = self._kvm_access_problem()
         if problem:
             # usable, but every call re-probes QEMU and stalls: say so, and the fix
@@ -892,11 +831,11 @@ class LibvirtBackend(VmmBackend):
     def _read_compat(self) -> str:
         uri = self.uri
         try:
-            libvirt = _import_libvirt()
+            libvirt = import_libvirt()
         except ImportError as exc:
             raise EngineError(f"backend 'libvirt' needs libvirt-python ({exc}); "
                               f"{INSTALL_FIX}") from exc
-        conn = _open(uri)
+        conn = open_connection(uri)
         try:
             lib = _version(bounded("virConnectGetLibVersion", uri, conn.getLibVersion))
             qemu = _version(bounded("virConnectGetVersion", uri, conn.getVersion))
@@ -906,7 +845,7 @@ class LibvirtBackend(VmmBackend):
             raise EngineError(f"libvirt at {uri} cannot describe its QEMU for {self.arch} "
                               f"({exc}); is qemu-system-{self.arch} installed?") from exc
         finally:
-            _close(uri, conn)
+            close_connection(uri, conn)
         try:
             root = ET.fromstring(caps)
         except ET.ParseError as exc:
@@ -950,14 +889,16 @@ class LibvirtBackend(VmmBackend):
         """
         if spec.restore_from is not None:
             self._refuse_unrestorable(spec)
-        # A local daemon serves the console on a socket our capped writer copies (the box's
-        # console_log_max_bytes holds); a remote one's box dir is not here: virtlogd's cap.
-        console = spec.box_dir / CONSOLE_SOCKET if is_local(self.uri) else None
+        # The console reaches our capped writer (the box's console_log_max_bytes holds) on a
+        # socket: a local daemon's QEMU serves it; a remote box's stream bridge serves it
+        # from the console stream. A remote box's files are pool volumes (libvirt_remote).
+        console = spec.box_dir / CONSOLE_SOCKET
+        remote = None if is_local(self.uri) else libvirt_remote.layout(spec)
         xml = build_domain_xml(spec, domain_type=self.domain_type, arch=self.arch,
                                seclabel=self.seclabel, virtiofsd=self.virtiofsd,
-                               console_socket=console)
-        data = {
-            "console_socket": str(console) if console else None,
+                               console_socket=console, remote=remote.files if remote else None)
+        data: dict[str, JsonValue] = {
+            "console_socket": str(console),
             "xml": xml,
             "uri": self.uri,
             "name": domain_name(spec.box_id),
@@ -969,16 +910,18 @@ class LibvirtBackend(VmmBackend):
             data["machine_note"] = f"kit hint {machine!r} replaced by q35 (libvirt lacks microvm)"
         if spec.restore_from is not None:
             data["restore_image"] = str(Path(spec.restore_from) / SAVE_FILE)
+        if remote is not None:
+            data["remote"] = remote.to_json()
         return LaunchPlan(backend=self.name, spec=spec, data=data)
 
     def launch(self, plan: LaunchPlan) -> LibvirtHandle:
         if plan.backend != self.name:
             raise ConfigError(f"plan for backend {plan.backend!r} handed to {self.name!r}")
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         uri = plan.data["uri"]
         name = plan.data["name"]
         spec = plan.spec
-        conn = _open(uri)
+        conn = open_connection(uri)
         try:
             with contextlib.suppress(libvirt.libvirtError):
                 old = bounded("virDomainLookupByName", uri, conn.lookupByName, name)
@@ -994,6 +937,10 @@ class LibvirtBackend(VmmBackend):
             # later `rm -f`/recovery can find (libvirt keeps transient domains after we go).
             _write_vm_record(spec.box_dir, {"backend": self.name, "uri": uri, "name": name,
                                             "uuid": None})
+            remote = plan.data.get("remote")
+            if isinstance(remote, dict):
+                return self._launch_remote(plan, conn, libvirt_remote.RemoteLayout.from_json(
+                    remote))
             console = plan.data.get("console_socket")
             if console:
                 # first: the writer waits for QEMU to listen and connects while libvirt still
@@ -1039,10 +986,51 @@ class LibvirtBackend(VmmBackend):
                 raise
         finally:
             if conn is not None:
-                _close(uri, conn)
+                close_connection(uri, conn)
         if is_local(uri):
             with contextlib.suppress(OSError):
                 os.chmod(spec.agent.socket, 0o600)
+        _write_vm_file(spec.box_dir, handle)
+        return handle
+
+    def _launch_remote(self, plan: LaunchPlan, conn: libvirt.virConnect,
+                       layout: libvirt_remote.RemoteLayout) -> LibvirtHandle:
+        """launch() for a daemon on another host: the pool volumes first (uploads reported
+        through ``plan.report``), then the domain, created paused so that the stream bridge
+        holds its console before the guest prints a byte; resumed once the bridge and the
+        log writer serve."""
+        libvirt = import_libvirt()
+        uri, name, spec = str(plan.data["uri"]), str(plan.data["name"]), plan.spec
+        libvirt_remote.check_directories(conn, uri, [s.host_path for s in spec.shares])
+        libvirt_remote.stage(conn, uri, layout, plan.report)
+        plan.report(f"starting domain {name} on {uri}", None)
+        late_conn = conn
+        try:
+            dom = bounded("createXML", uri, conn.createXML, plan.data["xml"],
+                          libvirt.VIR_DOMAIN_START_PAUSED,
+                          on_abandoned=lambda d: _destroy_late_domain(d, late_conn))
+        except libvirt.libvirtError as exc:
+            raise EngineError(f"libvirt could not start domain {name} at {uri}: {exc}"
+                              ) from exc
+        console = spec.box_dir / CONSOLE_SOCKET
+        try:
+            uuid = bounded("virDomainGetUUIDString", uri, dom.UUIDString)
+            handle = LibvirtHandle(uri, name, uuid, bounded("virDomainGetID", uri, dom.ID),
+                                   None, spec.box_dir)
+            stop_writer(spec.box_dir)
+            libvirt_remote.start_bridge(spec.box_dir, uri, uuid, spec.agent.port_name,
+                                        spec.agent.socket, console)
+            start_writer(spec.box_dir, console, spec.console_log, spec.console_log_max_bytes)
+            bounded("virDomainResume", uri, dom.resume)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                bounded("virDomainDestroy", uri, dom.destroy)
+            libvirt_remote.stop_bridge(spec.box_dir)
+            stop_writer(spec.box_dir)
+            if isinstance(exc, libvirt.libvirtError):
+                raise EngineError(f"libvirt domain {name} at {uri} could not be started "
+                                  f"({exc}); it was destroyed") from exc
+            raise
         _write_vm_file(spec.box_dir, handle)
         return handle
 
@@ -1064,7 +1052,63 @@ class LibvirtBackend(VmmBackend):
         if not handle.is_running():
             handle.release()
             return None
+        if not is_local(handle.uri) and libvirt_remote.ensure_bridge(Path(box_dir)):
+            ensure_writer(Path(box_dir))  # its console source came back with the bridge
         return handle
+
+    @property
+    def remote_host(self) -> str:
+        """The daemon's URI when it is on another machine, else ""."""
+        return "" if is_local(self.uri) else self.uri
+
+    def for_host(self, host: str) -> LibvirtBackend:
+        """This backend on the libvirtd at URI ``host`` (``qemu+ssh://user@host/system``,
+        ``qemu+tls://host/system``, ``qemu+tcp://...``; see libvirt's remote URIs).
+
+        Raises:
+            ConfigError: ``host`` is not a libvirt URI.
+        """
+        parts = urlsplit(host)
+        if not parts.scheme or "://" not in host:
+            raise ConfigError(f"--host {host!r}: the libvirt backend takes a libvirt URI, "
+                              "e.g. qemu+ssh://user@host/system or qemu+tls://host/system")
+        return LibvirtBackend(host, arch=self.arch, virtiofsd=self.virtiofsd)
+
+    def prune(self) -> list[str]:
+        """A remote daemon's content volumes nothing uses there (see libvirt_remote.prune);
+        nothing for a local daemon (the files are in our home's caches).
+
+        Raises:
+            EngineError: the daemon cannot be reached, or refuses (LibvirtTimeout: stalls).
+        """
+        if is_local(self.uri):
+            return []
+        conn = open_connection(self.uri)
+        try:
+            return libvirt_remote.prune(conn, self.uri)
+        finally:
+            close_connection(self.uri, conn)
+
+    def forget(self, box_dir: Path) -> None:
+        """Delete the box's volumes from a remote daemon's pool (``box-<id>-*``); nothing for
+        a local daemon (the box's disks are in its directory).
+
+        Raises:
+            EngineError: the daemon cannot be reached, or refuses (LibvirtTimeout: stalls).
+        """
+        try:
+            info = json.loads((Path(box_dir) / VM_FILE).read_text())
+        except (OSError, ValueError):
+            return  # never launched here
+        uri = str(info.get("uri") or "")
+        if info.get("backend") != self.name or not uri or is_local(uri):
+            return
+        box_id = Path(box_dir).name
+        conn = open_connection(uri)
+        try:
+            libvirt_remote.forget(conn, uri, box_id)
+        finally:
+            close_connection(uri, conn)
 
 
 def _destroy_late_domain(dom: libvirt.virDomain, conn: libvirt.virConnect) -> None:
@@ -1090,7 +1134,7 @@ def _restore_domain(conn: libvirt.virConnect, uri: str, name: str, image: Path,
     uuid = str(uuidlib.uuid4())
     private = plan.spec.box_dir / PRIVATE_IMAGE
     _private_image(image, private, name, uuid)
-    libvirt = _import_libvirt()
+    libvirt = import_libvirt()
     try:
         bounded("virDomainRestoreFlags", uri, conn.restoreFlags, str(private),
                 with_uuid(str(plan.data["xml"]), uuid), libvirt.VIR_DOMAIN_SAVE_RUNNING,
@@ -1109,7 +1153,7 @@ def _restore_domain(conn: libvirt.virConnect, uri: str, name: str, image: Path,
 def _destroy_late_uuid(uri: str, uuid: str) -> None:
     """The domain of a restore we stopped waiting for: nobody tracks it, so it goes."""
     with contextlib.suppress(Exception):
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         conn = libvirt.open(uri)
         try:
             conn.lookupByUUIDString(uuid).destroy()
@@ -1247,8 +1291,8 @@ def _version(number: int) -> str:
 
 def _adopt_by_name(uri: str, name: str, box_dir: Path) -> LibvirtHandle | None:
     """The running domain ``name`` (``boxlite-<box id>``: one box's alone), or None."""
-    libvirt = _import_libvirt()
-    conn = _open(uri)
+    libvirt = import_libvirt()
+    conn = open_connection(uri)
     try:
         try:
             dom = bounded("virDomainLookupByName", uri, conn.lookupByName, name)
@@ -1260,7 +1304,7 @@ def _adopt_by_name(uri: str, name: str, box_dir: Path) -> LibvirtHandle | None:
                              bounded("virDomainGetID", uri, dom.ID), _read_pid(uri, name),
                              box_dir)
     finally:
-        _close(uri, conn)
+        close_connection(uri, conn)
 
 
 def _write_vm_file(box_dir: Path, handle: LibvirtHandle) -> None:

@@ -30,6 +30,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 
+import attrs
+
 from boxlite_core.errors import ConfigError
 from boxlite_core.vmm.spec import ChannelKind, DiskSpec, ShareSpec, VmSpec
 
@@ -70,11 +72,21 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -
     return el
 
 
-def _disk(devices: ET.Element, index: int, disk: DiskSpec) -> None:
+@attrs.frozen
+class RemoteFiles:
+    """Where a remote daemon's host holds a spec's files (volumes of its storage pool, see
+    libvirt_pool.py): ``kernel``, ``initrd``, and one path per ``spec.disks``, in order."""
+
+    kernel: str
+    initrd: str
+    disks: tuple[str, ...] = attrs.field(converter=tuple)
+
+
+def _disk(devices: ET.Element, index: int, disk: DiskSpec, source: str) -> None:
     el = _sub(devices, "disk", type="file", device="disk")
     # cache=none needs O_DIRECT, which tmpfs lacks; writeback is what the qemu backend uses too
     _sub(el, "driver", name="qemu", type=disk.format, cache="writeback", discard="unmap")
-    _sub(el, "source", file=str(disk.path))
+    _sub(el, "source", file=source)
     _sub(el, "target", dev=disk_target(index), bus="virtio")
     if disk.serial:
         _sub(el, "serial", disk.serial)
@@ -137,8 +149,15 @@ def build_domain_xml(
     seclabel: str = "root",
     virtiofsd: str = DEFAULT_VIRTIOFSD,
     console_socket: Path | None = None,
+    remote: RemoteFiles | None = None,
 ) -> str:
     """The transient domain for ``spec``. Same arguments, same bytes.
+
+    ``remote``: the daemon is on another host, where none of the spec's paths exist: the
+    kernel, initrd and disks are the given paths of that host, the serial console is a pty
+    and the agent channel a unix socket whose path libvirt chooses there (both read through
+    the connection: ``virDomainOpenConsole``, ``virDomainOpenChannel``), and shares are 9p
+    exports of that host's directories (``ShareSpec.host_path`` is a path there).
 
     ``console_socket``: serve the serial console on this unix socket (QEMU binds it; the
     core's capped writer connects and copies it into ``spec.console_log`` under the box's
@@ -161,12 +180,24 @@ def build_domain_xml(
             f"backend_options {sorted(spec.backend_options)[0]!r}: the libvirt backend reads "
             "no backend options"
         )
+    if remote is not None:
+        for share in spec.shares:
+            if share.kind != "9p" or share.socket is not None:
+                raise ConfigError(
+                    f"share {share.tag!r} ({share.host_path}, {share.kind}): a remote libvirt "
+                    "host shares its own directories, through its QEMU's 9p server; a "
+                    "sharer process of this machine cannot serve it")
+        if len(remote.disks) != len(spec.disks):
+            raise ConfigError(f"remote files name {len(remote.disks)} disks, the spec has "
+                              f"{len(spec.disks)}")
 
     dom = ET.Element("domain", type=domain_type)
     _sub(dom, "name", domain_name(spec.box_id))
     if spec.name:
         _sub(dom, "title", f"boxlite box {spec.name}")
-    _sub(dom, "description", f"boxlite box {spec.box_id} ({spec.box_dir})")
+    # a remote host gets no path of ours: it could open none of them
+    _sub(dom, "description", f"boxlite box {spec.box_id}" if remote
+         else f"boxlite box {spec.box_id} ({spec.box_dir})")
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.cpus), placement="static")
     if _needs_shared_memory(spec.shares):
@@ -177,8 +208,8 @@ def build_domain_xml(
 
     os_el = _sub(dom, "os")
     _sub(os_el, "type", "hvm", arch=arch, machine=machine)
-    _sub(os_el, "kernel", str(spec.kernel))
-    _sub(os_el, "initrd", str(spec.initrd))
+    _sub(os_el, "kernel", remote.kernel if remote else str(spec.kernel))
+    _sub(os_el, "initrd", remote.initrd if remote else str(spec.initrd))
     _sub(os_el, "cmdline", spec.cmdline)
 
     features = _sub(dom, "features")
@@ -198,11 +229,13 @@ def build_domain_xml(
 
     devices = _sub(dom, "devices")
     for index, disk in enumerate(spec.disks):
-        _disk(devices, index, disk)
+        _disk(devices, index, disk, remote.disks[index] if remote else str(disk.path))
     for share in spec.shares:
         _share(devices, share, virtiofsd, seclabel)
     _sub(devices, "controller", type="usb", model="none")
-    if console_socket is not None:
+    if remote is not None:
+        serial = _sub(devices, "serial", type="pty")
+    elif console_socket is not None:
         serial = _sub(devices, "serial", type="unix")
         _sub(serial, "source", mode="bind", path=str(console_socket))
     else:
@@ -215,7 +248,10 @@ def build_domain_xml(
             "(it maps the agent socket through a virtio-serial port)"
         )
     channel = _sub(devices, "channel", type="unix")
-    _sub(channel, "source", mode="bind", path=str(spec.agent.socket))
+    if remote is not None:
+        _sub(channel, "source", mode="bind")  # libvirt names the socket on its host
+    else:
+        _sub(channel, "source", mode="bind", path=str(spec.agent.socket))
     _sub(channel, "target", type="virtio", name=spec.agent.port_name)
     _sub(devices, "memballoon", model="none")
 

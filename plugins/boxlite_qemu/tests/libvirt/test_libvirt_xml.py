@@ -65,15 +65,12 @@ def test_domain_basics_follow_the_spec(tmp_path: Path, make_spec) -> None:
     assert serial.find("source").get("path") == str(tmp_path / "console.sock")
 
 
-def test_a_remote_daemon_writes_the_console_log_itself(tmp_path: Path, make_spec) -> None:
-    """The box directory is not on a remote daemon's host: no pipe there, virtlogd writes."""
-    spec = make_spec(tmp_path)
-    plan = LibvirtBackend("qemu+ssh://vendor.example/system", domain_type="qemu",
-                          arch="x86_64").plan(spec)
-    serial = ET.fromstring(plan.data["xml"]).find("devices/serial")
-    assert serial.get("type") == "file"
-    assert serial.find("source").get("path") == str(tmp_path / "console.log")
-    assert plan.data["console_socket"] is None
+def test_a_remote_plan_needs_the_files_it_uploads(tmp_path: Path, make_spec) -> None:
+    """A remote daemon gets our files as pool volumes named by content (see
+    test_libvirt_remote_plan.py): a file that cannot be read fails the plan, naming it."""
+    with pytest.raises(ConfigError, match="cannot read /k/vmlinux"):
+        LibvirtBackend("qemu+ssh://vendor.example/system", domain_type="qemu",
+                       arch="x86_64").plan(make_spec(tmp_path))
 
 
 def test_disks_carry_serial_format_and_readonly(tmp_path: Path, make_spec) -> None:
@@ -188,9 +185,11 @@ def test_plan_is_deterministic_and_json_serialisable(tmp_path: Path, make_spec) 
 
 
 def test_uri_from_environment(monkeypatch, tmp_path: Path, make_spec) -> None:
-    monkeypatch.setenv("BOXLITE_LIBVIRT_URI", "qemu+ssh://h/system")
+    monkeypatch.setenv("BOXLITE_LIBVIRT_URI", "qemu:///session")
     plan = LibvirtBackend(domain_type="qemu").plan(make_spec(tmp_path))
-    assert plan.data["uri"] == "qemu+ssh://h/system"
+    assert plan.data["uri"] == "qemu:///session"
+    monkeypatch.setenv("BOXLITE_LIBVIRT_URI", "qemu+ssh://h/system")
+    assert LibvirtBackend(domain_type="qemu").remote_host == "qemu+ssh://h/system"
 
 
 def test_disk_target_names() -> None:
