@@ -10,6 +10,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 T0 = 1_600_000_000
 
 
@@ -44,7 +46,8 @@ def chrdev(name: str, major: int = 1, minor: int = 3) -> dict[str, Any]:
 
 
 def layer_tar(entries: list[dict[str, Any]]) -> bytes:
-    """An uncompressed layer tar holding ``entries`` in the given order."""
+    """An uncompressed layer tar holding ``entries`` in the given order (an entry's
+    ``xattrs`` ({name: value}) go in PAX ``SCHILY.xattr.*`` headers, as docker writes them)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for e in entries:
@@ -53,6 +56,7 @@ def layer_tar(entries: list[dict[str, Any]]) -> bytes:
             info.uid = e.get("uid", 0)
             info.gid = e.get("gid", 0)
             info.mode = e.get("mode", 0o644)
+            info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in e.get("xattrs", {}).items()}
             data = None
             kind = e["kind"]
             if kind == "file":
@@ -74,17 +78,52 @@ def layer_tar(entries: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+
+def zstd_compress(data: bytes, *, frames: int = 1, skippable: bytes = b"") -> bytes:
+    """``data`` as ``frames`` concatenated zstd frames (zstd:chunked writes one per file),
+    led by a skippable frame holding ``skippable`` when given (RFC 8878 3.1.2). Each frame
+    carries its content checksum, as the zstd command line writes it."""
+    out = b""
+    if skippable:
+        out += (0x184D2A50).to_bytes(4, "little") + len(skippable).to_bytes(4, "little")
+        out += skippable
+    step = max(1, -(-len(data) // frames))
+    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
+    for start in range(0, max(len(data), 1), step):
+        out += cctx.compress(data[start : start + step])
+    return out
+
+
+def decode(raw: bytes) -> bytes:
+    """A layer blob's tar bytes (gzip, zstd or plain): what its diff ID hashes."""
+    if raw[:2] == b"\x1f\x8b":
+        return gzip.decompress(raw)
+    if raw[:4] == ZSTD_MAGIC or raw[:4] == (0x184D2A50).to_bytes(4, "little"):
+        dctx = zstandard.ZstdDecompressor()
+        return dctx.stream_reader(io.BytesIO(raw), read_across_frames=True).read()
+    return raw
+
+
+def compress_layer(tar: bytes, codec: str | None) -> tuple[bytes, str]:
+    """(blob, OCI media type) of a layer tar compressed with ``codec`` (gzip, zstd or None)."""
+    if codec == "gzip":
+        return gzip.compress(tar, mtime=0), OCI_LAYER + "+gzip"
+    if codec == "zstd":
+        return zstd_compress(tar), OCI_LAYER + "+zstd"
+    if codec is None:
+        return tar, OCI_LAYER
+    raise ValueError(f"unknown codec {codec!r}")
+
+
 def config_for(layers_raw: list[bytes], **cfg: Any) -> dict[str, Any]:
     return {
         "architecture": "amd64",
         "os": "linux",
         "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], **cfg},
-        "rootfs": {
-            "type": "layers",
-            "diff_ids": [
-                sha(gzip.decompress(r) if r[:2] == b"\x1f\x8b" else r) for r in layers_raw
-            ],
-        },
+        "rootfs": {"type": "layers", "diff_ids": [sha(decode(r)) for r in layers_raw]},
     }
 
 
@@ -93,13 +132,19 @@ def oci_layout_files(
     *,
     ref: str | None = "test:1",
     gzip_layers: bool = True,
+    codec: str | None = None,
     extra_platforms: tuple[str, ...] = (),
+    damaged: dict[int, bytes] | None = None,
     config: dict[str, Any] | None = None,
 ) -> dict[str, bytes]:
-    """{relative path: bytes} of an OCI image layout. ``extra_platforms`` adds decoy
-    manifests for other architectures (listed first, so picking the first would be wrong).
-    ``config``: keys of the image config's ``config`` object over the defaults (``Env``
-    PATH=/bin, ``Cmd`` sh); a key set to None is left out."""
+    """{relative path: bytes} of an OCI image layout. Layers are gzip-compressed, or stored
+    as they are with ``gzip_layers=False``, or compressed with ``codec`` ("gzip", "zstd")
+    when given. ``extra_platforms`` adds decoy manifests for other architectures (listed
+    first, so picking the first would be wrong). ``damaged`` ({index: blob}) stores those
+    bytes as layer ``index``: the manifest's digest matches them, the config keeps the
+    intact layer's diff ID (an image damaged before it was saved or pushed). ``config``:
+    keys of the image config's ``config`` object over the defaults (``Env`` PATH=/bin,
+    ``Cmd`` sh); a key set to None is left out."""
     files: dict[str, bytes] = {}
 
     def put(data: bytes) -> str:
@@ -107,12 +152,15 @@ def oci_layout_files(
         files[f"blobs/sha256/{digest[7:]}"] = data
         return digest
 
-    raw_layers = [gzip.compress(x, mtime=0) if gzip_layers else x for x in layers]
-    mt = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzip_layers else "")
-    layer_descs = [{"mediaType": mt, "digest": put(r), "size": len(r)} for r in raw_layers]
-    image_config = config_for(raw_layers, **(config or {}))
+    if codec is None and gzip_layers:
+        codec = "gzip"
+    compressed = [compress_layer(x, codec) for x in layers]
+    image_config = config_for([blob for blob, _mt in compressed], **(config or {}))
     image_config["config"] = {k: v for k, v in image_config["config"].items() if v is not None}
     cfg = json.dumps(image_config).encode()
+    for i, blob in (damaged or {}).items():
+        compressed[i] = (blob, compressed[i][1])
+    layer_descs = [{"mediaType": mt, "digest": put(r), "size": len(r)} for r, mt in compressed]
     manifest = json.dumps(
         {
             "schemaVersion": 2,
@@ -180,7 +228,15 @@ def write_dir(files: dict[str, bytes], dest: Path) -> Path:
     return dest
 
 
-def write_tar(files: dict[str, bytes], dest: Path) -> Path:
+def write_tar(
+    files: dict[str, bytes],
+    dest: Path,
+    *,
+    symlinks: dict[str, str] | None = None,
+    hardlinks: dict[str, str] | None = None,
+) -> Path:
+    """``files`` as a tar archive, then ``symlinks`` / ``hardlinks`` ({member: link target})
+    as link members (``docker save`` and skopeo link identical layers this way)."""
     with tarfile.open(dest, "w") as tar:
         for rel, data in files.items():
             if rel.startswith("_"):
@@ -189,6 +245,13 @@ def write_tar(files: dict[str, bytes], dest: Path) -> Path:
             info.size = len(data)
             info.mtime = T0
             tar.addfile(info, io.BytesIO(data))
+        for kind, links in ((tarfile.SYMTYPE, symlinks), (tarfile.LNKTYPE, hardlinks)):
+            for rel, target in (links or {}).items():
+                info = tarfile.TarInfo(rel)
+                info.type = kind
+                info.linkname = target
+                info.mtime = T0
+                tar.addfile(info)
     return dest
 
 

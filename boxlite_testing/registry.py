@@ -24,10 +24,13 @@ from typing import Any
 import attrs
 import requests
 
+from .oci import zstd_compress
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -158,10 +161,24 @@ class BuiltImage:
 
 def build_image(
     layers: list[dict[str, bytes]], *, arch: str = "amd64", docker: bool = False,
-    cmd: tuple[str, ...] = ("/bin/sh",), compress: int = 6,
+    cmd: tuple[str, ...] = ("/bin/sh",), compress: int = 6, codec: str = "gzip",
+    tars: list[bytes] | None = None, damaged: dict[int, bytes] | None = None,
 ) -> BuiltImage:
-    tars = [layer_tar(files) for files in layers]
-    blobs = [gzip.compress(t, compresslevel=compress, mtime=0) for t in tars]
+    """An image of ``layers`` ({path: bytes} each; or ready layer ``tars``), its layers
+    compressed with ``codec``: "gzip" (level ``compress``) or "zstd" (OCI media type
+    tar+zstd; docker's v2 schema has no zstd type). ``damaged`` ({index: blob}) pushes those
+    bytes as layer ``index`` under their own digest while the config keeps the intact
+    layer's diff ID."""
+    if tars is None:
+        tars = [layer_tar(files) for files in layers]
+    if codec == "zstd":
+        blobs = [zstd_compress(t) for t in tars]
+        layer_type = OCI_LAYER_ZSTD
+    else:
+        blobs = [gzip.compress(t, compresslevel=compress, mtime=0) for t in tars]
+        layer_type = DOCKER_LAYER_GZIP if docker else OCI_LAYER_GZIP
+    for i, blob in (damaged or {}).items():
+        blobs[i] = blob
     config = json.dumps({
         "architecture": arch, "os": "linux",
         "config": {"Cmd": list(cmd), "Env": ["PATH=/bin"]},
@@ -172,8 +189,7 @@ def build_image(
         "schemaVersion": 2, "mediaType": mtype,
         "config": {"mediaType": DOCKER_CONFIG if docker else OCI_CONFIG,
                    "digest": sha(config), "size": len(config)},
-        "layers": [{"mediaType": DOCKER_LAYER_GZIP if docker else OCI_LAYER_GZIP,
-                    "digest": sha(b), "size": len(b)} for b in blobs],
+        "layers": [{"mediaType": layer_type, "digest": sha(b), "size": len(b)} for b in blobs],
     }, indent=2).encode()
     return BuiltImage(manifest, mtype, config, tuple(blobs))
 

@@ -159,6 +159,20 @@ def setup_pseudo_fs(root: str) -> None:
     _mkdirs(safe_join(root, "proc"), 0o555)  # each exec mounts its own /proc (own pid ns)
 
 
+def overlay_options(lowers: list[str], upper_mnt: str) -> str:
+    """The overlayfs mount options for ``lowers`` (bottom first) under UPPER/upper.
+
+    ``userxattr``: overlayfs reads and writes its metadata (``opaque``) as ``user.overlay.*``
+    (Linux >= 5.11; the kit's kernel is 6.1). The layers come through virtiofs or 9p, and
+    ``trusted.*`` xattrs do not reach the guest that way, so with the default namespace an
+    opaque directory showed the lower entries again. The host writes the same names
+    (images/overlay_view.py).
+    """
+    # overlayfs lists the *top* lower layer first; the request lists the bottom first.
+    lowerdir = ":".join(reversed(lowers))
+    return f"lowerdir={lowerdir},upperdir={upper_mnt}/upper,workdir={upper_mnt}/work,userxattr"
+
+
 def init_container(state_dir: str, cfg) -> str:
     """Mount everything an InitRequest describes; return the container root path."""
     root = os.path.join(state_dir, "rootfs")
@@ -197,15 +211,7 @@ def init_container(state_dir: str, cfg) -> str:
             libc.mount("tmpfs", upper_mnt, "tmpfs", 0, "mode=755")
         _mkdirs(f"{upper_mnt}/upper")
         _mkdirs(f"{upper_mnt}/work")
-        # overlayfs lists the *top* lower layer first; the request lists the bottom first.
-        lowerdir = ":".join(reversed(lowers))
-        libc.mount(
-            "overlay",
-            root,
-            "overlay",
-            0,
-            f"lowerdir={lowerdir},upperdir={upper_mnt}/upper,workdir={upper_mnt}/work",
-        )
+        libc.mount("overlay", root, "overlay", 0, overlay_options(lowers, upper_mnt))
     else:
         raise ValueError("InitRequest has no rootfs (set disk, share or layers)")
     setup_pseudo_fs(root)

@@ -27,13 +27,11 @@ from ..errors import ConfigError, ImageError
 from ..fscopy import open_regular
 from ..models import JsonObject, JsonValue
 from .blobs import BlobStore, check_digest
+from .compression import check_layer, sniff_media_type
 from .oci import (
     INDEX_TYPES,
     LAYER_MEDIA_TYPES,
     OCI_CONFIG,
-    OCI_LAYER_GZIP,
-    OCI_LAYER_TAR,
-    OCI_LAYER_ZSTD,
     OCI_MANIFEST,
     REF_ANNOTATIONS,
     canonical_json,
@@ -43,6 +41,8 @@ from .reference import normalize_reference
 
 #: a manifest or config bigger than this is not an image we want to parse
 MAX_JSON = 8 * 1024 * 1024
+#: links followed to reach one archive member (the kernel's limit for a path, 40)
+MAX_LINK_HOPS = 40
 
 ProgressFn = Callable[[str, float | None], None]
 
@@ -131,12 +131,53 @@ class _TarSource(_Source):
         for member in members:
             self.members[_norm(member.name)] = member
 
-    def _resolve(self, rel: str, hops: int = 0) -> tarfile.TarInfo | None:
-        member = self.members.get(_norm(rel))
-        if member is not None and (member.issym() or member.islnk()) and hops < 8:
-            # docker save links identical layers; follow inside the archive only
-            base = PurePosixPath(_norm(rel)).parent if member.issym() else PurePosixPath()
-            return self._resolve(str(base / member.linkname), hops + 1)
+    def _resolve(self, rel: str) -> tarfile.TarInfo | None:
+        """The regular member that ``rel`` names, following links inside the archive.
+
+        ``docker save`` writes one copy of identical layers and links the others to it
+        (``ID/layer.tar -> ../OTHER/layer.tar``; skopeo: ``../DIGEST.tar``), so links are
+        followed the way a file system would after extraction, but lexically and never
+        leaving the archive: a symlink's target is read relative to its own directory, ``..``
+        is collapsed, a hardlink names a member from the archive root, and a link on a
+        directory on the way is followed too.
+
+        Returns None when nothing (or no regular file) is there. Raises ImageError for a link
+        that climbs out of the archive (``..`` past its root, or an absolute target) and for
+        a chain longer than :data:`MAX_LINK_HOPS` (a loop).
+        """
+        todo = [p for p in rel.split("/") if p not in ("", ".")]
+        done: list[str] = []
+        hops = 0
+        while todo:
+            part = todo.pop(0)
+            if part == "..":
+                if not done:
+                    raise ImageError(
+                        f"{self.label}: {rel!r} leads outside the archive through a link; "
+                        "the archive is malformed: save the image again"
+                    )
+                done.pop()
+                continue
+            member = self.members.get("/".join([*done, part]))
+            if member is None or not (member.issym() or member.islnk()):
+                done.append(part)
+                continue
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                raise ImageError(
+                    f"{self.label}: {rel!r}: more than {MAX_LINK_HOPS} links to follow (a link "
+                    "loop); the archive is malformed: save the image again"
+                )
+            target = member.linkname
+            if target.startswith("/"):
+                raise ImageError(
+                    f"{self.label}: {member.name!r} links to the absolute path {target!r}, "
+                    "outside the archive; the archive is malformed: save the image again"
+                )
+            if member.islnk():  # a hardlink names a member from the archive root
+                done = []
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+        member = self.members.get("/".join(done))
         return member if member is not None and member.isreg() else None
 
     def exists(self, rel: str) -> bool:
@@ -278,6 +319,7 @@ def import_oci(
     layers = doc["layers"]
     if not isinstance(layers, list):
         raise ImageError(f"{src.label}: manifest {digest}: layers is not a list")
+    digests = []
     for i, layer in enumerate(layers):
         ldigest, ltype, lsize = _descriptor(layer, f"{src.label}: layer {i}")
         if ltype not in LAYER_MEDIA_TYPES:
@@ -285,20 +327,53 @@ def import_oci(
         if progress:
             progress(f"copying layer {i + 1}/{len(layers)}", i / max(len(layers), 1))
         _copy_blob(src, blobs, ldigest, lsize)
+        digests.append(ldigest)
+    check_layers(blobs, digests, config, src.label, progress)
     return Imported(manifest_digest, manifest, raw, cfg_digest, config, config_raw, names)
 
 
+def config_diff_ids(config: JsonObject, layers: int, label: str) -> list[str | None]:
+    """The config's ``rootfs.diff_ids``, one per layer (None each when the config lists none).
+
+    Raises:
+        ImageError: the config lists a different number of layers than the manifest.
+    """
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not diff_ids:
+        return [None] * layers
+    if not isinstance(diff_ids, list):
+        raise ImageError(f"{label}: the config's rootfs.diff_ids is not a list")
+    if len(diff_ids) != layers:
+        raise ImageError(
+            f"{label}: the config lists {len(diff_ids)} layers (rootfs.diff_ids), the "
+            f"manifest {layers}; the image is damaged"
+        )
+    return [str(x) for x in diff_ids]
+
+
+def check_layers(
+    blobs: BlobStore,
+    digests: list[str],
+    config: JsonObject,
+    label: str,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Decode every layer blob now and compare it with the config's diff ID
+    (:func:`.compression.check_layer`): a damaged layer fails its import or pull, never a
+    box start.
+
+    Raises:
+        ImageError: a layer does not decode or does not match its diff ID.
+    """
+    diff_ids = config_diff_ids(config, len(digests), label)
+    for i, (digest, diff_id) in enumerate(zip(digests, diff_ids, strict=True)):
+        if progress:
+            progress(f"checking layer {i + 1}/{len(digests)}", i / max(len(digests), 1))
+        check_layer(blobs, digest, diff_id, label)
+
+
 # -- docker save -----------------------------------------------------------------------------
-def _sniff_layer_type(blobs: BlobStore, digest: str) -> str:
-    with open(blobs.path(digest), "rb") as fh:
-        head = fh.read(4)
-    if head[:2] == b"\x1f\x8b":
-        return OCI_LAYER_GZIP
-    if head == b"\x28\xb5\x2f\xfd":
-        return OCI_LAYER_ZSTD
-    return OCI_LAYER_TAR
-
-
 def import_docker_save(
     src: _Source, blobs: BlobStore, *, want: str | None = None, progress: ProgressFn | None = None
 ) -> Imported:
@@ -333,11 +408,7 @@ def import_docker_save(
     with src.open(entry["Config"]) as fh:
         config_raw = fh.read()
     cfg_digest, cfg_size = blobs.put_bytes(config_raw)
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    if diff_ids and len(diff_ids) != len(layer_files):
-        raise ImageError(
-            f"{src.label}: config lists {len(diff_ids)} layers, manifest.json {len(layer_files)}"
-        )
+    config_diff_ids(config, len(layer_files), src.label)  # refuse a count mismatch up front
     layer_descs = []
     for i, rel in enumerate(layer_files):
         if progress:
@@ -346,13 +417,10 @@ def import_docker_save(
             raise ImageError(f"{src.label}: layer {rel} is missing from the archive")
         with src.open(rel) as fh:
             digest, size = blobs.put_stream(fh)
-        media_type = _sniff_layer_type(blobs, digest)
-        if diff_ids and media_type == OCI_LAYER_TAR and diff_ids[i] != digest:
-            raise ImageError(
-                f"{src.label}: layer {rel} has digest {digest} but the config expects "
-                f"{diff_ids[i]}; the archive is damaged"
-            )
+        with open(blobs.path(digest), "rb") as head:
+            media_type = sniff_media_type(head.read(4))
         layer_descs.append({"mediaType": media_type, "digest": digest, "size": size})
+    check_layers(blobs, [x["digest"] for x in layer_descs], config, src.label, progress)
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,

@@ -7,8 +7,10 @@ media types without importing each other (the package docstring draws the whole 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+from collections.abc import Sequence
 
 from ..models import JsonValue
 
@@ -52,3 +54,18 @@ def host_arch() -> str:
     return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
         machine, machine
     )
+
+
+def chain_keys(layer_digests: Sequence[str]) -> list[str]:
+    """One key per layer naming it *with everything below it*: the OCI image spec's ChainID
+    recursion (config.md, "Layer ChainID": ``sha256(parent + " " + layer)``), applied to the
+    layer blob digests. A layer unpacked for overlayfs depends on the layers below it (a
+    hardlink to a lower file copies that file up), so its directory is cached per chain."""
+    out: list[str] = []
+    for digest in layer_digests:
+        out.append(
+            "sha256:" + hashlib.sha256(f"{out[-1]} {digest}".encode()).hexdigest()
+            if out
+            else digest
+        )
+    return out

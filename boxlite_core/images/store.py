@@ -29,6 +29,7 @@ from .blobs import BlobStore
 from .builtin import BUILTIN_IMAGES
 from .importers import Imported, import_any
 from .model import Image, ImageConfig, Layer
+from .oci import chain_keys
 from .reference import check_local_reference, normalize_reference
 
 ProgressFn = Callable[[str, float | None], None]
@@ -268,17 +269,23 @@ class ImageStore:
     def _gc(self, removed: Image) -> None:
         """Delete blobs and rootfs caches that no remaining image needs."""
         keep: set[str] = set()
+        keep_chains: set[str] = set()
         for row in self.db.connection().execute(
             "SELECT digest, config_digest, manifest_json FROM images"
         ):
             keep.add(row["digest"])
             keep.add(row["config_digest"])
-            keep.update(d["digest"] for d in json.loads(row["manifest_json"]).get("layers", ()))
+            layers = [d["digest"] for d in json.loads(row["manifest_json"]).get("layers", ())]
+            keep.update(layers)
+            keep_chains.update(chain_keys(layers))
         candidates = {removed.digest, removed.config_digest, *(x.digest for x in removed.layers)}
         cache = self.home / "cache" / "rootfs"
         for digest in candidates - keep:
             self.blobs.delete(digest)
+            # layer directories of the format before chains (trusted.overlay.* marks)
             shutil.rmtree(cache / "layers" / digest.split(":", 1)[1], ignore_errors=True)
+        for chain in set(chain_keys([x.digest for x in removed.layers])) - keep_chains:
+            shutil.rmtree(cache / "layer-chains" / chain.split(":", 1)[1], ignore_errors=True)
         if removed.digest not in keep:
             hexpart = removed.digest.split(":", 1)[1]
             with contextlib.suppress(FileNotFoundError):

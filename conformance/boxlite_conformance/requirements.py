@@ -13,6 +13,7 @@ promises a behaviour (auto-idmap). A skip always says which one closed the test,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 
 import attrs
@@ -186,7 +187,24 @@ TEST_WORLD = HostRequirement(
     _test_world,
     strict=True,
 )
+
+
+def _layer_whiteouts(req: Requirements, params: Mapping[str, object]) -> str | None:
+    if params.get("strategy") != "layers" or os.geteuid() == 0:
+        return None
+    return (
+        "the 'layers' rootfs strategy stores an image's whiteouts as char devices 0/0 (what "
+        "overlayfs reads), and only root can make them: run the suite as root"
+    )
+
+
+LAYER_WHITEOUTS = HostRequirement(
+    "layer-whiteouts",
+    "an image whose layers delete files can be unpacked for the test's rootfs strategy "
+    "('layers': boxlite runs as root on the host)",
+    _layer_whiteouts,
+)
 #: every named host requirement a test may carry, by name
 HOST_REQUIREMENTS: dict[str, HostRequirement] = {
-    r.name: r for r in (SHARES_FROM_HERE, SHARER_SERVES, AUTO_IDMAP, TEST_WORLD)
+    r.name: r for r in (SHARES_FROM_HERE, SHARER_SERVES, AUTO_IDMAP, TEST_WORLD, LAYER_WHITEOUTS)
 }

@@ -73,6 +73,7 @@ def test_host_requirements_are_named_with_their_reason() -> None:
     from boxlite_conformance.requirements import (
         AUTO_IDMAP,
         HOST_REQUIREMENTS,
+        LAYER_WHITEOUTS,
         SHARER_SERVES,
         SHARES_FROM_HERE,
         TEST_WORLD,
@@ -82,8 +83,13 @@ def test_host_requirements_are_named_with_their_reason() -> None:
     from boxlite_core.plugins import PluginRegistry
     from boxlite_core.vmm.spec import Capability
 
-    assert set(HOST_REQUIREMENTS) == {AUTO_IDMAP.name, SHARER_SERVES.name, TEST_WORLD.name,
-                                      SHARES_FROM_HERE.name}
+    assert set(HOST_REQUIREMENTS) == {
+        AUTO_IDMAP.name,
+        SHARER_SERVES.name,
+        TEST_WORLD.name,
+        LAYER_WHITEOUTS.name,
+        SHARES_FROM_HERE.name,
+    }
     assert SHARER_SERVES.strict and TEST_WORLD.strict and not AUTO_IDMAP.strict
     # a backend that runs boxes elsewhere closes the share tests, not as a failure
     assert not SHARES_FROM_HERE.strict

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 from pathlib import Path
 
@@ -178,17 +177,3 @@ def test_not_an_archive(store, db, tmp_path: Path):
     with pytest.raises(ImageError, match="does not exist"):
         store.import_path(tmp_path / "nope")
     assert index_rows(db) == (0, 0)
-
-
-def test_zstd_layer_without_module_names_pip_package(store, tmp_path: Path):
-    try:
-        import zstandard  # noqa: F401
-
-        pytest.skip("zstandard is installed")
-    except ImportError:
-        pass
-    from boxlite_core.images.layers import apply_layer_stream
-
-    fake_zstd = b"\x28\xb5\x2f\xfd" + b"\x00" * 100
-    with pytest.raises(ImageError, match="pip install zstandard"):
-        apply_layer_stream(io.BufferedReader(io.BytesIO(fake_zstd)), tmp_path / "t")

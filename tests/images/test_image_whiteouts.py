@@ -58,19 +58,26 @@ def test_whiteout_does_not_follow_symlink(tmp_path: Path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="overlay whiteouts need root")
 def test_overlay_mode_makes_char_dev_and_opaque_xattr(tmp_path: Path):
+    lower = tmp_path / "lower"
+    apply(LOWER, lower, mode="overlay")
+    upper = tmp_path / "upper"
     stats = apply(
-        [d("a"), f("a/.wh.x"), d("o"), f("o/.wh..wh..opq"), f("o/new", "n")],
-        tmp_path,
+        [d("a"), f("a/.wh.x"), d("o"), f("o/.wh..wh..opq"), f("o/new", "n"), f("a/.wh.none")],
+        upper,
         mode="overlay",
+        lowers=[lower],
     )
-    st = os.lstat(tmp_path / "a" / "x")
+    st = os.lstat(upper / "a" / "x")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
-    assert os.getxattr(tmp_path / "o", OVERLAY_OPAQUE_XATTR) == b"y"
-    assert (tmp_path / "o" / "new").read_text() == "n"
+    assert OVERLAY_OPAQUE_XATTR == "user.overlay.opaque"  # what the guest's userxattr reads
+    assert os.getxattr(upper / "o", OVERLAY_OPAQUE_XATTR) == b"y"
+    assert (upper / "o" / "new").read_text() == "n"
+    assert not os.path.lexists(upper / "a" / "none"), "a whiteout of nothing below is left out"
     assert stats.whiteouts == 1 and stats.opaque_dirs == 1
 
 
-def test_layer_cannot_set_trusted_overlay_xattr(tmp_path: Path):
+@pytest.mark.parametrize("name", ["trusted.overlay.opaque", "user.overlay.opaque"])
+def test_layer_cannot_set_overlay_xattrs(tmp_path: Path, name: str):
     import tarfile
 
     buf = io.BytesIO()
@@ -78,8 +85,8 @@ def test_layer_cannot_set_trusted_overlay_xattr(tmp_path: Path):
         info = tarfile.TarInfo("dir")
         info.type = tarfile.DIRTYPE
         info.mode = 0o755
-        info.pax_headers = {"SCHILY.xattr.trusted.overlay.opaque": "y"}
+        info.pax_headers = {f"SCHILY.xattr.{name}": "y"}
         tar.addfile(info)
     apply_layer_stream(io.BufferedReader(io.BytesIO(buf.getvalue())), tmp_path)
     with pytest.raises(OSError):
-        os.getxattr(tmp_path / "dir", OVERLAY_OPAQUE_XATTR)
+        os.getxattr(tmp_path / "dir", name)

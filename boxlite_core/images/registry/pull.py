@@ -26,7 +26,7 @@ from ...diskspace import ensure_free
 from ...errors import BoxliteError, ConfigError, ImageError, NotFoundError
 from ...models import JsonObject, JsonValue
 from ..blobs import check_digest
-from ..importers import MAX_JSON, Imported
+from ..importers import MAX_JSON, Imported, check_layers
 from ..oci import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -345,6 +345,7 @@ class Puller:
                         f"{self.ref}: layer {i} has unsupported media type {media_type!r}"
                     )
                 jobs.append((digest, size, f"layer {digest[7:19]}"))
+            layer_digests = [digest for digest, _size, _label in jobs[1:]]
             self._download_all(jobs)
             config_raw = self.store.blobs.read_bytes(cfg_digest)
             try:
@@ -354,6 +355,8 @@ class Puller:
             if not isinstance(config, dict):
                 raise ImageError(f"{self.ref}: config {cfg_digest} is not a JSON object")
             self._check_config_platform(config)
+            # a layer that does not decode fails the pull here, not a box's start later
+            check_layers(self.store.blobs, layer_digests, config, str(self.ref))
             self.store.blobs.put_bytes(fetched.raw, expected_digest=fetched.digest)
             imported = Imported(
                 fetched.digest, manifest, fetched.raw, cfg_digest, config, config_raw,

@@ -19,14 +19,20 @@ import pytest
 from boxlite_core.vmm.spec import Capability
 from boxlite_core.volumes.base import OPEN_UNLINKED_FD
 
-from .. import guest_probe
-from ..boxes import BoxPool
+from .. import guest_probe, layered_image
+from ..boxes import IMAGE, BoxPool
 from ..markers import limited_by, needs_host, requires, tier
-from ..requirements import AUTO_IDMAP, SHARER_SERVES, SHARES_FROM_HERE, Requirements
+from ..requirements import (
+    AUTO_IDMAP,
+    LAYER_WHITEOUTS,
+    SHARER_SERVES,
+    SHARES_FROM_HERE,
+    Requirements,
+)
 from ..share_privilege import PLANT_SCRIPT, build_privilege_helper, privilege_problems
 from ..static_helper import COMPILER_PACKAGES, OPEN_UNLINKED_C, compile_static
 
-__all__ = ["TestCopy", "TestRootfsStrategies", "TestVolumes"]
+__all__ = ["TestCopy", "TestRootfsStrategies", "TestStrategyEquivalence", "TestVolumes"]
 
 _ANY_SHARER = requires(Capability.NINEP, Capability.VIRTIOFS, any_of=True)
 #: a rootfs through a share needs one of the declared sharers to work on this host
@@ -80,6 +86,71 @@ class TestRootfsStrategies:
         box = _rootfs_box(box_pool, conformance_requirements, strategy)
         guest_probe.run(box, ["sh", "-c", f"mkdir -p /var/c && echo {strategy} > /var/c/f"])
         assert guest_probe.run(box, ["cat", "/var/c/f"]) == f"{strategy}\n"
+
+
+#: the image TestStrategyEquivalence boots (layered_image: built and imported once a run)
+_LAYERED_REF = "conformance-layered:1"
+
+
+def _layered_image(pool: BoxPool) -> bool:
+    """Import the layered image into the pool's runtime (once); True when it carries the
+    xattr helper (a C compiler was there to build it)."""
+    return bool(pool.remember(
+        "layered-image", lambda: layered_image.import_into(pool.runtime.images, _LAYERED_REF, IMAGE)
+    ))  # fmt: skip
+
+
+def _layered_box(pool: BoxPool, strategy: str) -> Any:
+    _layered_image(pool)
+    return pool.shared(
+        f"layered-{strategy}", memory_mib=256, rootfs=strategy, image=_LAYERED_REF
+    )
+
+
+@tier(2)
+@pytest.mark.vm
+@needs_host(LAYER_WHITEOUTS.name)
+@pytest.mark.parametrize("strategy", _STRATEGY_PARAMS)
+class TestStrategyEquivalence:
+    """Every rootfs strategy shows one image the same: an image whose layers have
+    whiteouts, opaque directories (nested, top-level), hardlinks across layers, symlinks and
+    xattrs (layered_image), read in the guest and compared with the view the OCI layer rules
+    give (worked out by hand, so strategies agreeing on a wrong view still fail)."""
+
+    conformance_group_by = "strategy"
+
+    def test_tree_follows_the_layer_rules(self, box_pool: BoxPool, strategy: str) -> None:
+        box = _layered_box(box_pool, strategy)
+        out = guest_probe.run(box, ["sh", "-c", layered_image.LISTING_SCRIPT], timeout=120)
+        seen = layered_image.parse_listing(out)
+        want = layered_image.EXPECTED
+        extra, missing = sorted(set(seen) - set(want)), sorted(set(want) - set(seen))
+        wrong = {
+            path: f"shows {seen[path]!r}, the layers make {line!r}"
+            for path, line in want.items()
+            if line is not None and path in seen and seen[path] != line
+        }
+        assert not (extra or missing or wrong), (
+            f"rootfs {strategy!r} shows the layered image differently from the OCI layer "
+            f"rules: entries that should be gone {extra}, entries missing {missing}, "
+            f"differing {wrong}"
+        )
+
+    def test_user_xattrs_follow_the_layer_rules(self, box_pool: BoxPool, strategy: str) -> None:
+        if not _layered_image(box_pool):
+            pytest.skip(
+                "the guest's xattr lister could not be built: no C compiler with a static "
+                f"libc on this host ({COMPILER_PACKAGES})"
+            )
+        box = _layered_box(box_pool, strategy)
+        paths = sorted(layered_image.EXPECTED)
+        out = guest_probe.run(box, ["sh", "-c", f'cd / && exec {layered_image.XATTR_HELPER} "$@"',
+                                    "lsxattr", *paths])  # fmt: skip
+        seen = layered_image.parse_xattrs(out)
+        assert seen == layered_image.EXPECTED_XATTRS, (
+            f"rootfs {strategy!r}: user xattrs {seen}, the layers set "
+            f"{layered_image.EXPECTED_XATTRS}"
+        )
 
 
 @attrs.frozen
