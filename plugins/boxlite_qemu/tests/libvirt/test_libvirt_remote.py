@@ -96,6 +96,18 @@ def test_box_runs_there_with_nothing_of_ours_on_its_disk(box, remote, shared_hom
     assert box.record.options.host == remote.uri
 
 
+def test_cp_goes_through_the_agent(box, tmp_path, shared_home):
+    src = tmp_path / "in.txt"
+    src.write_text("to the far box\n")
+    done = boxlite("cp", str(src), f"{box.name}:/root/in.txt", home=shared_home)
+    assert done.returncode == 0, done.stderr
+    assert box.exec(["cat", "/root/in.txt"], timeout=60).text == "to the far box\n"
+    out = tmp_path / "out"
+    done = boxlite("cp", f"{box.name}:/root/in.txt", str(out), home=shared_home)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == "to the far box\n"
+
+
 def test_ls_shows_the_host(box, remote, shared_home):
     done = boxlite("ls", home=shared_home)
     assert done.returncode == 0, done.stderr
