@@ -221,7 +221,9 @@ class RemotePool:
             return done
         size = local.stat().st_size
         if done is not None:
-            self._settle_partial(name)
+            peer = self._settle_partial(name)
+            if peer is not None:
+                return peer
         try:
             vol = self._call("virStorageVolCreateXML", self.pool().createXML,
                              _volume_xml(name, size, "raw"), 0)
@@ -237,21 +239,45 @@ class RemotePool:
             with contextlib.suppress(Exception):
                 self._call("virStorageVolDelete", vol.delete, 0)
             raise
-        self._call("virStorageVolCreateXML", self.pool().createXML,
-                   _volume_xml(name + MARK, 0, "raw"), 0)
+        try:
+            self._call("virStorageVolCreateXML", self.pool().createXML,
+                       _volume_xml(name + MARK, 0, "raw"), 0)
+        except EngineError:
+            if self.find(name + MARK) is None:
+                raise
+            # another client marked the same bytes complete first: as good as ours
         found = self.find(name)
         assert found is not None
         return found
 
-    def _settle_partial(self, name: str) -> None:
-        """A content volume without its marker: another client's upload in progress (wait
-        for it a while) or an interrupted one (delete it)."""
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
+    def _settle_partial(self, name: str) -> Volume | None:
+        """A content volume without its marker: another client's upload in progress, or an
+        interrupted one. The peer's volume, once it marks it complete; None after deleting
+        an interrupted one (nothing written to it for :func:`~.libvirt_conn.call_timeout`
+        seconds: its allocation did not grow, and no marker came).
+
+        Why not a short fixed wait: an upload of a large base takes far longer than any
+        such wait, and deleting a peer's volume mid-upload failed that peer (its read-back
+        or its marker met our new volume).
+        """
+        bound = call_timeout()
+        last: int | None = None
+        moved = time.monotonic()
+        while True:
             if self.find(name + MARK) is not None:
-                return
-            time.sleep(0.2)
+                return self.find(name)
+            vol = self._lookup(name)
+            if vol is None:
+                return None  # its uploader gave up and deleted it
+            allocation = int(self._call("virStorageVolGetInfo", vol.info)[2])
+            now = time.monotonic()
+            if allocation != last:
+                last, moved = allocation, now
+            elif now - moved > bound:
+                break
+            time.sleep(0.5)
         self.delete(name)
+        return None
 
     def _wait_for_peer(self, name: str) -> Volume:
         deadline = time.monotonic() + PEER_UPLOAD_LIMIT

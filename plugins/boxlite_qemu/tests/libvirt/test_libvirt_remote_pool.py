@@ -1,0 +1,92 @@
+"""The remote storage pool against a real second libvirtd (no VM is booted): uploads that
+meet another client's upload of the same content, and interrupted ones."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from boxlite_testing import remote_libvirt
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory):
+    why = remote_libvirt.missing()
+    if why:
+        pytest.skip(f"remote libvirtd: {why}")
+    pytest.importorskip("libvirt", reason="libvirt-python not installed")
+    hidden = tmp_path_factory.mktemp("hidden")
+    with remote_libvirt.RemoteLibvirtd(hide=[hidden]) as daemon:
+        yield daemon
+
+
+def _pool(uri: str):
+    from boxlite_qemu.libvirt_conn import open_connection
+    from boxlite_qemu.libvirt_pool import RemotePool
+
+    return RemotePool(uri, open_connection(uri))
+
+
+def _content(tmp_path: Path, name: str, mib: int) -> Path:
+    path = tmp_path / name
+    path.write_bytes(os.urandom(mib * 2**20))
+    return path
+
+
+def test_concurrent_upload_of_the_same_content_waits_for_the_peer(remote, tmp_path):
+    """Two clients upload the same base at once (two boxes of one image started from two
+    machines): the second waits for the first, both get the volume, nothing fails. The
+    first upload is slowed (a pause per 4 MiB piece, in its progress callback) so that the
+    second surely meets it in progress, as it would over a slow link."""
+    from boxlite_qemu.libvirt_pool import MARK, content_name, file_digest
+
+    local = _content(tmp_path, "base.ext4", 24)
+    name = content_name(file_digest(local))
+    started = threading.Event()
+    results: dict[str, object] = {}
+
+    def slow(what: str, done: int, total: int) -> None:
+        started.set()
+        time.sleep(0.8)
+
+    def first() -> None:
+        try:
+            results["first"] = _pool(remote.uri).upload(local, slow)
+        except Exception as exc:  # the test reports it
+            results["first"] = exc
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(30)
+    try:
+        second = _pool(remote.uri).upload(local)
+    finally:
+        thread.join(120)
+    assert not isinstance(results["first"], Exception), results["first"]
+    assert second.name == name
+    pool = _pool(remote.uri)
+    assert pool.find(name) is not None and pool.find(name + MARK) is not None
+    got = remote.run(["sha256sum", second.path]).split()[0]
+    assert content_name(got) == name
+
+
+def test_interrupted_upload_is_uploaded_again(remote, tmp_path):
+    """A content volume without its marker and that nobody writes (a client killed mid
+    upload): the next upload replaces it with the verified content."""
+    from boxlite_qemu.libvirt_pool import MARK, _volume_xml, content_name, file_digest
+
+    local = _content(tmp_path, "kit.img", 3)
+    name = content_name(file_digest(local))
+    pool = _pool(remote.uri)
+    pool.pool().createXML(_volume_xml(name, local.stat().st_size, "raw"), 0)  # left empty
+    os.environ["BOXLITE_LIBVIRT_TIMEOUT"] = "3"
+    try:
+        vol = _pool(remote.uri).upload(local)
+    finally:
+        del os.environ["BOXLITE_LIBVIRT_TIMEOUT"]
+    assert pool.find(name + MARK) is not None
+    assert content_name(remote.run(["sha256sum", vol.path]).split()[0]) == name
