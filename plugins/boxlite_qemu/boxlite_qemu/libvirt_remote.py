@@ -24,6 +24,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -191,7 +192,10 @@ def check_directories(conn: libvirt.virConnect, uri: str, paths: Sequence[Path])
     """Each of ``paths`` must be a directory on the daemon's host (a remote box's volumes).
 
     libvirt has no stat call; a transient ``dir`` pool over a path starts only when it is a
-    directory there (it is destroyed at once, the directory untouched).
+    directory there (it is destroyed at once, the directory untouched). libvirt refuses a
+    second pool over a path an active pool already serves (the host's ``default`` pool at
+    /var/lib/libvirt/images, or another start's check of the same path): that pool running
+    there says the path is a directory.
 
     Raises:
         ConfigError: a path that is not a directory there, naming it and libvirt's words.
@@ -199,16 +203,36 @@ def check_directories(conn: libvirt.virConnect, uri: str, paths: Sequence[Path])
     """
     libvirt = import_libvirt()
     for path in paths:
-        name = "boxlite-check-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-        try:
-            pool = bounded("virStoragePoolCreateXML", uri, conn.storagePoolCreateXML,
-                           pool_xml(name, str(path)), 0)
-        except libvirt.libvirtError as exc:
-            raise ConfigError(
-                f"volume {path}: not a directory on {uri} ({exc.get_error_message()}); with "
-                "--host, -v names directories of that machine") from None
+        # unique per check: two starts checking one path at once must not meet by name
+        name = (f"boxlite-check-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}-"
+                f"{os.getpid()}-{threading.get_ident() % 10**6}")
+        for attempt in range(3):
+            try:
+                pool = bounded("virStoragePoolCreateXML", uri, conn.storagePoolCreateXML,
+                               pool_xml(name, str(path)), 0)
+            except libvirt.libvirtError as exc:
+                if _served_by_active_pool(conn, uri, path):
+                    break
+                if attempt < 2:  # the pool that conflicted may have just gone
+                    time.sleep(0.2)
+                    continue
+                raise ConfigError(
+                    f"volume {path}: not a directory on {uri} ({exc.get_error_message()}); "
+                    "with --host, -v names directories of that machine") from None
+            with contextlib.suppress(Exception):
+                bounded("virStoragePoolDestroy", uri, pool.destroy)
+            break
+
+
+def _served_by_active_pool(conn: libvirt.virConnect, uri: str, path: Path) -> bool:
+    """Is ``path`` the target of a running pool of the daemon (so a directory there)?"""
+    want = os.path.normpath(str(path))
+    for pool in bounded("virConnectListAllStoragePools", uri, conn.listAllStoragePools,
+                        import_libvirt().VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
         with contextlib.suppress(Exception):
-            bounded("virStoragePoolDestroy", uri, pool.destroy)
+            if os.path.normpath(_pool_target(uri, pool) or "/") == want:
+                return True
+    return False
 
 
 def _pool_target(uri: str, pool: libvirt.virStoragePool) -> str:

@@ -90,3 +90,36 @@ def test_interrupted_upload_is_uploaded_again(remote, tmp_path):
         del os.environ["BOXLITE_LIBVIRT_TIMEOUT"]
     assert pool.find(name + MARK) is not None
     assert content_name(remote.run(["sha256sum", vol.path]).split()[0]) == name
+
+
+def test_volume_directory_check_accepts_a_pool_directory_and_concurrent_checks(remote):
+    """-v of a directory some pool of that host serves (its ``default`` pool's
+    /var/lib/libvirt/images, or boxlite's own pool) is a directory, and two box starts
+    checking the same directory at once both pass; a missing path is still refused."""
+    from boxlite_core.errors import ConfigError
+    from boxlite_qemu import libvirt_remote
+
+    pool = _pool(remote.uri)
+    served = Path(pool.path)
+    pool.pool()  # defined and running at its path
+    libvirt_remote.check_directories(pool.conn, remote.uri, [served])
+    libvirt_remote.check_directories(pool.conn, remote.uri, [Path(str(served) + "/")])
+    errors: list[Exception] = []
+
+    def check() -> None:
+        conn = _pool(remote.uri).conn
+        for _ in range(15):
+            try:
+                libvirt_remote.check_directories(conn, remote.uri, [Path("/tmp")])
+            except Exception as exc:  # the test reports it
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=check) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    with pytest.raises(ConfigError, match="/no/such/dir: not a directory on"):
+        libvirt_remote.check_directories(pool.conn, remote.uri, [Path("/no/such/dir")])
