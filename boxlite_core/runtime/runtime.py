@@ -329,6 +329,13 @@ class Runtime:
                 backend = self.plugins.backend(record.backend or "", record.options.host)
             except Exception:
                 continue
+            problem = self.host_problem(record)
+            if problem:
+                # one bounded probe per machine (cached), not one stalled attach per box:
+                # every command recovers, and a hung host's boxes each cost a full timeout
+                log.warning("box %s: left as %s: %s", record.name, record.status.value,
+                            problem)
+                continue
             box_dir = self.box_dir(record.id)
             try:
                 handle = backend.attach(box_dir)

@@ -3,7 +3,10 @@ meet another client's upload of the same content, and interrupted ones."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -123,3 +126,69 @@ def test_volume_directory_check_accepts_a_pool_directory_and_concurrent_checks(r
     assert errors == []
     with pytest.raises(ConfigError, match="/no/such/dir: not a directory on"):
         libvirt_remote.check_directories(pool.conn, remote.uri, [Path("/no/such/dir")])
+
+
+class _SilentDaemonDouble:
+    """A double of a hung libvirtd: a TCP listener that accepts and never answers (a real
+    one cannot be made to hang on demand). Counts the connections it accepted."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+tcp://127.0.0.1:{self.sock.getsockname()[1]}/system"
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        for conn in [*self.accepted, self.sock]:
+            conn.close()
+
+
+def test_a_hung_host_costs_one_bounded_call_per_command_not_one_per_box(tmp_path,
+                                                                        monkeypatch):
+    """Boxes recorded running on a host whose daemon accepts and never answers: opening the
+    runtime (every CLI command recovers) and listing them asks that host once, not once per
+    box (each attempt waits the whole BOXLITE_LIBVIRT_TIMEOUT); the records stay as they
+    were, and each says why its host is unknown."""
+    pytest.importorskip("libvirt", reason="libvirt-python not installed")
+    from boxlite_core.models import BoxOptions, BoxStatus
+    from boxlite_core.runtime.runtime import Runtime
+    from boxlite_testing.oci import d, f, layer_tar, oci_layout_files, write_tar
+
+    monkeypatch.setenv("BOXLITE_LIBVIRT_TIMEOUT", "2")
+    monkeypatch.delenv("BOXLITE_LIBVIRT_URI", raising=False)
+    daemon = _SilentDaemonDouble()
+    try:
+        archive = write_tar(oci_layout_files([layer_tar([d("bin"), f("bin/sh", b"x", 0o755)])],
+                                             ref="t:1"), tmp_path / "img.tar")
+        home = tmp_path / "home"
+        with Runtime(home) as rt:
+            rt.images.import_path(archive)
+            ids = [rt.create(BoxOptions(image="t:1", backend="libvirt", host=daemon.uri)).id
+                   for _ in range(3)]
+            for box_id in ids:
+                rt.store.set_status(box_id, BoxStatus.STARTING)
+                rt.store.set_status(box_id, BoxStatus.RUNNING)
+                rt.box_dir(box_id).mkdir(parents=True, exist_ok=True)
+                (rt.box_dir(box_id) / "vm.json").write_text(json.dumps(
+                    {"backend": "libvirt", "uri": daemon.uri, "name": f"boxlite-{box_id}",
+                     "uuid": "6f1d3b3e-0000-4000-8000-000000000001", "id": 1, "pid": None}))
+        assert daemon.accepted == []
+        with Runtime(home) as rt:
+            records = rt.list(all=False)
+            problems = [rt.host_problem(r) for r in records]
+        assert sorted(r.id for r in records) == sorted(ids)
+        assert all(r.status is BoxStatus.RUNNING for r in records)
+        assert all(p and "did not answer" in p for p in problems), problems
+        assert len(daemon.accepted) == 1
+    finally:
+        daemon.close()
