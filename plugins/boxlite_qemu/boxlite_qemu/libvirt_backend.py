@@ -1106,7 +1106,9 @@ class LibvirtBackend(VmmBackend):
         box_id = Path(box_dir).name
         conn = open_connection(uri)
         try:
-            libvirt_remote.forget(conn, uri, box_id)
+            # the pool its launch used: this process's BOXLITE_LIBVIRT_POOL may differ
+            libvirt_remote.forget(conn, uri, box_id,
+                                  libvirt_remote.recorded_pool(Path(box_dir)))
         finally:
             close_connection(uri, conn)
 

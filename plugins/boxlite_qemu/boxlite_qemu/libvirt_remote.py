@@ -56,6 +56,9 @@ from .libvirt_xml import RemoteFiles
 if TYPE_CHECKING:
     import libvirt
 
+#: the box's launch plan, written by the core (vmm/base.py)
+PLAN_FILE = "plan.json"
+
 #: a file's digest, cached on the file itself: ``SIZE:MTIME_NS:SHA256`` (kit files and ext4
 #: bases never change in place, but a cache keyed on size and mtime cannot be fooled by one
 #: that does)
@@ -277,13 +280,23 @@ def stage(conn: libvirt.virConnect, uri: str, plan: RemoteLayout,
         pool.overlay(overlay.volume, backing, overlay.capacity)
 
 
-def forget(conn: libvirt.virConnect, uri: str, box_id: str) -> list[str]:
-    """Delete every volume of box ``box_id`` from the pool; their names.
+def recorded_pool(box_dir: Path) -> str | None:
+    """The pool the box's last launch put its volumes in (BOXDIR/plan.json, see
+    vmm/base.py), or None (no remote launch recorded)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return str(json.loads((Path(box_dir) / PLAN_FILE).read_text())["data"]["remote"]["pool"])
+    return None
+
+
+def forget(conn: libvirt.virConnect, uri: str, box_id: str, pool_of_box: str | None = None
+           ) -> list[str]:
+    """Delete every volume of box ``box_id`` from the pool (``pool_of_box``, the one its
+    launch used, else the configured one); their names.
 
     Raises:
         EngineError: the daemon refused or did not answer in time.
     """
-    pool = RemotePool(uri, conn)
+    pool = RemotePool(uri, conn, pool_of_box or pool_name())
     if not pool.exists():
         return []
     gone = []

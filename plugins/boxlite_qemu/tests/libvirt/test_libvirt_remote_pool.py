@@ -192,3 +192,32 @@ def test_a_hung_host_costs_one_bounded_call_per_command_not_one_per_box(tmp_path
         assert len(daemon.accepted) == 1
     finally:
         daemon.close()
+
+
+def test_remove_deletes_the_box_volumes_from_the_pool_its_launch_used(remote, tmp_path,
+                                                                      monkeypatch):
+    """A box launched with BOXLITE_LIBVIRT_POOL=other, removed from a shell without it:
+    its volumes go from the pool they are in (the launch plan says which), not left there
+    while the box's record is gone."""
+    from boxlite_qemu.libvirt_backend import LibvirtBackend
+    from boxlite_qemu.libvirt_conn import open_connection
+    from boxlite_qemu.libvirt_pool import RemotePool, box_volume_name
+
+    box_id = "0123456789ab"
+    other = RemotePool(remote.uri, open_connection(remote.uri), "boxlite-other",
+                       "/var/lib/libvirt/boxlite-other")
+    base = other.upload(_content(tmp_path, "base.ext4", 1))
+    volume = box_volume_name(box_id, "bxrootfs")
+    other.overlay(volume, base, 64 * 2**20)
+    box_dir = tmp_path / box_id
+    box_dir.mkdir()
+    (box_dir / "vm.json").write_text(json.dumps(
+        {"backend": "libvirt", "uri": remote.uri, "name": f"boxlite-{box_id}",
+         "uuid": "6f1d3b3e-0000-4000-8000-000000000002", "id": 1, "pid": None}))
+    (box_dir / "plan.json").write_text(json.dumps(
+        {"backend": "libvirt", "data": {"uri": remote.uri, "remote": {
+            "pool": "boxlite-other", "pool_path": "/var/lib/libvirt/boxlite-other"}}}))
+    monkeypatch.delenv("BOXLITE_LIBVIRT_POOL", raising=False)
+    LibvirtBackend(remote.uri).forget(box_dir)
+    assert other.find(volume) is None
+    assert other.find(base.name) is not None  # content stays for prune
