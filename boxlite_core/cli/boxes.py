@@ -34,7 +34,11 @@ def ls(show_all: bool, as_json: bool) -> int:
         status = r.status.value
         unreachable = rt.host_problem(r) if r.options.host and r.status.may_have_vm else None
         if unreachable:  # its record is kept as it was: nothing is known, nothing settled
-            status = f"unknown ({one_line(unreachable)[:80]}; recorded: {r.status.value})"
+            # the HOST column names the machine: the 80 characters go to why, which the
+            # URI (twice, in host_problem's words and libvirt's) pushed out of view
+            why = one_line(unreachable).replace(f" on {r.options.host}", "").replace(
+                f"host {r.options.host} ", "host ")
+            status = f"unknown ({why[:80]}; recorded: {r.status.value})"
         elif r.status is BoxStatus.FAILED and r.error:
             status += f" ({one_line(r.error)[:60]})"
         elif r.status is BoxStatus.STARTING:  # where it is, or that its starter is gone

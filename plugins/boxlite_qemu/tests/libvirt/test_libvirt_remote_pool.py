@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from boxlite_testing import remote_libvirt
+from boxlite_testing.cli import boxlite
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +191,13 @@ def test_a_hung_host_costs_one_bounded_call_per_command_not_one_per_box(tmp_path
         assert all(r.status is BoxStatus.RUNNING for r in records)
         assert all(p and "did not answer" in p for p in problems), problems
         assert len(daemon.accepted) == 1
+        # `boxlite ls`: each box unknown, and why (not the host's URI again, cut short)
+        out = boxlite("ls", home=home, env={"BOXLITE_LIBVIRT_TIMEOUT": "2"})
+        assert out.returncode == 0, out.stderr
+        rows = [line for line in out.stdout.splitlines() if daemon.uri in line]
+        assert len(rows) == 3
+        assert all("unknown (host unreachable: libvirt virConnectOpen did not answer in 2 s"
+                   in row and "recorded: running" in row for row in rows), rows
     finally:
         daemon.close()
 
