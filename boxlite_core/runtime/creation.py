@@ -94,7 +94,8 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
     before a boot; a registry image not in the store is pulled (pull-on-create).
 
     Raises ConfigError (bad option, taken name, too many CPUs/memory), NotFoundError (no such
-    snapshot), ImageError (image not found/pulled), StateError (an incomplete snapshot).
+    snapshot), ImageError (image not found/pulled), StateError (an incomplete snapshot),
+    UnsupportedError (``host`` with a backend that runs boxes on this machine only).
     Warns SharerLimitationWarning when ``volume_sharer`` names a sharer that declares
     limitations (9p: see volumes/ninep.py).
     """
@@ -110,6 +111,10 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
         # keeps where the box is, so later commands find it whatever their environment
         where = plugins.backend(backend).remote_host
         options = attrs.evolve(options, host=where if isinstance(where, str) and where else None)
+    if options.host and backend:
+        # a backend that runs boxes here only, or a host it cannot read (UnsupportedError,
+        # ConfigError): refused now, not by every start of a box that cannot ever run
+        plugins.backend(backend, options.host)
     if options.host:  # another machine's capacity and directories are its backend's
         remote_user_volumes(options.volumes, options.host)
     else:

@@ -229,3 +229,31 @@ def test_remove_deletes_the_box_volumes_from_the_pool_its_launch_used(remote, tm
     LibvirtBackend(remote.uri).forget(box_dir)
     assert other.find(volume) is None
     assert other.find(base.name) is not None  # content stays for prune
+
+
+def _image_home(tmp_path: Path) -> Path:
+    from boxlite_testing.oci import d, f, layer_tar, oci_layout_files, write_tar
+
+    archive = write_tar(oci_layout_files([layer_tar([d("bin"), f("bin/sh", b"x", 0o755)])],
+                                         ref="t:1"), tmp_path / "img.tar")
+    home = tmp_path / "home"
+    out = boxlite("images", "import", str(archive), home=home)
+    assert out.returncode == 0, out.stderr
+    return home
+
+
+@pytest.mark.parametrize(("backend", "host", "says"), [
+    ("qemu", "qemu+ssh://me@far.example/system", "runs boxes on this machine only"),
+    ("qemu", "/tmp/x", "runs boxes on this machine only"),
+    ("libvirt", "junk", "takes a libvirt URI"),
+    ("libvirt", "far.example", "takes a libvirt URI"),
+])
+def test_create_refuses_a_host_its_backend_cannot_use(tmp_path, backend, host, says):
+    """`create --backend B --host H` where B runs boxes here only, or cannot read H: one
+    error at create, and no box (not a record whose every start fails)."""
+    home = _image_home(tmp_path)
+    out = boxlite("create", "--backend", backend, "--host", host, "t:1", home=home)
+    assert out.returncode != 0
+    assert says in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    listed = boxlite("ls", "-a", home=home)
+    assert listed.returncode == 0 and "t:1" not in listed.stdout, listed.stdout
