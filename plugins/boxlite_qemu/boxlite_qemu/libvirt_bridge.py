@@ -65,6 +65,10 @@ class Bridge:
         self.libvirt, self.uri, self.uuid = libvirt, uri, uuid
         self._lock = threading.Lock()
         self._conn: libvirt.virConnect | None = None
+        #: set when the last virConnectOpen returned; unset while one we gave up on still
+        #: waits (a daemon that accepts and never answers): no second one is started then
+        self._opened = threading.Event()
+        self._opened.set()
         self.done = threading.Event()
 
     def connection(self) -> libvirt.virConnect:
@@ -79,7 +83,20 @@ class Bridge:
                 with contextlib.suppress(Exception):
                     bounded("virConnectClose", self.uri, conn.close, timeout=5)
                 self._conn = None
-            conn = bounded("virConnectOpen", self.uri, self.libvirt.open, self.uri)
+            if not self._opened.is_set():
+                # each try would leave one more thread and socket waiting on the daemon
+                raise LibvirtTimeout(f"libvirt virConnectOpen on {self.uri}: the last "
+                                     "attempt has not been answered yet")
+            opened = self._opened = threading.Event()
+
+            def open_now() -> libvirt.virConnect:
+                try:
+                    return self.libvirt.open(self.uri)
+                finally:
+                    opened.set()
+
+            conn = bounded("virConnectOpen", self.uri, open_now,
+                           on_abandoned=lambda late: late.close())
             with contextlib.suppress(self.libvirt.libvirtError):
                 conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
             self._conn = conn

@@ -257,3 +257,23 @@ def test_create_refuses_a_host_its_backend_cannot_use(tmp_path, backend, host, s
     assert says in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     listed = boxlite("ls", "-a", home=home)
     assert listed.returncode == 0 and "t:1" not in listed.stdout, listed.stdout
+
+
+def test_bridge_waits_on_a_hung_daemon_with_one_connection(monkeypatch):
+    """The stream bridge asks a hung daemon (accepts, never answers) whether its domain is
+    gone every WATCH_INTERVAL: one connection attempt waits, not one more thread and
+    socket per check (a day of outage exhausted the bridge's file descriptors)."""
+    libvirt = pytest.importorskip("libvirt", reason="libvirt-python not installed")
+    from boxlite_qemu.libvirt_bridge import Bridge
+
+    monkeypatch.setenv("BOXLITE_LIBVIRT_TIMEOUT", "0.5")
+    daemon = _SilentDaemonDouble()
+    try:
+        bridge = Bridge(libvirt, daemon.uri, "6f1d3b3e-0000-4000-8000-000000000003")
+        before = threading.active_count()
+        for _ in range(8):
+            assert bridge.domain_gone() is False  # unreachable is not gone
+        assert len(daemon.accepted) == 1
+        assert threading.active_count() <= before + 1
+    finally:
+        daemon.close()
