@@ -227,8 +227,10 @@ class RemotePool:
         try:
             vol = self._call("virStorageVolCreateXML", self.pool().createXML,
                              _volume_xml(name, size, "raw"), 0)
-        except EngineError:
-            return self._wait_for_peer(name)  # another client creates it right now
+        except EngineError as exc:
+            if self.find(name) is None:  # no peer made it: the daemon's own refusal
+                raise
+            return self._wait_for_peer(name, exc)  # another client creates it right now
         try:
             self._send(vol, local, size, name, progress)
             got = self._read_back_digest(vol, size, name, progress)
@@ -279,15 +281,15 @@ class RemotePool:
         self.delete(name)
         return None
 
-    def _wait_for_peer(self, name: str) -> Volume:
+    def _wait_for_peer(self, name: str, why: EngineError) -> Volume:
         deadline = time.monotonic() + PEER_UPLOAD_LIMIT
         while time.monotonic() < deadline:
             found = self.find(name)
             if found is not None and self.find(name + MARK) is not None:
                 return found
             if found is None:
-                raise EngineError(f"volume {name} on {self.uri} could not be created, and no "
-                                  "other client is uploading it")
+                raise EngineError(f"volume {name} on {self.uri} could not be created ({why}), "
+                                  "and no other client is uploading it")
             time.sleep(1.0)
         raise EngineError(f"volume {name} on {self.uri} is being uploaded by another client "
                           f"and was not complete after {PEER_UPLOAD_LIMIT:g} s; if no "
