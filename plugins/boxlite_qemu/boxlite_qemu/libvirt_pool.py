@@ -228,8 +228,6 @@ class RemotePool:
             vol = self._call("virStorageVolCreateXML", self.pool().createXML,
                              _volume_xml(name, size, "raw"), 0)
         except EngineError as exc:
-            if self.find(name) is None:  # no peer made it: the daemon's own refusal
-                raise
             return self._wait_for_peer(name, exc)  # another client creates it right now
         try:
             self._send(vol, local, size, name, progress)
