@@ -232,18 +232,34 @@ class FilesService(rpc.FilesServicer):
     def Upload(self, request_iterator, context):
         root = self.agent.require_root(context)
         first = next(request_iterator, None)
-        if first is None or not first.target_dir:
+        if first is None or not (first.target_dir or first.dest):
             context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "Upload: the first message must carry target_dir"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Upload: the first message must carry dest or target_dir",
             )
 
+        manifest = [first.manifest]
+        msg = first
+        while msg.manifest and not msg.data:  # the manifest comes before the data
+            msg = next(request_iterator, None)
+            if msg is None:
+                break
+            manifest.append(msg.manifest)
+
         def chunks():
-            yield first.data
-            for msg in request_iterator:
+            if msg is not None:
                 yield msg.data
+                yield from (more.data for more in request_iterator)
 
         try:
-            count = files.upload(self.agent.reaper, root, first.target_dir, chunks())
+            count = files.upload(
+                self.agent.reaper,
+                root,
+                first.target_dir,
+                chunks(),
+                dest=first.dest,
+                manifest=b"".join(manifest),
+            )
         except Exception as exc:
             _abort_for(context, exc)
         return pb.UploadReply(entries=count)
