@@ -20,6 +20,14 @@ from .pid1 import log
 
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024
+#: A virtio-serial port moves at most one guest buffer (a page) per read and 32 KiB per write
+#: (linux drivers/char/virtio_console.c: fill_readbuf, port_fops_write). The port has no
+#: read_iter/write_iter, so readv/writev make the kernel call read/write once per piece,
+#: stopping at a short one: up to CHUNK per system call and per pass of the poll loop, where
+#: plain read/write moved 4 KiB / 32 KiB per pass (each pass is a few hundred microseconds
+#: of Python under TCG). On a socket (tests, vsock) the pieces simply fill in order.
+READ_PIECE = 4096
+WRITE_PIECE = 32 * 1024
 
 
 def find_virtio_port(name: str = AGENT_PORT_NAME) -> str:
@@ -129,6 +137,8 @@ def _relay(port: int, server: socket.socket) -> None:
     sfd = server.fileno()
     to_port = bytearray()
     to_server = bytearray()
+    inbox = memoryview(bytearray(CHUNK))  # every read lands here first: no allocation
+    port_pieces = [inbox[i : i + READ_PIECE] for i in range(0, CHUNK, READ_PIECE)]
     poller = select.poll()
     hup = select.POLLHUP | select.POLLERR
     while True:
@@ -143,48 +153,54 @@ def _relay(port: int, server: socket.socket) -> None:
         for fd, ev in poller.poll():
             if fd == port:
                 if ev & select.POLLIN:
-                    data = _read(port)
-                    if data == b"":
+                    n = _read(port, port_pieces)
+                    if n == 0:
                         return  # host disconnected
-                    if data:
-                        to_server += data
+                    if n:
+                        to_server += inbox[:n]
                 elif ev & hup:
                     return
                 if ev & select.POLLOUT and to_port:
-                    n = _write(port, to_port)
-                    del to_port[:n]
+                    del to_port[: _write(port, to_port, WRITE_PIECE)]
             else:
                 if ev & select.POLLIN:
-                    data = _read(sfd)
-                    if data == b"":
+                    n = _read(sfd, [inbox])
+                    if n == 0:
                         return  # server closed (agent shutting down)
-                    if data:
-                        to_port += data
+                    if n:
+                        to_port += inbox[:n]
                 elif ev & hup:
                     return
                 if ev & select.POLLOUT and to_server:
-                    n = _write(sfd, to_server)
-                    del to_server[:n]
+                    del to_server[: _write(sfd, to_server, CHUNK)]
 
 
-def _read(fd: int) -> bytes | None:
-    """Bytes read, b"" at EOF, None when nothing is available yet (EAGAIN)."""
+def _read(fd: int, pieces: list[memoryview]) -> int | None:
+    """Bytes read into ``pieces`` (in order), 0 at EOF, None when nothing is available yet."""
     try:
-        return os.read(fd, CHUNK)
+        return os.readv(fd, pieces)
     except BlockingIOError:
         return None
     except OSError as exc:
         if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
-            return b""
+            return 0
         raise
 
 
-def _write(fd: int, data: bytearray) -> int:
-    try:
-        return os.write(fd, data[:CHUNK])
-    except BlockingIOError:
-        return 0
-    except OSError as exc:
-        if exc.errno in (errno.ECONNRESET, errno.EPIPE):
-            raise ConnectionError("peer went away") from exc
-        raise
+def _write(fd: int, data: bytearray, piece: int) -> int:
+    """Write up to CHUNK of ``data`` in pieces of ``piece`` bytes; bytes written (0: EAGAIN).
+    The views are released before returning, so the caller can then delete what was sent."""
+    with memoryview(data) as whole:
+        end = min(len(data), CHUNK)
+        parts = [whole[i : min(i + piece, end)] for i in range(0, end, piece)]
+        try:
+            return os.writev(fd, parts)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in (errno.ECONNRESET, errno.EPIPE):
+                raise ConnectionError("peer went away") from exc
+            raise
+        finally:
+            for part in parts:
+                part.release()
