@@ -157,7 +157,7 @@ def _relay(port: int, server: socket.socket) -> None:
                     if n == 0:
                         return  # host disconnected
                     if n:
-                        to_server += inbox[:n]
+                        _forward(inbox[:n], to_server, sfd, CHUNK)
                 elif ev & hup:
                     return
                 if ev & select.POLLOUT and to_port:
@@ -168,7 +168,7 @@ def _relay(port: int, server: socket.socket) -> None:
                     if n == 0:
                         return  # server closed (agent shutting down)
                     if n:
-                        to_port += inbox[:n]
+                        _forward(inbox[:n], to_port, port, WRITE_PIECE)
                 elif ev & hup:
                     return
                 if ev & select.POLLOUT and to_server:
@@ -187,7 +187,17 @@ def _read(fd: int, pieces: list[memoryview]) -> int | None:
         raise
 
 
-def _write(fd: int, data: bytearray, piece: int) -> int:
+def _forward(data: memoryview, queue: bytearray, fd: int, piece: int) -> None:
+    """Send ``data`` (just read) on to ``fd``, queueing what does not go at once. With
+    nothing queued before it, it is written straight from the read buffer: under TCG a
+    Python-level copy of every byte (into the queue) cost as much as the system calls."""
+    if not queue:
+        data = data[_write(fd, data, piece) :]
+    if data:
+        queue += data
+
+
+def _write(fd: int, data: bytearray | memoryview, piece: int) -> int:
     """Write up to CHUNK of ``data`` in pieces of ``piece`` bytes; bytes written (0: EAGAIN).
     The views are released before returning, so the caller can then delete what was sent."""
     with memoryview(data) as whole:
