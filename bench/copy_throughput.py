@@ -16,11 +16,12 @@ kept per agent version) that boots one busybox box and then, on command, times:
   channel's per-message cost), with ``--zero``.
 
 Sides alternate op by op, round by round (TCG on a shared 2-core host: load moves numbers by
-seconds from one minute to the next). Besides wall time, each op records where the CPU went:
-the worker (host client: gRPC, tar, file writes), the per-box shim (gRPC proxy + the
-virtio-serial bridge), QEMU's vCPU thread (the guest: agent, relay, kernel) and QEMU's other
-threads (device emulation, chardev I/O); and one cProfile of the host side per copy op
-(``--profile``). Prints one JSON object; ``--png`` draws medians with the targets.
+seconds from one minute to the next); while one side measures, the other's box is paused.
+Besides wall time, each op records where the CPU went: the worker (host client: gRPC, tar,
+file writes), the per-box shim (gRPC proxy + the virtio-serial bridge), QEMU's vCPU thread
+(the guest: agent, relay, kernel) and QEMU's other threads (device emulation, chardev I/O);
+and one cProfile of the host side per copy op (``--profile``). Prints one JSON object;
+``--png`` draws medians with the targets.
 """
 
 from __future__ import annotations
@@ -186,7 +187,11 @@ def worker_main(home: Path, size: int, scratch: Path) -> int:
             if cmd["op"] == "quit":
                 break
             try:
-                reply = worker.measure(cmd["op"], cmd.get("profile", False))
+                if cmd["op"] in ("pause", "resume"):
+                    getattr(worker.box, cmd["op"])()
+                    reply = {"ok": True}
+                else:
+                    reply = worker.measure(cmd["op"], cmd.get("profile", False))
             except Exception as exc:  # reported to the parent, which stops the run
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
             print(json.dumps(reply), flush=True)
@@ -260,6 +265,19 @@ class Side:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def measure_alone(sides: dict[str, Side], name: str, op: str, profile: bool = False) -> dict:
+    """``op`` on side ``name`` with the other sides' boxes paused: an idle TCG guest still
+    takes host CPU (timer ticks), and the host has 2 cores."""
+    others = [side for other, side in sides.items() if other != name]
+    for side in others:
+        side.ask("pause")
+    try:
+        return sides[name].ask(op, profile)
+    finally:
+        for side in others:
+            side.ask("resume")
 
 
 def summarise(runs: list[dict], size: int) -> dict:
@@ -354,15 +372,16 @@ def main() -> int:
         runs: dict[str, dict[str, list[dict]]] = {n: {op: [] for op in ops} for n in sides}
         for _ in range(args.rounds):
             for op in ops:
-                for name, side in sides.items():
-                    runs[name][op].append(side.ask(op))
+                for name in sides:
+                    runs[name][op].append(measure_alone(sides, name, op))
                     print(f"{name:8} {op:11} {runs[name][op][-1]['s']:7.2f} s", file=sys.stderr)
         report["sides"] = {n: {op: summarise(runs[n][op], size) for op in ops} for n in sides}
         for name, side in sides.items():
             report["sides"][name]["box_start_s"] = side.hello["start_s"]
             if args.profile:
                 report["sides"][name]["profile"] = {
-                    op: side.ask(op, profile=True) for op in ("copy_in", "copy_out")
+                    op: measure_alone(sides, name, op, profile=True)
+                    for op in ("copy_in", "copy_out")
                 }
     finally:
         for side in sides.values():

@@ -18,8 +18,11 @@ from pathlib import Path
 from ..proto.wire import AGENT_PORT_NAME, READY
 from .pid1 import log
 
-CHUNK = 256 * 1024
+#: bytes per read in the relay: 512 KiB = the whole receive queue of a virtio-serial port
+#: (128 page buffers) in one readv
+CHUNK = 512 * 1024
 HIGH_WATER = 4 * 1024 * 1024
+SERVER_SNDBUF = 1024 * 1024
 #: A virtio-serial port moves at most one guest buffer (a page) per read and 32 KiB per write
 #: (linux drivers/char/virtio_console.c: fill_readbuf, port_fops_write). The port has no
 #: read_iter/write_iter, so readv/writev make the kernel call read/write once per piece,
@@ -135,6 +138,9 @@ def _relay(port: int, server: socket.socket) -> None:
     then reach the *next* host before its READY line.
     """
     sfd = server.fileno()
+    # room for a whole read from the port in the socket (the default ~208 KiB took part of
+    # each 512 KiB read; the rest was queued, a copy, and written on a later pass)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
     to_port = bytearray()
     to_server = bytearray()
     inbox = memoryview(bytearray(CHUNK))  # every read lands here first: no allocation
