@@ -24,6 +24,7 @@ import pytest
 from boxlite_core.errors import ConfigError
 from boxlite_core.models import BoxOptions
 from boxlite_core.runtime.runtime import Runtime
+from boxlite_testing.cli import boxlite
 from boxlite_testing.homes import unique
 
 #: SRC's tree, made on the source side under SRC_ROOT: a file and a directory
@@ -294,3 +295,31 @@ def test_copy_in_manifest_over_one_message(native_box, tmp_path):
     sh(native_box, f"rmdir {area}/many/{names[-1]}")
     native_box.copy_in(src, f"{area}/")
     assert sh(native_box, f"ls {area}/many | wc -l").strip() == "5500"
+
+
+@pytest.mark.vm
+def test_boxlite_cp_cli_follows_the_rules(box, request, tmp_path):
+    """`boxlite cp` itself, both ways, on the VM box: SRC/. copies contents, a file to a
+    missing DEST/ is one error line (exit 2) naming the path, and nothing is written."""
+    if request.node.callspec.params["box"] != "vm":
+        pytest.skip("the CLI needs a box in a runtime home (the VM box)")
+    home = request.getfixturevalue("shared_home")
+    name = box.name
+    host_make(tmp_path / "s", SRC_FILES)
+    area = f"/srv/cp/cli-{secrets.token_hex(3)}"
+    sh(box, f"mkdir -p {area}/into")
+    got = boxlite("cp", f"{tmp_path}/s/src/.", f"{name}:{area}/into", home=home)
+    assert got.returncode == 0, got.stderr
+    assert guest_list(box, f"{area}/into") == TREE
+    got = boxlite("cp", f"{tmp_path}/s/f.txt", f"{name}:{area}/nodir/", home=home)
+    assert got.returncode == 2 and "no such directory" in got.stderr, got.stderr
+    assert len(got.stderr.strip().splitlines()) == 1, got.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    got = boxlite("cp", f"{name}:{area}/into/.", str(out / "new"), home=home)
+    assert got.returncode == 0, got.stderr
+    assert host_list(out / "new") == TREE
+    got = boxlite("cp", f"{name}:{area}/into", str(tmp_path / "s" / "f.txt"), home=home)
+    assert got.returncode == 2 and "cannot copy a directory onto" in got.stderr, got.stderr
+    assert (tmp_path / "s" / "f.txt").read_text() == "file"
+    assert sh(box, f"ls {area}") == "into\n"
