@@ -59,6 +59,12 @@ class GuestError(BoxliteError):
     """The guest agent failed, or the VM died while we talked to it."""
 
 
+class GuestPathError(ConfigError, GuestError):
+    """The guest agent refused a path the user gave (``boxlite cp``: missing, not a
+    directory, a directory onto a file): fix the path and retry. Both a ConfigError (the
+    input is what is wrong) and a GuestError (the guest said so)."""
+
+
 class NotFoundError(BoxliteError, LookupError):
     """A box, image or plugin that was asked for does not exist."""
 

@@ -18,8 +18,19 @@ from pathlib import Path
 from ..proto.wire import AGENT_PORT_NAME, READY
 from .pid1 import log
 
-CHUNK = 256 * 1024
+#: bytes per read in the relay: 512 KiB = the whole receive queue of a virtio-serial port
+#: (128 page buffers) in one readv
+CHUNK = 512 * 1024
 HIGH_WATER = 4 * 1024 * 1024
+SERVER_SNDBUF = 1024 * 1024
+#: A virtio-serial port moves at most one guest buffer (a page) per read and 32 KiB per write
+#: (linux drivers/char/virtio_console.c: fill_readbuf, port_fops_write). The port has no
+#: read_iter/write_iter, so readv/writev make the kernel call read/write once per piece,
+#: stopping at a short one: up to CHUNK per system call and per pass of the poll loop, where
+#: plain read/write moved 4 KiB / 32 KiB per pass (each pass is a few hundred microseconds
+#: of Python under TCG). On a socket (tests, vsock) the pieces simply fill in order.
+READ_PIECE = 4096
+WRITE_PIECE = 32 * 1024
 
 
 def find_virtio_port(name: str = AGENT_PORT_NAME) -> str:
@@ -127,8 +138,13 @@ def _relay(port: int, server: socket.socket) -> None:
     then reach the *next* host before its READY line.
     """
     sfd = server.fileno()
+    # room for a whole read from the port in the socket (the default ~208 KiB took part of
+    # each 512 KiB read; the rest was queued, a copy, and written on a later pass)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
     to_port = bytearray()
     to_server = bytearray()
+    inbox = memoryview(bytearray(CHUNK))  # every read lands here first: no allocation
+    port_pieces = [inbox[i : i + READ_PIECE] for i in range(0, CHUNK, READ_PIECE)]
     poller = select.poll()
     hup = select.POLLHUP | select.POLLERR
     while True:
@@ -143,48 +159,64 @@ def _relay(port: int, server: socket.socket) -> None:
         for fd, ev in poller.poll():
             if fd == port:
                 if ev & select.POLLIN:
-                    data = _read(port)
-                    if data == b"":
+                    n = _read(port, port_pieces)
+                    if n == 0:
                         return  # host disconnected
-                    if data:
-                        to_server += data
+                    if n:
+                        _forward(inbox[:n], to_server, sfd, CHUNK)
                 elif ev & hup:
                     return
                 if ev & select.POLLOUT and to_port:
-                    n = _write(port, to_port)
-                    del to_port[:n]
+                    del to_port[: _write(port, to_port, WRITE_PIECE)]
             else:
                 if ev & select.POLLIN:
-                    data = _read(sfd)
-                    if data == b"":
+                    n = _read(sfd, [inbox])
+                    if n == 0:
                         return  # server closed (agent shutting down)
-                    if data:
-                        to_port += data
+                    if n:
+                        _forward(inbox[:n], to_port, port, WRITE_PIECE)
                 elif ev & hup:
                     return
                 if ev & select.POLLOUT and to_server:
-                    n = _write(sfd, to_server)
-                    del to_server[:n]
+                    del to_server[: _write(sfd, to_server, CHUNK)]
 
 
-def _read(fd: int) -> bytes | None:
-    """Bytes read, b"" at EOF, None when nothing is available yet (EAGAIN)."""
+def _read(fd: int, pieces: list[memoryview]) -> int | None:
+    """Bytes read into ``pieces`` (in order), 0 at EOF, None when nothing is available yet."""
     try:
-        return os.read(fd, CHUNK)
+        return os.readv(fd, pieces)
     except BlockingIOError:
         return None
     except OSError as exc:
         if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
-            return b""
+            return 0
         raise
 
 
-def _write(fd: int, data: bytearray) -> int:
-    try:
-        return os.write(fd, data[:CHUNK])
-    except BlockingIOError:
-        return 0
-    except OSError as exc:
-        if exc.errno in (errno.ECONNRESET, errno.EPIPE):
-            raise ConnectionError("peer went away") from exc
-        raise
+def _forward(data: memoryview, queue: bytearray, fd: int, piece: int) -> None:
+    """Send ``data`` (just read) on to ``fd``, queueing what does not go at once. With
+    nothing queued before it, it is written straight from the read buffer: under TCG a
+    Python-level copy of every byte (into the queue) cost as much as the system calls."""
+    if not queue:
+        data = data[_write(fd, data, piece) :]
+    if data:
+        queue += data
+
+
+def _write(fd: int, data: bytearray | memoryview, piece: int) -> int:
+    """Write up to CHUNK of ``data`` in pieces of ``piece`` bytes; bytes written (0: EAGAIN).
+    The views are released before returning, so the caller can then delete what was sent."""
+    with memoryview(data) as whole:
+        end = min(len(data), CHUNK)
+        parts = [whole[i : min(i + piece, end)] for i in range(0, end, piece)]
+        try:
+            return os.writev(fd, parts)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in (errno.ECONNRESET, errno.EPIPE):
+                raise ConnectionError("peer went away") from exc
+            raise
+        finally:
+            for part in parts:
+                part.release()

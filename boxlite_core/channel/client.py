@@ -20,7 +20,7 @@ import grpc
 from google.protobuf import json_format
 
 from .. import envvars
-from ..errors import GuestError
+from ..errors import GuestError, GuestPathError
 from ..models import ExitStatus, JsonObject
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as rpc
@@ -503,14 +503,43 @@ class AgentClient:
             raise self._error(exc, f"upload to {dest_dir} (bound {bound:g} s, "
                                    f"{ENV_TRANSFER_TIMEOUT})") from None
 
+    def copy_in_tar(self, dest: str, manifest: bytes, chunks: Iterable[bytes]) -> int:
+        """Send the tar ``chunks`` (one top entry; "." for a directory's contents) to be put
+        at ``dest`` by docker cp's DEST_PATH rules (agent/files.py ``landing``); ``manifest``:
+        its members (agent.proto UploadChunk.manifest), checked for conflicts first. Returns
+        the entries written. Raises GuestPathError when the guest refuses the destination
+        (the agent's reason: no such directory, a directory onto a file, ...), GuestError
+        else."""
+
+        def messages() -> Iterator[pb.UploadChunk]:
+            yield pb.UploadChunk(dest=dest, manifest=manifest[:CHUNK])
+            for i in range(CHUNK, len(manifest), CHUNK):
+                yield pb.UploadChunk(manifest=manifest[i : i + CHUNK])
+            for chunk in chunks:
+                yield pb.UploadChunk(data=chunk)
+
+        bound = transfer_timeout()
+        try:
+            return self._files.Upload(messages(), timeout=bound).entries
+        except grpc.RpcError as exc:
+            raise self._transfer_error(exc, f"copy to {dest}", bound) from None
+
     def download_tar(self, path: str) -> Iterator[bytes]:
         bound = transfer_timeout()
         try:
             for chunk in self._files.Download(pb.DownloadRequest(path=path), timeout=bound):
                 yield chunk.data
         except grpc.RpcError as exc:
-            raise self._error(exc, f"download of {path} (bound {bound:g} s, "
-                                   f"{ENV_TRANSFER_TIMEOUT})") from None
+            raise self._transfer_error(exc, f"download of {path}", bound) from None
+
+    def _transfer_error(self, exc: grpc.RpcError, what: str, bound: float) -> GuestError:
+        """GuestPathError when the agent refused the path (FAILED_PRECONDITION: missing, not
+        a directory, a directory onto a file...), else as :meth:`_error`."""
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            reason = exc.details() or ""  # the guest's text: shown inert
+            return GuestPathError(f"copy: {what} in the box: "
+                                  f"{reason if reason.isprintable() else repr(reason)}")
+        return self._error(exc, f"{what} (bound {bound:g} s, {ENV_TRANSFER_TIMEOUT})")
 
     def probe(self, paths: Iterable[str] = ()) -> dict:
         reply = self._unary(

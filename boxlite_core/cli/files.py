@@ -21,10 +21,12 @@ def _split_box_path(text: str) -> tuple[str | None, str]:
 def cp(src: str, dst: str) -> int:
     """Copy files: `boxlite cp HOSTPATH BOX:/path` or `boxlite cp BOX:/path HOSTPATH`.
 
-    Like `docker cp`: into DEST if it is an existing directory, else to DEST; `BOX:/dir/.`
-    copies the directory's contents; a symlink is copied as a link. Out of a box, nothing
-    at or under DEST is followed if it is a symlink, and setuid/setgid bits are dropped
-    from files (with a warning).
+    `docker cp`'s rules, both ways. SRC: `SRC/.` copies a directory's contents, `SRC/` is
+    SRC (a symlink there followed), a symlink is copied as the link. DEST: an existing
+    directory receives SRC inside it (a directory nests); a missing DEST becomes the copy
+    (its parent must exist); a file replaces a file; a directory onto a file, or a file to
+    a missing `DEST/`, is an error. Out of a box, nothing at or under DEST is followed if it
+    is a symlink, and setuid/setgid bits are dropped from files (with a warning).
     """
     import warnings
 

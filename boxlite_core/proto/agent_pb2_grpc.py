@@ -612,8 +612,10 @@ class FilesServicer:
     """
 
     def Upload(self, request_iterator, context):
-        """Tar bytes extracted under target_dir inside the container root. target_dir in the first
-        message. Absolute names, "..", links leaving the tree and symlinked parents are rejected.
+        """Tar bytes extracted inside the container root. The first message names where: either
+        dest (docker cp's DEST_PATH rules, see UploadChunk) or target_dir (a directory the tar is
+        extracted under, created if missing). Absolute names, "..", links leaving the tree,
+        symlinked parents and device nodes are rejected.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

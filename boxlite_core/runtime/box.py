@@ -358,18 +358,29 @@ class Box:
     # -- files -----------------------------------------------------------------------------
 
     def copy_in(self, host_path: str | os.PathLike[str], guest_path: str) -> None:
-        """Copy a host file, directory or symlink into the box (like `cp -a`): into
-        ``guest_path`` if it is a directory (or ends in '/'), else to that name. A host
-        symlink is copied as the link (dangling ones too), never its target.
+        """Copy a host file, directory or symlink into the box, by `docker cp`'s rules.
 
-        Raises ConfigError (missing host path, relative guest path), StateError (not
-        running), GuestError (agent or VM failure)."""
-        src = Path(host_path)
-        if not os.path.lexists(src):
-            raise ConfigError(f"copy: host path {src} does not exist")
+        ``host_path``: a symlink is copied as the link (dangling ones too), never its target;
+        ``SRC/`` follows it; ``SRC/.`` (and ``.``) copies a directory's *contents*.
+        ``guest_path``: absolute, resolved in the container (its symlinks followed, as
+        docker): an existing directory receives SRC inside it (a directory nests, SRC/.
+        merges); a missing path becomes the copy (a directory created with SRC's contents,
+        or a file); an existing file is replaced by a file. Files belong to the container's
+        root user, modes and mtimes kept.
+
+        Raises ConfigError (missing host path, ``FILE/``, relative guest path, and what the
+        guest refuses: a missing parent directory, a file to a missing ``DEST/`` ("no such
+        directory"), a directory onto a file, a directory replacing a non-directory or the
+        reverse at any depth), StateError (not running), GuestError (agent or VM failure).
+        """
+        from ..transfer.request import parse_host_source
+
+        request = parse_host_source(host_path)
         if not guest_path.startswith("/"):
             raise ConfigError(f"copy: guest path {guest_path!r} must be absolute")
-        boxexec.copy_in(self._link, self._live_client(), src, guest_path)
+        if "\x00" in guest_path:
+            raise ConfigError(f"copy: guest path {guest_path!r} contains a NUL byte")
+        boxexec.copy_in(self._link, self._live_client(), request, guest_path)
 
     def copy_out(self, guest_path: str, host_path: str | os.PathLike[str]) -> Path:
         """Copy a file, directory or symlink out of the box like `docker cp`; returns the host

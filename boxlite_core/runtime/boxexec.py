@@ -12,9 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import stat
-import tarfile
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,12 +25,11 @@ from .link import BoxLink
 
 if TYPE_CHECKING:  # imported when first used: gRPC is slow to import
     from ..channel.client import AgentClient, ExecSession
-    from ..transfer.request import OutRequest
+    from ..transfer.request import InRequest, OutRequest
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: TERM of a tty command when neither the image, the box nor the call sets one (docker's)
 DEFAULT_TERM = "xterm"
-CHUNK = 1024 * 1024
 #: stop reasons Box.stop/kill record: someone asked for the box to go down
 ON_REQUEST = ("stopped on request", "killed on request")
 #: seconds an exec that lost its command waits for a concurrent stop/remove to finish, to
@@ -296,41 +292,34 @@ def stream(link: BoxLink, client: AgentClient, argv: list[str], params: ExecPara
 # -- files -----------------------------------------------------------------------------------
 
 
-def _guest_is_dir(link: BoxLink, client: AgentClient, path: str) -> bool | None:
-    """Is ``path`` a directory in the guest (None: it does not exist)?"""
+def copy_in(link: BoxLink, client: AgentClient, request: InRequest, guest_path: str) -> None:
+    """Archive ``request`` and have the agent put it at ``guest_path`` (docker cp rules,
+    decided in the guest where the path resolves). See Box.copy_in (it checks the paths)."""
+    from ..transfer.copy_in import manifest, tar_chunks
+
     try:
-        reply = client.probe([path])
-    except Exception as exc:
-        raise exec_failed(link, exc) from exc
-    found = (reply.get("stats") or {}).get(path)
-    if not found or not found.get("exists"):
-        return None
-    return stat.S_ISDIR(int(found.get("mode") or 0))
+        members = manifest(request)
+    except OSError as exc:
+        raise ConfigError(f"copy: cannot read {request.path}: {exc}") from exc
+    unreadable: list[OSError] = []
 
-
-def copy_in(link: BoxLink, client: AgentClient, src: Path, guest_path: str) -> None:
-    """Tar ``src`` and unpack it in the guest. See Box.copy_in (it checks the paths)."""
-    if guest_path.endswith("/") or _guest_is_dir(link, client, guest_path.rstrip("/") or "/"):
-        target_dir, arcname = guest_path.rstrip("/") or "/", src.name
-    else:
-        target_dir = os.path.dirname(guest_path) or "/"
-        arcname = os.path.basename(guest_path)
-    with tempfile.SpooledTemporaryFile(max_size=8 * CHUNK) as spool:
-        with tarfile.open(fileobj=spool, mode="w") as tar:
-            tar.add(str(src), arcname=arcname, recursive=True)
-        spool.seek(0)
-
-        def chunks() -> Iterator[bytes]:
-            while True:
-                data = spool.read(CHUNK)
-                if not data:
-                    return
-                yield data
-
+    def chunks() -> Iterator[bytes]:
+        # gRPC reads this in its own thread and reports only "Exception iterating requests"
         try:
-            client.upload_tar(target_dir, chunks())
-        except Exception as exc:
-            raise exec_failed(link, exc) from exc
+            yield from tar_chunks(request)
+        except OSError as exc:
+            unreadable.append(exc)
+            raise
+
+    try:
+        client.copy_in_tar(guest_path, members, chunks())
+    except Exception as exc:
+        if unreadable:
+            raise ConfigError(f"copy: cannot read {request.path}: {unreadable[0]}; nothing "
+                              f"after it was copied") from unreadable[0]
+        if isinstance(exc, ConfigError):
+            raise
+        raise exec_failed(link, exc) from exc
 
 
 def copy_out(link: BoxLink, client: AgentClient, request: OutRequest,

@@ -385,8 +385,9 @@ def _place(stage_fd: int, staged: str, kind: str, dest: str | os.PathLike[str], 
         if st is None:
             if wants_dir and kind != "dir":
                 raise ConfigError(
-                    f"copy: destination directory {text} does not exist; create it first or "
-                    f"drop the trailing '/'"
+                    f"copy: no such directory: {text} does not exist (a file is copied into "
+                    f"an existing directory; drop the trailing '/' to create a file by that "
+                    f"name)"
                 )
             _check_room(stage_fd, need, parent_fd, text)
             placer.put(stage_fd, staged, parent_fd, leaf, trimmed)

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator
 import attrs
 
 from ..diskspace import DiskSpaceError, free_bytes, reserve_bytes
-from ..errors import GuestError
+from ..errors import BoxliteError, GuestError
 
 #: the staged result's name inside the staging directory
 RESULT = "result"
@@ -503,6 +503,8 @@ def unpack(chunks: Iterable[bytes], stage_fd: int, top: str, *,
         if top == "." and root_kind != "dir":
             raise ArchiveRefused(f"the contents of a directory were asked for; got a {root_kind}")
         stager.finish_dirs()
+    except BoxliteError:
+        raise  # ours, or the download's (GuestPathError is a ValueError: not a bad name)
     except tarfile.TarError as exc:
         raise ArchiveRefused(f"not a valid tar stream: {exc}") from exc
     except OSError as exc:  # EEXIST, ELOOP, ENOTDIR, ENAMETOOLONG ... from a crafted name

@@ -157,12 +157,22 @@ def test_download_from_a_stalled_agent_double_fails_in_the_bound(stalled_agent_d
 
 
 @pytest.mark.timeout(60)
-def test_upload_to_a_stalled_agent_double_fails_in_the_bound(stalled_agent_double, monkeypatch):
+@pytest.mark.parametrize(
+    ("what", "send"),
+    [
+        ("upload to /tmp", lambda client: client.upload_tar("/tmp", [b"x" * 1024])),
+        ("copy to /tmp/x", lambda client: client.copy_in_tar("/tmp/x", b"fx", [b"x" * 1024])),
+    ],
+    ids=["raw-upload", "docker-cp-upload"],
+)
+def test_upload_to_a_stalled_agent_double_fails_in_the_bound(
+    stalled_agent_double, monkeypatch, what, send
+):
     monkeypatch.setenv("BOXLITE_AGENT_TRANSFER_TIMEOUT", "2")
     client = _client(stalled_agent_double)
     t0 = time.monotonic()
-    with pytest.raises(GuestError, match=r"did not answer upload to /tmp \(bound 2 s"):
-        client.upload_tar("/tmp", [b"x" * 1024])
+    with pytest.raises(GuestError, match=rf"did not answer {what} \(bound 2 s"):
+        send(client)
     assert time.monotonic() - t0 < 15
 
 
