@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,8 +123,7 @@ class RemoteLibvirtd:
         why = missing()
         if why:
             raise RuntimeError(f"remote libvirtd: {why}")
-        self.workdir = Path(subprocess.check_output(
-            ["mktemp", "-d", "/tmp/boxlite-remote-libvirtd.XXXXXX"], text=True).strip())
+        self.workdir = Path(tempfile.mkdtemp(prefix="boxlite-remote-libvirtd."))
         (self.workdir / "libvirtd.conf").write_text(_CONF.format(port=self.port))
         script = _HOLDER.format(private=" ".join(PRIVATE_DIRS))
         holder = subprocess.Popen(
