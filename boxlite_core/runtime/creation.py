@@ -20,6 +20,7 @@ from . import snapshots
 from .capacity import check_capacity
 from .records import BoxRecord, generated_name, new_box_id
 from .services import Services
+from .store import NameTakenError
 
 #: what a box created from a snapshot takes from the snapshot's box, whatever it was told:
 #: its VM must be the one the snapshot saved
@@ -138,26 +139,7 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
         image = _local_or_pulled(services, options.image)
         image_digest = getattr(image, "digest", None)
         image_config = image.config.to_dict() if hasattr(image, "config") else None
-    box_id = new_box_id()
-    name = options.name
-    if name is None:
-        for attempt in range(5):
-            name = generated_name(box_id, attempt)
-            if not services.store.name_taken(name):
-                break
-    assert name is not None
-    record = BoxRecord(
-        id=box_id,
-        name=name,
-        status=BoxStatus.CONFIGURED,
-        options=attrs.evolve(options, name=name),
-        backend=backend,
-        image=options.image,
-        image_digest=image_digest,
-        rootfs=options.rootfs,
-        state={"image_config": image_config} if image_config else {},
-    )
-    record = services.store.insert(record)
+    record = _insert_named(services, options, backend, image_digest, image_config)
     if snap is not None:
         try:
             with services.snapshots.lock(shared=True):
@@ -171,3 +153,40 @@ def create_box(services: Services, options: BoxOptions) -> BoxRecord:
     services.db.bump("boxes_created")
     services.plugins.notify("created", box=record.to_dict())
     return record
+
+
+def _insert_named(
+    services: Services,
+    options: BoxOptions,
+    backend: str,
+    image_digest: str | None,
+    image_config: dict[str, object] | None,
+) -> BoxRecord:
+    """Insert the box's record, picking a generated name if the user gave none.
+
+    A generated name is tried by inserting it: the table's UNIQUE constraint is the only
+    check that holds while other creates run at the same time (a look before the insert
+    raced, and two concurrent creates took the same name). The last candidate contains the
+    whole box id, so the loop ends with a record.
+    """
+    box_id = new_box_id()
+    attempts = 1 if options.name is not None else 5
+    for attempt in range(attempts):
+        name = options.name if options.name is not None else generated_name(box_id, attempt)
+        record = BoxRecord(
+            id=box_id,
+            name=name,
+            status=BoxStatus.CONFIGURED,
+            options=attrs.evolve(options, name=name),
+            backend=backend,
+            image=options.image,
+            image_digest=image_digest,
+            rootfs=options.rootfs,
+            state={"image_config": image_config} if image_config else {},
+        )
+        try:
+            return services.store.insert(record)
+        except NameTakenError:
+            if options.name is not None or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")

@@ -30,6 +30,10 @@ _UPDATABLE = {
 }
 
 
+class NameTakenError(ConfigError):
+    """The box name is in the table already (the UNIQUE constraint said so, not a prior look)."""
+
+
 class BoxStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -49,16 +53,12 @@ class BoxStore:
                 )
         except sqlite3.IntegrityError as exc:
             if "name" in str(exc):
-                raise ConfigError(
+                raise NameTakenError(
                     f"a box named {record.name} exists; pick another --name or "
                     f"`boxlite rm {record.name}`"
                 ) from exc
             raise ConfigError(f"box id {record.id} exists already; retry") from exc
         return record
-
-    def name_taken(self, name: str) -> bool:
-        row = self.db.connection().execute("SELECT 1 FROM boxes WHERE name = ?", (name,))
-        return row.fetchone() is not None
 
     def find(self, ref: str) -> BoxRecord | None:
         """The box whose id or name is ``ref``, or whose id starts with it (if unique)."""

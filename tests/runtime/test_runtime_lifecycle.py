@@ -38,6 +38,32 @@ def test_duplicate_name_is_config_error(rt):
         rt.create(opts(name="dup"))
 
 
+def test_generated_names_never_collide_even_when_every_friendly_name_is_taken(rt, monkeypatch):
+    """CI once failed `create` with "a box named quiet-walrus exists" for a box the user did
+    not name: concurrent creates looked the name up, both found it free, and the second
+    insert hit the UNIQUE constraint. Here the word lists hold one word each, so every
+    friendly name collides, and creates run from threads at once: each still gets a record,
+    under a name of its own."""
+    import concurrent.futures
+
+    from boxlite_core.runtime import records
+
+    monkeypatch.setattr(records, "_ADJECTIVES", ("quiet",))
+    monkeypatch.setattr(records, "_NOUNS", ("walrus",))
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        boxes = list(pool.map(lambda _: rt.create(opts()), range(6)))
+    names = [b.name for b in boxes]
+    assert len(set(names)) == 6 and "quiet-walrus" in names
+    assert {r.name for r in rt.list()} == set(names)
+
+
+def test_a_given_name_is_never_replaced_by_a_generated_one(rt):
+    rt.create(opts(name="mine"))
+    with pytest.raises(ConfigError, match="a box named mine exists"):
+        rt.create(opts(name="mine"))
+    assert [r.name for r in rt.list()] == ["mine"]
+
+
 def test_pause_on_a_backend_without_pause_names_it(rt):
     """The double declares no PAUSE: refused up front with the backend's name, before any
     state check, instead of a NotImplementedError from deep inside a handle."""
