@@ -1,8 +1,9 @@
 """The vendor guide works as written: its code blocks parse; in a fresh venv, installing an
 example backend's distribution is what makes `boxlite-conformance run --backend NAME --tier 0`
 pass (the Firecracker-style `example` and the booting `example-qemu`), and each example's own
-two-file test setup (conftest line + star import) runs the same suite; and (-m vm) the booting
-example passes T1 here.
+two-file test setup (conftest line + star import) runs the same suite. That the booting
+example passes T1-T3 here is CI's `boxlite-conformance run --backend example-qemu --strict`
+(.ci/run), not a test of this file: a T1 run here was the same boots again.
 
 Offline: the venv sees boxlite-core, pytest, pip and setuptools through
 --system-site-packages, and the installs use --no-index --no-deps --no-build-isolation.
@@ -217,28 +218,3 @@ def test_guide_example_qemu_backend_tier0(venv: Path, tmp_path: Path) -> None:
     assert {"9p", "virtiofs", "qcow2", "raw", "virtio-serial", "pause", "tcg"} <= caps
     assert "vsock" not in caps and "hvf" not in caps
     _own_tests_tier0(venv, src, env)
-
-
-@pytest.mark.vm
-def test_guide_example_qemu_boots_tier1(tmp_path: Path) -> None:
-    """The guide's booting example passes T1 here under TCG (strict: unavailable = failure),
-    through the CLI a vendor runs. Needs it installed (scripts/setup does) and the shared
-    test home's guest kit."""
-    from boxlite_core.plugins import PluginRegistry
-
-    assert "example-qemu" in PluginRegistry().backend_names(), (
-        "boxlite-example-qemu is not installed: run scripts/setup "
-        "(pip install -e conformance/examples/boxlite-example-qemu)"
-    )
-    reports = tmp_path / "reports"
-    done = subprocess.run(
-        [sys.executable, "-m", "boxlite_conformance", "run", "--backend", "example-qemu",
-         "--tier", "1", "--strict", "--report", str(reports)],
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    data = json.loads((reports / "example-qemu.json").read_text())
-    t1 = [t for t in data["tests"] if t["tier"] == 1]
-    assert t1 and all(t["outcome"] == "passed" for t in t1), [
-        (t["test"], t["outcome"], t["message"]) for t in t1 if t["outcome"] != "passed"
-    ]
