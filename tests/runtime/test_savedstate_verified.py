@@ -45,14 +45,36 @@ def _verified_once(directory: Path) -> None:
 
 
 def test_an_unchanged_state_is_hashed_once(state_dir: Path, hashes: list[str]) -> None:
-    verify_digests(load(state_dir))  # right after the seal: ctimes too fresh to record
-    assert sorted(hashes) == ["meta.json", "vmstate"]
-    assert not (state_dir / VERIFIED).exists()
-    _verified_once(state_dir)
-    hashes.clear()
-    verify_digests(load(state_dir))
+    """The seal's own hashes count as the first check: a fork restores its fresh snapshot
+    without hashing it again (that second hash competed with the copy's QEMU)."""
+    assert (state_dir / VERIFIED).exists()
+    assert (state_dir / VERIFIED).stat().st_mode & 0o777 == 0o400
+    verify_digests(load(state_dir))  # right after the seal
     verify_digests(load(state_dir))
     assert hashes == []
+
+
+def test_a_write_during_the_seals_hash_is_not_trusted(tmp_path: Path, monkeypatch) -> None:
+    """A file that changes while seal hashes it is sealed as it was read, and not recorded as
+    checked: the next verify hashes it again and sees the change."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    target = directory / "vmstate"
+    target.write_bytes(os.urandom(256 * 1024))
+    real = savedstate._sha256
+
+    def hash_then_write(path: Path) -> str:
+        digest = real(path)
+        os.chmod(path, 0o600)  # a writer that still had its way in
+        with open(path, "r+b") as fh:
+            fh.write(b"\xff" * 64)
+        return digest
+
+    monkeypatch.setattr(savedstate, "_sha256", hash_then_write)
+    seal(directory, {"key": "k"})
+    monkeypatch.setattr(savedstate, "_sha256", real)
+    with pytest.raises(StaleStateError, match="vmstate changed since it was saved"):
+        verify_digests(load(directory))
 
 
 @pytest.mark.parametrize("how", ["same size, other bytes", "mtime set back", "replaced"])

@@ -7,18 +7,20 @@ Saving state (``save_state``) is QEMU migration to a file: the VM is stopped, it
 switched to new overlays if asked, and QMP ``migrate`` writes memory and device state to an
 fd we pass over the monitor socket (``exec:`` migration would need a spawn, which
 ``-sandbox spawn=deny`` forbids). ``backend.launch`` loads such a file the other way round
-(``-incoming defer`` + ``migrate-incoming``); :func:`wait_migration` serves both.
+(``-incoming defer`` + ``migrate-incoming``); both wait in one QMP session (``qmp_poll``)
+and read ``query-migrate`` with :func:`migration_finished`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,15 @@ from boxlite_core.vmm.procstat import alive, log_tail, reap
 from boxlite_core.vmm.spec import DiskSwitch
 
 from .argv import STATE_FILE, STATE_INFO
-from .qmp import ENV_TIMEOUT, QmpError, QmpTimeout, bound, qmp_command, qmp_commands
+from .qmp import (
+    Poll,
+    QmpError,
+    QmpTimeout,
+    bound,
+    qmp_command,
+    qmp_commands,
+    qmp_poll,
+)
 
 _PANIC_MARKERS = ("Kernel panic", "end Kernel panic")
 
@@ -74,46 +84,6 @@ def migration_finished(what: str, answer: JsonValue) -> bool:
         raise EngineError(f"{what} {status}: {info.get('error-desc') or 'QEMU gave no reason'}")
     return status == "completed"
 
-
-def wait_migration(
-    qmp_socket: Path,
-    what: str,
-    limit: float,
-    alive_check: Callable[[float], bool],
-    gone: Callable[[], EngineError],
-) -> JsonObject:
-    """Poll QMP ``query-migrate`` until QEMU's migration is completed; its last answer
-    (``{"status": "completed", "total-time": ms, "ram": {...}, ...}``).
-
-    ``alive_check(grace)`` says whether QEMU still runs (waiting up to ``grace`` seconds for
-    it to exit when the monitor failed); ``gone()`` builds the error for a QEMU that exited.
-
-    Raises:
-        EngineError: the migration failed or was cancelled (QEMU's error-desc quoted), QEMU
-            exited (``gone()``), or ``query-migrate`` failed.
-        QmpTimeout: not completed within ``limit`` seconds (names ``BOXLITE_QMP_TIMEOUT``).
-    """
-    deadline = time.monotonic() + limit
-    while True:
-        if not alive_check(0.0):
-            raise gone()
-        try:
-            info = json_object(qmp_command(qmp_socket, "query-migrate", timeout=5.0))
-        except QmpError:
-            if not alive_check(2.0):
-                raise gone() from None
-            raise
-        if migration_finished(what, info):
-            return info
-        status = str(info.get("status", "none"))
-        if time.monotonic() >= deadline:
-            ram = json_object(info.get("ram"))
-            raise QmpTimeout(
-                f"{what}: QEMU's migration did not complete within {limit:.0f} s (status "
-                f"{status}, {ram.get('transferred', 0)} bytes so far, polled on {qmp_socket}); "
-                f"on a slow host raise {ENV_TIMEOUT} (seconds)"
-            )
-        time.sleep(0.02)
 
 #: QEMU processes this process started, by pid: an attach() in the same process shares the
 #: Popen, so exactly one waitpid collects the status and every handle can report it.
@@ -319,12 +289,11 @@ class QemuHandle(VmHandle):
             # two commands' round trip
             qmp_commands(self.qmp_socket, [("cont", None), ("stop", None)])
         self.qmp("stop")
+        resumes = resume and was_running
         try:
             for switch in switch_disks:
                 self._switch_disk(switch)
-            info = self._migrate_to(directory / STATE_FILE)
-            version = json_object(self.qmp("query-version"))
-            memory = json_object(self.qmp("query-memory-size-summary"))
+            info, version, memory = self._migrate_to(directory / STATE_FILE, resumes)
             write_state(directory / STATE_INFO, {
                 "state_file": STATE_FILE,
                 "qemu_version": json_object(version.get("qemu")) | {
@@ -335,12 +304,11 @@ class QemuHandle(VmHandle):
                 "migration_ms": info.get("total-time"),
             })
         except BaseException:
-            if resume and was_running:
+            if resumes:
                 with contextlib.suppress(EngineError):
-                    self.qmp("cont")
+                    if self.status() != "running":
+                        self.qmp("cont")
             raise
-        if resume and was_running:
-            self.qmp("cont")
 
     def _switch_disk(self, switch: DiskSwitch) -> None:
         """Make the drive of ``switch.serial`` write ``switch.overlay`` (its backing: the node
@@ -408,8 +376,16 @@ class QemuHandle(VmHandle):
             raise EngineError(f"cannot list QEMU's fds in {fd_dir}: {exc}") from exc
         raise EngineError(f"QEMU (pid {self._pid}) took no fd of the overlay ({fd_dir})")
 
-    def _migrate_to(self, state: Path) -> JsonObject:
-        """Migrate the (stopped) VM into the new file ``state``; QEMU's last query-migrate.
+    def _migrate_to(
+        self, state: Path, resume: bool
+    ) -> tuple[JsonObject, JsonObject, JsonObject]:
+        """Migrate the (stopped) VM into the new file ``state`` and, if ``resume``, ``cont``
+        it once the stream is complete (the fsync follows: the VM need not wait for the
+        disk). QEMU's last query-migrate, its query-version and query-memory-size-summary.
+
+        One QMP session from ``migrate`` to ``cont``, polled every 10 ms: a connection per
+        query (thread, event loop, greeting, capabilities) every 20 ms cost a save up to
+        ~25 ms and a fork as much.
 
         On any failure once ``migrate`` may have been sent (a timeout, Ctrl-C, an error while
         waiting) the migration is cancelled first (:meth:`_cancel_migration`): left alone it
@@ -418,45 +394,45 @@ class QemuHandle(VmHandle):
         The partial ``state`` is removed.
         """
         memory = json_object(self.qmp("query-memory-size-summary")).get("base-memory") or 0
+        what = f"saving the state of QEMU (pid {self._pid}) to {state}"
         try:
             fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise EngineError(f"cannot create the VM state file {state}: {exc}") from exc
-        refused = False  # QEMU answered the migrate with an error: no migration runs
+        then: tuple[tuple[str, JsonObject | None], ...] = (
+            ("query-version", None), ("query-memory-size-summary", None))
+        poll = Poll("query-migrate", functools.partial(migration_finished, what),
+                    migration_bound(int(memory)), f"{what} (QMP query-migrate on "
+                    f"{self.qmp_socket})", interval=0.01,
+                    then=then + ((("cont", None),) if resume else ()))
         try:
             try:
-                qmp_commands(self.qmp_socket, [
+                answers = qmp_poll(self.qmp_socket, [
                     ("migrate-set-parameters", {"max-bandwidth": MIGRATION_MAX_BANDWIDTH}),
                     ("getfd", {"fdname": MIGRATION_FD}),
                     ("migrate", {"uri": f"fd:{MIGRATION_FD}"}),
-                ], fds={1: fd}, timeout=10.0)
+                ], poll, fds={1: fd}, timeout=10.0)
             except QmpTimeout:
                 raise  # QEMU may have taken the migrate: the handler below cancels it
             except QmpError as exc:
-                # only our fd may still be held under its name
-                refused = True
-                with contextlib.suppress(EngineError):
-                    qmp_command(self.qmp_socket, "closefd", {"fdname": MIGRATION_FD})
+                if not self.still_running(2.0):
+                    raise self._gone_error() from None
                 if any(m in str(exc).lower() for m in _BLOCKER_MARKERS):
                     raise UnsupportedError(
                         f"QEMU (pid {self._pid}) cannot save this VM's state now: {exc}"
                         + self._blocker_hint(str(exc))
                     ) from exc
                 raise
-            info = wait_migration(
-                self.qmp_socket, f"saving the state of QEMU (pid {self._pid}) to {state}",
-                migration_bound(int(memory)), self.still_running, self._gone_error,
-            )
             os.fsync(fd)
         except BaseException:
-            if not refused:
-                self._cancel_migration()
+            self._cancel_migration()
             with contextlib.suppress(OSError):
                 state.unlink()
             raise
         finally:
             os.close(fd)
-        return info
+        info, version, summary = (json_object(a) for a in answers[3:6])
+        return info, version, summary
 
     def _cancel_migration(self) -> None:
         """Best effort, bounded (:data:`MIGRATION_CANCEL_BOUND` seconds of polling): QMP

@@ -73,9 +73,12 @@ async def _step(client: QMPClient, socket: Path, command: str, args: JsonObject 
             f"stuck; on a slow host raise {ENV_TIMEOUT} (seconds)") from None
 
 
-async def _poll(client: QMPClient, socket: Path, poll: Poll, timeout: float) -> JsonValue:
+async def _poll(client: QMPClient, socket: Path, poll: Poll, timeout: float,
+                given_up: threading.Event) -> JsonValue:
     deadline = asyncio.get_running_loop().time() + poll.limit
     while True:
+        if given_up.is_set():  # the caller was interrupted: free the monitor for its cleanup
+            raise QmpError(f"{poll.what}: given up by the caller")
         answer = await _step(client, socket, poll.command, None, timeout,
                              f" while waiting for {poll.what}")
         if poll.done(answer):
@@ -89,7 +92,7 @@ async def _poll(client: QMPClient, socket: Path, poll: Poll, timeout: float) -> 
 
 async def _execute(
     socket: Path, steps: Sequence[QmpStep], timeout: float, fds: Mapping[int, int],
-    poll: Poll | None = None,
+    poll: Poll | None = None, given_up: threading.Event | None = None,
 ) -> list[JsonValue]:
     from qemu.qmp import QMPClient
 
@@ -109,7 +112,8 @@ async def _execute(
                 client.send_fd_scm(fds[index])  # QEMU keeps it for this command
             results.append(await _step(client, socket, command, args, timeout))
         if poll is not None:
-            results.append(await _poll(client, socket, poll, timeout))
+            results.append(await _poll(client, socket, poll, timeout,
+                                       given_up or threading.Event()))
             for command, args in poll.then:
                 results.append(await _step(client, socket, command, args, timeout))
         return results
@@ -199,9 +203,12 @@ def _run(
     names = "+".join([command for command, _ in steps]
                      + ([poll.command, *(c for c, _ in poll.then)] if poll else []))
 
+    given_up = threading.Event()
+
     def runner() -> None:
         try:
-            box["result"] = asyncio.run(_execute(socket, steps, timeout, fds or {}, poll))
+            box["result"] = asyncio.run(
+                _execute(socket, steps, timeout, fds or {}, poll, given_up))
         except BaseException as exc:
             box["error"] = exc
 
@@ -209,7 +216,14 @@ def _run(
     thread.start()
     limit = timeout * (2 + len(steps)) + (poll.limit + timeout * (2 + len(poll.then))
                                           if poll is not None else 0.0)
-    thread.join(limit)
+    try:
+        thread.join(limit)
+    except BaseException:
+        # Ctrl-C while a poll waits: QEMU serves one monitor client at a time, so the
+        # caller's cleanup (e.g. migrate_cancel) could not connect while the session runs
+        given_up.set()
+        thread.join(timeout + 1.0)
+        raise
     if thread.is_alive():
         raise QmpTimeout(f"QMP {names} on {socket} did not answer within {limit:.0f}s")
     if "error" in box:

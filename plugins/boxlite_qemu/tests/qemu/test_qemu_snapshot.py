@@ -15,7 +15,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -503,11 +505,18 @@ def test_a_save_that_fails_midway_is_cancelled_and_the_vm_runs_on(
         monkeypatch.setattr(handle_mod, "migration_bound", lambda _size: 1.0)
         expected: type[BaseException] = QmpTimeout
     else:
-        def ctrl_c(*_args, **_kw):
-            time.sleep(1.0)
-            raise KeyboardInterrupt
+        real = handle_mod.migration_finished
+        began = time.monotonic()
+        sent: list[bool] = []
 
-        monkeypatch.setattr(handle_mod, "wait_migration", ctrl_c)
+        def ctrl_c(what: str, answer: object) -> bool:
+            """One SIGINT lands in the waiting main thread a second into the migration."""
+            if time.monotonic() - began > 1.0 and not sent:
+                sent.append(True)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            return real(what, answer)
+
+        monkeypatch.setattr(handle_mod, "migration_finished", ctrl_c)
         expected = KeyboardInterrupt
     failed = work / f"failed-{interrupt}"
     failed.mkdir()
