@@ -415,13 +415,13 @@ class QemuHandle(VmHandle):
             except QmpTimeout:
                 raise  # QEMU may have taken the migrate: the handler below cancels it
             except QmpError as exc:
-                if not self.still_running(2.0):
-                    raise self._gone_error() from None
                 if any(m in str(exc).lower() for m in _BLOCKER_MARKERS):
                     raise UnsupportedError(
                         f"QEMU (pid {self._pid}) cannot save this VM's state now: {exc}"
                         + self._blocker_hint(str(exc))
                     ) from exc
+                if not self.still_running(2.0):  # a monitor that failed: QEMU exiting?
+                    raise self._gone_error() from None
                 raise
             os.fsync(fd)
         except BaseException:
