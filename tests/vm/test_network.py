@@ -161,7 +161,8 @@ def test_udp_goes_where_an_address_rule_allows(make_box, world):
     assert f"ALLOW udp {SERVER_IP}:5353" in network_log(box)
     # the box's own resolver still answers (its UDP is not sent out as a flow)
     result, _ = sh(box, f"nslookup {SERVER_NAME}")
-    assert result.exit_code == 0 and SERVER_IP in result.text, result.text
+    assert result.exit_code == 0 and SERVER_IP in result.text, (
+        f"{result.text}\n--- network log ---\n{network_log(box)[-3000:]}")
 
 
 def test_udp_by_cidr_any_port_and_never_by_mode_alone(make_box, world):
