@@ -254,8 +254,10 @@ class Relay:
         except Exception as exc:  # never leave the guest waiting on our mistake
             self.log(f"ERROR dns: {exc!r}")
             answer = b""
-        with contextlib.suppress(grpc.RpcError):
+        try:
             self.stub.Answer(pb.NetAnswer(id=query_id, response=answer), timeout=10)
+        except grpc.RpcError as exc:  # the guest's resolver retries; the log says why it must
+            self.log(f"ERROR dns answer {query_id} not delivered: {exc.code()}: {exc.details()}")
 
     def _connect(self, conn_id: int, connect: pb.NetConnect) -> None:
         target = f"{connect.address}:{connect.port}"
