@@ -35,6 +35,8 @@ from pathlib import Path
 
 import attrs
 
+from boxlite_core.vmm.procstat import reap, stat_fields
+
 #: where ``python3 -m boxlite_testing.remote_libvirt start`` records what ``stop`` ends
 STATE_FILE = Path("/run/boxlite-remote-libvirtd.json")
 #: libvirt's directories the namespace gets empty (tmpfs): state, run, cache, logs
@@ -92,8 +94,7 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_LIMIT
     while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+        reap(pid)
         if not _group_running(pid):
             return
         time.sleep(0.05)
@@ -105,13 +106,8 @@ def _group_running(pgid: int) -> bool:
     """Whether a process of group ``pgid`` still runs (zombies do not count: orphans are
     reaped late by this machine's PID 1)."""
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+        fields = stat_fields(int(entry)) if entry.isdigit() else None
+        if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False
 

@@ -35,6 +35,7 @@ from .argv import STATE_FILE, STATE_INFO
 from .qmp import (
     Poll,
     QmpError,
+    QmpStep,
     QmpTimeout,
     bound,
     qmp_command,
@@ -399,8 +400,7 @@ class QemuHandle(VmHandle):
             fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise EngineError(f"cannot create the VM state file {state}: {exc}") from exc
-        then: tuple[tuple[str, JsonObject | None], ...] = (
-            ("query-version", None), ("query-memory-size-summary", None))
+        then: tuple[QmpStep, ...] = (("query-version", None), ("query-memory-size-summary", None))
         poll = Poll("query-migrate", functools.partial(migration_finished, what),
                     migration_bound(int(memory)), f"{what} (QMP query-migrate on "
                     f"{self.qmp_socket})", interval=0.01,
