@@ -520,8 +520,9 @@ def test_a_save_that_fails_midway_is_cancelled_and_the_vm_runs_on(
         expected = KeyboardInterrupt
     failed = work / f"failed-{interrupt}"
     failed.mkdir()
-    # Python's own SIGINT handler, whatever this run inherited: a shell starts background
-    # jobs with SIGINT ignored, and then Python installs none (CI ran it that way once)
+    # Python's own SIGINT handler, whatever this run inherited: in one CI-style run (a
+    # background job, started with SIGINT ignored) the handler here was SIG_IGN and the
+    # signal did nothing; which code left it so then is not pinned down
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(expected):
