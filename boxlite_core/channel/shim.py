@@ -45,11 +45,33 @@ WORKERS = 64
 READY_RETRY = 3.0
 #: a time_remaining() above this means the host set no deadline
 NO_DEADLINE = 10 * 365 * 86400.0
+#: Calls that change nothing in the guest (Ping, Probe) or set an absolute state (Resize):
+#: sent again when they fail UNAVAILABLE, as when a call goes into the port session that just
+#: ended before the channel saw it end ("Stream removed": sendmsg EPIPE). Other calls are
+#: never repeated by the retry policy (an Exec twice would run the program twice); gRPC's
+#: transparent retry still covers any call that provably never reached the guest.
+#: gRPC service config retryPolicy (gRFC A6, grpc.io/docs/guides/retry).
+RETRIED_METHODS: tuple[tuple[str, str], ...] = (
+    ("boxlite.agent.v1.Guest", "Ping"),
+    ("boxlite.agent.v1.Guest", "Probe"),
+    ("boxlite.agent.v1.Execution", "Resize"),
+)
+_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": service, "method": method} for service, method in RETRIED_METHODS],
+    "retryPolicy": {
+        "maxAttempts": 3,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "0.5s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    },
+}]})
 _CHANNEL_OPTIONS = [
     # the guest's replies are hostile input: one message may not make the shim allocate more
     ("grpc.max_receive_message_length", MAX_GUEST_MESSAGE),
     ("grpc.max_send_message_length", -1),
-    ("grpc.enable_retries", 0),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", _SERVICE_CONFIG),
     ("grpc.initial_reconnect_backoff_ms", 50),
     # Despite its name this is gRPC's *minimum connect timeout* (floored at 100 ms): the
     # time a connection attempt gets to finish the HTTP/2 handshake. At 50 the guest had

@@ -34,12 +34,22 @@ class MachineProfile:
 #: reboot=t so a dying guest resets at once (run QEMU with -no-reboot to turn that into exit).
 BASE_CMDLINE: tuple[str, ...] = ("console=ttyS0", "quiet", "loglevel=3", "panic=-1", "reboot=t")
 
+#: x86 guests keep the TSC as their clocksource. Under TCG the kernel's clocksource watchdog
+#: compares the TSC (QEMU derives it from the host's clock) with jiffies, whose ticks a busy
+#: TCG vCPU delivers late, calls the *TSC* unstable ~5 s after boot and falls back to
+#: refined-jiffies: 4 ms clock resolution, sleeps rounded up to ticks, and time-derived values
+#: that collide (glibc/musl make DNS query ids from the clock: busybox nslookup's A and AAAA
+#: queries got one id and it dropped an answer). ``tsc=reliable`` turns that watchdog off
+#: (Documentation/admin-guide/kernel-parameters.txt: "in virtualized environment"; Kata
+#: Containers boots its guests with it too). Under KVM, kvm-clock outranks the TSC anyway.
+X86_CLOCK: tuple[str, ...] = ("tsc=reliable",)
+
 MICROVM = MachineProfile(
     machine="microvm",
     virtio_transport="mmio",
     # vhost-user devices (virtiofs) refuse legacy virtio-mmio, the microvm default
     qemu_globals=("virtio-mmio.force-legacy=false",),
-    cmdline=BASE_CMDLINE,
+    cmdline=BASE_CMDLINE + X86_CLOCK,
     uncompressed_kernel=True,
     # TSC calibration hangs 2-4 of 5 TCG boots on microvm without it
     needs_tsc_khz=True,
@@ -49,7 +59,7 @@ Q35 = MachineProfile(
     machine="q35",
     virtio_transport="pci",
     qemu_globals=(),
-    cmdline=BASE_CMDLINE,
+    cmdline=BASE_CMDLINE + X86_CLOCK,
     uncompressed_kernel=True,
     needs_tsc_khz=False,
 )

@@ -71,6 +71,31 @@ def mem_total_kib(box: Any) -> int:
     raise AssertionError("no MemTotal line in the guest's /proc/meminfo")
 
 
+@attrs.frozen
+class Timekeeping:
+    """The guest kernel's timekeeping, as /sys and /proc/timer_list show it."""
+
+    clocksource: str       # e.g. "tsc", "kvm-clock", "arch_sys_counter"; never jiffies-based
+    resolution_ns: int     # of the hrtimer clocks: 1 in high-resolution mode, a tick without
+
+
+#: how long after boot the kernel's clocksource watchdog has had its say (it rejected a
+#: TCG guest's TSC ~5.4 s after boot), seconds of guest uptime
+CLOCK_SETTLED_S = 8
+
+
+def timekeeping(box: Any) -> Timekeeping:
+    """The guest's clock once the clocksource watchdog has judged (waits for uptime
+    :data:`CLOCK_SETTLED_S`)."""
+    out = run(box, ["sh", "-c",
+                    f"while [ $(cut -d. -f1 /proc/uptime) -lt {CLOCK_SETTLED_S} ]; do "
+                    "sleep 0.5; done; "
+                    "cat /sys/devices/system/clocksource/clocksource0/current_clocksource; "
+                    "grep -m1 'resolution:' /proc/timer_list"])
+    source, resolution = out.splitlines()[:2]
+    return Timekeeping(source.strip(), int(resolution.split(":")[1].split()[0]))
+
+
 def owner(box: Any, path: str) -> tuple[int, int]:
     uid, gid = run(box, ["stat", "-c", "%u %g", path]).split()
     return int(uid), int(gid)

@@ -10,8 +10,6 @@ being buffered.
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +23,7 @@ from boxlite_core.channel.target import MAX_GUEST_MESSAGE
 from boxlite_core.errors import GuestError
 from boxlite_core.proto import agent_pb2 as pb
 from boxlite_core.proto import agent_pb2_grpc as rpc
-from boxlite_core.proto.wire import READY
+from boxlite_testing.serial_port_double import serial_port_double
 
 OVERSIZED = MAX_GUEST_MESSAGE + 1024 * 1024
 
@@ -58,47 +56,6 @@ def hostile_server(path: Path) -> Iterator[None]:
         yield
     finally:
         server.stop(grace=None)
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-
-@contextlib.contextmanager
-def serial_port_double(port: Path, upstream: Path) -> Iterator[None]:
-    """Stands in for QEMU's virtio-serial chardev: each attach gets READY, then bytes relayed
-    to ``upstream`` (the hostile gRPC server), as the guest agent's port does."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(port))
-    listener.listen(8)
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            conn.sendall(READY)
-            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            up.connect(str(upstream))
-            for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield
-    finally:
-        stop.set()
-        listener.close()
 
 
 def _assert_bounded(client: AgentClient) -> None:

@@ -175,3 +175,21 @@ def test_wedged_reattach_is_retried_quickly(agent_factory):
         assert "no READY" in log, log
     finally:
         chardev.close()
+
+
+def test_a_call_right_after_the_port_session_ends_is_answered(agent_factory):
+    """The port session ends and the host calls at once, before the shim's gRPC channel has
+    noticed: a call that changes nothing (Ping) is sent again on the new session, not failed
+    with "Stream removed" (CI saw that: the call went into the dead connection)."""
+    agent = agent_factory()
+    _wait_port(agent)
+    chardev = ChardevStandIn(agent.box_dir / "chardev.sock", agent.port)
+    try:
+        with _connect(agent, chardev) as client:
+            for round_ in range(12):
+                client.ping()
+                chardev.drop_current()
+                client.ping()
+                assert chardev.attaches == round_ + 2
+    finally:
+        chardev.close()

@@ -115,6 +115,18 @@ class TestGuestResources:
     def test_proc_is_mounted(self, box: Any) -> None:
         assert guest_probe.mount_at(box, "/proc").fstype == "proc"
 
+    def test_clock_is_fine_grained(self, box: Any) -> None:
+        """Programs time things and sleep for less than a tick; glibc and musl even make DNS
+        query ids from the clock. A backend whose guest falls back to a jiffies clocksource
+        (4 ms steps) or periodic ticks fails here: a TCG guest's TSC needs ``tsc=reliable``
+        (the guest kit adds it) and an x86 CPU model with ARAT (QEMU: ``-cpu qemu64,+arat``)."""
+        clock = guest_probe.timekeeping(box)
+        assert "jiffies" not in clock.clocksource, (
+            f"the guest's clocksource is {clock.clocksource!r}: time advances in ticks")
+        assert clock.resolution_ns == 1, (
+            f"the guest's timers resolve {clock.resolution_ns} ns, not 1: no high-resolution "
+            "mode (x86: the CPU model lacks ARAT, so the APIC timer cannot run one-shot)")
+
 
 @tier(1)
 @pytest.mark.vm

@@ -132,6 +132,14 @@ def ninep_fsdev_options(share: ShareSpec, fsdev: str, euid: int) -> str:
     return opts
 
 
+#: x86 TCG CPU model: QEMU's default (qemu64) plus ARAT, "APIC timer always running"
+#: (CPUID.06H:EAX[2]; QEMU's TCG emulates it). Without it Linux flags the local APIC timer
+#: as stopping in deep C-states, wants a broadcast timer the microvm machine lacks, and stays
+#: in periodic-tick mode: no high-resolution timers (4 ms sleep granularity) and a 250 Hz tick
+#: even when idle. Measured here: an idle box's QEMU used 6.2 % of a core, 2.0 % with ARAT.
+TCG_X86_CPU = "qemu64,+arat"
+
+
 def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]:
     """The QEMU argv for ``spec`` and the plan facts that go with it."""
     box = Path(spec.box_dir)
@@ -174,6 +182,8 @@ def build_argv(spec: VmSpec, host: QemuHost) -> tuple[list[str], dict[str, Any]]
         argv += ["-accel", tcg]
         if host.arch == "aarch64":
             argv += ["-cpu", "max"]
+        else:
+            argv += ["-cpu", TCG_X86_CPU]
     argv += ["-smp", str(spec.cpus), "-m", f"{spec.memory_mib}M"]
     if has_virtiofs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"]

@@ -220,6 +220,11 @@ def build_domain_xml(
         # migratable: the host CPU minus features QEMU cannot save (invtsc), exactly the
         # qemu backend's `-cpu host`; "off" would block every save (boot templates, fork)
         _sub(dom, "cpu", mode="host-passthrough", check="none", migratable="on")
+    elif arch == "x86_64":
+        # TCG: the qemu backend's `-cpu qemu64,+arat` (argv.TCG_X86_CPU says why)
+        cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
+        _sub(cpu, "model", "qemu64", fallback="forbid")
+        _sub(cpu, "feature", policy="require", name="arat")
     _sub(dom, "clock", offset="utc")
     # a guest that powers off, reboots (panic=-1 reboot=t) or crashes is gone: the box's
     # VM ends instead of looping, exactly like the qemu backend's -no-reboot

@@ -171,7 +171,11 @@ def test_domain_type_is_qemu_when_kvm_is_unusable(tmp_path: Path, monkeypatch, m
     monkeypatch.setenv("BOXLITE_ACCEL", "tcg")  # the qemu backend's override: KVM unusable
     dom = _xml(LibvirtBackend("qemu:///system"), make_spec(tmp_path))
     assert dom.get("type") == "qemu"
-    assert dom.find("cpu") is None
+    # TCG: QEMU's default model plus ARAT, as the qemu backend's -cpu (high-resolution timers)
+    cpu = dom.find("cpu")
+    assert cpu.get("mode") == "custom" and cpu.findtext("model") == "qemu64"
+    assert [(f.get("name"), f.get("policy")) for f in cpu.findall("feature")] == [
+        ("arat", "require")]
 
 
 def test_plan_is_deterministic_and_json_serialisable(tmp_path: Path, make_spec) -> None:

@@ -116,6 +116,12 @@ def test_kvm_gets_host_cpu(tmp_path: Path) -> None:
     assert values(argv, "-cpu") == ["host"]
 
 
+def test_tcg_x86_cpu_has_arat(tmp_path: Path) -> None:
+    # without ARAT the guest cannot run high-resolution timers (argv.TCG_X86_CPU)
+    assert values(argv_of(make_spec(tmp_path), QemuHost(binary="/q")), "-cpu") == [
+        "qemu64,+arat"]
+
+
 def test_tcg_multi_thread_for_smp(tmp_path: Path) -> None:
     spec = attrs.evolve(make_spec(tmp_path), cpus=2)
     assert values(argv_of(spec), "-accel") == ["tcg,thread=multi"]
