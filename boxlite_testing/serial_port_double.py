@@ -16,7 +16,9 @@ from pathlib import Path
 from boxlite_core.proto.wire import READY
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def pump(src: socket.socket, dst: socket.socket) -> None:
+    """Copy ``src`` → ``dst`` until either ends, then shut both down (the other direction's
+    pump then ends too): one direction of a relayed stream connection."""
     try:
         while data := src.recv(65536):
             dst.sendall(data)
@@ -46,7 +48,7 @@ def serial_port_double(port: Path, upstream: Path) -> Iterator[None]:
             up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             up.connect(str(upstream))
             for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
     try:

@@ -23,6 +23,7 @@ from boxlite_core.channel.client import AgentClient
 from boxlite_core.channel.stream import HandshakeRelay, dial
 from boxlite_core.errors import GuestError
 from boxlite_core.vmm.spec import ChannelKind, Handshake
+from boxlite_testing.serial_port_double import pump
 
 PORT = 1024
 
@@ -92,16 +93,6 @@ class FakeHybridVsock:
 
 
 def _pipe_both(a: socket.socket, b: socket.socket) -> None:
-    def pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
     threading.Thread(target=pump, args=(b, a), daemon=True).start()
     pump(a, b)
 

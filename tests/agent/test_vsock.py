@@ -19,6 +19,7 @@ import pytest
 
 from boxlite_core.agent.vsock import cmdline_port
 from boxlite_core.channel.client import AgentClient
+from boxlite_testing.serial_port_double import pump
 
 
 def _stream(agent, path=None, **kw) -> AgentClient:
@@ -175,21 +176,7 @@ class _VsockBridge:
                 guest.close()
                 continue
             for a, b in ((conn, guest), (guest, conn)):
-                threading.Thread(target=self._copy, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _copy(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
 
     def close(self) -> None:
         self.sock.close()
