@@ -32,7 +32,9 @@ The map:
   ``spec.console_log_max_bytes``, rotating; :func:`wait_writer` lets it drain once the VMM
   exited, :func:`stop_writer` ends it (any process, any number of times).
 * Snapshots (optional: declare ``Capability.SNAPSHOT``) — ``VmHandle.save_state(directory,
-  switch_disks=..., resume=...)`` writes the VM's memory and device state into a directory
+  switch_disks=..., resume=..., restores_share_memory=...)`` writes the VM's memory and
+  device state into a directory (for a boot template, in a form many restores may share if
+  the backend can)
   and carries out each :class:`DiskSwitch` (the VM goes on writing a new qcow2 overlay while
   the old file is frozen); ``VmmBackend.snapshot_compat(spec)`` names what else must match
   for a restore (VMM version…); a spec with ``restore_from`` set must restore that state

@@ -165,9 +165,16 @@ class VmHandle(abc.ABC):
         *,
         switch_disks: Sequence[DiskSwitch] = (),
         resume: bool = True,
+        restores_share_memory: bool = False,
     ) -> None:
         """Save the VM's memory and device state into ``directory``; only for backends
         declaring :attr:`~boxlite_core.vmm.spec.Capability.SNAPSHOT`.
+
+        ``restores_share_memory``: many VMs will be restored from this state, several at once
+        (a boot template). A backend that can should then keep the memory so that they share
+        the pages none of them changes and need not copy it at start (qemu: a RAM file they
+        map copy-on-write, boxlite_qemu.memimage); one that cannot ignores it. It may make
+        the save slower. The core seals the files 0400 as always.
 
         The VM is paused for the save (a paused VM stays paused). Then each
         :class:`~boxlite_core.vmm.spec.DiskSwitch` is carried out while it is paused, so the

@@ -56,7 +56,8 @@ from .handle import (
     write_state,
 )
 from .listeners import bound, connect_now, pass_listeners
-from .qmp import Poll, QmpError, qmp_command, qmp_poll
+from .memimage import IGNORE_SHARED, saved_memory_image, with_memory_image
+from .qmp import Poll, QmpError, QmpStep, qmp_command, qmp_poll
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,14 @@ class QemuBackend(VmmBackend):
         if spec.restore_from is not None:
             self._refuse_unmigratable(spec)
         argv, facts = build_argv(spec, self.host())
+        image = saved_memory_image(Path(spec.restore_from)) if spec.restore_from else None
+        if image is not None:
+            # the RAM mapped copy-on-write from the image; the stream holds devices only
+            argv = with_memory_image(argv, str(image["ram_id"]), spec.memory_mib,
+                                     Path(spec.restore_from) / str(image["ram_image"]),
+                                     shared=False)
+            facts["restore_state"] = str(Path(spec.restore_from) / str(image["device_state"]))
+            facts["restore_capabilities"] = [IGNORE_SHARED]
         return LaunchPlan(backend=self.name, spec=spec, data={"argv": argv, **facts})
 
     def snapshot_compat(self, spec: VmSpec) -> str:
@@ -344,8 +353,9 @@ class QemuBackend(VmmBackend):
         try:
             self._wait_qmp(handle, popen)
             if state_fd is not None:
-                restored = self._restore(handle, popen, state_fd,
-                                         Path(str(plan.data["restore_state"])))
+                restored = self._restore(
+                    handle, popen, state_fd, Path(str(plan.data["restore_state"])),
+                    [str(c) for c in plan.data.get("restore_capabilities") or []])
         except BaseException:
             handle.kill()
             stop_writer(box)
@@ -416,11 +426,14 @@ class QemuBackend(VmmBackend):
         return popen
 
     def _restore(
-        self, handle: QemuHandle, popen: subprocess.Popen[bytes], state_fd: int, state: Path
+        self, handle: QemuHandle, popen: subprocess.Popen[bytes], state_fd: int, state: Path,
+        capabilities: list[str],
     ) -> dict[str, float | str]:
         """Feed the saved state into the waiting QEMU (``-incoming defer``), wait until it is
         loaded, then ``cont`` (the VM was paused when saved, so it stays paused after
-        loading). What vm.json records about it: the file and the seconds it took."""
+        loading). ``capabilities``: migration capabilities set first (``x-ignore-shared``
+        for a memory image's device state). What vm.json records about it: the file and the
+        seconds it took."""
         started = time.monotonic()
         size = os.fstat(state_fd).st_size
         what = f"loading the saved VM state {state} into QEMU (pid {popen.pid})"
@@ -432,15 +445,25 @@ class QemuBackend(VmmBackend):
 
         # one QMP session: hand over the fd, start loading, poll until loaded, then cont
         # (the VM was paused when saved, so it stays paused after loading)
+        # a memory image's device state was saved with x-ignore-shared: set it here too, and
+        # clear it once loaded: QEMU announces its capabilities in every stream it sends, so
+        # a later snapshot of this VM would demand x-ignore-shared of its restores (measured:
+        # "Capability x-ignore-shared is off, but received capability is on")
+        def setting(state: bool) -> QmpStep:
+            return ("migrate-set-capabilities",
+                    {"capabilities": [{"capability": name, "state": state}
+                                      for name in capabilities]})
+
         poll = Poll("query-migrate", functools.partial(migration_finished, what),
                     migration_bound(size),
                     f"{what} (QMP query-migrate on {handle.qmp_socket})",
-                    then=(("cont", None),))
+                    then=((setting(False),) if capabilities else ()) + (("cont", None),))
+        steps: list[QmpStep] = [setting(True)] if capabilities else []
+        steps += [("getfd", {"fdname": MIGRATION_FD}),
+                  ("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})]
         try:
-            qmp_poll(handle.qmp_socket, [
-                ("getfd", {"fdname": MIGRATION_FD}),
-                ("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"}),
-            ], poll, fds={0: state_fd}, timeout=10.0)
+            qmp_poll(handle.qmp_socket, steps, poll, fds={len(steps) - 2: state_fd},
+                     timeout=10.0)
         except QmpError as exc:
             if not handle.still_running(2.0):
                 raise gone() from None

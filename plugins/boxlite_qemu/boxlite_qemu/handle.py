@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from boxlite_core.vmm.consolelog import neutralise, stop_writer, tail_bytes, wai
 from boxlite_core.vmm.procstat import alive, log_tail, reap
 from boxlite_core.vmm.spec import DiskSwitch
 
-from .argv import STATE_FILE, STATE_INFO
+from .argv import STATE_FILE, STATE_INFO, VM_STATE
 from .qmp import (
     Poll,
     QmpError,
@@ -42,6 +43,8 @@ from .qmp import (
     qmp_commands,
     qmp_poll,
 )
+
+log = logging.getLogger(__name__)
 
 _PANIC_MARKERS = ("Kernel panic", "end Kernel panic")
 
@@ -234,6 +237,7 @@ class QemuHandle(VmHandle):
         *,
         switch_disks: Sequence[DiskSwitch] = (),
         resume: bool = True,
+        restores_share_memory: bool = False,
     ) -> None:
         """QMP ``stop``; switch each disk (``blockdev-snapshot-sync`` onto the existing
         ``overlay``, then ``overlay`` renamed to ``path``); migrate to ``directory/``
@@ -249,6 +253,12 @@ class QemuHandle(VmHandle):
         VM restored from it learns that its host is gone only once it runs, and a host that
         connects at that instant can miss the agent's READY. Detach the host first (stop
         the shim) when the restored VM's first host must get READY at once (templates).
+
+        With ``restores_share_memory`` (a boot template), once the VM runs again the stream
+        becomes a memory image (memimage.materialize: ``qemu-ram``, the guest RAM restores
+        map copy-on-write, and ``qemu-devstate``, ~0.2 MiB; the stream is removed;
+        ``qemu-state.json`` gains ``"memory_image"``). If that fails the stream stays and
+        serves restores as before (a warning is logged): the save itself succeeded.
 
         A VM an earlier ``save_state(resume=False)`` left paused ("postmigrate": QEMU
         refuses to migrate it again, its disks are inactive) runs for the moment of one
@@ -295,7 +305,7 @@ class QemuHandle(VmHandle):
             for switch in switch_disks:
                 self._switch_disk(switch)
             info, version, memory = self._migrate_to(directory / STATE_FILE, resumes)
-            write_state(directory / STATE_INFO, {
+            facts: dict[str, Any] = {
                 "state_file": STATE_FILE,
                 "qemu_version": json_object(version.get("qemu")) | {
                     "package": version.get("package")},
@@ -303,13 +313,45 @@ class QemuHandle(VmHandle):
                 "stream_bytes": (directory / STATE_FILE).stat().st_size,
                 "save_seconds": round(time.monotonic() - started, 3),
                 "migration_ms": info.get("total-time"),
-            })
+            }
         except BaseException:
             if resumes:
                 with contextlib.suppress(EngineError):
                     if self.status() != "running":
                         self.qmp("cont")
             raise
+        if restores_share_memory:
+            image = self._memory_image(directory, int(facts["memory_bytes"] or 0))
+            if image is not None:
+                facts["memory_image"] = image
+        write_state(directory / STATE_INFO, facts)
+
+    def _memory_image(self, directory: Path, memory_bytes: int) -> JsonObject | None:
+        """The saved stream in ``directory`` made a memory image (memimage.materialize), the
+        stream then removed; None (the stream kept, a warning logged) when it cannot be."""
+        from .memimage import materialize, usable  # memimage uses this module's helpers
+
+        why_not = usable()
+        if why_not is not None:
+            log.info("no memory image for %s: %s", directory, why_not)
+            return None
+        try:
+            launched = json.loads((self.box_dir / VM_STATE).read_text())
+            argv = [str(a) for a in launched["argv"]]
+            machine = str(launched["machine"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("no memory image for %s: its launch record is unreadable (%s)",
+                        directory, exc)
+            return None
+        try:
+            image = materialize(directory, directory / STATE_FILE, argv, machine=machine,
+                                memory_bytes=memory_bytes)
+        except EngineError as exc:
+            log.warning("no memory image for %s; restores load the stream: %s",
+                        directory, exc)
+            return None
+        (directory / STATE_FILE).unlink()
+        return image
 
     def _switch_disk(self, switch: DiskSwitch) -> None:
         """Make the drive of ``switch.serial`` write ``switch.overlay`` (its backing: the node

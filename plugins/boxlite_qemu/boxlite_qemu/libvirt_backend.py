@@ -504,6 +504,7 @@ class LibvirtHandle(VmHandle):
         *,
         switch_disks: Sequence[DiskSwitch] = (),
         resume: bool = True,
+        restores_share_memory: bool = False,
     ) -> None:
         """``virDomainSaveFlags`` into ``directory/domain.save``; the disk switches; then
         ``virDomainRestoreFlags`` of the same domain from that file, running if ``resume`` and
@@ -526,6 +527,8 @@ class LibvirtHandle(VmHandle):
         the error goes on.
 
         Files written: ``domain.save`` (a 512 MiB guest: ~117 MiB) and ``libvirt-state.json``.
+        ``restores_share_memory`` is ignored: libvirt's restore reads its image into the
+        domain's memory (no shared memory image).
 
         Raises:
             UnsupportedError: a remote daemon (the image would be on its host), or QEMU

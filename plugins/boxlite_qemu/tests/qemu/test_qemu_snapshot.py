@@ -40,6 +40,7 @@ from boxlite_core.vmm.spec import (
 from boxlite_qemu.argv import STATE_FILE, STATE_INFO, QemuHost
 from boxlite_qemu.backend import QemuBackend
 from boxlite_qemu.handle import QemuHandle
+from boxlite_qemu.memimage import DEVICE_STATE, RAM_IMAGE
 from boxlite_qemu.qmp import QmpTimeout
 
 HOST = QemuHost(binary="/usr/bin/qemu-system-x86_64", arch="x86_64", accel="tcg", sandbox=True)
@@ -341,8 +342,112 @@ def template(source: Vm, work: Path) -> Path:
     return state
 
 
+@pytest.fixture(scope="module")
+def image_template(source: Vm, work: Path) -> Path:
+    """:func:`template`, saved as boot templates are (``restores_share_memory``): a memory
+    image that restores map copy-on-write (boxlite_qemu.memimage)."""
+    from boxlite_core.channel.shimctl import stop_shim
+
+    source.client.close()
+    stop_shim(source.spec.box_dir)
+    state = work / "image-template"
+    state.mkdir()
+    source.handle.save_state(state, restores_share_memory=True)
+    source.connect(timeout=60)
+    return state
+
+
 def restore(kit, work: Path, name: str, state: Path, rootfs: Path) -> Vm:
     return launch(vm_spec(kit, work, work / name, rootfs, restore_from=state))
+
+
+def mapping_kib(pid: int, path: Path) -> dict[str, int]:
+    """/proc/PID/smaps fields (KiB) summed over the mappings of ``path``."""
+    fields: dict[str, int] = {}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = len(head) >= 6 and head[5] == str(path)
+        elif inside and len(head) == 3 and head[2] == "kB":
+            fields[head[0].rstrip(":")] = fields.get(head[0].rstrip(":"), 0) + int(head[1])
+    return fields
+
+
+@pytest.mark.vm
+def test_memory_image_restores_share_the_template_memory(kit, work: Path, source: Vm,
+                                                         image_template: Path) -> None:
+    info = json.loads((image_template / STATE_INFO).read_text())
+    image = info["memory_image"]
+    assert image["ram_id"] == "microvm.ram" and image["memory_mib"] == 256
+    assert not (image_template / STATE_FILE).exists()  # the stream became the image
+    ram = image_template / RAM_IMAGE
+    assert ram.stat().st_size == 256 << 20
+    # sparse: the pages the guest never used are holes, not zeros on disk
+    assert 1 << 20 < ram.stat().st_blocks * 512 < 200 << 20
+    assert (image_template / DEVICE_STATE).stat().st_size < 4 << 20
+    assert source.handle.status() == "running"
+    clones: list[Vm] = []
+    try:
+        for name in ("image-a", "image-b"):
+            box = work / name
+            box.mkdir()
+            rootfs = box / "rootfs.qcow2"
+            shutil.copy(work / "b.qcow2", rootfs)
+            clone = restore(kit, work, name, image_template, rootfs)
+            clones.append(clone)
+            restored = json.loads((box / "vm.json").read_text())
+            assert restored["restored_from"] == str(image_template / DEVICE_STATE)
+            clone.connect(timeout=60)
+            clone.client.init({"disk": {"serial": ROOT_SERIAL, "fstype": "ext4"},
+                               "hostname": name})
+            assert clone.run("cat /marker") == "image b\n"
+            assert clone.run(f"echo {name} > /tmp/own && hostname") == f"{name}\n"
+        for clone in clones:
+            # copy-on-write: what neither guest wrote is one copy, mapped by both QEMUs
+            kib = mapping_kib(clone.handle.pid, ram)
+            assert kib.get("Shared_Clean", 0) > 8 * 1024, kib
+        # and each guest's writes stay its own (tmpfs lives in guest RAM)
+        assert [c.run("cat /tmp/own") for c in clones] == ["image-a\n", "image-b\n"]
+        # a VM restored from an image saves and restores as any other (a fork of it): its
+        # stream carries its whole memory and asks for no x-ignore-shared
+        snap = work / "image-a-snap"
+        snap.mkdir()
+        clones[0].handle.save_state(snap)
+        assert "memory_image" not in json.loads((snap / STATE_INFO).read_text())
+        box = work / "copy-of-a"
+        box.mkdir()
+        shutil.copy(work / "b.qcow2", box / "rootfs.qcow2")
+        copy = restore(kit, work, "copy-of-a", snap, box / "rootfs.qcow2")
+        clones.append(copy)
+        copy.connect(timeout=60)
+        assert copy.run("cat /tmp/own") == "image-a\n"
+    finally:
+        for clone in clones:
+            clone.close()
+
+
+@pytest.mark.vm
+def test_a_memory_image_that_cannot_be_made_leaves_the_stream(work: Path, source: Vm,
+                                                             caplog) -> None:
+    """An unknown machine (no RAM block name to map the image under): the save succeeds with
+    its stream, as a snapshot's would, and says why in the log."""
+    record = source.spec.box_dir / "vm.json"
+    original = record.read_text()
+    launched = json.loads(original)
+    launched["machine"] = "isapc"
+    record.write_text(json.dumps(launched))
+    state = work / "no-image"
+    state.mkdir()
+    try:
+        source.handle.save_state(state, restores_share_memory=True)
+    finally:
+        record.write_text(original)
+    assert {p.name for p in state.iterdir()} == {STATE_FILE, STATE_INFO}
+    assert "memory_image" not in json.loads((state / STATE_INFO).read_text())
+    assert "no memory image for machine 'isapc'" in caplog.text
+    assert source.handle.status() == "running"
+    assert source.client.ping()["initialized"] is False
 
 
 @pytest.mark.vm
