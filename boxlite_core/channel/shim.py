@@ -21,6 +21,7 @@ import faulthandler
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -34,7 +35,13 @@ from ..vmm.cappedio import CappedOutput
 from ..vmm.procstat import start_time
 from .bridge import SerialBridge
 from .port import PORT_NAME, open_port
-from .shimctl import PRIVATE_BRIDGE_NAME, SHIM_JSON, SHIM_LOG, SHIM_SOCK_NAME
+from .shimctl import (
+    PRIVATE_BRIDGE_NAME,
+    SHIM_CLAIM_NAME,
+    SHIM_JSON,
+    SHIM_LOG,
+    SHIM_SOCK_NAME,
+)
 from .target import MAX_GUEST_MESSAGE
 
 #: worker threads: each exec holds ~3 concurrent streams (Output, Stdin, Wait) for its life
@@ -96,7 +103,9 @@ LOG_BACKUPS = 2
 
 
 def _log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} shim[{os.getpid()}]: {msg}", flush=True)
+    now = time.time()
+    stamp = f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now * 1000) % 1000:03d}"
+    print(f"{stamp} shim[{os.getpid()}]: {msg}", flush=True)
 
 
 def _unary_request_methods() -> set[str]:
@@ -266,11 +275,18 @@ class Shim:
         for path in (self.socket_path, self.bridge_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if _CLAIM.getsockname():  # a standby's claim (ours: the path is bound by this socket)
+            with contextlib.suppress(FileNotFoundError):
+                (self.box_dir / SHIM_CLAIM_NAME).unlink()
+        _CLAIM.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--box-dir", type=Path, required=True)
+    ap.add_argument("--box-dir", type=Path)
+    ap.add_argument("--standby", action="store_true",
+                    help="start up, then read the box to serve from stdin: one JSON line "
+                         "{box_dir, port, timeout, ready_retry}; exit at EOF without one")
     ap.add_argument("--port", type=Path, help="the agent port socket (default BOXDIR/agent.port)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for READY")
     ap.add_argument("--ready-retry", type=float, default=None,
@@ -278,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-max-bytes", type=int, default=LOG_MAX_BYTES,
                     help="cap of BOXDIR/shim.log and each of its 2 rotated copies")
     args = ap.parse_args(argv)
+    if args.standby and not _assigned(args):
+        return 0  # its starter exited or took another: nothing to serve
+    if args.box_dir is None:
+        ap.error("--box-dir is required (or --standby)")
     if args.log_max_bytes <= 0:
         ap.error(f"--log-max-bytes {args.log_max_bytes}: must be > 0")
     os.umask(0o177)  # its sockets and shim.json are for this user only
@@ -291,6 +311,37 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if output is not None:
             output.close()
+
+
+#: a standby shim's claim on its box (see _assigned)
+_CLAIM = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+
+def _assigned(args: argparse.Namespace) -> bool:
+    """A standby shim (shimctl.warm_shim) waits here for its box; False at EOF."""
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return False
+    job = json.loads(line)
+    args.box_dir = Path(job["box_dir"])
+    args.port = Path(job["port"])
+    args.timeout = float(job["timeout"])
+    args.ready_retry = job.get("ready_retry")
+    # first: a socket bound in the box directory names this process as the box's
+    # (shimctl.SHIM_CLAIM_NAME); kept open until exit
+    claim_path = args.box_dir / SHIM_CLAIM_NAME
+    with contextlib.suppress(FileNotFoundError):
+        claim_path.unlink()
+    _CLAIM.bind(str(claim_path))
+    # what an unassigned shim had: its box's log (CappedOutput caps it right after)
+    log = os.open(args.box_dir / SHIM_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # the starter may go now: its pipe is not this shim's stdin any more
+    os.close(null)
+    return True
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..channel.shimctl import stop_shim
+from ..channel.shimctl import stop_shim, warm_shim
 from ..errors import ConfigError, EngineError, NotFoundError, StateError, UnsupportedError
 from ..models import BoxStatus, check_timeout
 from ..vmm.base import VmHandle
@@ -110,6 +110,8 @@ def start(link: BoxLink, progress: ProgressFn | None = None) -> None:
             with services.snapshots.lock(shared=True):  # fresh disks for the saved memory
                 snapshots.clone_disks(snap, link.dir)
         record = services.store.begin_start(link.id, process_identity())
+        if services.standby_shim:
+            warm_shim()  # started ahead for this start's agent channel (none yet: start now)
         ctx = StartContext(
             services=services, record=record, box_dir=link.dir, backend=backend,
             progress=progress, snapshot_state=snapshot_state,

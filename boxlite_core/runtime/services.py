@@ -44,8 +44,9 @@ class Services:
     ``home``: the absolute runtime home (``boxes/ID`` and ``locks/ID.lock`` live under it);
     ``db``: the home's database (counters, image index); ``store``: the box records;
     ``plugins``: the loaded backends, rootfs strategies and sharers; ``kit_provider``: where
-    a start gets its guest kit. :attr:`images` opens the image store on first use (the CLI's
-    light commands never pay for it).
+    a start gets its guest kit; ``standby_shim``: start a box's agent shim ahead, at create
+    and when a start begins (channel.shimctl.warm_shim). :attr:`images` opens the image
+    store on first use (the CLI's light commands never pay for it).
     """
 
     home: Path
@@ -53,6 +54,7 @@ class Services:
     store: BoxStore
     plugins: PluginRegistry
     kit_provider: KitProvider = default_kit_provider
+    standby_shim: bool = False
 
     def box_dir(self, box_id: str) -> Path:
         """The box's directory: disks, sockets, console log, launch plan."""

@@ -18,6 +18,7 @@ from boxlite_core.channel import shimctl
 from boxlite_core.channel.client import AgentClient
 from boxlite_core.errors import GuestError
 from boxlite_core.vmm.procstat import alive, start_time
+from boxlite_testing.orphans import naming
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,22 +30,10 @@ def _connect(agent, **kw) -> AgentClient:
 
 
 def _shim_pids(box_dir: Path) -> list[int]:
-    """Every running shim process serving box_dir (by command line)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            b"boxlite_core.channel.shim" in argv
-            and str(box_dir).encode() in argv
-            and alive(int(entry.name), None)
-        ):
-            pids.append(int(entry.name))
-    return pids
+    """Every running shim process serving box_dir: its argv names the box, or (a standby
+    shim, shimctl.warm_shim) it holds a socket bound in the box directory."""
+    return sorted(pid for pid, text in naming(box_dir, box_dir.name)
+                  if "boxlite_core.channel.shim" in text and alive(pid, None))
 
 
 def _wait_gone(pid: int, seconds: float) -> bool:
