@@ -59,6 +59,11 @@ class GuestError(BoxliteError):
     """The guest agent failed, or the VM died while we talked to it."""
 
 
+class AgentUnreachable(GuestError):
+    """A call got no answer from the guest agent at all (no connection, the VM died, or no
+    reply in time): nothing says the guest ran it, or did not."""
+
+
 class GuestPathError(ConfigError, GuestError):
     """The guest agent refused a path the user gave (``boxlite cp``: missing, not a
     directory, a directory onto a file): fix the path and retry. Both a ConfigError (the

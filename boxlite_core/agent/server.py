@@ -148,10 +148,10 @@ class ExecutionService(rpc.ExecutionServicer):
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    def Exec(self, request, context):
+    def _start(self, request, context) -> procs.Process:
         root = self.agent.require_root(context)
         try:
-            proc = self.agent.procs.start(
+            return self.agent.procs.start(
                 root,
                 list(request.args),
                 dict(request.env),
@@ -164,6 +164,10 @@ class ExecutionService(rpc.ExecutionServicer):
             )
         except Exception as exc:
             _abort_for(context, exc)
+            raise
+
+    def Exec(self, request, context):
+        proc = self._start(request, context)
         return pb.ExecReply(exec_id=proc.exec_id, pid=proc.init_pid)
 
     def _get(self, context, exec_id: str) -> procs.Process:
@@ -173,8 +177,9 @@ class ExecutionService(rpc.ExecutionServicer):
             _abort_for(context, exc)
             raise
 
-    def Output(self, request, context):
-        proc = self._get(context, request.exec_id)
+    @staticmethod
+    def _chunks(proc: procs.Process, context):
+        """The process's output as OutputChunks, until its pipes close (or the host left)."""
         while context.is_active():
             items = proc.output.take(0.5)
             if items is None:
@@ -188,6 +193,32 @@ class ExecutionService(rpc.ExecutionServicer):
                     merged.append((stream, bytearray(data)))
             for stream, data in merged:
                 yield pb.OutputChunk(stream=stream, data=bytes(data))
+
+    @staticmethod
+    def _status(proc: procs.Process) -> pb.WaitReply:
+        return pb.WaitReply(
+            has_exit_code=proc.exit_code is not None,
+            exit_code=proc.exit_code or 0,
+            signal=proc.signal or 0,
+            timed_out=proc.timed_out,
+        )
+
+    def Output(self, request, context):
+        yield from self._chunks(self._get(context, request.exec_id), context)
+
+    def Run(self, request, context):
+        if request.stdin:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "Run takes no stdin: use Exec, Stdin, Output and Wait")
+        proc = self._start(request, context)
+        yield pb.RunEvent(started=pb.ExecReply(exec_id=proc.exec_id, pid=proc.init_pid))
+        for chunk in self._chunks(proc, context):
+            yield pb.RunEvent(output=chunk)
+        # the pipes closed: the process and everything it left are gone; its status follows
+        while context.is_active():
+            if proc.done.wait(0.5):
+                yield pb.RunEvent(exit=self._status(proc))
+                return
 
     def Stdin(self, request_iterator, context):
         proc = None
@@ -204,12 +235,7 @@ class ExecutionService(rpc.ExecutionServicer):
         proc = self._get(context, request.exec_id)
         if not proc.done.wait(request.timeout if request.timeout > 0 else None):
             return pb.WaitReply(running=True)
-        return pb.WaitReply(
-            has_exit_code=proc.exit_code is not None,
-            exit_code=proc.exit_code or 0,
-            signal=proc.signal or 0,
-            timed_out=proc.timed_out,
-        )
+        return self._status(proc)
 
     def Kill(self, request, context):
         proc = self._get(context, request.exec_id)

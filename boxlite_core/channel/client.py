@@ -20,7 +20,7 @@ import grpc
 from google.protobuf import json_format
 
 from .. import envvars
-from ..errors import GuestError, GuestPathError
+from ..errors import AgentUnreachable, GuestError, GuestPathError
 from ..models import ExitStatus, JsonObject
 from ..proto import agent_pb2 as pb
 from ..proto import agent_pb2_grpc as rpc
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024  # bytes per stdin / upload message
 WAIT_SLICE = 5.0  # seconds per server-side Wait before re-checking is_alive()
+EXEC_START_TIMEOUT = 60.0  # seconds the agent gets to start a command (Exec, Run)
 _CONNECTION_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.CANCELLED,
@@ -200,6 +201,19 @@ class ExecSession:
         )
 
 
+def _exec_request(
+    args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+    user: str | None = None, timeout: float | None = None, stdin: bool = False,
+    tty: bool = False, size: tuple[int, int] | None = None,
+) -> pb.ExecRequest:
+    request = pb.ExecRequest(args=list(args), env=dict(env or {}), cwd=cwd or "",
+                             user=user or "", timeout=float(timeout or 0), stdin=stdin,
+                             tty=tty)
+    if tty and size is not None:
+        request.size.rows, request.size.cols = size
+    return request
+
+
 class AgentClient:
     """gRPC client of one box's guest agent (see agent.proto for the semantics)."""
 
@@ -218,6 +232,8 @@ class AgentClient:
         self._execution = rpc.ExecutionStub(self._channel)
         self._files = rpc.FilesStub(self._channel)
         self._network = rpc.NetworkStub(self._channel)
+        #: whether the agent has the Run call (one cleared by an UNIMPLEMENTED answer)
+        self._has_run = True
 
     @classmethod
     def connect(
@@ -232,6 +248,7 @@ class AgentClient:
         handshake: str = Handshake.NONE,
         vsock_port: int = AGENT_VSOCK_PORT,
         ready_retry: float | None = None,
+        ping: bool = True,
     ) -> AgentClient:
         """Wait for the agent (racing VM death and timeout), then check it answers a Ping.
 
@@ -239,6 +256,8 @@ class AgentClient:
         :class:`~boxlite_core.vmm.spec.AgentChannel` (see transport.connect);
         ``ready_retry`` (seconds, virtio-serial) re-attaches a port that brought no READY in
         that time: for a restored VM, whose agent may hold its saved host's session.
+        ``ping=False`` (virtio-serial only: the shim has seen READY) returns without the
+        Ping: the caller's first call (``init(first=True)``) is the check.
         """
         deadline = time.monotonic() + timeout
         resets = 0
@@ -255,6 +274,8 @@ class AgentClient:
                 ready_retry=ready_retry,
             )
             client = cls(t, is_alive=is_alive, console_tail=console_tail)
+            if not ping and isinstance(t, ShimTransport):
+                return client
             try:
                 if client._first_ping(box_dir, timeout, deadline, console_tail):
                     return client
@@ -371,7 +392,7 @@ class AgentClient:
             "initialized": reply.initialized,
         }
 
-    def init(self, config: dict) -> None:
+    def init(self, config: dict, *, first: bool = False, timeout: float = 180.0) -> None:
         """Mount the container rootfs and volumes. `config` mirrors InitRequest:
 
         {"disk": {"serial": "rootfs", "fstype": "ext4", "read_only": False}}   # one of
@@ -380,12 +401,28 @@ class AgentClient:
                     "upper_serial": "upper", "upper_fstype": "ext4"}}
         + "volumes": [{"tag", "fstype", "guest_path", "read_only", "options"}], "hostname": str
         + "identity": channel.identity.host_identity(name)   # applied first, before any mount
+
+        With ``first`` (the first call on a connection made with ``ping=False``: a VM
+        restored from a boot template) it waits for the channel, bounded by ``timeout``
+        seconds, and any failure other than the guest's own "Init failed" is raised as
+        :class:`AgentUnreachable`: the caller may then drop the VM and boot another.
         """
         try:
             request = json_format.ParseDict(config, pb.InitRequest())
         except json_format.ParseError as exc:
             raise GuestError(f"bad guest init config: {exc}") from None
-        self._unary(self._guest.Init, request, "init", timeout=180)
+        if not first:
+            self._unary(self._guest.Init, request, "init", timeout=timeout)
+            return
+        try:
+            self._guest.Init(request, timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            error = self._error(exc, "init")
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise error from None  # the guest ran Init and says why it failed
+            raise AgentUnreachable(str(error)) from None
+        except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!"
+            raise GuestError(f"init: this agent client is closed ({exc})") from None
 
     def reseed(self, identity: JsonObject, *, copy: bool = False) -> Reseeded:
         """Give a running guest a new identity (a box restored from a snapshot gets no Init).
@@ -443,18 +480,9 @@ class AgentClient:
         size: tuple[int, int] | None = None,
     ) -> ExecSession:
         """Start ``args``; with ``tty``, on a pseudo-terminal of ``size`` (rows, cols)."""
-        request = pb.ExecRequest(
-            args=list(args),
-            env=dict(env or {}),
-            cwd=cwd or "",
-            user=user or "",
-            timeout=float(timeout or 0),
-            stdin=stdin,
-            tty=tty,
-        )
-        if tty and size is not None:
-            request.size.rows, request.size.cols = size
-        reply = self._unary(self._execution.Exec, request, "exec", timeout=60)
+        request = _exec_request(args, env=env, cwd=cwd, user=user, timeout=timeout,
+                                stdin=stdin, tty=tty, size=size)
+        reply = self._unary(self._execution.Exec, request, "exec", timeout=EXEC_START_TIMEOUT)
         return ExecSession(self, reply.exec_id, stdin)
 
     def attach(self, exec_id: str, *, stdin: bool = False) -> ExecSession:
@@ -466,7 +494,15 @@ class AgentClient:
         self, args: list[str], *, input: bytes | None = None, **kw: Any
     ) -> tuple[int | None, int | None, bool, bytes, bytes]:
         """Exec, feed input, collect output: (exit_code, signal, timed_out, stdout, stderr).
-        With ``tty=True`` everything arrives as stdout (a terminal merges the streams)."""
+        With ``tty=True`` everything arrives as stdout (a terminal merges the streams).
+
+        Without ``input`` it is one Run call (start, output and status in one stream); an
+        agent older than Run (a snapshot saved by an older boxlite) gets Exec, Output and
+        Wait, as with ``input``."""
+        if input is None and self._has_run:
+            ran = self._run_once(_exec_request(args, **kw))
+            if ran is not None:
+                return ran
         session = self.exec(args, stdin=input is not None, **kw)
         if input is not None:
             writer_error: list[BaseException] = []
@@ -487,6 +523,53 @@ class AgentClient:
         if input is not None:
             writer.join(timeout=30)
         return status.exit_code, status.signal, status.timed_out, bytes(out), bytes(err)
+
+    def _run_once(
+        self, request: pb.ExecRequest
+    ) -> tuple[int | None, int | None, bool, bytes, bytes] | None:
+        """The Run RPC; None when the agent does not have it (nothing was started then).
+        The start is bounded as Exec's is (:data:`EXEC_START_TIMEOUT`); the run is not."""
+        out, err = bytearray(), bytearray()
+        started = False
+        late = threading.Event()
+        try:
+            call = self._execution.Run(request)
+        except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!"
+            raise GuestError(f"exec: this agent client is closed ({exc})") from None
+
+        def give_up() -> None:
+            late.set()
+            call.cancel()
+
+        timer = threading.Timer(EXEC_START_TIMEOUT, give_up)
+        timer.daemon = True
+        timer.start()
+        try:
+            for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "started":
+                    started = True
+                    timer.cancel()
+                elif kind == "output":
+                    chunk = event.output
+                    (err if chunk.stream == pb.OutputChunk.STDERR else out).extend(chunk.data)
+                elif kind == "exit":
+                    status = event.exit
+                    return (status.exit_code if status.has_exit_code else None,
+                            status.signal or None, status.timed_out, bytes(out), bytes(err))
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code == grpc.StatusCode.UNIMPLEMENTED and not started:
+                self._has_run = False
+                return None
+            if late.is_set() and not started:
+                raise GuestError(f"the guest agent did not start the command within "
+                                 f"{EXEC_START_TIMEOUT:g} s") from None
+            raise self._error(exc, "exec") from None
+        finally:
+            timer.cancel()
+        raise GuestError("exec: the guest agent ended the command's stream without its exit "
+                         "status")
 
     def upload_tar(self, dest_dir: str, chunks: Iterable[bytes]) -> None:
         def messages() -> Iterator[pb.UploadChunk]:

@@ -322,6 +322,11 @@ class ExecutionStub:
                 request_serializer=boxlite__core_dot_proto_dot_agent__pb2.ResizeRequest.SerializeToString,
                 response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ResizeReply.FromString,
                 _registered_method=True)
+        self.Run = channel.unary_stream(
+                '/boxlite.agent.v1.Execution/Run',
+                request_serializer=boxlite__core_dot_proto_dot_agent__pb2.ExecRequest.SerializeToString,
+                response_deserializer=boxlite__core_dot_proto_dot_agent__pb2.RunEvent.FromString,
+                _registered_method=True)
 
 
 class ExecutionServicer:
@@ -374,6 +379,17 @@ class ExecutionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Run(self, request, context):
+        """Exec + Output + Wait in one call, for a process that takes no stdin (ExecRequest.stdin
+        false; INVALID_ARGUMENT otherwise): `started` first, then its output as it happens, then
+        `exit` once it has exited and its pipes closed. One call instead of three: each costs a
+        round trip and, in a guest just restored from a snapshot, code run for the first time.
+        An agent older than this answers UNIMPLEMENTED: the host then uses the three.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -406,6 +422,11 @@ def add_ExecutionServicer_to_server(servicer, server):
                     servicer.Resize,
                     request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ResizeRequest.FromString,
                     response_serializer=boxlite__core_dot_proto_dot_agent__pb2.ResizeReply.SerializeToString,
+            ),
+            'Run': grpc.unary_stream_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=boxlite__core_dot_proto_dot_agent__pb2.ExecRequest.FromString,
+                    response_serializer=boxlite__core_dot_proto_dot_agent__pb2.RunEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -572,6 +593,33 @@ class Execution:
             '/boxlite.agent.v1.Execution/Resize',
             boxlite__core_dot_proto_dot_agent__pb2.ResizeRequest.SerializeToString,
             boxlite__core_dot_proto_dot_agent__pb2.ResizeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/boxlite.agent.v1.Execution/Run',
+            boxlite__core_dot_proto_dot_agent__pb2.ExecRequest.SerializeToString,
+            boxlite__core_dot_proto_dot_agent__pb2.RunEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 import pytest
 
 from boxlite_core.channel import identity as channel_identity
-from boxlite_core.models import BoxOptions
+from boxlite_core.channel.client import AgentClient
+from boxlite_core.errors import AgentUnreachable, BoxliteError
+from boxlite_core.models import BoxOptions, BoxStatus
 from boxlite_core.runtime.savedstate import MANIFEST
 from boxlite_testing.derived import busybox_derived
 from boxlite_testing.homes import unique
@@ -145,6 +147,61 @@ def test_corrupt_template_falls_back_to_a_cold_boot(runtime, damage):
         # the broken one went; this cold start saved a good one
         (fresh,) = _ours(runtime)
         assert fresh.state.sealed_at > template.state.sealed_at
+    finally:
+        runtime.remove(box.id, force=True)
+
+
+def test_a_restored_agent_silent_at_its_first_call_falls_back_to_a_cold_boot_double(
+        runtime, monkeypatch):
+    """A template start sends no Ping: Init is the restored agent's first call, so an agent
+    that never answers shows there, and is given up as one that never connects is. The
+    double: Init's first call gets no answer (AgentUnreachable, what a dead or wedged guest
+    gives after the wait); the box boots the kernel, works, and a good template replaces
+    the old one."""
+    template = _a_template(runtime)
+    real_init = AgentClient.init
+    firsts: list[float] = []
+
+    def silent_first(self, config, *, first=False, timeout=180.0):
+        if first:
+            firsts.append(timeout)
+            raise AgentUnreachable("the guest agent did not answer init in time (double)")
+        return real_init(self, config, first=first, timeout=timeout)
+
+    monkeypatch.setattr(AgentClient, "init", silent_first)
+    box = _start(runtime)
+    try:
+        boot = _boot(box)
+        assert firsts and boot["source"] == "kernel", boot
+        assert "did not answer init" in boot["reason"], boot
+        assert "removed" in boot["reason"] and "saved a new one" in boot["reason"], boot
+        assert box.exec(["echo", "ok"]).stdout == b"ok\n"
+        (fresh,) = _ours(runtime)
+        assert fresh.state.sealed_at > template.state.sealed_at
+    finally:
+        runtime.remove(box.id, force=True)
+
+
+def test_an_init_the_restored_guest_refuses_fails_the_start_and_keeps_the_template(
+        runtime, tmp_path):
+    """The other way round: the guest ran Init and refused it (a volume over a file of the
+    image). That is the box's error, said as a cold boot says it; the template is good."""
+    host = tmp_path / "vol"
+    host.mkdir()
+    maker = _start(runtime, volumes=[f"{host}:/data"], volume_sharer="9p")
+    runtime.remove(maker.id, force=True)
+    keys = {t.key for t in _ours(runtime)}
+    box = runtime.create(BoxOptions(image="busybox", name=unique("tmpl"), memory_mib=MEMORY,
+                                    backend="qemu", volumes=[f"{host}:/etc/passwd"],
+                                    volume_sharer="9p"))
+    said: list[str] = []
+    try:
+        with pytest.raises(BoxliteError, match="exists and is not a directory"):
+            box.start(progress=lambda message, _fraction: said.append(message))
+        assert "restoring the VM from its template" in said, said  # the refused Init's VM
+        assert box.status is BoxStatus.FAILED
+        assert {t.key for t in _ours(runtime)} == keys  # still there, unchanged
+        assert list(host.iterdir()) == []
     finally:
         runtime.remove(box.id, force=True)
 
