@@ -194,6 +194,9 @@ class Process:
             msg = _read_msg(status_fd)
         finally:
             os.close(status_fd)
+        self._status_read(msg)
+
+    def _status_read(self, msg: tuple[str, object] | None) -> None:
         if msg and msg[0] == "X":
             st = msg[1]
             if os.WIFSIGNALED(st):
@@ -224,14 +227,26 @@ class Process:
             os.close(master)
             self.output.close()
 
-    def _pump_output(self, out_fd: int, err_fd: int) -> None:
+    def _pump_output(self, out_fd: int, err_fd: int, status_fd: int) -> None:
+        """stdout and stderr into the buffer until both close, and B's status message (see
+        _watch_status) when it comes: one thread per exec, not two (under TCG each thread
+        start cost a restored guest's first exec ~10 ms, measured)."""
         fds = {out_fd: STDOUT, err_fd: STDERR}
         poller = select.poll()
-        for fd in fds:
+        for fd in (*fds, status_fd):
             poller.register(fd, select.POLLIN)
         try:
-            while fds:
+            while fds or status_fd >= 0:
                 for fd, _ev in poller.poll():
+                    if fd == status_fd:  # X<status> is one atomic write (< PIPE_BUF)
+                        poller.unregister(fd)
+                        try:
+                            msg = _read_msg(fd)
+                        finally:
+                            os.close(fd)
+                            status_fd = -1
+                        self._status_read(msg)
+                        continue
                     try:
                         data = os.read(fd, READ_CHUNK)
                     except BlockingIOError:
@@ -242,10 +257,15 @@ class Process:
                         poller.unregister(fd)
                         os.close(fd)
                         del fds[fd]
+                        if not fds:
+                            self.output.close()  # Output ends now, whether B reported yet
         finally:
             for fd in fds:
                 os.close(fd)
             self.output.close()
+            if status_fd >= 0:
+                os.close(status_fd)
+                self._status_read(None)
 
 
 class Zygote:
@@ -448,17 +468,17 @@ class ProcessTable:
         if tty:
             proc.terminal_fd = out_r
             pump = threading.Thread(target=proc._pump_terminal, args=(out_r,))
+            threading.Thread(
+                target=proc._watch_status,
+                args=(status_r,),
+                daemon=True,
+                name=f"status-{proc.exec_id}",
+            ).start()
         else:
-            pump = threading.Thread(target=proc._pump_output, args=(out_r, err_r))
+            pump = threading.Thread(target=proc._pump_output, args=(out_r, err_r, status_r))
         pump.daemon = True
         pump.name = f"out-{proc.exec_id}"
         pump.start()
-        threading.Thread(
-            target=proc._watch_status,
-            args=(status_r,),
-            daemon=True,
-            name=f"status-{proc.exec_id}",
-        ).start()
         if timeout and timeout > 0:
             proc._timer = threading.Timer(timeout, proc._on_timeout, args=(KILL_GRACE,))
             proc._timer.daemon = True
