@@ -135,3 +135,12 @@ def test_container_dev_is_minimal(client):
         client.run(["sh", "-c", "echo x > /dev/null && head -c 4 /dev/zero | wc -c"])[3].strip()
         == b"4"
     )
+    # the usual devices, as nodes of their own (mknod, as runc makes them), not mounts: the
+    # container's /dev has three mounts, whatever every exec copies into its namespace
+    nodes = client.run(["sh", "-c", "for n in null zero full random urandom tty; do "
+                        "stat -c '%n %t:%T %a' /dev/$n; done"])[3].decode().splitlines()
+    assert nodes == ["/dev/null 1:3 666", "/dev/zero 1:5 666", "/dev/full 1:7 666",
+                     "/dev/random 1:8 666", "/dev/urandom 1:9 666", "/dev/tty 5:0 666"]
+    mounts = client.run(["cat", "/proc/self/mounts"])[3].decode().splitlines()
+    assert sorted(m.split()[1] for m in mounts if m.split()[1].startswith("/dev")) == [
+        "/dev", "/dev/pts", "/dev/shm"]
