@@ -87,7 +87,7 @@ def _saved_vms(home: Path, kit_id: str | None) -> Check:
     infos = store.list()
     unusable = len(store.broken()) + sum(1 for t in infos if t.kit_id != kit_id)
     detail = (f"{len(infos)} boot template(s) "
-              f"({size_text(sum(t.state.size_bytes for t in infos))})")
+              f"({size_text(sum(t.state.disk_bytes for t in infos))})")
     db_path = home / "boxlite.db"
     if db_path.exists():  # no database yet: no snapshot either (and none is created here)
         from ..runtime.snapshots import SnapshotStore

@@ -69,8 +69,19 @@ class SavedState:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes of the backend's files (what the save takes on disk, about)."""
+        """Bytes of the backend's files (their lengths)."""
         return sum(f.size for f in self.files)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the backend's files take on disk now: a sparse file counts what is
+        allocated (a qemu memory image is as long as the guest's memory, and about a
+        quarter of it is written). A missing file counts 0."""
+        total = 0
+        for f in self.files:
+            with contextlib.suppress(OSError):
+                total += (self.directory / f.name).stat().st_blocks * 512
+        return total
 
 
 def remove_sealed(path: Path) -> None:

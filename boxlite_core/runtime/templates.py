@@ -153,7 +153,7 @@ class TemplateInfo:
             "kit_id": self.kit_id,
             "cpus": meta.get("cpus"),
             "memory_mib": meta.get("memory_mib"),
-            "size_bytes": self.state.size_bytes,
+            "size_bytes": self.state.disk_bytes,  # on disk: a memory image is sparse
             "created_at": self.state.sealed_at,
             "made_by_box": meta.get("box"),
             "path": str(self.state.directory),
