@@ -249,6 +249,7 @@ class AgentClient:
         vsock_port: int = AGENT_VSOCK_PORT,
         ready_retry: float | None = None,
         ping: bool = True,
+        standby: bool = True,
     ) -> AgentClient:
         """Wait for the agent (racing VM death and timeout), then check it answers a Ping.
 
@@ -257,7 +258,8 @@ class AgentClient:
         ``ready_retry`` (seconds, virtio-serial) re-attaches a port that brought no READY in
         that time: for a restored VM, whose agent may hold its saved host's session.
         ``ping=False`` (virtio-serial only: the shim has seen READY) returns without the
-        Ping: the caller's first call (``init(first=True)``) is the check.
+        Ping: the caller's first call (``init(first=True)``) is the check. ``standby``: see
+        shimctl.connect_shim.
         """
         deadline = time.monotonic() + timeout
         resets = 0
@@ -272,6 +274,7 @@ class AgentClient:
                 handshake=handshake,
                 vsock_port=vsock_port,
                 ready_retry=ready_retry,
+                standby=standby,
             )
             client = cls(t, is_alive=is_alive, console_tail=console_tail)
             if not ping and isinstance(t, ShimTransport):

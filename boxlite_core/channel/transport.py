@@ -63,9 +63,11 @@ def connect(
     handshake: str = Handshake.NONE,
     vsock_port: int = AGENT_VSOCK_PORT,
     ready_retry: float | None = None,
+    standby: bool = True,
 ) -> Transport:
     """A transport to the box's agent (``kind``, ``socket_path``, ``handshake`` and
     ``vsock_port`` as in the spec's :class:`~boxlite_core.vmm.spec.AgentChannel`).
+    ``standby``: a shim this process started ahead may serve (shimctl.connect_shim).
 
     virtio-serial waits (up to ``timeout`` seconds, racing ``is_alive``) for the shim to have
     seen READY; vsock returns at once (the client's first Ping is the readiness check).
@@ -80,7 +82,7 @@ def connect(
         port_path = Path(socket_path) if socket_path else box_dir / PORT_NAME
         return connect_shim(
             box_dir, port_path, timeout=timeout, is_alive=is_alive, console_tail=console_tail,
-            ready_retry=ready_retry,
+            ready_retry=ready_retry, standby=standby,
         )
     if kind == INPROC:
         port_path = Path(socket_path) if socket_path else box_dir / PORT_NAME

@@ -110,7 +110,7 @@ def start(link: BoxLink, progress: ProgressFn | None = None) -> None:
             with services.snapshots.lock(shared=True):  # fresh disks for the saved memory
                 snapshots.clone_disks(snap, link.dir)
         record = services.store.begin_start(link.id, process_identity())
-        if services.standby_shim:
+        if services.standby_shim and not from_snapshot:  # a snapshot's copy takes none
             warm_shim()  # started ahead for this start's agent channel (none yet: start now)
         ctx = StartContext(
             services=services, record=record, box_dir=link.dir, backend=backend,

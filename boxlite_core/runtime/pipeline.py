@@ -488,6 +488,9 @@ def _dial(ctx: StartContext, is_alive: Callable[[], bool]) -> AgentClient:
         vsock_port=ctx.spec.agent.vsock_port,
         ready_retry=RESTORED_READY_RETRY if ctx.boot.restoring else None,
         ping=ctx.boot.source != restore.TEMPLATE,  # its first call is Init (guest_init)
+        # a snapshot was saved with its host attached: a shim started ahead would attach
+        # before the restored guest saw that host go (shimctl.connect_shim)
+        standby=ctx.boot.source != restore.SNAPSHOT,
         timeout=_agent_wait(ctx),
         is_alive=is_alive,
         console_tail=lambda: console_tail(box_dir),

@@ -167,7 +167,7 @@ class Runtime:
             options = BoxOptions(**kw)
         elif kw:
             options = attrs.evolve(options, **kw)
-        if self.services.standby_shim:
+        if self.services.standby_shim and not options.snapshot:  # a copy takes none
             warm_shim()  # the start that usually follows takes it
         record = create_box(self.services, options)
         box = Box(self.services, record)

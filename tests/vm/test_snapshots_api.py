@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from boxlite_core.channel import shimctl
 from boxlite_core.errors import StateError, UnsupportedError
 from boxlite_core.models import BoxOptions
 from boxlite_testing.homes import unique
@@ -107,10 +108,18 @@ def test_fork_makes_running_copies_and_its_snapshot_goes_with_the_last_box(runti
         source.exec_stream(["sh", "-c", COUNTER])
         wait_for("the counter to start", lambda: source.exec(["test", "-s", "/tmp/c"]).ok, 30)
         base = unique("copy")
+        # a standby shim waiting (shimctl.warm_shim): no copy may take it. Attached within
+        # ms of the copy's cont, the guest missed its saved host leaving, served the dead
+        # session and said READY only at the shim's 2 s re-attach (fork 3.5 s, not 0.8)
+        shimctl.warm_shim()
+        standby = shimctl._standby
         copies = source.fork(2, name=base)
         assert [c.name for c in copies] == [f"{base}-1", f"{base}-2"]
         assert all(_counting(c) for c in copies)
         assert _counting(source)
+        assert standby is not None and shimctl._standby is standby, "a copy took the standby"
+        for copy in copies:
+            assert "no READY within" not in (copy.dir / shimctl.SHIM_LOG).read_text()
         fork_snaps = [s for s in runtime.snapshots() if s.auto and s.box_name == source.name]
         assert len(fork_snaps) == 1
     finally:
