@@ -391,14 +391,14 @@ PROFILE_STEPS: tuple[tuple[str, str, str], ...] = (
     ("vmm/consolelog.py", "start_writer", "vmm_spawn: console log writer process"),
     ("boxlite_qemu/backend.py", "_wait_qmp", "vmm_spawn: QEMU exec → QMP answers"),
     ("boxlite_qemu/backend.py", "_restore", "vmm_spawn: load template state + cont"),
-    ("channel/shimctl.py", "connect_shim", "guest_connect: spawn agent shim (host Python)"),
-    ("channel/client.py", "_first_ping", "guest_connect: first Ping through the shim"),
+    # the shim is dialled in a thread during the load (pipeline._dial_early): not profiled
+    ("channel/shimctl.py", "connect_shim", "guest_connect: agent shim (host Python)"),
     ("runtime/restore.py", "check_after_connect", "guest_connect: wait for template digest"),
     ("channel/identity.py", "host_identity", "guest_init: host entropy + clock + hostname"),
-    ("channel/client.py", "init", "guest_init: Init RPC (mount rootfs, reseed, clock)"),
+    ("channel/client.py", "init",
+     "guest_init: Init RPC, the agent's first call (connection, mounts, reseed, clock)"),
     ("runtime/box.py", "exec", "first exec `true` (whole)"),
-    ("channel/client.py", "exec", "first exec: Exec RPC (guest forks busybox)"),
-    ("channel/client.py", "events", "first exec: output/exit stream"),
+    ("channel/client.py", "_run_once", "first exec: the Run call (start, output, exit)"),
 )
 
 
@@ -647,8 +647,8 @@ def api_parts(results: JsonObject) -> dict[str, float | None]:
                                                  if vmm is not None and restore is not None
                                                  else vmm),
         "vmm_spawn: template load + cont": restore,
-        "guest_connect (shim + first Ping)": src.get("stage.guest_connect"),
-        "guest_init (Init RPC)": src.get("stage.guest_init"),
+        "guest_connect (the shim sees READY)": src.get("stage.guest_connect"),
+        "guest_init (Init RPC: the agent's first call)": src.get("stage.guest_init"),
         "first exec": src.get("first_exec"),
     }
     start = src.get("start")
