@@ -19,17 +19,9 @@ from boxlite_core.channel import shimctl
 from boxlite_core.channel.client import AgentClient
 from boxlite_core.runtime.cleanup import leftover_processes
 from boxlite_core.vmm.procstat import alive
+from boxlite_testing.waits import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _wait_gone(pid: int, seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if not alive(pid, None):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_start_takes_the_standby_and_cleanup_knows_it_as_the_boxs(agent_factory):
@@ -52,7 +44,7 @@ def test_a_start_takes_the_standby_and_cleanup_knows_it_as_the_boxs(agent_factor
     finally:
         client.close()
     assert shimctl.stop_shim(agent.box_dir)
-    assert _wait_gone(standby.pid, 10)
+    wait_for(f"the shim {standby.pid} to exit", lambda: not alive(standby.pid, None), 10)
     assert not (agent.box_dir / shimctl.SHIM_CLAIM_NAME).exists()
 
 
@@ -79,4 +71,5 @@ def test_an_unused_standby_leaves_with_the_process_that_started_it(tmp_path):
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
-    assert _wait_gone(standby, 15), f"standby shim {standby} outlived its starter"
+    wait_for(f"standby shim {standby} to leave with its starter",
+             lambda: not alive(standby, None), 15)
